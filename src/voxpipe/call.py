@@ -1,0 +1,169 @@
+"""A simulated call, end to end: a scripted caller talks to a pipeline; the call's artefacts are written out.
+
+``run_call`` is what ``voxpipe call`` runs. It writes, into the output directory:
+
+* ``recording.wav`` — stereo, caller left, bot right, as the transport saw them;
+* ``trace.jsonl`` — one record per turn, written as each turn finishes;
+* ``transcript.json`` — the turns, who spoke, interrupted flags and the words the caller heard;
+* ``report.html`` — the per-turn report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from voxpipe.pipeline import (
+    AudioFormat,
+    Clock,
+    Conversation,
+    JsonlTraceWriter,
+    Pipeline,
+    Stage,
+    Summary,
+    Tracer,
+    TurnPolicy,
+    TurnRecord,
+    VirtualClock,
+)
+from voxpipe.stages.turn import TurnTaker
+from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedSTT, ScriptedTTS, ScriptedVAD
+from voxpipe.testing.caller import Step
+from voxpipe.transports.playout import PlayoutOutput
+from voxpipe.transports.recorder import StereoRecorder
+from voxpipe.transports.simulated import SimulatedInput
+
+ARTEFACTS = ("recording.wav", "trace.jsonl", "transcript.json", "report.html")
+
+
+@dataclass
+class CallResult:
+    """What a finished call left behind."""
+
+    out_dir: Path
+    turns: list[TurnRecord]
+    summary: Summary
+    conversation: Conversation
+    transcript: list[dict[str, Any]]
+    outcome: str
+
+
+def scripted_pipeline(
+    caller: ScriptedCaller,
+    recorder: StereoRecorder,
+    tracer: Tracer,
+    *,
+    replies: Any,
+    system: str = "You are a helpful booking assistant.",
+    policy: TurnPolicy | None = None,
+    clock: Clock,
+    audio: AudioFormat = AudioFormat(16000),
+    tools: dict[str, Any] | None = None,
+    llm_ttft_s: float = 0.2,
+    tts_ttfa_s: float = 0.12,
+) -> tuple[Pipeline, Conversation]:
+    """The scripted cascade: input → VAD → STT → turn-taker → LLM → TTS → output."""
+    conversation = Conversation(system)
+    stages: list[Stage] = [
+        SimulatedInput(caller, audio, recorder=recorder),
+        ScriptedVAD(audio),
+        ScriptedSTT(caller),
+        TurnTaker(conversation, policy),
+        ScriptedLLM(replies, tools=tools, ttft_s=llm_ttft_s),
+        ScriptedTTS(audio, ttfa_s=tts_ttfa_s),
+        PlayoutOutput(audio, recorder),
+    ]
+    return Pipeline(stages, clock=clock, tracer=tracer, name="call"), conversation
+
+
+def transcript_of(turns: list[TurnRecord]) -> list[dict[str, Any]]:
+    """Caller and bot lines in order, from the finished turns."""
+    lines: list[dict[str, Any]] = []
+    for record in sorted(turns, key=lambda r: r.turn):
+        marks = record.marks
+        if "user_text" in record.data:
+            lines.append(
+                {
+                    "turn": record.turn,
+                    "speaker": "caller",
+                    "text": record.data["user_text"],
+                    "start": marks.get("user.speech_start"),
+                    "end": marks.get("user.speech_end"),
+                    "barge_in": bool(record.data.get("barge_in", False)),
+                }
+            )
+        if "bot_text" in record.data or "out.first_play" in marks:
+            lines.append(
+                {
+                    "turn": record.turn,
+                    "speaker": "bot",
+                    "text": record.data.get("bot_text", ""),
+                    "heard": " ".join(record.heard),
+                    "interrupted": record.interrupted,
+                    "start": marks.get("out.first_play"),
+                    "end": marks.get("out.interrupted", marks.get("out.done")),
+                    "played_s": record.played_s,
+                }
+            )
+    return lines
+
+
+def run_call(
+    script: list[Step],
+    out_dir: str | Path,
+    *,
+    replies: Any,
+    clock: Clock | None = None,
+    policy: TurnPolicy | None = None,
+    tools: dict[str, Any] | None = None,
+    on_turn: Callable[[TurnRecord], None] | None = None,
+    sample_rate: int = 16000,
+) -> CallResult:
+    """Run a scripted call to the end and write its artefacts into ``out_dir``."""
+    from voxpipe.report import write_report  # the report pulls in more than a call needs to run
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = clock or VirtualClock()
+    caller = ScriptedCaller(script, sample_rate)
+    recorder = StereoRecorder(sample_rate)
+    tracer = Tracer()
+    writer = JsonlTraceWriter(out / "trace.jsonl")
+    tracer.on_turn(writer)
+    if on_turn is not None:
+        tracer.on_turn(on_turn)
+    pipeline, conversation = scripted_pipeline(
+        caller, recorder, tracer, replies=replies, policy=policy, clock=clock, tools=tools,
+        audio=AudioFormat(sample_rate),
+    )
+    try:
+        if isinstance(clock, VirtualClock):
+            outcome = clock.run(pipeline.run())
+        else:
+            import asyncio
+
+            outcome = asyncio.run(pipeline.run())
+    finally:
+        writer.close()
+        recorder.write(out / "recording.wav")
+    turns = sorted(tracer.turns, key=lambda r: r.turn)
+    transcript = transcript_of(turns)
+    (out / "transcript.json").write_text(
+        json.dumps(
+            {
+                "system": conversation.system,
+                "turns": transcript,
+                "conversation": [
+                    {"role": m.role, "text": m.text, "interrupted": m.interrupted} for m in conversation.messages
+                ],
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    summary = Summary.of(turns)
+    write_report(out / "report.html", turns, summary, transcript, recording=out / "recording.wav")
+    return CallResult(out, turns, summary, conversation, transcript, outcome)

@@ -1,0 +1,118 @@
+"""Clocks: every timestamp and every sleep in voxpipe goes through one.
+
+* :class:`RealClock` reads the event loop's monotonic time.
+* :class:`VirtualClock` runs a coroutine on an event loop whose time only moves when every task is waiting on a
+  timer: it then jumps straight to the next deadline. A five-minute scripted call runs in a fraction of a second,
+  and because nothing depends on wall time, its trace is bit-identical on every run.
+
+Both expose the same three things to the runtime: ``now()``, ``sleep_until()`` and a shared :class:`Metronome`
+per frame period, which paces every transport in the process from one timer (see ``pacing.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from voxpipe.pipeline.pacing import Metronome
+
+T = TypeVar("T")
+
+
+class Clock:
+    """Base clock: time is the running event loop's ``time()`` minus the clock's origin."""
+
+    def __init__(self) -> None:
+        self._origin: float | None = None
+        self._metronomes: dict[float, Metronome] = {}
+
+    def _loop_origin(self) -> float:
+        if self._origin is None:
+            self._origin = asyncio.get_running_loop().time()
+        return self._origin
+
+    def now(self) -> float:
+        """Seconds since the clock was first read."""
+        return asyncio.get_running_loop().time() - self._loop_origin()
+
+    async def sleep(self, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))
+
+    async def sleep_until(self, when: float) -> None:
+        await asyncio.sleep(max(0.0, when - self.now()))
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        """Run a plain callback at clock time ``when`` (no task, just a timer)."""
+        loop = asyncio.get_running_loop()
+        return loop.call_at(when + self._loop_origin(), callback, *args)
+
+    def metronome(self, period: float = 0.02) -> Metronome:
+        """The metronome shared by every transport on this clock that uses ``period``."""
+        metronome = self._metronomes.get(period)
+        if metronome is None:
+            metronome = self._metronomes[period] = Metronome(self, period)
+        return metronome
+
+
+class RealClock(Clock):
+    """Wall-clock time (the loop's monotonic clock)."""
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """Wraps the loop's selector: when nothing is ready, time jumps by the loop's timeout instead of waiting."""
+
+    def __init__(self, inner: selectors.BaseSelector) -> None:
+        self._inner = inner
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = self._inner.select(0)
+        if ready or timeout is None:
+            # Real I/O is ready (or there is no timer at all: wait for I/O, e.g. a worker thread finishing).
+            return ready or self._inner.select(None)
+        self.now += timeout
+        return []
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._inner.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.modify(fileobj, events, data)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._inner.get_key(fileobj)
+
+    def get_map(self) -> Any:
+        return self._inner.get_map()
+
+
+class _VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose ``time()`` is virtual and advances only when the loop would otherwise sleep."""
+
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector(selectors.DefaultSelector())
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+class VirtualClock(Clock):
+    """Simulated time. Use :meth:`run` (not ``asyncio.run``) to run a coroutine under it.
+
+    Only work that lives on the event loop is simulated: a thread or process doing real computation still takes
+    real time, and the virtual clock does not wait for it unless nothing else is scheduled. Scripted providers are
+    pure event-loop code, so scripted calls are exact and reproducible.
+    """
+
+    def run(self, main: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=_VirtualTimeLoop) as runner:
+            return runner.run(main)

@@ -1,0 +1,210 @@
+"""The pipeline: links stages, owns every task they start, and keeps the turn epoch.
+
+``run()`` starts the stages under one ``asyncio.TaskGroup``, sends :class:`Start` through, and returns when an
+:class:`End` has drained out of the last stage, when :meth:`cancel` is called, or when a stage fails under the
+STOP policy (then it re-raises that stage's exception). In every case every task the stages started has finished
+before ``run()`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any
+
+from voxpipe.pipeline.clock import Clock, RealClock
+from voxpipe.pipeline.errors import PipelineBuildError
+from voxpipe.pipeline.frames import Cancel, Direction, End, ErrorFrame, Frame, Interrupt, Start
+from voxpipe.pipeline.stage import DOWNSTREAM, UPSTREAM, ErrorPolicy, FunctionStage, Stage
+from voxpipe.pipeline.trace import Tracer
+
+log = logging.getLogger("voxpipe.pipeline")
+
+StageLike = Stage | Callable[[Frame], Awaitable[Frame | Iterable[Frame] | None]]
+
+
+def _as_stage(item: StageLike, index: int) -> Stage:
+    if isinstance(item, Stage):
+        return item
+    if callable(item):
+        return FunctionStage(item)
+    raise PipelineBuildError(f"pipeline item #{index} ({item!r}) is neither a Stage nor an async function")
+
+
+class Pipeline:
+    """A chain of stages. Build it once; ``await pipeline.run()`` runs it."""
+
+    def __init__(
+        self,
+        stages: Sequence[StageLike],
+        *,
+        clock: Clock | None = None,
+        tracer: Tracer | None = None,
+        name: str = "pipeline",
+    ) -> None:
+        self.name = name
+        self.clock: Clock = clock or RealClock()
+        self.trace = tracer or Tracer()
+        self.stages: tuple[Stage, ...] = tuple(_as_stage(s, i) for i, s in enumerate(stages))
+        self.epoch = 0
+        self.errors: list[ErrorFrame] = []
+        self._validate()
+        for i, stage in enumerate(self.stages):
+            prev = self.stages[i - 1] if i > 0 else None
+            next_ = self.stages[i + 1] if i + 1 < len(self.stages) else None
+            stage._attach(self, prev, next_)
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done: asyncio.Future[str] | None = None
+        self._failure: BaseException | None = None
+        self.outcome: str | None = None
+
+    # -------------------------------------------------------------------------------- building
+
+    def _validate(self) -> None:
+        if not self.stages:
+            raise PipelineBuildError(f"pipeline {self.name!r} has no stages: nothing is linked")
+        seen: dict[int, int] = {}
+        names: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if id(stage) in seen:
+                raise PipelineBuildError(
+                    f"stage {stage.name!r} appears twice in pipeline {self.name!r} (positions {seen[id(stage)]} "
+                    f"and {i}); a stage instance can be linked once — create a second instance"
+                )
+            seen[id(stage)] = i
+            if stage.name in names:
+                raise PipelineBuildError(
+                    f"two stages are named {stage.name!r} (positions {names[stage.name]} and {i}); "
+                    "give each a unique name=..."
+                )
+            names[stage.name] = i
+            if stage._pipeline is not None:
+                raise PipelineBuildError(f"stage {stage.name!r} already belongs to pipeline {stage.pipeline.name!r}")
+        produced_by: Stage | None = None
+        for stage in self.stages:
+            needs = stage.consumes
+            if needs is not None and produced_by is not None and produced_by.produces != needs:
+                raise PipelineBuildError(
+                    f"stage {stage.name!r} expects {needs} audio but stage {produced_by.name!r} before it "
+                    f"produces {produced_by.produces}; put a Resample({needs.sample_rate}, "
+                    f"{needs.channels}) stage between them"
+                )
+            if stage.produces is not None:
+                produced_by = stage
+
+    # --------------------------------------------------------------------------------- running
+
+    async def run(self) -> str:
+        """Run until drained, cancelled or failed. Returns ``"ended"`` or ``"cancelled"``; re-raises a failure."""
+        if self._done is not None:
+            raise RuntimeError(f"pipeline {self.name!r} is already running or has run; build a new one")
+        self._done = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                try:
+                    for stage in self.stages:
+                        await stage.start()
+                    await self.stages[0].receive(Start(epoch=self.epoch), DOWNSTREAM)
+                    self.outcome = await self._done
+                finally:
+                    await self._shutdown()
+        except BaseExceptionGroup as group_error:
+            # A task escaped its guard (a bug) — surface the first real error, not the group.
+            raise group_error.exceptions[0] from group_error
+        finally:
+            self._group = None
+            self.trace.close()
+        if self._failure is not None:
+            raise self._failure
+        return self.outcome or "ended"
+
+    async def _shutdown(self) -> None:
+        for stage in reversed(self.stages):
+            try:
+                await stage.stop()
+            except Exception as exc:  # keep stopping the others; report the first failure
+                log.exception("stage %r failed to stop", stage.name)
+                if self._failure is None:
+                    self._failure = exc
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def end(self) -> None:
+        """Drain: send :class:`End` in at the head; ``run()`` returns once it comes out of the tail."""
+        await self.stages[0].receive(End(epoch=self.epoch), DOWNSTREAM)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Abort now: ``run()`` stops every stage and returns ``"cancelled"``."""
+        self._finish(reason)
+
+    async def abort(self) -> None:
+        """Send :class:`Cancel` through the stages (so they can drop work), then cancel."""
+        await self.stages[0].receive(Cancel(epoch=self.epoch), DOWNSTREAM)
+        self.cancel()
+
+    def _finish(self, outcome: str) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(outcome)
+
+    @property
+    def running(self) -> bool:
+        return self._group is not None and self._done is not None and not self._done.done()
+
+    # ------------------------------------------------------------------------- tasks and errors
+
+    def spawn(self, stage: Stage, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
+        """Start a task owned by this run; an exception in it is ``stage``'s failure."""
+        if self._group is None:
+            coro.close()
+            raise RuntimeError(f"stage {stage.name!r} tried to start a task while pipeline {self.name!r} is not running")
+        task = self._group.create_task(self._guard(stage, coro), name=name or f"{stage.name}-task")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, stage: Stage, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            await self._stage_failed(stage, exc, None)
+
+    async def _stage_failed(self, stage: Stage, exc: Exception, frame: Frame | None) -> None:
+        policy = stage.error_policy
+        fatal = policy is ErrorPolicy.STOP
+        error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=f"{type(exc).__name__}: {exc}", fatal=fatal)
+        self.errors.append(error)
+        self.trace.annotate(self.epoch, error=error.error, error_stage=stage.name)
+        if fatal:
+            log.error("stage %r failed; stopping pipeline %r: %s", stage.name, self.name, error.error)
+            if self._failure is None:
+                self._failure = exc
+            self._finish("failed")
+            return
+        log.warning("stage %r failed (%s, %s); continuing", stage.name, policy.value, error.error)
+        await stage.push(error, UPSTREAM)
+        if policy is ErrorPolicy.SKIP_TURN:
+            await self.interrupt(stage, reason=f"error in {stage.name}")
+
+    # --------------------------------------------------------------------------------- epochs
+
+    def next_epoch(self) -> int:
+        """Open a new turn generation without interrupting (nothing is in flight)."""
+        self.epoch += 1
+        return self.epoch
+
+    async def interrupt(self, origin: Stage, reason: str = "barge-in") -> Interrupt:
+        """Open a new epoch and send :class:`Interrupt` both ways from ``origin``."""
+        self.epoch += 1
+        interrupt = Interrupt(epoch=self.epoch, at=self.clock.now(), reason=reason)
+        await origin._take_interrupt(interrupt, DOWNSTREAM)
+        if origin._prev is not None:
+            await origin._prev.receive(interrupt, UPSTREAM)
+        return interrupt
+
+    async def _edge(self, frame: Frame, direction: Direction) -> None:
+        """A frame left the pipeline: an End out of the tail completes a drain."""
+        if direction is DOWNSTREAM and isinstance(frame, End):
+            self._finish("ended")

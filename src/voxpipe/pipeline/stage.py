@@ -1,0 +1,269 @@
+"""Stages: the units a pipeline is made of.
+
+A :class:`Stage` handles each frame in the caller's own call stack: passing a frame through synchronous stages
+costs a few coroutine calls, never a queue hop. A stage that does real asynchronous work (provider I/O, model
+inference) subclasses :class:`QueuedStage`, which gives it an inbox and a worker task; control frames skip the
+inbox, and an interrupt cancels the work in flight.
+
+Every stage keeps the newest ``epoch`` it has seen an :class:`Interrupt` for. It drops interruptible frames of
+older epochs on the way in and on the way out, which is what makes a late frame from a cancelled provider call
+harmless wherever it shows up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
+
+from voxpipe.pipeline.audio import AudioFormat
+from voxpipe.pipeline.frames import ControlFrame, Direction, End, Frame, Interrupt
+
+if TYPE_CHECKING:
+    from voxpipe.pipeline.clock import Clock
+    from voxpipe.pipeline.pipeline import Pipeline
+
+DOWNSTREAM = Direction.DOWNSTREAM
+UPSTREAM = Direction.UPSTREAM
+
+
+class ErrorPolicy(enum.Enum):
+    """What the pipeline does when a stage raises."""
+
+    STOP = "stop"
+    """Stop the pipeline; ``Pipeline.run()`` re-raises the exception (the default)."""
+    SKIP_FRAME = "skip-frame"
+    """Drop the frame that failed, send a non-fatal :class:`ErrorFrame` upstream, carry on."""
+    SKIP_TURN = "skip-turn"
+    """Like SKIP_FRAME, and also interrupt the current reply, so the turn is abandoned cleanly."""
+
+
+class Stage:
+    """Base class of every stage. Override :meth:`process`; call :meth:`push` to emit.
+
+    Class attributes a subclass may set:
+
+    * ``consumes`` — the audio format the stage needs on its input (checked when the pipeline is built, and per
+      frame by stages that call :meth:`AudioFormat.check`);
+    * ``produces`` — the audio format the stage emits downstream, if it changes it;
+    * ``error_policy`` — see :class:`ErrorPolicy`.
+    """
+
+    consumes: AudioFormat | None = None
+    produces: AudioFormat | None = None
+    error_policy: ErrorPolicy = ErrorPolicy.STOP
+
+    def __init__(self, *, name: str | None = None) -> None:
+        self.name = name or type(self).__name__
+        self.epoch = 0
+        self._next: Stage | None = None
+        self._prev: Stage | None = None
+        self._pipeline: Pipeline | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # ------------------------------------------------------------------------------------ wiring
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError(f"stage {self.name!r} is not part of a pipeline yet")
+        return self._pipeline
+
+    @property
+    def clock(self) -> Clock:
+        return self.pipeline.clock
+
+    def _attach(self, pipeline: Pipeline, prev: Stage | None, next_: Stage | None) -> None:
+        self._pipeline, self._prev, self._next = pipeline, prev, next_
+
+    # --------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Called by ``Pipeline.run()`` before the first frame; start tasks here with :meth:`spawn`."""
+
+    async def stop(self) -> None:
+        """Called by ``Pipeline.run()`` when the pipeline ends, before its tasks are cancelled."""
+
+    # -------------------------------------------------------------------------------- frame flow
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        """Handle one frame. The default passes it on unchanged."""
+        await self.push(frame, direction)
+
+    async def on_interrupt(self, interrupt: Interrupt) -> None:
+        """Called when an interrupt of a newer epoch arrives, before it is passed on. Cancel provider work here."""
+
+    async def push(self, frame: Frame, direction: Direction = DOWNSTREAM) -> None:
+        """Emit ``frame``; a stale interruptible frame is dropped here, so no stage ever emits one."""
+        if frame.interruptible and frame.epoch < self.epoch:
+            return
+        target = self._next if direction is DOWNSTREAM else self._prev
+        if target is None:
+            await self.pipeline._edge(frame, direction)
+        else:
+            await target.receive(frame, direction)
+
+    async def receive(self, frame: Frame, direction: Direction) -> None:
+        """Entry point for frames from the neighbours (and the pipeline)."""
+        if frame.urgent:
+            if isinstance(frame, Interrupt):
+                await self._take_interrupt(frame, direction)
+                return
+        elif frame.interruptible and frame.epoch < self.epoch:
+            return
+        try:
+            await self.process(frame, direction)
+        except Exception as exc:
+            await self.pipeline._stage_failed(self, exc, frame)
+
+    async def _take_interrupt(self, interrupt: Interrupt, direction: Direction) -> None:
+        if interrupt.epoch <= self.epoch:
+            return  # already seen: it travels both ways from where it was raised
+        self.epoch = interrupt.epoch
+        try:
+            await self.on_interrupt(interrupt)
+        except Exception as exc:
+            await self.pipeline._stage_failed(self, exc, interrupt)
+        await self.push(interrupt, direction)
+
+    # ------------------------------------------------------------------------------- conveniences
+
+    async def interrupt(self, reason: str = "barge-in") -> Interrupt:
+        """Open a new epoch and send the interrupt both ways from this stage."""
+        return await self.pipeline.interrupt(self, reason)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
+        """Start a task owned by the running pipeline; its failure is this stage's failure."""
+        return self.pipeline.spawn(self, coro, name)
+
+    def mark(self, name: str, epoch: int, at: float | None = None, **data: Any) -> None:
+        """Record a latency-trace mark for the turn ``epoch`` (at ``at``, or now)."""
+        self.pipeline.trace.mark(epoch, name, self.clock.now() if at is None else at, **data)
+
+
+class QueuedStage(Stage):
+    """A stage whose downstream data frames wait in a bounded inbox for one worker task.
+
+    Control frames and upstream frames are handled at once, in the sender's call stack. On an interrupt the
+    inbox loses its stale frames, and if the worker is busy with stale work, the worker task is cancelled (its
+    provider call unwinds at its next ``await``) and a fresh worker takes over the inbox. The old worker may still
+    run its clean-up; anything it emits is stale and dropped by :meth:`push`.
+    """
+
+    max_queued: int = 512
+
+    def __init__(self, *, name: str | None = None, max_queued: int | None = None) -> None:
+        super().__init__(name=name)
+        if max_queued is not None:
+            self.max_queued = max_queued
+        self._inbox: deque[Frame] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._busy_with: Frame | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._inbox)
+
+    async def start(self) -> None:
+        await super().start()
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = self.spawn(self._work(), name=f"{self.name}-worker")
+
+    async def receive(self, frame: Frame, direction: Direction) -> None:
+        if frame.urgent or direction is UPSTREAM:
+            await super().receive(frame, direction)
+            return
+        if frame.interruptible and frame.epoch < self.epoch:
+            return
+        while len(self._inbox) >= self.max_queued:  # back-pressure on the sender
+            if self._space is None:
+                self._space = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._space)
+        self._inbox.append(frame)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _take_interrupt(self, interrupt: Interrupt, direction: Direction) -> None:
+        if interrupt.epoch > self.epoch:
+            epoch = interrupt.epoch
+            kept = [f for f in self._inbox if not (f.interruptible and f.epoch < epoch)]
+            if len(kept) != len(self._inbox):
+                self._inbox = deque(kept)
+                self._release_space()
+            busy = self._busy_with
+            if busy is not None and busy.interruptible and busy.epoch < epoch and self._worker is not None:
+                stale_worker, self._busy_with = self._worker, None
+                stale_worker.cancel()
+                self._start_worker()
+        await super()._take_interrupt(interrupt, direction)
+
+    def _release_space(self) -> None:
+        space = self._space
+        if space is not None and len(self._inbox) < self.max_queued:
+            self._space = None
+            if not space.done():
+                space.set_result(None)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        while True:
+            if not self._inbox:
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                continue
+            frame = self._inbox.popleft()
+            self._release_space()
+            if frame.interruptible and frame.epoch < self.epoch:
+                continue
+            self._busy_with = frame
+            try:
+                await self.process(frame, DOWNSTREAM)
+            except Exception as exc:
+                await self.pipeline._stage_failed(self, exc, frame)
+            finally:
+                if self._worker is me:
+                    self._busy_with = None
+            if self._worker is not me:
+                return  # replaced after an interrupt while finishing; the new worker owns the inbox
+            if isinstance(frame, End):
+                return
+
+
+class FunctionStage(Stage):
+    """Wraps ``async def fn(frame) -> Frame | Iterable[Frame] | None`` as a stage.
+
+    ``fn`` sees every downstream frame except control frames; what it returns is pushed downstream (``None``
+    drops the frame). Upstream and control frames pass through untouched.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Frame], Awaitable[Frame | Iterable[Frame] | None]],
+        *,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or getattr(fn, "__name__", "function"))
+        self._fn = fn
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if direction is UPSTREAM or isinstance(frame, ControlFrame):
+            await self.push(frame, direction)
+            return
+        out = await self._fn(frame)
+        if out is None:
+            return
+        if isinstance(out, Frame):
+            await self.push(out)
+            return
+        for item in out:
+            await self.push(item)

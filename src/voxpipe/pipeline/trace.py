@@ -1,0 +1,222 @@
+"""Per-turn latency trace.
+
+Stages record *marks* (clock times) for a turn, keyed by the turn's epoch. When the turn's reply finishes or is
+cut, the :class:`Tracer` turns the marks into a :class:`TurnRecord` whose critical-path segments add up exactly to
+the voice-to-voice time: each mark is clamped to be no earlier than the one before it, and the arithmetic is
+done in whole microseconds so the sum is exact, not merely close.
+
+Observers see marks live (:meth:`Tracer.on_mark`) and finished turns (:meth:`Tracer.on_turn`);
+:class:`JsonlTraceWriter` is such an observer that writes one JSON line per turn as it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+# The critical path of a turn, in causal order, and the segment that ends at each mark.
+CRITICAL_PATH: tuple[tuple[str, str], ...] = (
+    ("turn.end_detected", "endpointing"),
+    ("stt.final", "stt"),
+    ("llm.request", "turn"),
+    ("llm.first_token", "llm_ttft"),
+    ("llm.first_chunk", "first_chunk"),
+    ("tts.first_audio", "tts_ttfb"),
+    ("out.first_play", "playout"),
+)
+SEGMENTS: tuple[str, ...] = tuple(segment for _, segment in CRITICAL_PATH)
+START_MARK = "user.speech_end"
+END_MARKS = ("out.done", "out.interrupted")
+
+MarkObserver = Callable[[int, str, float, dict[str, Any]], None]
+TurnObserver = Callable[["TurnRecord"], None]
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+@dataclass
+class TurnRecord:
+    """One finished turn: its marks, its critical-path breakdown and what the caller heard."""
+
+    turn: int
+    marks: dict[str, float]
+    segments_us: dict[str, int]
+    voice_to_voice_us: int | None
+    missing: list[str]
+    interrupted: bool = False
+    heard: list[str] = field(default_factory=list)
+    played_s: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def voice_to_voice_ms(self) -> float | None:
+        return None if self.voice_to_voice_us is None else self.voice_to_voice_us / 1000
+
+    @property
+    def segments_ms(self) -> dict[str, float]:
+        return {name: us / 1000 for name, us in self.segments_us.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("segments_us")
+        record.pop("voice_to_voice_us")
+        record["voice_to_voice_ms"] = self.voice_to_voice_ms
+        record["segments_ms"] = self.segments_ms
+        return record
+
+
+def breakdown(marks: dict[str, float]) -> tuple[dict[str, int], int | None, list[str]]:
+    """Critical-path segments (µs), voice-to-voice (µs) and the missing marks, from a turn's marks.
+
+    Voice-to-voice is ``out.first_play − user.speech_end``; the segments telescope to exactly that. A missing
+    mark makes its segment zero (and is listed), so a pipeline without, say, a separate STT still adds up.
+    """
+    missing = [name for name in (START_MARK, *(m for m, _ in CRITICAL_PATH)) if name not in marks]
+    if START_MARK not in marks or "out.first_play" not in marks:
+        return {}, None, missing
+    start = _us(marks[START_MARK])
+    end = max(_us(marks["out.first_play"]), start)
+    segments: dict[str, int] = {}
+    previous = start
+    for mark, segment in CRITICAL_PATH:
+        at = _us(marks[mark]) if mark in marks else previous
+        at = min(max(at, previous), end)
+        segments[segment] = at - previous
+        previous = at
+    return segments, end - start, missing
+
+
+class Tracer:
+    """Collects marks per turn and emits :class:`TurnRecord` objects as turns finish."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, tuple[dict[str, float], dict[str, Any]]] = {}
+        self.turns: list[TurnRecord] = []
+        self._mark_observers: list[MarkObserver] = []
+        self._turn_observers: list[TurnObserver] = []
+
+    # ------------------------------------------------------------------------------ observers
+
+    def on_mark(self, observer: MarkObserver) -> Callable[[], None]:
+        """Call ``observer(turn, name, at, data)`` for every mark as it is recorded. Returns an unsubscribe."""
+        self._mark_observers.append(observer)
+        return lambda: self._mark_observers.remove(observer)
+
+    def on_turn(self, observer: TurnObserver) -> Callable[[], None]:
+        """Call ``observer(record)`` for every turn as it finishes. Returns an unsubscribe."""
+        self._turn_observers.append(observer)
+        return lambda: self._turn_observers.remove(observer)
+
+    # ---------------------------------------------------------------------------------- marks
+
+    def mark(self, turn: int, name: str, at: float, **data: Any) -> None:
+        """Record mark ``name`` at clock time ``at`` for ``turn``. The first value of a mark wins."""
+        marks, extra = self._open.setdefault(turn, ({}, {}))
+        if name not in marks:
+            marks[name] = at
+        extra.update(data)
+        for observer in self._mark_observers:
+            observer(turn, name, at, data)
+        if name in END_MARKS:
+            self.finish(turn)
+
+    def annotate(self, turn: int, **data: Any) -> None:
+        """Attach data (texts, tool calls, usage) to an open turn without recording a mark."""
+        self._open.setdefault(turn, ({}, {}))[1].update(data)
+
+    def finish(self, turn: int) -> TurnRecord | None:
+        """Close ``turn`` now (done automatically at ``out.done``/``out.interrupted``)."""
+        opened = self._open.pop(turn, None)
+        if opened is None:
+            return None
+        marks, extra = opened
+        segments, v2v, missing = breakdown(marks)
+        record = TurnRecord(
+            turn=turn,
+            marks=dict(sorted(marks.items(), key=lambda item: item[1])),
+            segments_us=segments,
+            voice_to_voice_us=v2v,
+            missing=missing,
+            interrupted="out.interrupted" in marks,
+            heard=list(extra.pop("heard", [])),
+            played_s=float(extra.pop("played_s", 0.0)),
+            data=extra,
+        )
+        self.turns.append(record)
+        for observer in self._turn_observers:
+            observer(record)
+        return record
+
+    def close(self) -> None:
+        """Finish every turn still open (end of call)."""
+        for turn in sorted(self._open):
+            self.finish(turn)
+
+    def summary(self) -> Summary:
+        return Summary.of(self.turns)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """p50/p95/max of one segment over the turns that have it, in milliseconds."""
+
+    n: int
+    p50: float
+    p95: float
+    max: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (the same definition as numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Percentiles per segment and for voice-to-voice over the turns that were answered."""
+
+    stats: dict[str, Stat]
+
+    @classmethod
+    def of(cls, turns: Iterable[TurnRecord]) -> Summary:
+        answered = [t for t in turns if t.voice_to_voice_us is not None]
+        columns: dict[str, list[float]] = {name: [] for name in (*SEGMENTS, "voice_to_voice")}
+        for record in answered:
+            for name, ms in record.segments_ms.items():
+                columns[name].append(ms)
+            assert record.voice_to_voice_ms is not None
+            columns["voice_to_voice"].append(record.voice_to_voice_ms)
+        stats = {
+            name: Stat(len(v), percentile(v, 50), percentile(v, 95), max(v)) for name, v in columns.items() if v
+        }
+        return cls(stats)
+
+    def rows(self) -> list[tuple[str, int, float, float, float]]:
+        return [(name, s.n, s.p50, s.p95, s.max) for name, s in self.stats.items()]
+
+
+class JsonlTraceWriter:
+    """A turn observer that appends one JSON line per finished turn and flushes it at once."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: IO[str] = self.path.open("w", encoding="utf-8")
+
+    def __call__(self, record: TurnRecord) -> None:
+        self._file.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,55 @@
+"""The turn policy: when caller speech over the bot becomes an interrupt, and when it is ignored."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+
+DEFAULT_BACKCHANNELS: frozenset[str] = frozenset(
+    {"uh-huh", "mm-hmm", "mhm", "mm", "hmm", "yeah", "yep", "yes", "right", "okay", "ok", "sure", "uh", "um", "ah"}
+)
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words of ``text``, punctuation dropped (hyphenated backchannels such as uh-huh kept whole)."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPolicy:
+    """Decides whether caller speech while the bot is talking is a barge-in.
+
+    * ``min_speech_ms`` — the caller must have been speaking this long (filters coughs and clicks);
+    * ``min_words`` — and the transcript so far must hold this many words that are not backchannels
+      (0 interrupts on duration alone, before any transcript);
+    * ``backchannels`` — words that alone never interrupt ("uh-huh", "yeah"): an utterance made only of them,
+      spoken over the bot, is neither an interrupt nor a turn.
+    """
+
+    min_speech_ms: float = 300.0
+    min_words: int = 1
+    backchannels: frozenset[str] = DEFAULT_BACKCHANNELS
+
+    def __post_init__(self) -> None:
+        if self.min_speech_ms < 0:
+            raise ValueError(f"TurnPolicy.min_speech_ms must be >= 0, got {self.min_speech_ms}")
+        if self.min_words < 0:
+            raise ValueError(f"TurnPolicy.min_words must be >= 0, got {self.min_words}")
+
+    def content_words(self, text: str) -> list[str]:
+        """The words of ``text`` that are not backchannels."""
+        return [w for w in words_of(text) if w not in self.backchannels]
+
+    def is_barge_in(self, speech_s: float, transcript: str) -> bool:
+        """True when ``speech_s`` seconds of caller speech with this ``transcript`` should cut the bot off."""
+        if speech_s * 1000 < self.min_speech_ms:
+            return False
+        return len(self.content_words(transcript)) >= self.min_words
+
+    def is_turn(self, transcript: str, over_bot: bool) -> bool:
+        """True when a finished utterance is a turn the bot should answer."""
+        if over_bot:
+            return len(self.content_words(transcript)) >= max(self.min_words, 1)
+        return bool(words_of(transcript))

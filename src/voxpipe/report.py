@@ -1,0 +1,135 @@
+"""The per-turn report: one self-contained HTML page (inline SVG, no scripts, no network).
+
+Per turn, a waterfall of the critical-path segments from the caller's last voiced sample to the first bot sample
+played; then the percentile table; then the transcript with interrupted replies and the words the caller heard.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from voxpipe.measure import measure_voice_to_voice
+from voxpipe.pipeline.trace import SEGMENTS, Summary, TurnRecord
+
+COLOURS = {
+    "endpointing": "#8e9aaf",
+    "stt": "#4e79a7",
+    "turn": "#b07aa1",
+    "llm_ttft": "#f28e2b",
+    "first_chunk": "#edc948",
+    "tts_ttfb": "#59a14f",
+    "playout": "#e15759",
+}
+
+
+def _waterfall(turns: list[TurnRecord]) -> str:
+    answered = [t for t in turns if t.voice_to_voice_us is not None]
+    if not answered:
+        return "<p>No turn was answered.</p>"
+    longest = max(t.voice_to_voice_us or 0 for t in answered) or 1
+    row, label_w, width = 26, 90, 760
+    scale = (width - label_w - 70) / longest
+    parts = [f'<svg width="{width}" height="{row * len(answered) + 30}" role="img" aria-label="latency waterfall">']
+    for i, record in enumerate(answered):
+        y = i * row + 4
+        parts.append(f'<text x="0" y="{y + 15}" font-size="12">turn {record.turn}</text>')
+        x = float(label_w)
+        for name in SEGMENTS:
+            us = record.segments_us.get(name, 0)
+            w = us * scale
+            if w > 0:
+                tip = f"{name}: {us / 1000:.1f} ms"
+                parts.append(
+                    f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 8}" fill="{COLOURS[name]}">'
+                    f"<title>{html.escape(tip)}</title></rect>"
+                )
+            x += w
+        v2v = record.voice_to_voice_ms or 0.0
+        parts.append(f'<text x="{x + 4:.1f}" y="{y + 15}" font-size="12">{v2v:.0f} ms</text>')
+    y = len(answered) * row + 20
+    x = float(label_w)
+    for name in SEGMENTS:
+        parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{COLOURS[name]}"/>')
+        parts.append(f'<text x="{x + 13}" y="{y}" font-size="11">{name}</text>')
+        x += 13 + 7.5 * len(name) + 10
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _percentiles(summary: Summary) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{n}</td><td>{p50:.1f}</td><td>{p95:.1f}</td><td>{mx:.1f}</td></tr>"
+        for name, n, p50, p95, mx in summary.rows()
+    )
+    return f"<table><tr><th>segment</th><th>n</th><th>p50 ms</th><th>p95 ms</th><th>max ms</th></tr>{rows}</table>"
+
+
+def _transcript(lines: list[dict[str, Any]]) -> str:
+    items = []
+    for line in lines:
+        if line["speaker"] == "caller":
+            tag = " (barge-in)" if line.get("barge_in") else ""
+            items.append(f'<li class="caller"><b>caller{tag}:</b> {html.escape(line["text"])}</li>')
+        else:
+            said = html.escape(line.get("text", ""))
+            if line.get("interrupted"):
+                heard = html.escape(line.get("heard", ""))
+                items.append(
+                    f'<li class="bot"><b>bot (interrupted):</b> heard «{heard}» <span class="cut">of «{said}»</span></li>'
+                )
+            else:
+                items.append(f'<li class="bot"><b>bot:</b> {said}</li>')
+    return f"<ul>{''.join(items)}</ul>"
+
+
+def _agreement(turns: list[TurnRecord], recording: Path | None) -> str:
+    if recording is None or not recording.exists():
+        return ""
+    measured = measure_voice_to_voice(recording)
+    traced = [t for t in turns if t.voice_to_voice_ms is not None]
+    rows = "".join(
+        f"<tr><td>{t.turn}</td><td>{t.voice_to_voice_ms:.1f}</td><td>{m.voice_to_voice_ms:.1f}</td>"
+        f"<td>{(t.voice_to_voice_ms or 0) - m.voice_to_voice_ms:+.1f}</td></tr>"
+        for t, m in zip(traced, measured, strict=False)
+    )
+    return (
+        "<h2>Trace against the recording</h2><p>Voice-to-voice from the trace, and measured from the stereo "
+        "recording's audio energy.</p><table><tr><th>turn</th><th>trace ms</th><th>audio ms</th><th>diff</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def write_report(
+    path: str | Path,
+    turns: list[TurnRecord],
+    summary: Summary,
+    transcript: list[dict[str, Any]],
+    *,
+    recording: Path | None = None,
+    title: str = "voxpipe call report",
+) -> Path:
+    path = Path(path)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }} li.caller {{ color: #1f4e79; }} li.bot {{ color: #5a3d00; }}
+.cut {{ color: #999; text-decoration: line-through; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Voice-to-voice per turn</h2>
+<p>From the caller's last voiced sample to the first bot sample played; segments are the critical path and add up
+exactly to the total.</p>
+{_waterfall(turns)}
+<h2>Percentiles</h2>
+{_percentiles(summary)}
+{_agreement(turns, recording)}
+<h2>Transcript</h2>
+{_transcript(transcript)}
+</body></html>
+"""
+    path.write_text(page, encoding="utf-8")
+    return path

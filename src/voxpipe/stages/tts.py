@@ -1,0 +1,64 @@
+"""The synthesiser stage: speaks :class:`SpeakableChunk` text as :class:`TTSAudioFrame` audio with word marks.
+
+Providers implement :meth:`TTSStage.synthesize`, an async iterator of ``(pcm, word_marks)`` pairs whose marks are in
+samples from the start of that chunk's audio. The stage places them on the reply's own timeline (``pts`` counts
+samples since the reply began), marks ``tts.first_audio``, and ends each reply with :class:`TTSDone`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from voxpipe.pipeline import (
+    AudioFormat,
+    Direction,
+    Frame,
+    QueuedStage,
+    ResponseEnd,
+    SpeakableChunk,
+    TTSAudioFrame,
+    TTSDone,
+    WordMark,
+)
+
+
+class TTSStage(QueuedStage):
+    """Base of TTS stages; ``audio`` is the format :meth:`synthesize` produces."""
+
+    def __init__(self, audio: AudioFormat, *, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.produces = audio
+        self._reply_epoch = -1
+        self._reply_samples = 0
+
+    def synthesize(self, text: str) -> AsyncIterator[tuple[bytes, tuple[WordMark, ...]]]:
+        raise NotImplementedError
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, SpeakableChunk):
+            await self._speak(frame)
+        elif isinstance(frame, ResponseEnd):
+            await self.push(frame)
+            await self.push(TTSDone(epoch=frame.epoch))
+        else:
+            await self.push(frame, direction)
+
+    async def _speak(self, chunk: SpeakableChunk) -> None:
+        audio = self.produces
+        assert audio is not None
+        epoch = chunk.epoch
+        if epoch != self._reply_epoch:
+            self._reply_epoch, self._reply_samples = epoch, 0
+        chunk_start = self._reply_samples  # word marks are relative to the chunk's first sample
+        async for pcm, marks in self.synthesize(chunk.text):
+            if not pcm:
+                continue
+            if self._reply_samples == 0:
+                self.mark("tts.first_audio", epoch)
+            words = tuple(WordMark(m.word, m.start + chunk_start, m.end + chunk_start) for m in marks)
+            frame = TTSAudioFrame(
+                epoch=epoch, pcm=pcm, sample_rate=audio.sample_rate, channels=audio.channels, pts=self._reply_samples,
+                text=chunk.text, words=words,
+            )
+            self._reply_samples += frame.samples
+            await self.push(frame)

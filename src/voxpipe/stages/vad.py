@@ -1,0 +1,77 @@
+"""Voice activity detection: the speaking/silent state machine every VAD provider shares.
+
+A provider only says, per audio frame, whether it holds speech and where the first and last voiced samples are
+(:class:`Voicing`). This stage turns that into :class:`UserSpeechStarted` (after ``start_ms`` of speech) and
+:class:`UserSpeechStopped` (after ``stop_ms`` of silence), stamped with the time of the *audio* — the first and last
+voiced samples — not the time of the decision, so that latency is measured from what the caller really did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from voxpipe.pipeline import (
+    AudioFormat,
+    AudioFrame,
+    Direction,
+    Frame,
+    Stage,
+    UserSpeechStarted,
+    UserSpeechStopped,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Voicing:
+    """What a VAD provider found in one frame: sample offsets of the first and last voiced samples, if any."""
+
+    first: int
+    last: int
+
+
+class VADStage(Stage):
+    """Base of VAD stages. Subclasses implement :meth:`analyse`; audio passes through unchanged."""
+
+    def __init__(self, audio: AudioFormat, *, start_ms: float = 60.0, stop_ms: float = 500.0, name: str | None = None):
+        super().__init__(name=name)
+        if start_ms < 0 or stop_ms <= 0:
+            raise ValueError(f"{self.name}: start_ms must be >= 0 and stop_ms > 0 (got {start_ms}, {stop_ms})")
+        self.consumes = audio
+        self.start_s = start_ms / 1000
+        self.stop_s = stop_ms / 1000
+        self.speaking = False
+        self._run_start: float | None = None  # first voiced sample of the current voiced run
+        self._last_voiced: float | None = None
+
+    def analyse(self, frame: AudioFrame) -> Voicing | None:
+        """Return where speech is in ``frame``, or ``None`` for no speech."""
+        raise NotImplementedError
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if not isinstance(frame, AudioFrame) or direction is Direction.UPSTREAM:
+            await self.push(frame, direction)
+            return
+        fmt = self.consumes
+        assert fmt is not None
+        fmt.check(frame, self.name)
+        await self.push(frame)
+        rate = frame.sample_rate
+        voicing = self.analyse(frame)
+        frame_end = (frame.pts + frame.samples) / rate
+        if voicing is not None:
+            if self._run_start is None:
+                self._run_start = (frame.pts + voicing.first) / rate
+            self._last_voiced = (frame.pts + voicing.last + 1) / rate
+            if not self.speaking and frame_end - self._run_start >= self.start_s:
+                self.speaking = True
+                await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=self._run_start))
+            return
+        if not self.speaking:
+            self._run_start = None  # a blip shorter than start_ms
+            return
+        assert self._last_voiced is not None
+        if frame_end - self._last_voiced >= self.stop_s:
+            self.speaking = False
+            self._run_start = None
+            stopped = UserSpeechStopped(epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=self._last_voiced)
+            await self.push(stopped)

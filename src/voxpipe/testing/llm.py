@@ -1,0 +1,74 @@
+"""ScriptedLLM: replies from a script, streamed token by token with a set time to first token and rate."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from voxpipe.pipeline import EndOfTurn, ToolCall
+from voxpipe.stages.llm import LLMStage, Tool
+
+_TOKEN = re.compile(r"\s*\S+")
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """A reply; with ``tool`` set, the tool is called first and ``text`` may use ``{result}``."""
+
+    text: str
+    tool: str | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+Replies = Sequence[str | ScriptedReply] | Callable[[EndOfTurn], str | ScriptedReply]
+
+
+class ScriptedLLM(LLMStage):
+    """Answers turn ``n`` with ``replies[n]`` (cycling), or with ``replies(turn)`` if it is a function."""
+
+    def __init__(
+        self,
+        replies: Replies,
+        *,
+        ttft_s: float = 0.2,
+        tokens_per_s: float = 40.0,
+        tools: Mapping[str, Tool] | None = None,
+        name: str = "llm",
+    ) -> None:
+        super().__init__(tools=tools, name=name)
+        if tokens_per_s <= 0:
+            raise ValueError(f"{name}: tokens_per_s must be positive, got {tokens_per_s}")
+        self.replies = replies
+        self.ttft_s = ttft_s
+        self.tokens_per_s = tokens_per_s
+        self._turns = 0
+        self._call_ids = itertools.count(1)
+
+    def _reply_for(self, turn: EndOfTurn) -> ScriptedReply:
+        if callable(self.replies):
+            reply = self.replies(turn)
+        else:
+            if not self.replies:
+                raise ValueError(f"{self.name}: no scripted replies")
+            reply = self.replies[self._turns % len(self.replies)]
+        self._turns += 1
+        return reply if isinstance(reply, ScriptedReply) else ScriptedReply(reply)
+
+    async def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
+        reply = self._reply_for(turn)
+        await self.clock.sleep(self.ttft_s)
+        text = reply.text
+        if reply.tool is not None:
+            call_id = f"call_{next(self._call_ids)}"
+            yield ToolCall(epoch=turn.epoch, call_id=call_id, name=reply.tool, arguments=reply.arguments)
+            result = self.results[call_id]
+            text = text.format(result=result.result if result.error is None else f"an error ({result.error})")
+            await self.clock.sleep(self.ttft_s)
+        interval = 1.0 / self.tokens_per_s
+        for i, token in enumerate(_TOKEN.findall(text)):
+            if i:
+                await self.clock.sleep(interval)
+            yield token

@@ -1,0 +1,33 @@
+"""ScriptedVAD: an energy-threshold VAD — deterministic, model-free, exact to the sample on scripted audio."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from voxpipe.pipeline import AudioFormat, AudioFrame
+from voxpipe.stages.vad import VADStage, Voicing
+
+VOICED_LEVEL = 0.01  # of full scale (-40 dBFS); the same level voxpipe.measure uses on recordings
+
+
+class ScriptedVAD(VADStage):
+    """Speech is any sample louder than ``level`` (a fraction of full scale)."""
+
+    def __init__(
+        self,
+        audio: AudioFormat = AudioFormat(16000),
+        *,
+        level: float = VOICED_LEVEL,
+        start_ms: float = 60.0,
+        stop_ms: float = 500.0,
+        name: str = "vad",
+    ) -> None:
+        super().__init__(audio, start_ms=start_ms, stop_ms=stop_ms, name=name)
+        self.threshold = int(level * 32767)
+
+    def analyse(self, frame: AudioFrame) -> Voicing | None:
+        samples = np.frombuffer(frame.pcm, dtype=np.int16)
+        loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > self.threshold)
+        if loud.size == 0:
+            return None
+        return Voicing(int(loud[0]), int(loud[-1]))

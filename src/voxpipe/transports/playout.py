@@ -1,0 +1,162 @@
+"""The output side of a transport: a playout buffer paced by the metronome.
+
+Bot audio is appended to the buffer as it arrives and one frame is played per tick. On an interrupt the buffer
+is flushed, the frame playing at that instant is cut at that instant, and the output reports exactly which samples
+(and so which words) the caller heard. A late frame of the interrupted reply never reaches the buffer: the stage's
+epoch gate drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from voxpipe.pipeline import (
+    AudioFormat,
+    BotStartedSpeaking,
+    BotStoppedSpeaking,
+    Direction,
+    End,
+    Frame,
+    Interrupt,
+    Stage,
+    TTSAudioFrame,
+    TTSDone,
+    WordMark,
+)
+
+
+class AudioSink(Protocol):
+    """Where played audio goes: a device, a socket, a recording."""
+
+    def play(self, at: float, pcm: bytes) -> None: ...
+
+    def cut(self, at: float) -> None:
+        """Stop anything handed over at or after ``at`` (e.g. send Twilio ``clear``)."""
+
+
+class PlayoutOutput(Stage):
+    """Plays bot audio one ``period`` per metronome tick and reports what was heard."""
+
+    def __init__(
+        self, audio: AudioFormat, sink: AudioSink | None = None, *, period: float = 0.02, name: str = "output"
+    ) -> None:
+        super().__init__(name=name)
+        self.consumes = audio
+        self.sink = sink
+        self.period = period
+        self._frame_bytes = audio.frame_bytes(period)
+        self._buffer = bytearray()
+        self._marks: list[WordMark] = []
+        self._reply_epoch: int | None = None
+        self._started = False
+        self._tts_done = False
+        self._played = 0  # reply samples handed to the sink
+        self._last: tuple[float, int] | None = None  # (tick time, samples) of the frame playing now
+        self._drained: asyncio.Future[None] | None = None
+        self.played_frames = 0
+
+    # --------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.spawn(self._keep_time(), name=f"{self.name}-playout")
+
+    async def _keep_time(self) -> None:
+        metronome = self.clock.metronome(self.period)
+        subscription = metronome.subscribe(self._tick, self._tick_failed)
+        try:
+            await asyncio.get_running_loop().create_future()  # until the pipeline ends
+        finally:
+            await metronome.unsubscribe(subscription)
+
+    def _tick_failed(self, exc: BaseException) -> None:
+        assert isinstance(exc, Exception)
+        self.spawn(self.pipeline._stage_failed(self, exc, None))
+
+    # ----------------------------------------------------------------------------------- frames
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if direction is Direction.UPSTREAM:
+            await self.push(frame, direction)
+        elif isinstance(frame, TTSAudioFrame):
+            self._enqueue(frame)
+        elif isinstance(frame, TTSDone):
+            if frame.epoch == self._reply_epoch:
+                self._tts_done = True
+        elif isinstance(frame, End):
+            if self._buffer:
+                self._drained = asyncio.get_running_loop().create_future()
+                await self._drained
+            await self.push(frame)
+        else:
+            await self.push(frame, direction)
+
+    def _enqueue(self, frame: TTSAudioFrame) -> None:
+        audio = self.consumes
+        assert audio is not None
+        audio.check(frame, self.name)
+        if frame.epoch != self._reply_epoch:
+            self._reply_epoch, self._started, self._tts_done, self._played, self._last = frame.epoch, False, False, 0, None
+            self._marks = []
+        self._buffer += frame.pcm
+        self._marks.extend(frame.words)
+
+    async def _tick(self, now: float) -> None:
+        n = min(len(self._buffer), self._frame_bytes)
+        if n == 0:
+            if self._tts_done and self._started and self._last is not None:
+                at, samples = self._last
+                await self._finish(at + samples / self._rate, interrupted=False)
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            return
+        pcm = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        samples = n // 2 // (self.consumes.channels if self.consumes else 1)
+        epoch = self._reply_epoch
+        assert epoch is not None
+        if not self._started:
+            self._started = True
+            self.mark("out.first_play", epoch, at=now)
+            await self.push(BotStartedSpeaking(epoch=self.epoch, at=now), Direction.UPSTREAM)
+        if self.sink is not None:
+            self.sink.play(now, pcm)
+        self._last = (now, samples)
+        self._played += samples
+        self.played_frames += 1
+
+    @property
+    def _rate(self) -> int:
+        audio = self.consumes
+        assert audio is not None
+        return audio.sample_rate
+
+    # ------------------------------------------------------------------------------ interrupts
+
+    async def on_interrupt(self, interrupt: Interrupt) -> None:
+        if self._reply_epoch is None or self._reply_epoch >= interrupt.epoch:
+            return
+        now = self.clock.now()
+        self._buffer.clear()
+        if self._last is not None:
+            at, samples = self._last
+            unplayed = samples - int((now - at) * self._rate)
+            if unplayed > 0:
+                self._played -= min(unplayed, samples)
+                if self.sink is not None:
+                    self.sink.cut(now)
+        if self._started:
+            await self._finish(now, interrupted=True)
+        self._reply_epoch = None
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _finish(self, at: float, *, interrupted: bool) -> None:
+        epoch = self._reply_epoch
+        assert epoch is not None
+        heard = tuple(m.word for m in self._marks if m.end <= self._played)
+        played_s = self._played / self._rate
+        self._started, self._tts_done, self._last, self._marks = False, False, None, []
+        self.mark("out.interrupted" if interrupted else "out.done", epoch, at=at, heard=list(heard), played_s=played_s)
+        stopped = BotStoppedSpeaking(epoch=self.epoch, at=at, interrupted=interrupted, heard=heard, played=played_s)
+        await self.push(stopped, Direction.UPSTREAM)

@@ -1,0 +1,109 @@
+"""The input side of a simulated call: caller audio delivered one frame per metronome tick.
+
+The frame delivered at tick ``t`` holds the audio captured during ``[t - period, t)`` — audio never arrives before
+it was spoken. Its ``pts`` is the sample index of its first sample on the clock's timeline, so any stage can turn a
+sample position into a clock time. When the caller hangs up, the input sends :class:`End`, which drains the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from voxpipe.pipeline import (
+    AudioFormat,
+    AudioFrame,
+    BotStartedSpeaking,
+    BotStoppedSpeaking,
+    Direction,
+    End,
+    Frame,
+    Stage,
+)
+
+
+class CallerSource(Protocol):
+    """The far end of a simulated call: produces caller audio and hears about the bot's speech."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the caller has hung up."""
+
+    def audio(self, start: float, samples: int) -> bytes:
+        """``samples`` samples of caller audio starting at clock time ``start`` (int16 mono PCM)."""
+
+    def bot_started(self, at: float) -> None: ...
+
+    def bot_stopped(self, at: float, interrupted: bool) -> None: ...
+
+
+class CapturedAudio(Protocol):
+    def caller(self, at: float, pcm: bytes) -> None: ...
+
+
+class SimulatedInput(Stage):
+    """Feeds a :class:`CallerSource` into the pipeline in real (or virtual) time."""
+
+    def __init__(
+        self,
+        caller: CallerSource,
+        audio: AudioFormat,
+        *,
+        recorder: CapturedAudio | None = None,
+        period: float = 0.02,
+        max_duration_s: float = 3600.0,
+        name: str = "input",
+    ) -> None:
+        super().__init__(name=name)
+        if audio.channels != 1:
+            raise ValueError(f"{name}: simulated caller audio is mono, got {audio}")
+        self.produces = audio
+        self.caller = caller
+        self.recorder = recorder
+        self.period = period
+        self.max_duration_s = max_duration_s
+        self._samples = audio.samples(period)
+        self._origin: float | None = None
+        self._ended = False
+
+    async def start(self) -> None:
+        self.spawn(self._keep_time(), name=f"{self.name}-capture")
+
+    async def _keep_time(self) -> None:
+        metronome = self.clock.metronome(self.period)
+        subscription = metronome.subscribe(self._tick, self._tick_failed)
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            await metronome.unsubscribe(subscription)
+
+    def _tick_failed(self, exc: BaseException) -> None:
+        assert isinstance(exc, Exception)
+        self.spawn(self.pipeline._stage_failed(self, exc, None))
+
+    async def _tick(self, now: float) -> None:
+        if self._ended:
+            return
+        if self._origin is None:
+            self._origin = now
+            return
+        start = now - self.period
+        if self.caller.finished or now - self._origin > self.max_duration_s:
+            self._ended = True
+            await self.push(End(epoch=self.pipeline.epoch))
+            return
+        pcm = self.caller.audio(start, self._samples)
+        if self.recorder is not None:
+            self.recorder.caller(start, pcm)
+        audio = self.produces
+        assert audio is not None
+        frame = AudioFrame(epoch=self.pipeline.epoch, pcm=pcm, sample_rate=audio.sample_rate, pts=round(start * audio.sample_rate))
+        await self.push(frame)
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if direction is Direction.UPSTREAM:
+            if isinstance(frame, BotStartedSpeaking):
+                self.caller.bot_started(frame.at)
+            elif isinstance(frame, BotStoppedSpeaking):
+                self.caller.bot_stopped(frame.at, frame.interrupted)
+        await self.push(frame, direction)
