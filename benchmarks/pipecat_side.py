@@ -35,11 +35,13 @@ default so the out-of-the-box cost can be measured too):
   1.14 prepends an ``RTVIProcessor`` and adds an RTVI observer, a turn
   tracking observer and an idle-timeout observer plus its monitor task.
   Even when lean, the worker installs its ``WorkerObserver`` proxy, so every
-  push still builds a ``FramePushed`` record; that cannot be turned off.
+  push and every ``process_frame`` still builds a ``FramePushed`` /
+  ``FrameProcessed`` record; that cannot be turned off.
 
-Harness settings, the same in both modes: loguru (Pipecat's logger) is set to
-WARNING on stderr (override with ``PIPECAT_BENCH_LOG_LEVEL``), so Pipecat's
-debug lines neither flood stderr nor cost time. Pipecat still formats its
+Harness settings, the same in both modes: on import, loguru (Pipecat's logger)
+is given a single WARNING-level stderr handler, replacing its handlers
+process-wide (override the level with ``PIPECAT_BENCH_LOG_LEVEL``), so
+Pipecat's debug lines neither flood stderr nor cost time. Pipecat still formats its
 ``logger.trace(f"Pushing {frame} ...")`` message on every push whatever the
 level, which is part of its real per-frame cost.
 
@@ -234,9 +236,9 @@ async def _start_call(n_stages: int, sink: _AudioSink, lean: bool) -> _Call:
     return _Call(worker=worker, source=source, run_task=run_task, started=started)
 
 
-async def _wait_started(calls: Sequence[_Call], timeout: float = START_TIMEOUT_S) -> None:
+async def _wait_started(calls: Sequence[_Call], within: float = START_TIMEOUT_S) -> None:
     """Wait until every pipeline's StartFrame has reached its end."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         await asyncio.gather(*(call.started.wait() for call in calls))
 
 
@@ -379,9 +381,7 @@ async def per_frame_overhead(
 # --------------------------------------------------------------------------
 
 
-async def interrupt_latency(
-    mode: str, lean: bool = True, *, play_realtime: bool = False
-) -> dict[str, float | int]:
+async def interrupt_latency(mode: str, lean: bool = True, *, play_realtime: bool = False) -> dict[str, float | int]:
     """How long stale audio keeps reaching the output after an interruption.
 
     Pipeline: source → 2 pass-throughs → output-like sink that timestamps every
@@ -513,10 +513,7 @@ async def _concurrent_calls(
     n_calls: int, seconds: float, lean: bool, stagger: bool, frame_kind: FrameKind
 ) -> dict[str, float | int]:
     recorder = _LatenessRecorder()
-    calls = [
-        await _start_call(CONCURRENT_STAGES, _AudioSink(recorder.on_audio), lean)
-        for _ in range(n_calls)
-    ]
+    calls = [await _start_call(CONCURRENT_STAGES, _AudioSink(recorder.on_audio), lean) for _ in range(n_calls)]
     try:
         await _wait_started(calls, START_TIMEOUT_S + 0.1 * n_calls)
         t_base = time.perf_counter() + 0.05
@@ -551,7 +548,7 @@ def concurrent_calls(
     seconds: float,
     lean: bool = True,
     *,
-    stagger: bool = True,
+    stagger: bool = False,
     frame_kind: FrameKind = "output",
 ) -> dict[str, float | int]:
     """Sink lateness with ``n_calls`` real-time pipelines in one event loop.
@@ -561,17 +558,23 @@ def concurrent_calls(
     Each call is its own ``WorkerRunner`` + ``PipelineWorker`` (source → 4
     pass-throughs → sink). Each source pushes one new 20 ms frame every 20 ms:
     frame k is due at ``start + k * 0.02`` and the producer sleeps until then
-    (absolute schedule, no drift). The sink records ``perf_counter() - due``.
+    (absolute schedule, no drift), as its own task: Pipecat has no shared
+    clock, so every call keeps its own time. The sink records
+    ``perf_counter() - due`` (the due time rides in ``frame.metadata``).
     Frames due in the first second are ignored as warm-up; the run lasts
-    ``seconds`` in total.
+    ``seconds`` in total, then the frames still in flight are waited for, so
+    an overloaded run reports its whole backlog.
 
     Args:
         n_calls: Concurrent pipelines.
         seconds: Total run time, including the 1 s warm-up.
         lean: Lean settings (see module docstring) or Pipecat's defaults.
         stagger: Spread the calls' start phases evenly over one 20 ms period,
-            as independent real calls would be. ``False`` makes every call's
-            frame due at the same instant, the worst case.
+            as independent real calls would be. The default, ``False``, gives
+            every call the same ``start``, so frame k of every call is due at
+            the same instant, the schedule of voxpipe's shared metronome. The
+            event loop then serves all the calls' timers in one wake-up, which
+            on this kind of host is much cheaper than n separate wake-ups.
         frame_kind: ``"output"`` or ``"input"`` audio frames.
 
     Returns:
@@ -658,8 +661,8 @@ def _main() -> None:
     """Run every benchmark at small sizes (or the report sizes with --full)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="report sizes (takes ~1 min)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--full", action="store_true", help="report sizes (~2 min; run under taskset -c 0)")
     args = parser.parse_args()
 
     n_frames = 5000 if args.full else 500
@@ -684,16 +687,12 @@ def _main() -> None:
                 label = f"interrupt_latency({mode}{', play_realtime' if play else ''}) {tag}"
                 show(label, _fmt(result))
         for n in calls:
-            show(
-                f"concurrent_calls({n}, {seconds}) {tag}", _fmt(concurrent_calls(n, seconds, lean))
-            )
+            show(f"concurrent_calls({n}, {seconds}) {tag}", _fmt(concurrent_calls(n, seconds, lean)))
         show(f"idle_memory_kib({idle_n}) {tag}", f"{idle_memory_kib(idle_n, lean):.1f} KiB")
 
 
 def _fmt(result: dict[str, float | int]) -> str:
-    return ", ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-    )
+    return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
 
 
 if __name__ == "__main__":

@@ -66,13 +66,18 @@ class _VirtualSelector(selectors.BaseSelector):
     def __init__(self, inner: selectors.BaseSelector) -> None:
         self._inner = inner
         self.now = 0.0
+        self.next_deadline: Any = None  # set by the loop: returns its earliest timer's deadline, or None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready = self._inner.select(0)
         if ready or timeout is None:
             # Real I/O is ready (or there is no timer at all: wait for I/O, e.g. a worker thread finishing).
             return ready or self._inner.select(None)
-        self.now += timeout
+        if timeout <= 0:
+            return []  # callbacks are ready: time stands still
+        # Jump exactly onto the earliest timer: ``now + timeout`` can land an ulp short and cost a second wake-up.
+        deadline = self.next_deadline() if self.next_deadline is not None else None
+        self.now = deadline if deadline is not None and deadline > self.now else self.now + timeout
         return []
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
@@ -100,6 +105,11 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         self._virtual = _VirtualSelector(selectors.DefaultSelector())
         super().__init__(self._virtual)
+        self._virtual.next_deadline = self._earliest_timer
+
+    def _earliest_timer(self) -> float | None:
+        scheduled = self._scheduled  # asyncio's timer heap (a documented-stable internal since 3.4)
+        return scheduled[0].when() if scheduled else None
 
     def time(self) -> float:
         return self._virtual.now
@@ -112,6 +122,9 @@ class VirtualClock(Clock):
     real time, and the virtual clock does not wait for it unless nothing else is scheduled. Scripted providers are
     pure event-loop code, so scripted calls are exact and reproducible.
     """
+
+    def _loop_origin(self) -> float:
+        return 0.0  # a virtual loop's time starts at zero
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=_VirtualTimeLoop) as runner:

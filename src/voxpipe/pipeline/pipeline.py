@@ -101,6 +101,7 @@ class Pipeline:
         if self._done is not None:
             raise RuntimeError(f"pipeline {self.name!r} is already running or has run; build a new one")
         self._done = asyncio.get_running_loop().create_future()
+        self.clock.now()  # pins a real clock's origin to the start of the first run
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group

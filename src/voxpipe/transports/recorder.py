@@ -18,14 +18,14 @@ class StereoRecorder:
     def __init__(self, sample_rate: int, origin: float = 0.0) -> None:
         self.sample_rate = sample_rate
         self.origin = origin
-        self._caller: list[tuple[int, np.ndarray]] = []
+        self._caller: list[tuple[int, bytes]] = []  # raw bytes: converted once, at render time
         self._bot: list[tuple[int, np.ndarray]] = []
 
     def _position(self, at: float) -> int:
         return round((at - self.origin) * self.sample_rate)
 
     def caller(self, at: float, pcm: bytes) -> None:
-        self._caller.append((self._position(at), np.frombuffer(pcm, dtype=np.int16)))
+        self._caller.append((self._position(at), pcm))
 
     def play(self, at: float, pcm: bytes) -> None:
         self._bot.append((self._position(at), np.frombuffer(pcm, dtype=np.int16)))
@@ -41,9 +41,10 @@ class StereoRecorder:
 
     def render(self) -> np.ndarray:
         """The recording as an ``(n, 2)`` int16 array."""
-        ends = [start + len(s) for start, s in (*self._caller, *self._bot)]
+        caller = [(start, np.frombuffer(pcm, dtype=np.int16)) for start, pcm in self._caller]
+        ends = [start + len(s) for start, s in (*caller, *self._bot)]
         out = np.zeros((max(ends, default=0), 2), dtype=np.int16)
-        for channel, segments in ((0, self._caller), (1, self._bot)):
+        for channel, segments in ((0, caller), (1, self._bot)):
             for start, samples in segments:
                 if start < 0:
                     samples, start = samples[-start:], 0

@@ -1,0 +1,108 @@
+"""A scripted call end to end: artefacts, trace against audio, barge-in, cough, CLI."""
+
+import json
+import wave
+
+import numpy as np
+import pytest
+
+from voxpipe import demo
+from voxpipe.call import ARTEFACTS, run_call
+from voxpipe.cli import main
+from voxpipe.measure import measure_voice_to_voice
+from voxpipe.testing import Noise, Say
+
+
+@pytest.fixture(scope="module")
+def demo_call(tmp_path_factory):
+    out = tmp_path_factory.mktemp("call")
+    return run_call(demo.SCRIPT, out, replies=demo.REPLIES, tools=demo.TOOLS)
+
+
+def test_artefacts_are_written(demo_call):
+    for name in ARTEFACTS:
+        assert (demo_call.out_dir / name).stat().st_size > 0
+    with wave.open(str(demo_call.out_dir / "recording.wav")) as wav:
+        assert wav.getnchannels() == 2 and wav.getframerate() == 16000
+    lines = (demo_call.out_dir / "trace.jsonl").read_text().splitlines()
+    assert len(lines) == len(demo_call.turns) == 5
+    record = json.loads(lines[0])
+    assert record["voice_to_voice_ms"] == pytest.approx(sum(record["segments_ms"].values()))
+    page = (demo_call.out_dir / "report.html").read_text()
+    assert "<svg" in page and "Percentiles" in page and "interrupted" in page
+
+
+def test_trace_agrees_with_the_recording_within_20_ms(demo_call):
+    measured = measure_voice_to_voice(demo_call.out_dir / "recording.wav")
+    traced = [t.voice_to_voice_ms for t in demo_call.turns if t.voice_to_voice_ms is not None]
+    assert len(measured) == len(traced) == 5
+    for trace_ms, audio in zip(traced, measured, strict=True):
+        assert abs(trace_ms - audio.voice_to_voice_ms) <= 20
+
+
+def test_barge_in_cuts_the_reply_and_the_context_keeps_only_heard_words(demo_call):
+    cut = [t for t in demo_call.turns if t.interrupted]
+    assert len(cut) == 1
+    turn = cut[0]
+    full = turn.data["bot_text"].split()
+    assert 0 < len(turn.heard) < len(full)
+    assert turn.heard == full[: len(turn.heard)], "heard words are a prefix of the reply, in order"
+    assistant = [m for m in demo_call.conversation.messages if m.role == "assistant"]
+    interrupted = [m for m in assistant if m.interrupted]
+    assert [m.text for m in interrupted] == [" ".join(turn.heard)]
+    transcript = json.loads((demo_call.out_dir / "transcript.json").read_text())
+    bot_lines = [line for line in transcript["turns"] if line["speaker"] == "bot" and line["interrupted"]]
+    assert bot_lines[0]["heard"] == " ".join(turn.heard)
+
+
+def test_output_is_silent_from_the_interrupt_on(demo_call):
+    turn = next(t for t in demo_call.turns if t.interrupted)
+    cut_at = turn.marks["out.interrupted"]
+    following = min(t.marks["out.first_play"] for t in demo_call.turns if t.turn > turn.turn)
+    with wave.open(str(demo_call.out_dir / "recording.wav")) as wav:
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16).reshape(-1, 2)
+    bot = data[:, 1]
+    assert np.any(bot[round((cut_at - 0.02) * 16000) : round(cut_at * 16000)]), "the bot was speaking before"
+    assert not np.any(bot[round(cut_at * 16000) : round(following * 16000)]), "silent from the interrupt on"
+
+
+def test_a_cough_over_the_bot_neither_interrupts_nor_starts_a_turn(tmp_path):
+    script = [Say("Tell me about your opening hours."), Noise(during_reply=0.8), Say("Thanks.", pause=0.5)]
+    replies = ["We are open every day from noon until eleven at night, and on Sundays we close at ten."]
+    result = run_call(script, tmp_path, replies=replies)
+    assert [t.interrupted for t in result.turns] == [False, False]
+    assert [m.role for m in result.conversation.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_backchannel_over_the_bot_does_not_interrupt(tmp_path):
+    script = [Say("What do you recommend?"), Say("uh-huh", barge_in=1.0), Say("Great, thanks.", pause=0.5)]
+    replies = ["Our lasagne is very popular, and the tiramisu is made here every morning by the chef."]
+    result = run_call(script, tmp_path, replies=replies)
+    assert not any(t.interrupted for t in result.turns)
+    assert [m.text for m in result.conversation.messages if m.role == "user"] == ["What do you recommend?", "Great, thanks."]
+
+
+def test_a_tool_call_runs_and_its_result_is_spoken(demo_call):
+    turn = next(t for t in demo_call.turns if "check_availability" in str(t.marks) or t.turn == 2)
+    assert any(name.startswith("tool.start") for name in turn.marks)
+    assert "a table for 2 at 7:30 pm is free" in turn.data["bot_text"]
+
+
+def test_cli_call_writes_artefacts_and_prints_the_table(tmp_path, capsys):
+    assert main(["call", "--scripted", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "per-turn latency" in printed and "p95" in printed
+    for name in ARTEFACTS:
+        assert (tmp_path / "out" / name).exists()
+
+
+def test_cli_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["call", "--scripted", "--out", str(target)]) == 2
+    assert "not a directory" in capsys.readouterr().out
+
+
+def test_empty_script_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="script is empty"):
+        run_call([], tmp_path, replies=["hi"])

@@ -1,0 +1,47 @@
+import dataclasses
+
+import pytest
+
+from voxpipe.pipeline import (
+    AudioFrame,
+    Cancel,
+    End,
+    EndOfTurn,
+    Interrupt,
+    SpeakableChunk,
+    Transcript,
+    TTSAudioFrame,
+    UserSpeechStarted,
+)
+
+
+def test_frames_are_immutable_and_carry_their_epoch():
+    frame = AudioFrame(epoch=3, pcm=b"\0\0" * 320, sample_rate=16000)
+    assert frame.epoch == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        frame.epoch = 4  # type: ignore[misc]
+    assert not hasattr(frame, "__dict__"), "slots keep frames small"
+
+
+def test_audio_frame_duration_and_samples():
+    frame = AudioFrame(pcm=bytes(640), sample_rate=16000)
+    assert frame.samples == 320
+    assert frame.duration == pytest.approx(0.02)
+    stereo = AudioFrame(pcm=bytes(640), sample_rate=8000, channels=2)
+    assert stereo.samples == 160
+    assert stereo.duration == pytest.approx(0.02)
+
+
+def test_reply_frames_are_interruptible_and_caller_frames_are_not():
+    assert SpeakableChunk(text="hi").interruptible
+    assert TTSAudioFrame(pcm=b"", sample_rate=16000).interruptible
+    assert EndOfTurn(text="hi", at=0.0).interruptible
+    assert not AudioFrame(pcm=b"", sample_rate=16000).interruptible
+    assert not Transcript(text="hi", final=True).interruptible
+    assert not UserSpeechStarted(at=0.0).interruptible
+
+
+def test_interrupt_and_cancel_overtake_but_end_drains_in_order():
+    assert Interrupt(epoch=1, at=0.0).urgent
+    assert Cancel().urgent
+    assert not End().urgent

@@ -1,0 +1,249 @@
+import asyncio
+
+import pytest
+
+from voxpipe.pipeline import (
+    DOWNSTREAM,
+    AudioFormat,
+    AudioFrame,
+    Direction,
+    End,
+    ErrorFrame,
+    ErrorPolicy,
+    Frame,
+    Interrupt,
+    Pipeline,
+    PipelineBuildError,
+    QueuedStage,
+    SpeakableChunk,
+    Stage,
+    TextDelta,
+    VirtualClock,
+)
+
+from tests.helpers import Collect
+
+
+def frame(i: int = 0) -> AudioFrame:
+    return AudioFrame(pcm=bytes(640), sample_rate=16000, pts=i * 320)
+
+
+async def feed_and_end(pipeline: Pipeline, frames: list[Frame]) -> str:
+    run = asyncio.create_task(pipeline.run())
+    await asyncio.sleep(0)
+    for f in frames:
+        await pipeline.stages[0].receive(f, DOWNSTREAM)
+    await pipeline.end()
+    return await asyncio.wait_for(run, 5)
+
+
+async def test_frames_pass_through_in_order():
+    sink = Collect()
+    pipeline = Pipeline([Stage(name="a"), Stage(name="b"), sink])
+    outcome = await feed_and_end(pipeline, [frame(i) for i in range(10)])
+    assert outcome == "ended"
+    pts = [f.pts for f in sink.frames if isinstance(f, AudioFrame)]
+    assert pts == [i * 320 for i in range(10)]
+
+
+async def test_a_plain_async_function_is_a_stage():
+    async def shout(f: Frame):
+        if isinstance(f, TextDelta):
+            return TextDelta(text=f.text.upper())
+        return f
+
+    sink = Collect()
+    pipeline = Pipeline([shout, sink])
+    await feed_and_end(pipeline, [TextDelta(text="hi")])
+    assert [f.text for f in sink.frames if isinstance(f, TextDelta)] == ["HI"]
+
+
+def test_building_wrongly_fails_with_the_stage_named():
+    with pytest.raises(PipelineBuildError, match="no stages"):
+        Pipeline([])
+    stage = Stage(name="twice")
+    with pytest.raises(PipelineBuildError, match="'twice' appears twice"):
+        Pipeline([stage, Stage(name="x"), stage])
+    with pytest.raises(PipelineBuildError, match="two stages are named 'a'"):
+        Pipeline([Stage(name="a"), Stage(name="a")])
+    with pytest.raises(PipelineBuildError, match="neither a Stage"):
+        Pipeline([Stage(), 42])  # type: ignore[list-item]
+    linked = Stage(name="linked")
+    Pipeline([linked])
+    with pytest.raises(PipelineBuildError, match="already belongs"):
+        Pipeline([linked])
+
+
+def test_wrong_audio_format_between_stages_fails_at_build_time():
+    source = Stage(name="tts")
+    source.produces = AudioFormat(22050)
+    sink = Stage(name="speaker")
+    sink.consumes = AudioFormat(16000)
+    with pytest.raises(PipelineBuildError, match=r"'speaker' expects 16000 Hz mono audio but stage 'tts'.*22050 Hz"):
+        Pipeline([source, Stage(name="mid"), sink])
+
+
+class Boom(Stage):
+    def __init__(self, policy: ErrorPolicy = ErrorPolicy.STOP) -> None:
+        super().__init__(name="boom")
+        self.error_policy = policy
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, TextDelta) and frame.text == "bad":
+            raise ValueError("bad delta")
+        await self.push(frame, direction)
+
+
+async def test_an_exception_stops_the_pipeline_and_run_reraises_it():
+    pipeline = Pipeline([Boom(), Collect()])
+    run = asyncio.create_task(pipeline.run())
+    await asyncio.sleep(0)
+    await pipeline.stages[0].receive(TextDelta(text="bad"), DOWNSTREAM)
+    with pytest.raises(ValueError, match="bad delta"):
+        await asyncio.wait_for(run, 5)
+    assert pipeline.errors[0].stage == "boom"
+
+
+async def test_skip_frame_policy_reports_and_carries_on():
+    upstream = Collect("first")
+
+    class Head(Stage):
+        def __init__(self) -> None:
+            super().__init__(name="head")
+            self.errors: list[ErrorFrame] = []
+
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, ErrorFrame):
+                self.errors.append(frame)
+            await self.push(frame, direction)
+
+    head = Head()
+    sink = Collect()
+    pipeline = Pipeline([head, upstream, Boom(ErrorPolicy.SKIP_FRAME), sink])
+    await feed_and_end(pipeline, [TextDelta(text="ok"), TextDelta(text="bad"), TextDelta(text="ok2")])
+    assert [f.text for f in sink.frames if isinstance(f, TextDelta)] == ["ok", "ok2"]
+    assert len(head.errors) == 1 and "bad delta" in head.errors[0].error and not head.errors[0].fatal
+
+
+class Slow(QueuedStage):
+    """Takes `delay` of clock time per data frame."""
+
+    def __init__(self, delay: float, name: str = "slow") -> None:
+        super().__init__(name=name)
+        self.delay = delay
+        self.started: list[Frame] = []
+        self.cancelled: list[Frame] = []
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, (TextDelta, SpeakableChunk)):
+            self.started.append(frame)
+            try:
+                await self.clock.sleep(self.delay)
+            except asyncio.CancelledError:
+                self.cancelled.append(frame)
+                raise
+        await self.push(frame, direction)
+
+
+def test_end_drains_queued_work_before_run_returns():
+    clock = VirtualClock()
+    sink = Collect()
+    pipeline = Pipeline([Stage(name="head"), Slow(0.5), sink], clock=clock)
+
+    async def main() -> float:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(4):
+            await pipeline.stages[0].receive(TextDelta(text=str(i)), DOWNSTREAM)
+        await pipeline.end()
+        await run
+        return clock.now()
+
+    elapsed = clock.run(main())
+    assert [f.text for f in sink.frames if isinstance(f, TextDelta)] == ["0", "1", "2", "3"]
+    assert isinstance(sink.frames[-1], End)
+    assert elapsed == pytest.approx(2.0)
+
+
+def test_cancel_aborts_without_waiting_and_leaves_no_task():
+    clock = VirtualClock()
+    slow = Slow(100.0)
+    pipeline = Pipeline([Stage(name="head"), slow, Collect()], clock=clock)
+
+    async def main() -> tuple[str, float, set[asyncio.Task]]:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await pipeline.stages[0].receive(TextDelta(text="x"), DOWNSTREAM)
+        await clock.sleep(1.0)
+        pipeline.cancel()
+        outcome = await run
+        return outcome, clock.now(), asyncio.all_tasks() - {asyncio.current_task()}
+
+    outcome, elapsed, left = clock.run(main())
+    assert outcome == "cancelled"
+    assert elapsed == pytest.approx(1.0)
+    assert slow.cancelled, "the in-flight work was cancelled"
+    assert left == set()
+
+
+def test_interrupt_overtakes_queued_data_and_cancels_stale_work():
+    clock = VirtualClock()
+    slow = Slow(1.0)
+    sink = Collect()
+    head = Stage(name="head")
+    pipeline = Pipeline([head, slow, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(5):
+            await head.receive(SpeakableChunk(epoch=0, text=f"old{i}"), DOWNSTREAM)
+        await clock.sleep(0.5)  # old0 is being worked on, old1..old4 are queued
+        assert slow.queued == 4
+        interrupt = await head.interrupt()
+        assert slow.queued == 0, "stale queued frames dropped at once"
+        assert isinstance(sink.frames[-1], Interrupt) and sink.frames[-1].epoch == interrupt.epoch
+        await head.push(SpeakableChunk(epoch=interrupt.epoch, text="new"))
+        await clock.sleep(2.0)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    texts = [f.text for f in sink.frames if isinstance(f, SpeakableChunk)]
+    assert texts == ["new"]
+    assert [f.text for f in slow.cancelled] == ["old0"]
+
+
+def test_bounded_queue_applies_back_pressure():
+    clock = VirtualClock()
+    slow = Slow(0.1)
+    slow.max_queued = 3
+    head = Stage(name="head")
+    pipeline = Pipeline([head, slow, Collect()], clock=clock)
+    depths: list[int] = []
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(10):
+            await head.push(TextDelta(text=str(i)))
+            depths.append(slow.queued)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    assert max(depths) <= 3
+
+
+def test_run_twice_is_refused():
+    pipeline = Pipeline([Stage()], clock=VirtualClock())
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await pipeline.end()
+        await run
+        with pytest.raises(RuntimeError, match="already running or has run"):
+            await pipeline.run()
+
+    VirtualClock().run(main())

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from voxpipe.pipeline import JsonlTraceWriter, Tracer
+from voxpipe.pipeline.trace import CRITICAL_PATH, SEGMENTS, breakdown, percentile
+
+MARKS = ["user.speech_end", *(m for m, _ in CRITICAL_PATH)]
+
+
+def test_segments_add_up_exactly_to_voice_to_voice():
+    marks = {name: 10 + i * 0.1234567 for i, name in enumerate(MARKS)}
+    segments, v2v, missing = breakdown(marks)
+    assert missing == []
+    assert sum(segments.values()) == v2v
+    assert v2v == round((marks["out.first_play"] - marks["user.speech_end"]) * 1e6)
+    assert list(segments) == list(SEGMENTS)
+
+
+@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=len(MARKS), max_size=len(MARKS)), st.sets(st.sampled_from(MARKS[1:-1])))
+def test_breakdown_clamps_out_of_order_and_missing_marks(times, dropped):
+    marks = {name: t for name, t in zip(MARKS, times, strict=True) if name not in dropped}
+    segments, v2v, missing = breakdown(marks)
+    assert set(missing) == dropped
+    assert all(us >= 0 for us in segments.values())
+    assert sum(segments.values()) == v2v == max(0, round(marks["out.first_play"] * 1e6) - round(marks["user.speech_end"] * 1e6))
+
+
+def test_turn_without_playout_has_no_voice_to_voice():
+    segments, v2v, missing = breakdown({"user.speech_end": 1.0})
+    assert v2v is None and "out.first_play" in missing
+
+
+def test_tracer_finishes_turns_notifies_observers_and_writes_jsonl(tmp_path):
+    tracer = Tracer()
+    marks_seen, turns_seen = [], []
+    tracer.on_mark(lambda turn, name, at, data: marks_seen.append((turn, name)))
+    tracer.on_turn(turns_seen.append)
+    writer = JsonlTraceWriter(tmp_path / "trace.jsonl")
+    tracer.on_turn(writer)
+    for i, name in enumerate(MARKS):
+        tracer.mark(1, name, 1.0 + i * 0.1)
+    tracer.annotate(1, user_text="hello")
+    tracer.mark(1, "out.interrupted", 3.0, heard=["Hi", "there"], played_s=0.5)
+    writer.close()
+    assert len(marks_seen) == len(MARKS) + 1
+    assert [t.turn for t in turns_seen] == [1]
+    record = json.loads((tmp_path / "trace.jsonl").read_text())
+    assert record["interrupted"] is True
+    assert record["heard"] == ["Hi", "there"]
+    assert record["voice_to_voice_ms"] == pytest.approx(700.0)
+    assert sum(record["segments_ms"].values()) == pytest.approx(700.0)
+    assert record["data"]["user_text"] == "hello"
+
+
+def test_summary_percentiles():
+    tracer = Tracer()
+    for turn in range(1, 21):
+        for i, name in enumerate(MARKS):
+            tracer.mark(turn, name, turn * 100 + (turn / 1000 if name == "out.first_play" else 0) + i * 0)
+        tracer.finish(turn)
+    stat = tracer.summary().stats["voice_to_voice"]
+    assert stat.n == 20
+    assert stat.p50 == pytest.approx(10.5)
+    assert stat.max == pytest.approx(20.0)
+    assert percentile([1, 2, 3, 4], 50) == 2.5

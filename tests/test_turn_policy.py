@@ -1,0 +1,31 @@
+import pytest
+
+from voxpipe.pipeline import TurnPolicy
+
+
+def test_speech_must_last_min_speech_ms():
+    policy = TurnPolicy(min_speech_ms=300, min_words=0)
+    assert not policy.is_barge_in(0.2, "")
+    assert policy.is_barge_in(0.31, "")
+
+
+def test_min_words_counts_words_that_are_not_backchannels():
+    policy = TurnPolicy(min_speech_ms=100, min_words=2)
+    assert not policy.is_barge_in(1.0, "wait")
+    assert not policy.is_barge_in(1.0, "uh-huh yeah")
+    assert policy.is_barge_in(1.0, "yeah wait stop")
+
+
+def test_backchannel_over_the_bot_is_not_a_turn_but_is_when_the_bot_is_silent():
+    policy = TurnPolicy()
+    assert not policy.is_turn("Uh-huh.", over_bot=True)
+    assert policy.is_turn("Yes.", over_bot=False)
+    assert policy.is_turn("No, the other one", over_bot=True)
+    assert not policy.is_turn("", over_bot=False)
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="min_speech_ms"):
+        TurnPolicy(min_speech_ms=-1)
+    with pytest.raises(ValueError, match="min_words"):
+        TurnPolicy(min_words=-2)
