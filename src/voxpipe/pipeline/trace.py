@@ -97,6 +97,7 @@ class Tracer:
 
     def __init__(self) -> None:
         self._open: dict[int, tuple[dict[str, float], dict[str, Any]]] = {}
+        self._finished: dict[int, TurnRecord] = {}
         self.turns: list[TurnRecord] = []
         self._mark_observers: list[MarkObserver] = []
         self._turn_observers: list[TurnObserver] = []
@@ -117,6 +118,11 @@ class Tracer:
 
     def mark(self, turn: int, name: str, at: float, **data: Any) -> None:
         """Record mark ``name`` at clock time ``at`` for ``turn``. The first value of a mark wins."""
+        finished = self._finished.get(turn)
+        if finished is not None:  # late (a cancelled stage unwinding): keep it, but the record was already sent
+            finished.marks.setdefault(name, at)
+            finished.data.update(data)
+            return
         marks, extra = self._open.setdefault(turn, ({}, {}))
         if name not in marks:
             marks[name] = at
@@ -127,7 +133,11 @@ class Tracer:
             self.finish(turn)
 
     def annotate(self, turn: int, **data: Any) -> None:
-        """Attach data (texts, tool calls, usage) to an open turn without recording a mark."""
+        """Attach data (texts, tool calls, usage) to a turn without recording a mark."""
+        finished = self._finished.get(turn)
+        if finished is not None:
+            finished.data.update(data)
+            return
         self._open.setdefault(turn, ({}, {}))[1].update(data)
 
     def finish(self, turn: int) -> TurnRecord | None:
@@ -149,6 +159,7 @@ class Tracer:
             data=extra,
         )
         self.turns.append(record)
+        self._finished[turn] = record
         for observer in self._turn_observers:
             observer(record)
         return record

@@ -62,23 +62,26 @@ class LLMStage(QueuedStage):
         await self.push(LLMRequest(epoch=epoch))
         chunker = self._new_chunker()
         text: list[str] = []
-        async for item in self.generate(turn):
-            if isinstance(item, ToolCall):
-                await self.push(item)
-                await self._run_tool(item)
-                continue
-            if not text:
-                self.mark("llm.first_token", epoch)
-            text.append(item)
-            await self.push(TextDelta(epoch=epoch, text=item))
-            for chunk in chunker.feed(item):
-                await self._speak(epoch, chunk)
-        rest = chunker.flush()
-        if rest:
-            await self._speak(epoch, rest)
-        reply = "".join(text).strip()
-        self.pipeline.trace.annotate(epoch, bot_text=reply)
-        await self.push(ResponseEnd(epoch=epoch, text=reply))
+        try:
+            async for item in self.generate(turn):
+                if isinstance(item, ToolCall):
+                    await self.push(item)
+                    await self._run_tool(item)
+                    continue
+                if not text:
+                    self.mark("llm.first_token", epoch)
+                text.append(item)
+                await self.push(TextDelta(epoch=epoch, text=item))
+                for chunk in chunker.feed(item):
+                    self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
+                    await self._speak(epoch, chunk)
+            rest = chunker.flush()
+            if rest:
+                await self._speak(epoch, rest)
+        finally:
+            # Also when cancelled by a barge-in: the trace keeps what the model had produced by then.
+            self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
+        await self.push(ResponseEnd(epoch=epoch, text="".join(text).strip()))
 
     async def _speak(self, epoch: int, chunk: str) -> None:
         self.mark("llm.first_chunk", epoch)  # first value wins: only the first chunk counts
