@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-
-
 from voxpipe.pipeline import Direction, Frame, Interrupt, Stage
 
 _sequence = itertools.count()
@@ -50,5 +48,3 @@ class Collect(Stage):
 @dataclass
 class Calls:
     items: list[object] = field(default_factory=list)
-
-

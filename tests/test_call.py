@@ -79,7 +79,10 @@ def test_backchannel_over_the_bot_does_not_interrupt(tmp_path):
     replies = ["Our lasagne is very popular, and the tiramisu is made here every morning by the chef."]
     result = run_call(script, tmp_path, replies=replies)
     assert not any(t.interrupted for t in result.turns)
-    assert [m.text for m in result.conversation.messages if m.role == "user"] == ["What do you recommend?", "Great, thanks."]
+    assert [m.text for m in result.conversation.messages if m.role == "user"] == [
+        "What do you recommend?",
+        "Great, thanks.",
+    ]
 
 
 def test_a_tool_call_runs_and_its_result_is_spoken(demo_call):

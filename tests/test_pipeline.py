@@ -2,6 +2,7 @@ import asyncio
 
 import pytest
 
+from tests.helpers import Collect
 from voxpipe.pipeline import (
     DOWNSTREAM,
     AudioFormat,
@@ -20,8 +21,6 @@ from voxpipe.pipeline import (
     TextDelta,
     VirtualClock,
 )
-
-from tests.helpers import Collect
 
 
 def frame(i: int = 0) -> AudioFrame:

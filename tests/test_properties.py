@@ -13,6 +13,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import Tap
 from voxpipe.pipeline import (
     DOWNSTREAM,
     AudioFormat,
@@ -32,7 +33,6 @@ from voxpipe.testing import Say, ScriptedCaller, ScriptedLLM, ScriptedSTT, Scrip
 from voxpipe.transports.playout import PlayoutOutput
 from voxpipe.transports.recorder import StereoRecorder
 from voxpipe.transports.simulated import SimulatedInput
-from tests.helpers import Tap
 
 AUDIO = AudioFormat(16000)
 REPLIES = [
@@ -125,7 +125,7 @@ def run_scripted(t: Timings):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(timings)
 def test_barge_in_invariants_hold_for_any_timing(t: Timings):
-    pipeline, taps, sink, tracer, conversation, left = run_scripted(t)
+    _pipeline, taps, sink, tracer, conversation, left = run_scripted(t)
 
     # 4. no task is left running after the pipeline ends
     assert left == set()
@@ -160,7 +160,8 @@ def test_barge_in_invariants_hold_for_any_timing(t: Timings):
     for record, message in zip([r for r in spoken if r.heard], assistant, strict=True):
         played = played_samples(sink, record)
         marks = [
-            w for s in output_tap.log
+            w
+            for s in output_tap.log
             if isinstance(s.frame, TTSAudioFrame) and s.frame.epoch == record.turn
             for w in s.frame.words
         ]

@@ -19,17 +19,24 @@ def test_segments_add_up_exactly_to_voice_to_voice():
     assert list(segments) == list(SEGMENTS)
 
 
-@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=len(MARKS), max_size=len(MARKS)), st.sets(st.sampled_from(MARKS[1:-1])))
+@given(
+    st.lists(st.floats(0, 100, allow_nan=False), min_size=len(MARKS), max_size=len(MARKS)),
+    st.sets(st.sampled_from(MARKS[1:-1])),
+)
 def test_breakdown_clamps_out_of_order_and_missing_marks(times, dropped):
     marks = {name: t for name, t in zip(MARKS, times, strict=True) if name not in dropped}
     segments, v2v, missing = breakdown(marks)
     assert set(missing) == dropped
     assert all(us >= 0 for us in segments.values())
-    assert sum(segments.values()) == v2v == max(0, round(marks["out.first_play"] * 1e6) - round(marks["user.speech_end"] * 1e6))
+    assert (
+        sum(segments.values())
+        == v2v
+        == max(0, round(marks["out.first_play"] * 1e6) - round(marks["user.speech_end"] * 1e6))
+    )
 
 
 def test_turn_without_playout_has_no_voice_to_voice():
-    segments, v2v, missing = breakdown({"user.speech_end": 1.0})
+    _segments, v2v, missing = breakdown({"user.speech_end": 1.0})
     assert v2v is None and "out.first_play" in missing
 
 

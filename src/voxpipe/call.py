@@ -136,7 +136,13 @@ def run_call(
     if on_turn is not None:
         tracer.on_turn(on_turn)
     pipeline, conversation = scripted_pipeline(
-        caller, recorder, tracer, replies=replies, policy=policy, clock=clock, tools=tools,
+        caller,
+        recorder,
+        tracer,
+        replies=replies,
+        policy=policy,
+        clock=clock,
+        tools=tools,
         audio=AudioFormat(sample_rate),
     )
     try:

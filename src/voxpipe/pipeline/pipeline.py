@@ -160,7 +160,9 @@ class Pipeline:
         """Start a task owned by this run; an exception in it is ``stage``'s failure."""
         if self._group is None:
             coro.close()
-            raise RuntimeError(f"stage {stage.name!r} tried to start a task while pipeline {self.name!r} is not running")
+            raise RuntimeError(
+                f"stage {stage.name!r} tried to start a task while pipeline {self.name!r} is not running"
+            )
         task = self._group.create_task(self._guard(stage, coro), name=name or f"{stage.name}-task")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

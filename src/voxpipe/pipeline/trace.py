@@ -74,7 +74,7 @@ class TurnRecord:
 def breakdown(marks: dict[str, float]) -> tuple[dict[str, int], int | None, list[str]]:
     """Critical-path segments (µs), voice-to-voice (µs) and the missing marks, from a turn's marks.
 
-    Voice-to-voice is ``out.first_play − user.speech_end``; the segments telescope to exactly that. A missing
+    Voice-to-voice is ``out.first_play - user.speech_end``; the segments telescope to exactly that. A missing
     mark makes its segment zero (and is listed), so a pipeline without, say, a separate STT still adds up.
     """
     missing = [name for name in (START_MARK, *(m for m, _ in CRITICAL_PATH)) if name not in marks]
@@ -209,9 +209,7 @@ class Summary:
                 columns[name].append(ms)
             assert record.voice_to_voice_ms is not None
             columns["voice_to_voice"].append(record.voice_to_voice_ms)
-        stats = {
-            name: Stat(len(v), percentile(v, 50), percentile(v, 95), max(v)) for name, v in columns.items() if v
-        }
+        stats = {name: Stat(len(v), percentile(v, 50), percentile(v, 95), max(v)) for name, v in columns.items() if v}
         return cls(stats)
 
     def rows(self) -> list[tuple[str, int, float, float, float]]:

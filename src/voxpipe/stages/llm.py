@@ -94,12 +94,14 @@ class LLMStage(QueuedStage):
         started = self.clock.now()
         try:
             if tool is None:
-                raise LookupError(f"{self.name}: the model called unknown tool {call.name!r}; known: {sorted(self.tools)}")
+                raise LookupError(
+                    f"{self.name}: the model called unknown tool {call.name!r}; known: {sorted(self.tools)}"
+                )
             outcome = tool(**call.arguments)
             if inspect.isawaitable(outcome):
                 outcome = await asyncio.wait_for(outcome, self.tool_timeout_s)
             result = ToolResult(epoch=epoch, call_id=call.call_id, name=call.name, result=outcome)
-        except (Exception, asyncio.TimeoutError) as exc:
+        except (TimeoutError, Exception) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             result = ToolResult(epoch=epoch, call_id=call.call_id, name=call.name, error=error)
         self.mark(f"tool.end:{call.call_id}", epoch, duration_s=self.clock.now() - started)

@@ -57,8 +57,13 @@ class TTSStage(QueuedStage):
                 self.mark("tts.first_audio", epoch)
             words = tuple(WordMark(m.word, m.start + chunk_start, m.end + chunk_start) for m in marks)
             frame = TTSAudioFrame(
-                epoch=epoch, pcm=pcm, sample_rate=audio.sample_rate, channels=audio.channels, pts=self._reply_samples,
-                text=chunk.text, words=words,
+                epoch=epoch,
+                pcm=pcm,
+                sample_rate=audio.sample_rate,
+                channels=audio.channels,
+                pts=self._reply_samples,
+                text=chunk.text,
+                words=words,
             )
             self._reply_samples += frame.samples
             await self.push(frame)

@@ -73,5 +73,7 @@ class VADStage(Stage):
         if frame_end - self._last_voiced >= self.stop_s:
             self.speaking = False
             self._run_start = None
-            stopped = UserSpeechStopped(epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=self._last_voiced)
+            stopped = UserSpeechStopped(
+                epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=self._last_voiced
+            )
             await self.push(stopped)

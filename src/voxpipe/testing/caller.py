@@ -158,7 +158,9 @@ class ScriptedCaller:
         words = text.split()
         if spans is None:  # a recording: spread the words evenly over it
             n = max(1, len(words))
-            self.spoken += [TranscriptWord(w, start + i * duration / n, start + (i + 1) * duration / n) for i, w in enumerate(words)]
+            self.spoken += [
+                TranscriptWord(w, start + i * duration / n, start + (i + 1) * duration / n) for i, w in enumerate(words)
+            ]
         else:
             self.spoken += [TranscriptWord(s.word, start + s.start / sr, start + s.end / sr) for s in spans]
 

@@ -96,7 +96,13 @@ class PlayoutOutput(Stage):
         assert audio is not None
         audio.check(frame, self.name)
         if frame.epoch != self._reply_epoch:
-            self._reply_epoch, self._started, self._tts_done, self._played, self._last = frame.epoch, False, False, 0, None
+            self._reply_epoch, self._started, self._tts_done, self._played, self._last = (
+                frame.epoch,
+                False,
+                False,
+                0,
+                None,
+            )
             self._marks = []
         self._buffer += frame.pcm
         self._marks.extend(frame.words)

@@ -97,7 +97,9 @@ class SimulatedInput(Stage):
             self.recorder.caller(start, pcm)
         audio = self.produces
         assert audio is not None
-        frame = AudioFrame(epoch=self.pipeline.epoch, pcm=pcm, sample_rate=audio.sample_rate, pts=round(start * audio.sample_rate))
+        frame = AudioFrame(
+            epoch=self.pipeline.epoch, pcm=pcm, sample_rate=audio.sample_rate, pts=round(start * audio.sample_rate)
+        )
         await self.push(frame)
 
     async def process(self, frame: Frame, direction: Direction) -> None:

@@ -1,0 +1,100 @@
+import asyncio
+import wave
+
+import numpy as np
+import pytest
+
+from tests.helpers import Collect
+from voxpipe.pipeline import (
+    DOWNSTREAM,
+    AudioFormat,
+    AudioFormatError,
+    AudioFrame,
+    Pipeline,
+    TTSAudioFrame,
+    VirtualClock,
+    WordMark,
+)
+from voxpipe.stages.resample import Resample
+from voxpipe.testing import ScriptedVAD, load_wav
+
+
+def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(round(rate * seconds)) / rate
+    mono = (np.sin(2 * np.pi * freq * t) * 10000).astype(np.int16)
+    return np.repeat(mono[:, None], channels, axis=1) if channels > 1 else mono
+
+
+def test_wrong_rate_is_rejected_with_the_stage_named():
+    fmt = AudioFormat(16000)
+    with pytest.raises(AudioFormatError, match=r"stage 'vad' expects 16000 Hz mono audio but got 8000 Hz stereo"):
+        fmt.check(AudioFrame(pcm=bytes(640), sample_rate=8000, channels=2), "vad")
+
+
+def test_malformed_frame_is_rejected():
+    with pytest.raises(AudioFormatError, match="malformed audio frame: 641 bytes"):
+        AudioFormat(16000).check(AudioFrame(pcm=bytes(641), sample_rate=16000), "vad")
+
+
+def test_a_stage_receiving_the_wrong_rate_stops_the_pipeline_with_a_clear_error():
+    clock = VirtualClock()
+    vad = ScriptedVAD(AudioFormat(16000))
+    pipeline = Pipeline([vad, Collect()], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await vad.receive(AudioFrame(pcm=bytes(320), sample_rate=8000), DOWNSTREAM)
+        await run
+
+    with pytest.raises(AudioFormatError, match="'vad' expects 16000 Hz mono"):
+        clock.run(main())
+
+
+def test_resample_converts_rate_and_channels_and_keeps_the_signal():
+    clock = VirtualClock()
+    sink = Collect()
+    resample = Resample(16000, 1)
+    pipeline = Pipeline([resample, sink], clock=clock)
+    stereo_8k = tone(8000, 1.0, channels=2)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(0, len(stereo_8k), 160):
+            chunk = stereo_8k[i : i + 160]
+            await resample.receive(AudioFrame(pcm=chunk.tobytes(), sample_rate=8000, channels=2, pts=i), DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    frames = [f for f in sink.frames if isinstance(f, AudioFrame)]
+    assert all(f.sample_rate == 16000 and f.channels == 1 for f in frames)
+    out = np.concatenate([np.frombuffer(f.pcm, dtype=np.int16) for f in frames]).astype(np.float32)
+    assert abs(len(out) - 16000) < 20  # nothing lost: the filter's tail is flushed at End
+    spectrum = np.abs(np.fft.rfft(out[2000:14000]))
+    peak_hz = np.argmax(spectrum) * 16000 / len(out[2000:14000])
+    assert abs(peak_hz - 440) < 5
+
+
+def test_resample_rescales_word_marks_of_bot_audio():
+    resample = Resample(16000)
+    frame = TTSAudioFrame(pcm=bytes(2 * 2205), sample_rate=22050, pts=22050, words=(WordMark("hi", 0, 11025),))
+    out = resample.convert(frame)
+    assert isinstance(out, TTSAudioFrame)
+    assert out.pts == 16000 and out.words == (WordMark("hi", 0, 8000),)
+
+
+def test_load_wav_converts_stereo_8k_and_rejects_non_audio(tmp_path):
+    path = tmp_path / "caller.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(tone(8000, 0.5, channels=2).tobytes())
+    mono = load_wav(path, 16000)
+    assert abs(len(mono) - 8000) <= 2 and np.abs(mono).max() > 5000
+    junk = tmp_path / "junk.wav"
+    junk.write_text("this is not audio")
+    with pytest.raises(ValueError, match=r"junk\.wav: not a readable PCM WAV"):
+        load_wav(junk, 16000)
