@@ -69,12 +69,14 @@ class _VirtualSelector(selectors.BaseSelector):
         self.next_deadline: Any = None  # set by the loop: returns its earliest timer's deadline, or None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is not None and timeout <= 0:
+            # Callbacks are ready, so time stands still. Real I/O (sockets, a worker thread's wake-up) is picked up
+            # at the next iteration that would advance time: skipping the poll here saves a syscall per tick.
+            return []
         ready = self._inner.select(0)
         if ready or timeout is None:
             # Real I/O is ready (or there is no timer at all: wait for I/O, e.g. a worker thread finishing).
             return ready or self._inner.select(None)
-        if timeout <= 0:
-            return []  # callbacks are ready: time stands still
         # Jump exactly onto the earliest timer: ``now + timeout`` can land an ulp short and cost a second wake-up.
         deadline = self.next_deadline() if self.next_deadline is not None else None
         self.now = deadline if deadline is not None and deadline > self.now else self.now + timeout

@@ -53,10 +53,13 @@ class VADStage(Stage):
             return
         fmt = self.consumes
         assert fmt is not None
-        fmt.check(frame, self.name)
+        if frame.sample_rate != fmt.sample_rate or frame.channels != fmt.channels or len(frame.pcm) & 1:
+            fmt.check(frame, self.name)  # raises, naming the problem
         await self.push(frame)
-        rate = frame.sample_rate
         voicing = self.analyse(frame)
+        if voicing is None and self._run_start is None:
+            return  # silence while silent: the common case, nothing to decide
+        rate = frame.sample_rate
         frame_end = (frame.pts + frame.samples) / rate
         if voicing is not None:
             if self._run_start is None:
