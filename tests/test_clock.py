@@ -75,3 +75,21 @@ def test_five_minute_call_gives_a_bit_identical_trace_on_every_run(tmp_path):
         assert last_mark >= 300, f"the call should last five minutes, lasted {last_mark:.0f} s"
         assert len(result.turns) == 60
     assert outputs[0] == outputs[1]
+
+
+def test_pipelines_without_a_clock_share_one_metronome():
+    from voxpipe.pipeline import Pipeline, Stage
+
+    first, second = Pipeline([Stage()]), Pipeline([Stage()])
+    assert first.clock is second.clock
+    assert first.clock.metronome(0.02) is second.clock.metronome(0.02)
+
+
+def test_a_short_call_on_the_wall_clock_agrees_with_its_recording(tmp_path):
+    from voxpipe.measure import measure_voice_to_voice
+
+    result = run_call([Say("Hello there.", pause=0.2)], tmp_path, replies=["Hi, how can I help?"], clock=RealClock())
+    assert result.outcome == "ended"
+    [turn] = result.turns
+    [measured] = measure_voice_to_voice(tmp_path / "recording.wav")
+    assert abs(turn.voice_to_voice_ms - measured.voice_to_voice_ms) <= 20

@@ -60,6 +60,15 @@ class RealClock(Clock):
     """Wall-clock time (the loop's monotonic clock)."""
 
 
+_shared_real_clock = RealClock()
+
+
+def default_clock() -> RealClock:
+    """The process-wide real clock that pipelines use unless given one: sharing it means sharing its metronome,
+    so a process running many calls paces all of them from one timer."""
+    return _shared_real_clock
+
+
 class _VirtualSelector(selectors.BaseSelector):
     """Wraps the loop's selector: when nothing is ready, time jumps by the loop's timeout instead of waiting."""
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
-from voxpipe.pipeline.clock import Clock, RealClock
+from voxpipe.pipeline.clock import Clock, default_clock
 from voxpipe.pipeline.errors import PipelineBuildError
 from voxpipe.pipeline.frames import Cancel, Direction, End, ErrorFrame, Frame, Interrupt, Start
 from voxpipe.pipeline.stage import DOWNSTREAM, UPSTREAM, ErrorPolicy, FunctionStage, Stage
@@ -44,7 +44,7 @@ class Pipeline:
         name: str = "pipeline",
     ) -> None:
         self.name = name
-        self.clock: Clock = clock or RealClock()
+        self.clock: Clock = clock or default_clock()
         self.trace = tracer or Tracer()
         self.stages: tuple[Stage, ...] = tuple(_as_stage(s, i) for i, s in enumerate(stages))
         self.epoch = 0
