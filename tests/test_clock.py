@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -93,3 +94,28 @@ def test_a_short_call_on_the_wall_clock_agrees_with_its_recording(tmp_path):
     [turn] = result.turns
     [measured] = measure_voice_to_voice(tmp_path / "recording.wav")
     assert abs(turn.voice_to_voice_ms - measured.voice_to_voice_ms) <= 20
+
+
+def test_metronome_spreads_calls_over_phase_slots_and_keeps_a_call_together():
+    clock = VirtualClock()
+
+    async def main() -> dict[str, list[float]]:
+        seen: dict[str, list[float]] = {}
+        metronome = clock.metronome(0.02)
+        subs = []
+        for name, group in (("a-in", "a"), ("a-out", "a"), ("b-in", "b"), ("c-in", "c")):
+
+            async def on_tick(due: float, name: str = name) -> None:
+                seen.setdefault(name, []).append(due)
+
+            subs.append(metronome.subscribe(on_tick, lambda exc: None, group=group))
+        await clock.sleep(0.1)
+        for sub in subs:
+            await metronome.unsubscribe(sub)
+        return seen
+
+    seen = clock.run(main())
+    assert seen["a-in"] == seen["a-out"], "a call's input and output tick together"
+    offsets = {name: round((ticks[0] % 0.02) * 1000, 6) for name, ticks in seen.items()}
+    assert offsets == {"a-in": 0.0, "a-out": 0.0, "b-in": 2.0, "c-in": 4.0}
+    assert all(round(b - a, 9) == 0.02 for ticks in seen.values() for a, b in itertools.pairwise(ticks))

@@ -2,8 +2,14 @@
 
 A transport that sends or plays a 20 ms frame every 20 ms would, with a task per direction per call, wake the event
 loop 100 times a second per call; at a few hundred calls the wake-ups alone eat the core. The metronome wakes
-once per period and calls each subscriber's tick handler in turn, so a call costs a coroutine call per tick
+once per *slot* and calls each subscriber's tick handler in turn, so a call costs a coroutine call per tick
 instead of a task wake-up. Tick handlers must be quick and must not wait on anything slow.
+
+Subscribers are spread over ``slots`` phases of the period (2 ms apart for 10 slots of 20 ms). Without that, all
+calls would tick at the same instant and the last call's frame would wait for every other call's work: lateness
+would grow with the number of calls. Independent calls have independent phases anyway. Subscribers that give the
+same ``group`` (a call's input and output) share a slot, so they keep ticking together. A lone call is in slot 0,
+so its timing does not depend on how many slots there are.
 
 The metronome's task belongs to the metronome: it starts with the first subscriber and is cancelled and awaited
 when the last one leaves, so it never outlives the pipelines that use it.
@@ -12,7 +18,7 @@ when the last one leaves, so it never outlives the pipelines that use it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,35 +31,59 @@ ErrorHandler = Callable[[BaseException], None]
 class Subscription:
     """A subscriber's handle: pass it to :meth:`Metronome.unsubscribe`."""
 
-    __slots__ = ("on_error", "on_tick")
+    __slots__ = ("group", "on_error", "on_tick", "slot")
 
-    def __init__(self, on_tick: TickHandler, on_error: ErrorHandler) -> None:
+    def __init__(self, on_tick: TickHandler, on_error: ErrorHandler, group: Hashable, slot: int) -> None:
         self.on_tick = on_tick
         self.on_error = on_error
+        self.group = group
+        self.slot = slot
 
 
 class Metronome:
-    """Ticks every ``period`` seconds of ``clock`` time; tick ``k`` is due at ``origin + k * period``."""
+    """Ticks every ``period`` seconds of ``clock`` time; slot ``s`` of tick ``k`` is due at
+    ``origin + k * period + s * period / slots``."""
 
-    def __init__(self, clock: Clock, period: float) -> None:
+    def __init__(self, clock: Clock, period: float, slots: int = 10) -> None:
+        if slots < 1:
+            raise ValueError(f"a metronome needs at least one slot, got {slots}")
         self.clock = clock
         self.period = period
-        self._subscribers: dict[Subscription, None] = {}  # insertion-ordered set
+        self._slots: list[dict[Subscription, None]] = [{} for _ in range(slots)]  # insertion-ordered sets
+        self._groups: dict[Hashable, tuple[int, int]] = {}  # group -> (slot, members)
         self._task: asyncio.Task[None] | None = None
 
-    def subscribe(self, on_tick: TickHandler, on_error: ErrorHandler) -> Subscription:
-        """Call ``on_tick(due_time)`` every tick from the next one on; ``on_error`` gets what it raises."""
-        subscription = Subscription(on_tick, on_error)
-        self._subscribers[subscription] = None
+    @property
+    def subscribers(self) -> int:
+        return sum(len(slot) for slot in self._slots)
+
+    def subscribe(self, on_tick: TickHandler, on_error: ErrorHandler, *, group: Hashable = None) -> Subscription:
+        """Call ``on_tick(due_time)`` every tick from the next one on; ``on_error`` gets what it raises.
+
+        Subscribers with the same ``group`` share a phase slot; without a group each subscriber is its own.
+        """
+        key: Hashable = group if group is not None else object()
+        slot, members = self._groups.get(key, (-1, 0))
+        if slot < 0:
+            loads = [len(s) for s in self._slots]
+            slot = loads.index(min(loads))  # the least loaded slot, lowest first
+        self._groups[key] = (slot, members + 1)
+        subscription = Subscription(on_tick, on_error, key, slot)
+        self._slots[slot][subscription] = None
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"metronome-{self.period}")
         return subscription
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop ticking ``subscription``; the last one out stops the metronome and waits for its task."""
-        self._subscribers.pop(subscription, None)
+        if self._slots[subscription.slot].pop(subscription, False) is not False:
+            slot, members = self._groups[subscription.group]
+            if members > 1:
+                self._groups[subscription.group] = (slot, members - 1)
+            else:
+                del self._groups[subscription.group]
         task = self._task
-        if not self._subscribers and task is not None and task is not asyncio.current_task():
+        if not self._groups and task is not None and task is not asyncio.current_task():
             self._task = None
             task.cancel()
             try:
@@ -65,14 +95,19 @@ class Metronome:
 
     async def _run(self) -> None:
         origin = self.clock.now()
+        step = self.period / len(self._slots)
         tick = 0
-        while self._subscribers:
-            due = origin + tick * self.period  # multiply, never accumulate: no drift
-            await self.clock.sleep_until(due)
-            for subscription in list(self._subscribers):
-                try:
-                    await subscription.on_tick(due)
-                except Exception as exc:  # one call's failure must not stall the others
-                    self._subscribers.pop(subscription, None)
-                    subscription.on_error(exc)
+        while self._groups:
+            start = origin + tick * self.period  # multiply, never accumulate: no drift
+            for index, slot in enumerate(self._slots):
+                if not slot:
+                    continue
+                due = start + index * step
+                await self.clock.sleep_until(due)
+                for subscription in list(slot):
+                    try:
+                        await subscription.on_tick(due)
+                    except Exception as exc:  # one call's failure must not stall the others
+                        await self.unsubscribe(subscription)
+                        subscription.on_error(exc)
             tick += 1

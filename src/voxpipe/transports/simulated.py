@@ -71,7 +71,7 @@ class SimulatedInput(Stage):
 
     async def _keep_time(self) -> None:
         metronome = self.clock.metronome(self.period)
-        subscription = metronome.subscribe(self._tick, self._tick_failed)
+        subscription = metronome.subscribe(self._tick, self._tick_failed, group=self.pipeline)
         try:
             await asyncio.get_running_loop().create_future()
         finally:
