@@ -89,6 +89,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from voxpipe.pipeline.trace import percentile  # the same definition on both sides
+
 _INSTALL_HINT = "install the bench extra: pip install -e .[bench]"
 
 try:
@@ -499,16 +501,6 @@ async def _emit_paced(source: _PassThrough, kind: FrameKind, start: float, stop:
     return k
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method)."""
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 async def _concurrent_calls(
     n_calls: int, seconds: float, lean: bool, stagger: bool, frame_kind: FrameKind
 ) -> dict[str, float | int]:
@@ -536,8 +528,8 @@ async def _concurrent_calls(
 
     values = sorted(recorder.lateness)
     return {
-        "p50_ms": _percentile(values, 50) * 1e3,
-        "p99_ms": _percentile(values, 99) * 1e3,
+        "p50_ms": percentile(values, 50) * 1e3,
+        "p99_ms": percentile(values, 99) * 1e3,
         "max_ms": (values[-1] if values else math.nan) * 1e3,
         "frames": len(values),
     }

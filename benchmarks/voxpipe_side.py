@@ -44,6 +44,7 @@ from voxpipe.pipeline import (
     TTSAudioFrame,
 )
 from voxpipe.pipeline.frames import Interrupt
+from voxpipe.pipeline.trace import percentile
 from voxpipe.transports.playout import PlayoutOutput
 
 __all__ = [
@@ -132,16 +133,6 @@ async def _sleep_until(deadline: float) -> None:
     delay = deadline - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method), identical to the Pipecat side's."""
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 # ------------------------------------------------------------------------------- 1. per-frame overhead
@@ -243,6 +234,7 @@ class _ObservedOutput(PlayoutOutput):
 
     def __init__(self, sink: _RecordingSink, watch: _StartWatch) -> None:
         super().__init__(AUDIO, sink)
+        self.recorder = sink
         self.watch = watch
         self.arrivals: list[float] = []
         self.t_interrupt_seen = math.nan
@@ -277,8 +269,8 @@ async def _feed(head: Stage, mode: str, output: _ObservedOutput) -> int:
     frames = _bot_audio(BURST_FRAMES)
     for frame in frames:  # never yields: the QueuedStage's inbox takes the whole burst
         await head.receive(frame, DOWNSTREAM)
-    if mode == "burst-buffered":
-        await _wait_for(lambda: len(output.arrivals) >= len(frames), limit=10.0)
+    if mode == "burst-buffered":  # all of it in the playout buffer, and the output in mid-reply
+        await _wait_for(lambda: len(output.arrivals) >= len(frames) and len(output.recorder.plays) >= 2, limit=10.0)
     return len(frames)
 
 
@@ -299,7 +291,8 @@ async def interrupt_latency(mode: str, lean: bool = True) -> dict[str, float | i
     * ``"steady"``: one 20 ms ``TTSAudioFrame`` every 20 ms for 1 s, then the interrupt at the next slot;
     * ``"burst"``: 500 frames pushed back to back, then the interrupt at once (they are still in the inbox);
     * ``"burst-buffered"`` (voxpipe only): the same burst, but the interrupt comes once all 500 frames have
-      reached the output's playout buffer — ~10 s of audio the flush must drop.
+      reached the output's playout buffer and two have been played — ~10 s of audio the flush must drop, and a
+      frame in mid-play that must be cut.
 
     ``t0 = perf_counter()`` right before ``source.interrupt("barge-in")``. Then the pipeline settles for
     200 ms and is cancelled.
@@ -310,7 +303,8 @@ async def interrupt_latency(mode: str, lean: bool = True) -> dict[str, float | i
         reached the output. ``stale_after_interrupt``: frames the sink played after t0 (all audio is of the
         interrupted epoch). ``stale_reaching_output``: old-epoch frames that got past the output's epoch gate
         after t0. ``interrupt_reach_ms``: arrival of the interrupt at the output minus t0. ``dropped``:
-        frames that never reached the output. ``cut``: 1 if a frame was playing and was cut.
+        frames that never reached the output. ``cut``: 1 if a frame was playing and was cut. ``played``: frames
+        the sink played in all (a sanity check that the output really was playing).
     """
     del lean
     if mode not in INTERRUPT_MODES:
@@ -340,6 +334,7 @@ async def interrupt_latency(mode: str, lean: bool = True) -> dict[str, float | i
         "interrupt_reach_ms": (output.t_interrupt_seen - t0) * 1e3,
         "dropped": pushed - len(output.arrivals),
         "cut": int(bool(sink.cuts)),
+        "played": len(sink.plays),
     }
 
 
@@ -372,15 +367,8 @@ class _MetronomeSource(Stage):
         self.failure: BaseException | None = None
 
     async def start(self) -> None:
-        self.spawn(self._keep_time(), name="source-ticks")
-
-    async def _keep_time(self) -> None:
         metronome = self.clock.metronome(FRAME_SECONDS)
-        subscription = metronome.subscribe(self._tick, self._tick_failed)
-        try:
-            await asyncio.get_running_loop().create_future()  # until the pipeline ends
-        finally:
-            await metronome.unsubscribe(subscription)
+        self.spawn(metronome.ticking(self._tick, self._tick_failed, group=self.pipeline), name="source-ticks")
 
     def _tick_failed(self, exc: BaseException) -> None:
         """A failed tick would silently stop this call's audio; stop the call instead so the run notices."""
@@ -393,7 +381,7 @@ class _MetronomeSource(Stage):
 
 
 class _LatenessSink(Stage):
-    """Records ``clock.now() − due`` for every frame that arrives while the window is open."""
+    """Records ``clock.now() - due`` for every frame that arrives while the window is open."""
 
     def __init__(self, window: _Window, watch: _StartWatch) -> None:
         super().__init__(name="sink")
@@ -430,8 +418,8 @@ def _start_call(clock: Clock, window: _Window, *, flowing: bool) -> _Call:
     return _Call(pipeline, source, sink, watch, run_task)
 
 
-async def _wait_started(calls: Sequence[_Call], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
+async def _wait_started(calls: Sequence[_Call], limit: float) -> None:
+    async with asyncio.timeout(limit):
         await asyncio.gather(*(_first_of(call.watch.started.wait(), call.run_task) for call in calls))
 
 
@@ -456,8 +444,8 @@ async def _concurrent_calls(n_calls: int, seconds: float, shared_clock: bool) ->
         await _end_calls(calls)
     values = sorted(x for call in calls for x in call.sink.lateness)
     return {
-        "p50_ms": _percentile(values, 50) * 1e3,
-        "p99_ms": _percentile(values, 99) * 1e3,
+        "p50_ms": percentile(values, 50) * 1e3,
+        "p99_ms": percentile(values, 99) * 1e3,
         "max_ms": (values[-1] if values else math.nan) * 1e3,
         "frames": len(values),
     }
@@ -470,7 +458,7 @@ def concurrent_calls(
 
     Runs its own event loop (``asyncio.run``); pin the process to one core (``taskset -c 0``) to compare per
     core. Each call is source → 4 pass-throughs → sink; the source pushes one 20 ms frame per tick of the
-    shared 20 ms metronome and the sink records ``clock.now() − due``. Frames in the first second are ignored.
+    shared 20 ms metronome and the sink records ``clock.now() - due``. Frames in the first second are ignored.
 
     ``shared_clock=False`` gives every call its own :class:`RealClock`, hence its own metronome task whose phase
     is set by when the call started — the per-call-timer design the metronome replaces, kept for comparison.

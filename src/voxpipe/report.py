@@ -90,7 +90,7 @@ def _agreement(turns: list[TurnRecord], recording: Path | None) -> str:
     traced = [t for t in turns if t.voice_to_voice_ms is not None]
     rows = "".join(
         f"<tr><td>{t.turn}</td><td>{t.voice_to_voice_ms:.1f}</td><td>{m.voice_to_voice_ms:.1f}</td>"
-        f"<td>{(t.voice_to_voice_ms or 0) - m.voice_to_voice_ms:+.1f}</td></tr>"
+        f"<td>{round((t.voice_to_voice_ms or 0) - m.voice_to_voice_ms, 1) + 0.0:+.1f}</td></tr>"
         for t, m in zip(traced, measured, strict=False)
     )
     return (

@@ -74,6 +74,15 @@ class Metronome:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"metronome-{self.period}")
         return subscription
 
+    async def ticking(self, on_tick: TickHandler, on_error: ErrorHandler, *, group: Hashable = None) -> None:
+        """Be subscribed for as long as this coroutine runs: run it as a task the pipeline owns, and the
+        subscription ends when the pipeline cancels that task."""
+        subscription = self.subscribe(on_tick, on_error, group=group)
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            await self.unsubscribe(subscription)
+
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop ticking ``subscription``; the last one out stops the metronome and waits for its task."""
         if self._slots[subscription.slot].pop(subscription, False) is not False:

@@ -19,11 +19,11 @@ from voxpipe.pipeline import (
     End,
     Frame,
     Interrupt,
-    Stage,
     TTSAudioFrame,
     TTSDone,
     WordMark,
 )
+from voxpipe.transports.paced import PacedStage
 
 
 class AudioSink(Protocol):
@@ -35,16 +35,15 @@ class AudioSink(Protocol):
         """Stop anything handed over at or after ``at`` (e.g. send Twilio ``clear``)."""
 
 
-class PlayoutOutput(Stage):
+class PlayoutOutput(PacedStage):
     """Plays bot audio one ``period`` per metronome tick and reports what was heard."""
 
     def __init__(
         self, audio: AudioFormat, sink: AudioSink | None = None, *, period: float = 0.02, name: str = "output"
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(period=period, name=name)
         self.consumes = audio
         self.sink = sink
-        self.period = period
         self._frame_bytes = audio.frame_bytes(period)
         self._buffer = bytearray()
         self._marks: list[WordMark] = []
@@ -57,21 +56,6 @@ class PlayoutOutput(Stage):
         self.played_frames = 0
 
     # --------------------------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        self.spawn(self._keep_time(), name=f"{self.name}-playout")
-
-    async def _keep_time(self) -> None:
-        metronome = self.clock.metronome(self.period)
-        subscription = metronome.subscribe(self._tick, self._tick_failed, group=self.pipeline)
-        try:
-            await asyncio.get_running_loop().create_future()  # until the pipeline ends
-        finally:
-            await metronome.unsubscribe(subscription)
-
-    def _tick_failed(self, exc: BaseException) -> None:
-        assert isinstance(exc, Exception)
-        self.spawn(self.pipeline._stage_failed(self, exc, None))
 
     # ----------------------------------------------------------------------------------- frames
 
@@ -107,7 +91,7 @@ class PlayoutOutput(Stage):
         self._buffer += frame.pcm
         self._marks.extend(frame.words)
 
-    async def _tick(self, now: float) -> None:
+    async def tick(self, now: float) -> None:
         n = min(len(self._buffer), self._frame_bytes)
         if n == 0:
             if self._tts_done and self._started and self._last is not None:

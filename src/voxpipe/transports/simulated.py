@@ -7,7 +7,6 @@ sample position into a clock time. When the caller hangs up, the input sends :cl
 
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
 from voxpipe.pipeline import (
@@ -18,8 +17,8 @@ from voxpipe.pipeline import (
     Direction,
     End,
     Frame,
-    Stage,
 )
+from voxpipe.transports.paced import PacedStage
 
 
 class CallerSource(Protocol):
@@ -41,7 +40,7 @@ class CapturedAudio(Protocol):
     def caller(self, at: float, pcm: bytes) -> None: ...
 
 
-class SimulatedInput(Stage):
+class SimulatedInput(PacedStage):
     """Feeds a :class:`CallerSource` into the pipeline in real (or virtual) time."""
 
     def __init__(
@@ -54,34 +53,18 @@ class SimulatedInput(Stage):
         max_duration_s: float = 3600.0,
         name: str = "input",
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(period=period, name=name)
         if audio.channels != 1:
             raise ValueError(f"{name}: simulated caller audio is mono, got {audio}")
         self.produces = audio
         self.caller = caller
         self.recorder = recorder
-        self.period = period
         self.max_duration_s = max_duration_s
         self._samples = audio.samples(period)
         self._origin: float | None = None
         self._ended = False
 
-    async def start(self) -> None:
-        self.spawn(self._keep_time(), name=f"{self.name}-capture")
-
-    async def _keep_time(self) -> None:
-        metronome = self.clock.metronome(self.period)
-        subscription = metronome.subscribe(self._tick, self._tick_failed, group=self.pipeline)
-        try:
-            await asyncio.get_running_loop().create_future()
-        finally:
-            await metronome.unsubscribe(subscription)
-
-    def _tick_failed(self, exc: BaseException) -> None:
-        assert isinstance(exc, Exception)
-        self.spawn(self.pipeline._stage_failed(self, exc, None))
-
-    async def _tick(self, now: float) -> None:
+    async def tick(self, now: float) -> None:
         if self._ended:
             return
         if self._origin is None:
