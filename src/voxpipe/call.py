@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from voxpipe.config import BuildContext, PipelineConfig, Registry, build_pipeline
 from voxpipe.pipeline import (
     AudioFormat,
     Clock,
@@ -31,7 +33,7 @@ from voxpipe.pipeline import (
 )
 from voxpipe.stages.turn import TurnTaker
 from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedSTT, ScriptedTTS, ScriptedVAD
-from voxpipe.testing.caller import Step
+from voxpipe.testing.caller import Step, Voice
 from voxpipe.transports.playout import PlayoutOutput
 from voxpipe.transports.recorder import StereoRecorder
 from voxpipe.transports.simulated import SimulatedInput
@@ -122,19 +124,11 @@ def run_call(
     on_turn: Callable[[TurnRecord], None] | None = None,
     sample_rate: int = 16000,
 ) -> CallResult:
-    """Run a scripted call to the end and write its artefacts into ``out_dir``."""
-    from voxpipe.report import write_report  # the report pulls in more than a call needs to run
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run a scripted call (providers scripted in code) to the end and write its artefacts into ``out_dir``."""
     clock = clock or VirtualClock()
     caller = ScriptedCaller(script, sample_rate)
     recorder = StereoRecorder(sample_rate)
     tracer = Tracer()
-    writer = JsonlTraceWriter(out / "trace.jsonl")
-    tracer.on_turn(writer)
-    if on_turn is not None:
-        tracer.on_turn(on_turn)
     pipeline, conversation = scripted_pipeline(
         caller,
         recorder,
@@ -145,31 +139,84 @@ def run_call(
         tools=tools,
         audio=AudioFormat(sample_rate),
     )
-    try:
-        if isinstance(clock, VirtualClock):
-            outcome = clock.run(pipeline.run())
-        else:
-            import asyncio
+    return run_pipeline_call(pipeline, conversation, tracer, recorder, out_dir, on_turn=on_turn)
 
-            outcome = asyncio.run(pipeline.run())
+
+def run_configured_call(
+    config: PipelineConfig,
+    settings: dict[str, Any],
+    script: list[Step],
+    out_dir: str | Path,
+    *,
+    clock: Clock | None = None,
+    caller_voice: Voice | None = None,
+    on_turn: Callable[[TurnRecord], None] | None = None,
+    registry: Registry | None = None,
+) -> CallResult:
+    """Run a call against the pipeline a config describes, with a scripted caller on the other end."""
+    audio = AudioFormat(config.audio.sample_rate)
+    caller = ScriptedCaller(script, audio.sample_rate, voice=caller_voice)
+    recorder = StereoRecorder(audio.sample_rate)
+    tracer = Tracer()
+    pipeline, conversation = build_pipeline(
+        config,
+        settings,
+        input_stage=SimulatedInput(caller, audio, recorder=recorder),
+        output_stage=PlayoutOutput(audio, recorder),
+        context=BuildContext(audio=audio, caller=caller),
+        clock=clock or VirtualClock(),
+        tracer=tracer,
+        registry=registry,
+    )
+    return run_pipeline_call(pipeline, conversation, tracer, recorder, out_dir, on_turn=on_turn)
+
+
+def run_pipeline_call(
+    pipeline: Pipeline,
+    conversation: Conversation,
+    tracer: Tracer,
+    recorder: StereoRecorder,
+    out_dir: str | Path,
+    *,
+    on_turn: Callable[[TurnRecord], None] | None = None,
+) -> CallResult:
+    """Run ``pipeline`` to the end on its clock and write the four artefacts.
+
+    The trace is written turn by turn as the call goes. If the call fails, the recording, transcript and report of
+    what happened so far are still written, ``transcript.json`` says ``"status": "failed"`` with the error, and the
+    exception is re-raised — the directory is never silently half-written.
+    """
+    from voxpipe.report import write_report  # the report pulls in more than a call needs to run
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = JsonlTraceWriter(out / "trace.jsonl")
+    tracer.on_turn(writer)
+    if on_turn is not None:
+        tracer.on_turn(on_turn)
+    clock = pipeline.clock
+    outcome, error = "failed", None
+    try:
+        run = clock.run if isinstance(clock, VirtualClock) else asyncio.run
+        outcome = run(pipeline.run())
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         writer.close()
         recorder.write(out / "recording.wav")
-    turns = sorted(tracer.turns, key=lambda r: r.turn)
-    transcript = transcript_of(turns)
-    (out / "transcript.json").write_text(
-        json.dumps(
-            {
-                "system": conversation.system,
-                "turns": transcript,
-                "conversation": [
-                    {"role": m.role, "text": m.text, "interrupted": m.interrupted} for m in conversation.messages
-                ],
-            },
-            indent=2,
-        ),
-        encoding="utf-8",
-    )
-    summary = Summary.of(turns)
-    write_report(out / "report.html", turns, summary, transcript, recording=out / "recording.wav")
+        turns = sorted(tracer.turns, key=lambda r: r.turn)
+        transcript = transcript_of(turns)
+        status = {"status": "failed", "error": error} if error else {"status": outcome}
+        document = {
+            **status,
+            "system": conversation.system,
+            "turns": transcript,
+            "conversation": [
+                {"role": m.role, "text": m.text, "interrupted": m.interrupted} for m in conversation.messages
+            ],
+        }
+        (out / "transcript.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
+        summary = Summary.of(turns)
+        write_report(out / "report.html", turns, summary, transcript, recording=out / "recording.wav")
     return CallResult(out, turns, summary, conversation, transcript, outcome)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -56,31 +57,68 @@ def latency_table(turns: list[TurnRecord], summary: Summary) -> Table:
     return table
 
 
+def _script_and_voice(args: argparse.Namespace, scripted: bool) -> tuple[list, Any]:
+    """The caller's side: a scenario file, a recorded caller, or the built-in booking call."""
+    from voxpipe import demo
+    from voxpipe.scenario import load_scenario
+    from voxpipe.testing import Say
+    from voxpipe.testing.speech import piper_caller_voice
+
+    if args.caller:
+        return [Say("", wav=args.caller, pause=0.3)], None
+    if args.scenario:
+        scenario = load_scenario(args.scenario)
+        voice = None
+        if scenario.caller.voice == "piper" and not scripted:
+            voice = piper_caller_voice(scenario.caller.length_scale)
+        return scenario.script(Path(args.scenario).parent), voice
+    return demo.SCRIPT, None if scripted else piper_caller_voice(1.2)
+
+
 def cmd_call(args: argparse.Namespace, console: Console) -> int:
     from voxpipe import demo
-    from voxpipe.call import ARTEFACTS, run_call
+    from voxpipe.call import ARTEFACTS, run_call, run_configured_call
+    from voxpipe.config import ConfigError, load_config, parse_config
 
-    if not args.scripted:
-        console.print(
-            "[red]error:[/] only the scripted stack is available in this version: run "
-            "[bold]voxpipe call --scripted --out DIR[/]"
-        )
-        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         console.print(f"[red]error:[/] --out {out}: exists and is not a directory")
         return 2
-    clock = RealClock() if args.realtime else VirtualClock()
-    console.print(f"[bold]voxpipe call[/] — scripted providers, {'real' if args.realtime else 'virtual'} time")
+    turns_done: list[TurnRecord] = []
 
     def progress(record: TurnRecord) -> None:
+        turns_done.append(record)
         console.print(_turn_line(record))
 
     try:
-        result = run_call(demo.SCRIPT, out, replies=demo.REPLIES, clock=clock, tools=demo.TOOLS, on_turn=progress)
+        if args.scripted and not args.config and not args.scenario and not args.caller:
+            console.print("[bold]voxpipe call[/] — the built-in booking call, scripted providers, virtual time")
+            clock = RealClock() if args.realtime else VirtualClock()
+            result = run_call(demo.SCRIPT, out, replies=demo.REPLIES, clock=clock, tools=demo.TOOLS, on_turn=progress)
+        else:
+            if args.config:
+                config, settings = load_config(args.config)
+            else:
+                config, settings = parse_config(SCRIPTED_CONFIG if args.scripted else {})
+            scripted = all(config.stage(kind).provider == "scripted" for kind in ("vad", "stt", "llm", "tts"))
+            script, voice = _script_and_voice(args, scripted)
+            virtual = scripted and not args.realtime
+            clock = VirtualClock() if virtual else RealClock()
+            stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
+            console.print(f"[bold]voxpipe call[/] — {stack}; {'virtual' if virtual else 'real'} time")
+            with console.status("calling… (models load on the first turn)", spinner="dots"):
+                result = run_configured_call(
+                    config, settings, script, out, clock=clock, caller_voice=voice, on_turn=progress
+                )
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
     except Exception as exc:
         console.print(f"[red]error:[/] the call failed: {type(exc).__name__}: {exc}")
-        console.print(f"[yellow]the files in {out} may be incomplete[/]")
+        console.print(f"[yellow]{out} holds the call up to the failure (transcript.json says status: failed)[/]")
         return 1
     console.print(latency_table(result.turns, result.summary))
     for name in ARTEFACTS:
@@ -88,15 +126,36 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from voxpipe.config import ConfigError, load_config
+
+    try:
+        config, _ = load_config(args.file)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
+    console.print(f"[green]ok[/] {args.file} — {stack}")
+    return 0
+
+
+SCRIPTED_CONFIG = {kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxpipe", description="Real-time cascaded voice agents.")
     sub = parser.add_subparsers(dest="command", required=True)
     call = sub.add_parser("call", help="run a simulated phone call against a pipeline and write its artefacts")
-    call.add_argument("--scripted", action="store_true", help="use the scripted providers (no models, no keys)")
+    call.add_argument("--config", help="pipeline config (YAML); default: the embedded offline stack")
+    call.add_argument("--scenario", help="the caller's side (YAML); default: the built-in booking call")
+    call.add_argument("--caller", help="a recorded caller (WAV) instead of a scenario")
+    call.add_argument("--scripted", action="store_true", help="scripted providers (no models, no keys)")
     call.add_argument(
         "--out", required=True, help="directory for recording.wav, trace.jsonl, transcript.json, report.html"
     )
-    call.add_argument("--realtime", action="store_true", help="run on the wall clock instead of virtual time")
+    call.add_argument("--realtime", action="store_true", help="run a scripted call on the wall clock")
+    validate = sub.add_parser("validate", help="check a pipeline config without starting anything")
+    validate.add_argument("file")
     return parser
 
 
@@ -105,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "call":
         return cmd_call(args, console)
+    if args.command == "validate":
+        return cmd_validate(args, console)
     return 2
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import wave
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class Silence:
 
 
 Step = Say | Noise | Silence
+
+Voice = Callable[[str, int], tuple[np.ndarray, list[WordSpan] | None]]
+"""Speaks a line: ``voice(text, sample_rate) -> (int16 audio, word spans or None)``; see ``testing.speech``."""
 
 
 def load_wav(path: str | Path, sample_rate: int) -> np.ndarray:
@@ -92,6 +96,7 @@ class ScriptedCaller:
         rate: float = 1.0,
         reply_timeout: float = 10.0,
         hangup_after: float = 0.6,
+        voice: Voice | None = None,
     ) -> None:
         if not script:
             raise ValueError("ScriptedCaller: the script is empty — give it at least one Say step")
@@ -100,6 +105,7 @@ class ScriptedCaller:
         self.rate = rate
         self.reply_timeout = reply_timeout
         self.hangup_after = hangup_after
+        self.voice = voice
         self.spoken: list[TranscriptWord] = []
         self.lines: list[tuple[float, float, str]] = []  # (start, end, text) of every line spoken
         self._steps: deque[Step] = deque(script)
@@ -145,6 +151,9 @@ class ScriptedCaller:
         elif step.wav is not None:
             self._audio = load_wav(step.wav, self.sample_rate)
             self._log_line(start, step.text, None)
+        elif self.voice is not None:
+            self._audio, voiced_spans = self.voice(step.text, self.sample_rate)
+            self._log_line(start, step.text, voiced_spans)
         else:
             self._audio, spans = speechlike(step.text, self.sample_rate, f0=self.f0, rate=self.rate)
             self._log_line(start, step.text, spans)

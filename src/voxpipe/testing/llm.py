@@ -6,7 +6,9 @@ import itertools
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import EndOfTurn, ToolCall
 from voxpipe.stages.llm import LLMStage, Tool
@@ -26,8 +28,29 @@ class ScriptedReply:
 Replies = Sequence[str | ScriptedReply] | Callable[[EndOfTurn], str | ScriptedReply]
 
 
+class ScriptedLLMSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replies: list[str] = Field(
+        default_factory=lambda: ["Sure, I can help with that. What else would you like to know?"],
+        min_length=1,
+        description="reply n answers caller turn n (cycling)",
+    )
+    ttft_s: float = Field(0.2, ge=0, le=30, description="time to first token")
+    tokens_per_s: float = Field(40.0, gt=0, le=10000, description="streaming rate")
+
+
 class ScriptedLLM(LLMStage):
     """Answers turn ``n`` with ``replies[n]`` (cycling), or with ``replies(turn)`` if it is a function."""
+
+    Settings: ClassVar[type[BaseModel]] = ScriptedLLMSettings
+
+    @classmethod
+    def from_settings(cls, settings: ScriptedLLMSettings, context: Any, name: str) -> ScriptedLLM:
+        replies: list[str | ScriptedReply] = list(settings.replies)
+        return cls(
+            replies, ttft_s=settings.ttft_s, tokens_per_s=settings.tokens_per_s, tools=dict(context.tools), name=name
+        )
 
     def __init__(
         self,

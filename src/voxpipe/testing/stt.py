@@ -6,7 +6,9 @@ It listens to the VAD events like a real streaming recogniser: partial transcrip
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import (
     AudioFrame,
@@ -24,8 +26,28 @@ class WordSource(Protocol):
     def words_between(self, start: float, end: float) -> list[TranscriptWord]: ...
 
 
+class ScriptedSTTSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    partial_every_s: float = Field(0.2, gt=0, le=5, description="seconds of speech between partial transcripts")
+    final_latency_s: float = Field(0.08, ge=0, le=10, description="delay of the final transcript after speech stops")
+
+
 class ScriptedSTT(Stage):
     """A perfect recogniser of ``source`` (usually the :class:`ScriptedCaller`) with latency."""
+
+    Settings: ClassVar[type[BaseModel]] = ScriptedSTTSettings
+
+    @classmethod
+    def from_settings(cls, settings: ScriptedSTTSettings, context: Any, name: str) -> ScriptedSTT:
+        if context.caller is None:
+            raise ValueError(f"{name}: the scripted STT recognises a scripted caller's words; this call has none")
+        return cls(
+            context.caller,
+            partial_every_s=settings.partial_every_s,
+            final_latency_s=settings.final_latency_s,
+            name=name,
+        )
 
     def __init__(
         self,

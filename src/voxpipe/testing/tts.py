@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import AudioFormat, WordMark
 from voxpipe.stages.tts import TTSStage
 from voxpipe.testing.signals import speechlike
+
+
+class ScriptedTTSSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttfa_s: float = Field(0.12, ge=0, le=30, description="time to first audio of each chunk")
+    rtf: float = Field(0.2, gt=0, le=10, description="real-time factor of synthesis after the first audio")
+    chunk_s: float = Field(0.04, gt=0, le=1, description="size of the audio pieces streamed")
+    f0: float = Field(210.0, ge=50, le=500, description="pitch of the voice, Hz")
 
 
 class ScriptedTTS(TTSStage):
@@ -30,6 +42,14 @@ class ScriptedTTS(TTSStage):
         self.rtf = rtf
         self.chunk_s = chunk_s
         self.f0 = f0
+
+    Settings: ClassVar[type[BaseModel]] = ScriptedTTSSettings
+
+    @classmethod
+    def from_settings(cls, settings: ScriptedTTSSettings, context: Any, name: str) -> ScriptedTTS:
+        return cls(
+            context.audio, ttfa_s=settings.ttfa_s, rtf=settings.rtf, chunk_s=settings.chunk_s, f0=settings.f0, name=name
+        )
 
     async def synthesize(self, text: str) -> AsyncIterator[tuple[bytes, tuple[WordMark, ...]]]:
         audio = self.produces

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import AudioFormat, AudioFrame
 from voxpipe.stages.vad import VADStage, Voicing
@@ -10,8 +13,22 @@ from voxpipe.stages.vad import VADStage, Voicing
 VOICED_LEVEL = 0.01  # of full scale (-40 dBFS); the same level voxpipe.measure uses on recordings
 
 
+class ScriptedVADSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: float = Field(VOICED_LEVEL, gt=0, lt=1, description="a sample louder than this (of full scale) is speech")
+    start_ms: float = Field(60.0, ge=0, le=2000, description="speech needed before speech-start is reported")
+    stop_ms: float = Field(500.0, gt=0, le=5000, description="silence needed before speech-stop is reported")
+
+
 class ScriptedVAD(VADStage):
     """Speech is any sample louder than ``level`` (a fraction of full scale)."""
+
+    Settings: ClassVar[type[BaseModel]] = ScriptedVADSettings
+
+    @classmethod
+    def from_settings(cls, settings: ScriptedVADSettings, context: Any, name: str) -> ScriptedVAD:
+        return cls(context.audio, level=settings.level, start_ms=settings.start_ms, stop_ms=settings.stop_ms, name=name)
 
     def __init__(
         self,

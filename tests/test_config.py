@@ -1,0 +1,155 @@
+"""Config files: schema, provider registry, ${VAR} interpolation, clear errors naming the key path."""
+
+import textwrap
+
+import pytest
+
+from voxpipe.cli import main
+from voxpipe.config import ConfigError, Registry, load_config, parse_config
+from voxpipe.config.env import interpolate
+from voxpipe.scenario import load_scenario
+
+SCRIPTED = {kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}
+
+
+def write(tmp_path, text: str, name: str = "pipeline.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_example_configs_validate():
+    config, settings = load_config("examples/configs/scripted.yaml")
+    assert config.llm.provider == "scripted"
+    assert settings["llm"].replies[0].startswith("Of course")
+    assert settings["vad"].stop_ms == 500
+
+
+def test_defaults_are_the_embedded_stack():
+    from voxpipe.config.schema import PipelineConfig
+
+    defaults = PipelineConfig()
+    assert [defaults.stage(k).provider for k in ("vad", "stt", "llm", "tts")] == ["silero", "whisper", "llama", "piper"]
+
+
+def test_unknown_provider_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "llm": {"provider": "lama"}})
+    message = str(caught.value)
+    assert "llm.provider: unknown llm provider 'lama'" in message
+    assert "allowed: llama, scripted" in message
+
+
+def test_bad_values_and_unknown_keys_are_named_by_key_path(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        audio: {sample_rate: 44100}
+        turn: {min_words: -1}
+        vad: {provider: scripted, stop_ms: -5}
+        stt: {provider: scripted}
+        llm: {provider: scripted, temprature: 0.5}
+        tts: {provider: scripted}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "audio.sample_rate" in message and "8000, 16000, 24000 or 48000" in message
+    assert "turn.min_words" in message
+
+
+def test_provider_settings_errors_name_the_stage_key(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        vad: {provider: scripted, stop_ms: -5}
+        stt: {provider: scripted}
+        llm: {provider: scripted, temprature: 0.5}
+        tts: {provider: scripted}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "vad.stop_ms: input should be greater than 0" in message
+    assert "llm.temprature: is not a known key" in message
+    assert "replies" in message, "the allowed keys are listed"
+
+
+def test_env_interpolation_and_missing_variable():
+    assert interpolate({"a": "key-${VOX_KEY}", "b": ["${NOPE:-fallback}"]}, {"VOX_KEY": "s3cret"}) == {
+        "a": "key-s3cret",
+        "b": ["fallback"],
+    }
+    with pytest.raises(ConfigError, match=r"llm\.api_key: refers to the environment variable DEEPGRAM_API_KEY"):
+        interpolate({"llm": {"api_key": "${DEEPGRAM_API_KEY}"}}, {})
+
+
+def test_yaml_errors_and_missing_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: invalid config\n  \(top level\): file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = write(tmp_path, "vad: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML: line 2"):
+        load_config(bad)
+    listy = write(tmp_path, "- just\n- a list\n", "list.yaml")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_a_provider_registered_in_code_is_usable_from_config():
+    from voxpipe.testing.llm import ScriptedLLM
+
+    class MyLLM(ScriptedLLM):
+        pass
+
+    registry = Registry.discover()
+    registry.register("llm", "mine", MyLLM)
+    config, _ = parse_config({**SCRIPTED, "llm": {"provider": "mine", "ttft_s": 0.1}}, registry)
+    assert config.llm.provider == "mine"
+
+
+def test_validate_command(tmp_path, capsys):
+    assert main(["validate", "examples/configs/scripted.yaml"]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = write(tmp_path, "vad: {provider: nope}\n")
+    assert main(["validate", str(bad)]) == 1
+    assert "unknown vad provider 'nope'" in capsys.readouterr().out
+
+
+def test_scenarios_load_and_bad_ones_are_clear(tmp_path):
+    for name in ("booking", "two-barge-ins", "pauses-and-cough"):
+        assert load_scenario(f"examples/scenarios/{name}.yaml").steps
+    empty = write(tmp_path, "steps: []\n", "empty.yaml")
+    with pytest.raises(ConfigError, match="the scenario is empty"):
+        load_scenario(empty)
+    long = write(tmp_path, "steps:\n  - say: " + "word " * 100 + "\n", "long.yaml")
+    with pytest.raises(ConfigError, match=r"steps\[0\]\.say: is 100 words, longer than caller.max_words"):
+        load_scenario(long)
+    two = write(tmp_path, "steps:\n  - {say: hi, noise: 0.2}\n", "two.yaml")
+    with pytest.raises(ConfigError, match="exactly one of say, wav, noise, silence"):
+        load_scenario(two)
+    missing = write(tmp_path, "steps:\n  - {wav: gone.wav, text: hi}\n", "wav.yaml")
+    with pytest.raises(ConfigError, match=r"gone\.wav does not exist"):
+        load_scenario(missing)
+
+
+def test_scripted_config_call_with_scenario(tmp_path, capsys):
+    code = main(
+        [
+            "call",
+            "--config",
+            "examples/configs/scripted.yaml",
+            "--scenario",
+            "examples/scenarios/two-barge-ins.yaml",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    import json
+
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert transcript["status"] == "ended"
+    assert sum(1 for line in transcript["turns"] if line["speaker"] == "bot" and line["interrupted"]) == 2
