@@ -14,6 +14,7 @@ from voxpipe.measure import measure_voice_to_voice
 from voxpipe.pipeline.trace import SEGMENTS, Summary, TurnRecord
 
 COLOURS = {
+    "voice_to_voice": "#333333",
     "endpointing": "#8e9aaf",
     "stt": "#4e79a7",
     "turn": "#b07aa1",
@@ -31,7 +32,8 @@ def _waterfall(turns: list[TurnRecord]) -> str:
     longest = max(t.voice_to_voice_us or 0 for t in answered) or 1
     row, label_w, width = 26, 90, 760
     scale = (width - label_w - 70) / longest
-    parts = [f'<svg width="{width}" height="{row * len(answered) + 30}" role="img" aria-label="latency waterfall">']
+    parts = [f'<svg width="{width}" height="{row * len(answered) + 56}" role="img" aria-label="latency waterfall">']
+    parts.append(_axis(label_w, row * len(answered) + 4, longest / 1000, scale * 1000))
     for i, record in enumerate(answered):
         y = i * row + 4
         parts.append(f'<text x="0" y="{y + 15}" font-size="12">turn {record.turn}</text>')
@@ -48,12 +50,55 @@ def _waterfall(turns: list[TurnRecord]) -> str:
             x += w
         v2v = record.voice_to_voice_ms or 0.0
         parts.append(f'<text x="{x + 4:.1f}" y="{y + 15}" font-size="12">{v2v:.0f} ms</text>')
-    y = len(answered) * row + 20
+    y = len(answered) * row + 46
     x = float(label_w)
     for name in SEGMENTS:
         parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{COLOURS[name]}"/>')
         parts.append(f'<text x="{x + 13}" y="{y}" font-size="11">{name}</text>')
         x += 13 + 7.5 * len(name) + 10
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _axis(x0: float, y: float, longest_ms: float, px_per_ms: float) -> str:
+    """A millisecond axis under a chart, with a tick every 100, 250, 500 or 1000 ms."""
+    step = next(s for s in (100, 250, 500, 1000, 2500, 5000) if longest_ms / s <= 8)
+    parts = [f'<line x1="{x0}" x2="{x0 + longest_ms * px_per_ms:.1f}" y1="{y}" y2="{y}" stroke="#999"/>']
+    tick = 0
+    while tick <= longest_ms:
+        x = x0 + tick * px_per_ms
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y}" y2="{y + 4}" stroke="#999"/>')
+        parts.append(f'<text x="{x:.1f}" y="{y + 15}" font-size="10" text-anchor="middle">{tick} ms</text>')
+        tick += step
+    return "".join(parts)
+
+
+def _percentile_chart(summary: Summary) -> str:
+    """Horizontal bars: p50 solid, p95 as a lighter extension, max as a tick — per segment and voice-to-voice."""
+    rows = summary.rows()
+    if not rows:
+        return ""
+    longest = max(mx for *_, mx in rows) or 1.0
+    row, label_w, width = 24, 120, 760
+    scale = (width - label_w - 210) / longest
+    parts = [f'<svg width="{width}" height="{row * len(rows) + 30}" role="img" aria-label="latency percentiles">']
+    parts.append(_axis(label_w, row * len(rows) + 4, longest, scale))
+    for i, (name, _n, p50, p95, mx) in enumerate(rows):
+        y = i * row + 4
+        colour = COLOURS.get(name, "#555")
+        parts.append(f'<text x="0" y="{y + 14}" font-size="12">{html.escape(name)}</text>')
+        parts.append(
+            f'<rect x="{label_w}" y="{y}" width="{p95 * scale:.1f}" height="{row - 8}" fill="{colour}" opacity="0.35">'
+            f"<title>p95 {p95:.1f} ms</title></rect>"
+        )
+        parts.append(
+            f'<rect x="{label_w}" y="{y}" width="{p50 * scale:.1f}" height="{row - 8}" fill="{colour}">'
+            f"<title>p50 {p50:.1f} ms</title></rect>"
+        )
+        x_max = label_w + mx * scale
+        parts.append(f'<line x1="{x_max:.1f}" x2="{x_max:.1f}" y1="{y}" y2="{y + row - 8}" stroke="#222"/>')
+        label = f"p50 {p50:.0f} · p95 {p95:.0f} · max {mx:.0f} ms"
+        parts.append(f'<text x="{x_max + 6:.1f}" y="{y + 13}" font-size="11">{label}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -125,6 +170,8 @@ td:first-child, th:first-child {{ text-align: left; }} li.caller {{ color: #1f4e
 exactly to the total.</p>
 {_waterfall(turns)}
 <h2>Percentiles</h2>
+<p>Bars: p50 (solid) and p95 (light); the tick is the maximum.</p>
+{_percentile_chart(summary)}
 {_percentiles(summary)}
 {_agreement(turns, recording)}
 <h2>Transcript</h2>
