@@ -45,6 +45,8 @@ def test_metronome_ticks_on_schedule_without_drift():
 
     ticks = clock.run(main())
     assert ticks[-1] == pytest.approx(4999 * 0.02, abs=1e-9)
+    metronome = clock.metronome(0.02)
+    assert metronome.max_lateness == 0.0 and metronome.late_ticks == 0, "virtual time is never late"
 
 
 async def test_real_clock_sleeps_for_real():

@@ -52,6 +52,9 @@ class Metronome:
         self._slots: list[dict[Subscription, None]] = [{} for _ in range(slots)]  # insertion-ordered sets
         self._groups: dict[Hashable, tuple[int, int]] = {}  # group -> (slot, members)
         self._task: asyncio.Task[None] | None = None
+        # How late the metronome woke, against each slot's due time: playout jitter as the caller would hear it.
+        self.max_lateness = 0.0
+        self.late_ticks = 0  # wake-ups more than one period late: a frame's worth of audio would have glitched
 
     @property
     def subscribers(self) -> int:
@@ -113,6 +116,11 @@ class Metronome:
                     continue
                 due = start + index * step
                 await self.clock.sleep_until(due)
+                lateness = self.clock.now() - due
+                if lateness > self.max_lateness:
+                    self.max_lateness = lateness
+                if lateness > self.period:
+                    self.late_ticks += 1
                 for subscription in list(slot):
                     try:
                         await subscription.on_tick(due)
