@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
 from voxpipe.config.schema import PipelineConfig
 from voxpipe.pipeline import AudioFormat, Clock, Conversation, Pipeline, Stage, Tracer, TurnPolicy
@@ -34,7 +35,9 @@ def construct(provider: type, settings: Any, context: BuildContext, name: str) -
     extras: dict[str, Any] = {"name": name}
     if "audio" in parameters:
         extras["audio"] = context.audio
-    if "tools" in parameters and context.tools:
+    if context.tools and name == "llm":
+        if "tools" not in parameters:
+            raise ConfigError("llm.provider", f"provider {provider.__name__} does not support tools")
         extras["tools"] = dict(context.tools)
     built: Stage = provider(settings, **extras)
     return built

@@ -8,6 +8,7 @@ being a :class:`QueuedStage` — cancellation of the whole generation when the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -63,21 +64,24 @@ class LLMStage(QueuedStage):
         chunker = self._new_chunker()
         text: list[str] = []
         try:
-            async for item in self.generate(turn):
-                if isinstance(item, ToolCall):
-                    await self.push(item)
-                    await self._run_tool(item)
-                    continue
-                if not text:
-                    self.mark("llm.first_token", epoch)
-                text.append(item)
-                await self.push(TextDelta(epoch=epoch, text=item))
-                for chunk in chunker.feed(item):
-                    self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
-                    await self._speak(epoch, chunk)
-            rest = chunker.flush()
-            if rest:
-                await self._speak(epoch, rest)
+            # aclosing: a cancellation landing outside the generator (in a push) still closes it here, now,
+            # instead of leaving it to the garbage collector and an unowned task.
+            async with contextlib.aclosing(self.generate(turn)) as stream:
+                async for item in stream:
+                    if isinstance(item, ToolCall):
+                        await self.push(item)
+                        await self._run_tool(item)
+                        continue
+                    if not text:
+                        self.mark("llm.first_token", epoch)
+                    text.append(item)
+                    await self.push(TextDelta(epoch=epoch, text=item))
+                    for chunk in chunker.feed(item):
+                        self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
+                        await self._speak(epoch, chunk)
+                rest = chunker.flush()
+                if rest:
+                    await self._speak(epoch, rest)
         finally:
             # Also when cancelled by a barge-in: the trace keeps what the model had produced by then.
             self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
