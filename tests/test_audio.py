@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 import wave
 
 import numpy as np
@@ -10,6 +11,7 @@ from voxpipe.pipeline import (
     AudioFormat,
     AudioFormatError,
     AudioFrame,
+    Interrupt,
     Pipeline,
     TTSAudioFrame,
     VirtualClock,
@@ -98,3 +100,22 @@ def test_load_wav_converts_stereo_8k_and_rejects_non_audio(tmp_path):
     junk.write_text("this is not audio")
     with pytest.raises(ValueError, match=r"junk\.wav: not a readable PCM WAV"):
         load_wav(junk, 16000)
+
+
+def test_resample_streams_every_frame_without_bursts_and_stamps_pts_by_samples_emitted():
+    resample = Resample(16000)
+    out = [
+        resample.convert(AudioFrame(pcm=tone(8000, 0.02).tobytes(), sample_rate=8000, pts=i * 160)) for i in range(50)
+    ]
+    frames = [f for f in out if f is not None]
+    assert len(frames) >= 49, "a frame out for (nearly) every frame in: no bursts"
+    assert all(b.pts == a.pts + a.samples for a, b in itertools.pairwise(frames)), "pts runs on without gaps"
+    assert abs(sum(f.samples for f in frames) - 16000) < 20
+
+
+def test_resample_drops_bot_audio_filter_state_on_interrupt():
+    resample = Resample(16000)
+    resample.convert(TTSAudioFrame(epoch=0, pcm=tone(22050, 0.02).tobytes(), sample_rate=22050))
+    assert any(key[2] for key in resample._streams)
+    asyncio.run(resample.on_interrupt(Interrupt(epoch=1, at=0.0)))
+    assert not any(key[2] for key in resample._streams)

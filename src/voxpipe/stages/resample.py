@@ -5,28 +5,50 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
-from voxpipe.pipeline import AudioFormat, AudioFrame, Direction, End, Frame, Stage, TTSAudioFrame, WordMark
+from voxpipe.pipeline import (
+    AudioFormat,
+    AudioFrame,
+    Direction,
+    End,
+    Frame,
+    Interrupt,
+    Stage,
+    TTSAudioFrame,
+    WordMark,
+)
 
 
 class Resample(Stage):
     """Converts every downstream audio frame to ``sample_rate``/``channels``.
 
     One soxr stream per source format keeps the filter state between frames, so there are no clicks at frame
-    boundaries. Word marks and ``pts`` of bot audio are rescaled to the new rate. The default quality is soxr's
-    "MQ": it holds back ~26 ms of audio in its filter where "HQ" holds ~66 ms (measured 8→16 kHz), and on a
-    voice path every millisecond held back is added to voice-to-voice. The held tail is flushed at ``End``.
+    boundaries. The default quality is soxr's "QQ": fed 20 ms frames, it returns each frame's worth at once, while
+    "LQ", "MQ" and "HQ" hold output back and release it in bursts every 60 to 120 ms (measured 8→16 kHz and
+    22.05→16 kHz with 20 ms frames) — on a voice path that is added to voice-to-voice and makes frames late. Use a
+    higher quality for offline work. ``pts`` counts the samples emitted for each source stream, so bursts or
+    filter delay never stamp audio late; no empty frame is emitted. The held tail is flushed at ``End``.
     """
 
-    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = "MQ", name: str | None = None):
+    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = "QQ", name: str | None = None):
         super().__init__(name=name)
         self.produces = AudioFormat(sample_rate, channels)
         self.quality = quality
-        self._streams: dict[tuple[int, int], soxr.ResampleStream] = {}
+        # One filter per (source rate, channels, bot audio?): bot audio has its own, dropped on an interrupt so no
+        # sample of a cut reply can leak into the next one.
+        self._streams: dict[tuple[int, int, bool], soxr.ResampleStream] = {}
+        self._emitted: dict[tuple[int, int], int] = {}  # caller audio: samples emitted per source, the output pts
+
+    async def on_interrupt(self, interrupt: Interrupt) -> None:
+        for key in [key for key in self._streams if key[2]]:
+            del self._streams[key]
 
     async def process(self, frame: Frame, direction: Direction) -> None:
         if direction is Direction.DOWNSTREAM:
             if isinstance(frame, AudioFrame):
-                frame = self.convert(frame)
+                converted = self.convert(frame)
+                if converted is None:
+                    return  # the filter is still filling: nothing to emit yet
+                frame = converted
             elif isinstance(frame, End):
                 await self._flush()
         await self.push(frame, direction)
@@ -40,7 +62,7 @@ class Resample(Stage):
                 pcm = np.ascontiguousarray(tail, dtype=np.int16).tobytes()
                 await self.push(AudioFrame(pcm=pcm, sample_rate=target.sample_rate, channels=target.channels))
 
-    def convert(self, frame: AudioFrame) -> AudioFrame:
+    def convert(self, frame: AudioFrame) -> AudioFrame | None:
         target = self.produces
         assert target is not None
         if (frame.sample_rate, frame.channels) == (target.sample_rate, target.channels):
@@ -53,17 +75,19 @@ class Resample(Stage):
             samples = (mono if target.channels == 1 else np.repeat(mono[:, None], 2, axis=1)).astype(np.int16)
             samples = samples.reshape(-1, target.channels)
         if frame.sample_rate != target.sample_rate:
-            key = (frame.sample_rate, target.channels)
-            stream = self._streams.get(key)
+            stream_key = (frame.sample_rate, target.channels, frame.interruptible)
+            stream = self._streams.get(stream_key)
             if stream is None:
-                stream = self._streams[key] = soxr.ResampleStream(
+                stream = self._streams[stream_key] = soxr.ResampleStream(
                     frame.sample_rate, target.sample_rate, target.channels, dtype="int16", quality=self.quality
                 )
             samples = stream.resample_chunk(samples)
+            if len(samples) == 0:
+                return None
         ratio = target.sample_rate / frame.sample_rate
         pcm = np.ascontiguousarray(samples, dtype=np.int16).tobytes()
-        pts = round(frame.pts * ratio)
         if isinstance(frame, TTSAudioFrame):
+            pts = round(frame.pts * ratio)  # bot audio: pts is the sample index in its reply
             words = tuple(WordMark(w.word, round(w.start * ratio), round(w.end * ratio)) for w in frame.words)
             return TTSAudioFrame(
                 epoch=frame.epoch,
@@ -74,4 +98,9 @@ class Resample(Stage):
                 text=frame.text,
                 words=words,
             )
+        source = (frame.sample_rate, frame.channels)
+        if source not in self._emitted:
+            self._emitted[source] = round(frame.pts * ratio)  # the stream's first frame sets the origin
+        pts = self._emitted[source]
+        self._emitted[source] += len(pcm) // (2 * target.channels)
         return AudioFrame(epoch=frame.epoch, pcm=pcm, sample_rate=target.sample_rate, channels=target.channels, pts=pts)
