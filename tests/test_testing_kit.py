@@ -108,3 +108,14 @@ def test_chunker_cuts_the_first_clause_early_and_loses_nothing():
     chunks.append(chunker.flush())
     assert chunks[0] == "Sure, I can do that."
     assert " ".join(chunks) == text
+
+
+def test_chunker_does_not_wait_forever_for_a_first_clause():
+    chunker = SpeakableChunker(first_max_words=8)
+    text = "I would be very happy to help you book a table for your family tonight"
+    chunks = []
+    for token in text.split(" "):
+        chunks += chunker.feed(token + " ")
+    chunks.append(chunker.flush())
+    assert chunks[0] == "I would be very happy to help you"
+    assert " ".join(chunks) == text

@@ -7,6 +7,7 @@ samples since the reply began), marks ``tts.first_audio``, and ends each reply w
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from voxpipe.pipeline import (
@@ -50,20 +51,22 @@ class TTSStage(QueuedStage):
         if epoch != self._reply_epoch:
             self._reply_epoch, self._reply_samples = epoch, 0
         chunk_start = self._reply_samples  # word marks are relative to the chunk's first sample
-        async for pcm, marks in self.synthesize(chunk.text):
-            if not pcm:
-                continue
-            if self._reply_samples == 0:
-                self.mark("tts.first_audio", epoch)
-            words = tuple(WordMark(m.word, m.start + chunk_start, m.end + chunk_start) for m in marks)
-            frame = TTSAudioFrame(
-                epoch=epoch,
-                pcm=pcm,
-                sample_rate=audio.sample_rate,
-                channels=audio.channels,
-                pts=self._reply_samples,
-                text=chunk.text,
-                words=words,
-            )
-            self._reply_samples += frame.samples
-            await self.push(frame)
+        # aclosing: a cancellation while pushing still closes the provider's stream here, not at garbage collection.
+        async with contextlib.aclosing(self.synthesize(chunk.text)) as stream:
+            async for pcm, marks in stream:
+                if not pcm:
+                    continue
+                if self._reply_samples == 0:
+                    self.mark("tts.first_audio", epoch)
+                words = tuple(WordMark(m.word, m.start + chunk_start, m.end + chunk_start) for m in marks)
+                frame = TTSAudioFrame(
+                    epoch=epoch,
+                    pcm=pcm,
+                    sample_rate=audio.sample_rate,
+                    channels=audio.channels,
+                    pts=self._reply_samples,
+                    text=chunk.text,
+                    words=words,
+                )
+                self._reply_samples += frame.samples
+                await self.push(frame)

