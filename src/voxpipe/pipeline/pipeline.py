@@ -106,7 +106,9 @@ class Pipeline:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 try:
-                    for stage in self.stages:
+                    # Consumers before producers: the input starts delivering audio only once every stage after it
+                    # is ready (a model still loading would otherwise make the first turn's audio queue up).
+                    for stage in reversed(self.stages):
                         await stage.start()
                     await self.stages[0].receive(Start(epoch=self.epoch), DOWNSTREAM)
                     self.outcome = await self._done
