@@ -42,6 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from voxpipe.pipeline import EndOfTurn, Interrupt, Message, ToolCall
+from voxpipe.stages.inference import inference_executor
 from voxpipe.stages.llm import LLMStage
 from voxpipe.stages.text import SpeakableChunker
 
@@ -563,7 +564,7 @@ class LlamaLLM(LLMStage):
             return
         if self._loading is None:
             if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-model")
+                self._executor = inference_executor(f"{self.name}-model")
             self._loading = asyncio.wrap_future(self._executor.submit(self._load_in_thread))
         try:
             async with asyncio.timeout(self.settings.load_timeout_s):

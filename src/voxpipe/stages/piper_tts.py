@@ -34,7 +34,7 @@ import logging
 import string
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,6 +45,7 @@ import soxr
 from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import AudioFormat, Direction, Frame, Interrupt, SpeakableChunk, WordMark
+from voxpipe.stages.inference import inference_executor
 from voxpipe.stages.tts import TTSStage
 
 if TYPE_CHECKING:
@@ -235,7 +236,7 @@ class PiperTTS(TTSStage):
         super().__init__(AudioFormat(self.settings.sample_rate or audio.sample_rate, audio.channels), name=name)
         self.voice_path = resolve_voice_path(self.settings.voice)  # a missing voice fails here, before any call
         self._voice: PiperVoice | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-piper")
+        self._executor = inference_executor(f"{self.name}-piper")
         self._chunk_epoch = 0  # epoch of the chunk being spoken: what an interrupt compares against
         self._inflight: set[_Inference] = set()
 

@@ -32,6 +32,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import BaseModel, ConfigDict, Field
 
+from voxpipe.stages.inference import inference_executor
+
 log = logging.getLogger("voxpipe.stages.smart_turn")
 
 SAMPLE_RATE = 16000
@@ -214,7 +216,7 @@ class SmartTurn:
         self.model_path = Path(path)
         self._session = _load_session(str(self.model_path), self.settings.threads)
         self._input_name: str = self._session.get_inputs()[0].name
-        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smart-turn")
+        self._executor: ThreadPoolExecutor | None = inference_executor("smart-turn")
 
     @property
     def closed(self) -> bool:

@@ -116,6 +116,10 @@ class ScriptedCaller:
         self._played = 0
         self._bot_speaking = False
         self._step: Step | None = None
+        # Render every line now: synthesising a line (Piper takes ~0.1-3 s) inside a tick would stall the call.
+        self._rendered: dict[int, tuple[np.ndarray, list[WordSpan] | None]] = {
+            id(step): self._render(step) for step in script if isinstance(step, Say | Noise)
+        }
         self._free(0.0)
 
     # ------------------------------------------------------------------------------ the script
@@ -141,21 +145,22 @@ class ScriptedCaller:
         pause = step.seconds if isinstance(step, Silence) else step.pause
         self._state, self._next_at = _State.WAITING, at + pause
 
+    def _render(self, step: Say | Noise) -> tuple[np.ndarray, list[WordSpan] | None]:
+        if isinstance(step, Noise):
+            return cough(self.sample_rate, step.duration), None
+        if step.wav is not None:
+            return load_wav(step.wav, self.sample_rate), None
+        if self.voice is not None:
+            return self.voice(step.text, self.sample_rate)
+        return speechlike(step.text, self.sample_rate, f0=self.f0, rate=self.rate)
+
     def _begin_step(self, start: float) -> None:
         step = self._step = self._steps.popleft()
         if isinstance(step, Silence):
             self._free(start)
             return
-        if isinstance(step, Noise):
-            self._audio = cough(self.sample_rate, step.duration)
-        elif step.wav is not None:
-            self._audio = load_wav(step.wav, self.sample_rate)
-            self._log_line(start, step.text, None)
-        elif self.voice is not None:
-            self._audio, voiced_spans = self.voice(step.text, self.sample_rate)
-            self._log_line(start, step.text, voiced_spans)
-        else:
-            self._audio, spans = speechlike(step.text, self.sample_rate, f0=self.f0, rate=self.rate)
+        self._audio, spans = self._rendered[id(step)]
+        if isinstance(step, Say):
             self._log_line(start, step.text, spans)
         self._played = 0
         self._state = _State.SPEAKING

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from voxpipe.pipeline import Stage
+from voxpipe.pipeline import Direction, Frame, Stage, Start
 
 
 class PacedStage(Stage):
     """Calls :meth:`tick` once per ``period`` of clock time while the pipeline runs.
 
-    The call's stages share one metronome slot (``group=pipeline``), so a call's input and output tick together.
-    A tick that raises is this stage's failure, handled by its error policy like any other.
+    Ticking begins when the :class:`Start` frame arrives — after every stage's ``start()`` has finished (models
+    loaded), so no audio flows, and no tick is counted late, while the pipeline is still getting ready. The call's
+    stages share one metronome slot (``group=pipeline``), so a call's input and output tick together. A tick that
+    raises is this stage's failure, handled by its error policy like any other.
     """
 
     def __init__(self, *, period: float = 0.02, name: str | None = None) -> None:
         super().__init__(name=name)
         self.period = period
+        self._ticking = False
 
-    async def start(self) -> None:
-        metronome = self.clock.metronome(self.period)
-        self.spawn(metronome.ticking(self.tick, self._tick_failed, group=self.pipeline), name=f"{self.name}-ticks")
+    async def receive(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, Start) and not self._ticking:
+            self._ticking = True
+            metronome = self.clock.metronome(self.period)
+            ticking = metronome.ticking(self.tick, self._tick_failed, group=self.pipeline)
+            self.spawn(ticking, name=f"{self.name}-ticks")
+        await super().receive(frame, direction)
 
     async def tick(self, now: float) -> None:
         """One period is due at clock time ``now``."""
