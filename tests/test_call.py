@@ -110,3 +110,37 @@ def test_cli_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
 def test_empty_script_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="script is empty"):
         run_call([], tmp_path, replies=["hi"])
+
+
+def test_a_final_that_arrives_after_the_next_utterance_started_is_not_lost():
+    """The STT's final for utterance 1 lands after utterance 2 began: both turns keep their own words."""
+    import asyncio
+
+    from tests.helpers import Collect
+    from voxpipe.pipeline import DOWNSTREAM, Conversation, EndOfTurn, Pipeline, Transcript, VirtualClock
+    from voxpipe.pipeline import UserSpeechStarted as Started
+    from voxpipe.pipeline import UserSpeechStopped as Stopped
+    from voxpipe.stages.turn import TurnTaker
+
+    clock = VirtualClock()
+    turn_taker = TurnTaker(Conversation())
+    sink = Collect()
+    pipeline = Pipeline([turn_taker, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for frame in (
+            Started(at=0.0),
+            Stopped(at=1.5, last_voiced_at=1.0),
+            Started(at=1.6),  # the caller speaks again before the first final arrives
+            Transcript(text="a table for two", final=True),
+            Stopped(at=3.0, last_voiced_at=2.5),
+            Transcript(text="at eight please", final=True),
+        ):
+            await turn_taker.receive(frame, DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    assert [f.text for f in sink.frames if isinstance(f, EndOfTurn)] == ["a table for two", "at eight please"]
