@@ -153,3 +153,18 @@ def test_scripted_config_call_with_scenario(tmp_path, capsys):
     transcript = json.loads((tmp_path / "transcript.json").read_text())
     assert transcript["status"] == "ended"
     assert sum(1 for line in transcript["turns"] if line["speaker"] == "bot" and line["interrupted"]) == 2
+
+
+def test_a_missing_model_file_is_named_before_anything_loads(tmp_path, capsys):
+    path = write(
+        tmp_path,
+        """
+        vad: {provider: scripted}
+        stt: {provider: scripted}
+        llm: {provider: llama, model: /models/missing.gguf}
+        tts: {provider: scripted}
+        """,
+    )
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "llm.model: model file /models/missing.gguf does not exist" in out

@@ -127,9 +127,27 @@ def parse_config(data: Any, registry: Registry | None = None) -> tuple[PipelineC
                 )
                 for path, problem, allowed in _problems(exc, kind)
             ]
+    for kind, validated in settings.items():
+        problems += _missing_model_files(kind, validated)
     if problems:
         raise ConfigError.many(problems)
     return config, settings
+
+
+MODEL_FILE_KEYS = ("model", "model_path", "voice")
+
+
+def _missing_model_files(kind: str, settings: BaseModel) -> list[tuple[str, str, str]]:
+    """Model settings given as paths must exist: caught here, before a call loads anything. A bare name (such as a
+    faster-whisper model name) is left to its provider."""
+    problems = []
+    for key in MODEL_FILE_KEYS:
+        value = getattr(settings, key, None)
+        if isinstance(value, str | Path) and ("/" in str(value) or str(value).startswith((".", "~"))):
+            path = Path(value).expanduser()
+            if not path.exists():
+                problems.append((f"{kind}.{key}", f"model file {path} does not exist", "an existing path"))
+    return problems
 
 
 def _allowed_keys(model: type[BaseModel]) -> str:
