@@ -168,3 +168,12 @@ def test_a_missing_model_file_is_named_before_anything_loads(tmp_path, capsys):
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert "llm.model: model file /models/missing.gguf does not exist" in out
+
+
+def test_every_example_config_validates(capsys):
+    from pathlib import Path
+
+    for path in sorted(Path("examples/configs").glob("*.yaml")):
+        assert main(["validate", str(path)]) == 0, capsys.readouterr().out
+    _, settings = load_config("examples/configs/offline-smart-turn.yaml")
+    assert settings["vad"].end_of_turn is not None
