@@ -49,17 +49,20 @@ def run_scenario(config_path: Path, scenario_path: Path, out: Path, console: Con
         caller_voice=voice,
         on_turn=progress,
     )
-    measured = measure_voice_to_voice(out / "recording.wav")
+    # Pauses inside a Piper line can reach ~0.4 s; a turn ends after stop_ms (0.5 s) of silence.
+    measured = measure_voice_to_voice(out / "recording.wav", min_gap_s=0.45)
     answered = [t for t in result.turns if t.voice_to_voice_ms is not None]
     rows = []
-    for i, turn in enumerate(answered):
-        audio_ms = measured[i].voice_to_voice_ms if i < len(measured) else None
+    for turn in answered:
+        # Pair by the caller's last voiced sample, not by position: a cough or an unanswered line shifts positions.
+        speech_end = turn.marks["user.speech_end"]
+        near = [m for m in measured if abs(m.caller_end - speech_end) < 0.05]
         rows.append(
             {
                 "scenario": scenario_path.stem,
                 "turn": turn.turn,
                 "voice_to_voice_ms": turn.voice_to_voice_ms,
-                "audio_ms": audio_ms,
+                "audio_ms": near[0].voice_to_voice_ms if near else None,
                 "segments_ms": turn.segments_ms,
                 "interrupted": turn.interrupted,
             }

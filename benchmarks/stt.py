@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import time
 
@@ -42,7 +41,9 @@ from voxpipe.pipeline import (
 from voxpipe.pipeline.trace import percentile
 from voxpipe.stages.silero_vad import SileroVAD
 from voxpipe.stages.whisper_stt import DecodeOptions, WhisperSTT, WhisperSTTSettings, default_model_path, load_decoder
+from voxpipe.testing.clip import ClipCaller
 from voxpipe.testing.speech import speak
+from voxpipe.testing.wer import word_error_rate
 from voxpipe.transports.simulated import SimulatedInput
 
 RATE = 16000
@@ -123,28 +124,6 @@ def transcribe_s(decoder: object, audio: np.ndarray) -> float:
 # -------------------------------------------------------------------------------------- 2. final latency
 
 
-class ClipCaller:
-    """A simulated caller that plays one clip and hangs up at its end."""
-
-    def __init__(self, clip: np.ndarray) -> None:
-        self.clip = clip
-        self._heard_until = 0
-
-    @property
-    def finished(self) -> bool:
-        return self._heard_until >= self.clip.size
-
-    def audio(self, start: float, samples: int) -> bytes:
-        first = round(start * RATE)
-        self._heard_until = first + samples
-        chunk = self.clip[first : first + samples]
-        return np.pad(chunk, (0, samples - chunk.size)).astype(np.int16).tobytes()
-
-    def bot_started(self, at: float) -> None: ...
-
-    def bot_stopped(self, at: float, interrupted: bool) -> None: ...
-
-
 class FinalProbe(Stage):
     """After the STT: the clock time each stop and each final passed, and whether the final was a reused decode."""
 
@@ -210,21 +189,6 @@ def bench_finals(clips: dict[str, np.ndarray], threads: list[int], repeats: int)
 # -------------------------------------------------------------------------------------------- 3. accuracy
 
 
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance over the reference's length, capped at 1 (a loop would count hundreds)."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, hyp_word in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ref_word != hyp_word))
-    return min(1.0, row[len(hyp)] / max(1, len(ref)))
-
-
 def bench_accuracy(contexts: list[float], takes: int) -> None:
     decoder = load_decoder(default_model_path(), 1)
     pad = np.zeros(round(PRE_ROLL_S * RATE), np.int16)
@@ -236,7 +200,7 @@ def bench_accuracy(contexts: list[float], takes: int) -> None:
         for text, clip in clips:
             audio = np.concatenate([pad, clip, pad]).astype(np.float32) / 32768
             recognition = decoder.decode(audio, DecodeOptions(min_context_s=context))
-            errors.append(word_error_rate(text, recognition.text))
+            errors.append(min(1.0, word_error_rate(text, recognition.text)))  # a loop would count hundreds
             seconds.append(recognition.seconds)
         wrong = sum(e > 0.5 for e in errors)
         print(f"{context:9.0f}  {statistics.mean(errors):6.3f}  {wrong:>3}/{len(errors):<3}  {summary(seconds)}")

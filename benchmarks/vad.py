@@ -47,6 +47,7 @@ from voxpipe.stages.silero_vad import CONTEXT, WINDOW, SileroModel, SileroVAD, S
 from voxpipe.stages.silero_vad import default_model_path as default_vad_path
 from voxpipe.stages.smart_turn import SmartTurn, SmartTurnSettings, default_model_path, fit_to_model_window
 from voxpipe.stages.smart_turn import log_mel_features as smart_turn_features
+from voxpipe.testing.clip import ClipCaller
 from voxpipe.testing.speech import speak
 from voxpipe.transports.simulated import SimulatedInput
 
@@ -179,28 +180,6 @@ def bench_frames(speech: np.ndarray, repeats: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ 5: Smart-Turn
-
-
-class ClipCaller:
-    """A caller that says one clip and hangs up."""
-
-    def __init__(self, clip: np.ndarray) -> None:
-        self.clip = clip
-        self._heard_until = 0
-
-    @property
-    def finished(self) -> bool:
-        return self._heard_until >= self.clip.size
-
-    def audio(self, start: float, samples: int) -> bytes:
-        first = round(start * RATE)
-        self._heard_until = first + samples
-        chunk = self.clip[first : first + samples]
-        return np.pad(chunk, (0, samples - chunk.size)).astype(np.int16).tobytes()
-
-    def bot_started(self, at: float) -> None: ...
-
-    def bot_stopped(self, at: float, interrupted: bool) -> None: ...
 
 
 class Stops(Stage):

@@ -26,35 +26,13 @@ from voxpipe.pipeline import (
 )
 from voxpipe.stages.resample import Resample
 from voxpipe.stages.silero_vad import SileroVAD, SileroVADSettings
+from voxpipe.testing.clip import ClipCaller
 from voxpipe.testing.signals import cough
 from voxpipe.testing.speech import speak
 from voxpipe.transports.simulated import SimulatedInput
 
 RATE = 16000
 VOICED_LEVEL = 0.01  # what voxpipe.measure calls voiced: the ground truth of the call's recording
-
-
-class ClipCaller:
-    """A simulated caller that plays one clip (int16 mono) and hangs up at its end."""
-
-    def __init__(self, clip: np.ndarray, sample_rate: int = RATE) -> None:
-        self.clip = clip
-        self.sample_rate = sample_rate
-        self._heard_until = 0
-
-    @property
-    def finished(self) -> bool:
-        return self._heard_until >= self.clip.size
-
-    def audio(self, start: float, samples: int) -> bytes:
-        first = round(start * self.sample_rate)
-        self._heard_until = first + samples
-        chunk = self.clip[first : first + samples]
-        return np.pad(chunk, (0, samples - chunk.size)).astype(np.int16).tobytes()
-
-    def bot_started(self, at: float) -> None: ...
-
-    def bot_stopped(self, at: float, interrupted: bool) -> None: ...
 
 
 def run_clip(clip: np.ndarray, vad: SileroVAD, *, input_rate: int = RATE) -> list[Frame]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.embedded.test_silero_vad import ClipCaller, padded, speech_events
+from tests.embedded.test_silero_vad import padded, speech_events
 from tests.helpers import Collect
 from voxpipe.measure import voiced_segments
 from voxpipe.pipeline import AudioFormat, Pipeline, RealClock, UserSpeechStopped, VirtualClock
@@ -24,6 +24,7 @@ from voxpipe.stages.smart_turn import (
     fit_to_model_window,
     log_mel_features,
 )
+from voxpipe.testing.clip import ClipCaller
 from voxpipe.testing.speech import speak
 from voxpipe.transports.simulated import SimulatedInput
 

@@ -36,6 +36,7 @@ from voxpipe.stages import whisper_stt
 from voxpipe.stages.whisper_stt import WhisperSTT, WhisperSTTSettings
 from voxpipe.testing import ScriptedVAD
 from voxpipe.testing.speech import speak
+from voxpipe.testing.wer import word_error_rate, words
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -50,22 +51,6 @@ SHORT = "Book a table for the weekend."
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation (hyphens split words: Whisper writes "e-mail" or "email")."""
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance (substitutions + insertions + deletions) over the reference's length."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, hyp_word in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ref_word != hyp_word))
-    return row[len(hyp)] / max(1, len(ref))
 
 
 def test_word_error_rate_counts_edits():

@@ -130,7 +130,7 @@ class PlayoutOutput(PacedStage):
         self._buffer.clear()
         if self._last is not None:
             at, samples = self._last
-            unplayed = samples - int((now - at) * self._rate)
+            unplayed = samples - round((now - at) * self._rate)  # round: float error must not lose a sample
             if unplayed > 0:
                 self._played -= min(unplayed, samples)
                 if self.sink is not None:
