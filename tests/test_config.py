@@ -46,9 +46,9 @@ def test_bad_values_and_unknown_keys_are_named_by_key_path(tmp_path):
         """
         audio: {sample_rate: 44100}
         turn: {min_words: -1}
-        vad: {provider: scripted, stop_ms: -5}
+        vad: {provider: scripted}
         stt: {provider: scripted}
-        llm: {provider: scripted, temprature: 0.5}
+        llm: {provider: scripted}
         tts: {provider: scripted}
         """,
     )

@@ -43,11 +43,6 @@ class Clock:
     async def sleep_until(self, when: float) -> None:
         await asyncio.sleep(max(0.0, when - self.now()))
 
-    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
-        """Run a plain callback at clock time ``when`` (no task, just a timer)."""
-        loop = asyncio.get_running_loop()
-        return loop.call_at(when + self._loop_origin(), callback, *args)
-
     def metronome(self, period: float = 0.02) -> Metronome:
         """The metronome shared by every transport on this clock that uses ``period``."""
         metronome = self._metronomes.get(period)

@@ -15,7 +15,7 @@ from typing import Any
 
 from voxpipe.pipeline.clock import Clock, default_clock
 from voxpipe.pipeline.errors import PipelineBuildError
-from voxpipe.pipeline.frames import Cancel, Direction, End, ErrorFrame, Frame, Interrupt, Start
+from voxpipe.pipeline.frames import Direction, End, ErrorFrame, Frame, Interrupt, Start
 from voxpipe.pipeline.stage import DOWNSTREAM, UPSTREAM, ErrorPolicy, FunctionStage, Stage
 from voxpipe.pipeline.trace import Tracer
 
@@ -143,18 +143,9 @@ class Pipeline:
         """Abort now: ``run()`` stops every stage and returns ``"cancelled"``."""
         self._finish(reason)
 
-    async def abort(self) -> None:
-        """Send :class:`Cancel` through the stages (so they can drop work), then cancel."""
-        await self.stages[0].receive(Cancel(epoch=self.epoch), DOWNSTREAM)
-        self.cancel()
-
     def _finish(self, outcome: str) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(outcome)
-
-    @property
-    def running(self) -> bool:
-        return self._group is not None and self._done is not None and not self._done.done()
 
     # ------------------------------------------------------------------------- tasks and errors
 
