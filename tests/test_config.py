@@ -37,7 +37,7 @@ def test_unknown_provider_names_the_key_and_the_choices():
         parse_config({**SCRIPTED, "llm": {"provider": "lama"}})
     message = str(caught.value)
     assert "llm.provider: unknown llm provider 'lama'" in message
-    assert "allowed: llama, scripted" in message
+    assert "allowed: anthropic, llama, scripted" in message
 
 
 def test_bad_values_and_unknown_keys_are_named_by_key_path(tmp_path):

@@ -94,7 +94,7 @@ def test_scripted_llm_calls_tools_and_reports_errors():
     results = [f for f in frames if isinstance(f, ToolResult)]
     assert [c.name for c in calls] == ["lookup", "broken"]
     assert results[0].result == "sunny in Rome" and results[0].error is None
-    assert results[1].error == "RuntimeError: service down"
+    assert results[1].error == "tool 'broken' raised RuntimeError: service down"
     text = "".join(f.text for f in frames if isinstance(f, TextDelta))
     assert "It is sunny in Rome." in text and "service down" in text
 

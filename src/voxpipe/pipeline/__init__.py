@@ -5,7 +5,7 @@ Nothing here imports from ``voxpipe.stages`` or ``voxpipe.transports``.
 
 from voxpipe.pipeline.audio import AudioFormat
 from voxpipe.pipeline.clock import Clock, RealClock, VirtualClock
-from voxpipe.pipeline.context import Conversation, Message
+from voxpipe.pipeline.context import Conversation, Message, ToolUse
 from voxpipe.pipeline.errors import AudioFormatError, PipelineBuildError, VoxpipeError
 from voxpipe.pipeline.frames import (
     AudioFrame,
@@ -78,6 +78,7 @@ __all__ = [
     "TextDelta",
     "ToolCall",
     "ToolResult",
+    "ToolUse",
     "Tracer",
     "Transcript",
     "TranscriptWord",

@@ -1,24 +1,37 @@
 """The conversation: what the reasoner sees of the call.
 
 It records only what was really said: the caller's final transcripts, and of each bot reply only the words whose
-audio the caller heard, with interrupted replies marked as such.
+audio the caller heard, with interrupted replies marked as such — and what really happened: the tools the reasoner
+ran and their results, which stay true even when the reply that asked for them was cut off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["user", "assistant", "tool"]
 
 
 @dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool the reasoner ran: its call, and its JSON-ready result or its error."""
+
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """One turn of the conversation."""
+    """One turn of the conversation; a ``"tool"`` message carries its :class:`ToolUse` (``text`` summarises it)."""
 
     role: Role
     text: str
     interrupted: bool = False
+    tool: ToolUse | None = None
 
 
 class Conversation:
@@ -39,6 +52,10 @@ class Conversation:
         """Record a bot reply as the caller heard it; nothing heard records nothing."""
         if heard:
             self._messages.append(Message("assistant", " ".join(heard), interrupted))
+
+    def add_tool(self, use: ToolUse) -> None:
+        outcome = f"error: {use.error}" if use.error is not None else f"result: {use.result!r}"
+        self._messages.append(Message("tool", f"{use.name}({use.arguments!r}) {outcome}", tool=use))
 
     def snapshot(self) -> tuple[Message, ...]:
         return tuple(self._messages)

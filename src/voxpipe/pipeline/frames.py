@@ -179,12 +179,15 @@ class ToolCall(Frame):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ToolResult(Frame):
-    """The outcome of a :class:`ToolCall`: ``result`` on success, ``error`` on failure."""
+    """The outcome of a :class:`ToolCall`: ``result`` on success, ``error`` on failure.
 
-    interruptible: ClassVar[bool] = True
+    Not interruptible: a tool that ran changed the world (a table is booked) even if the reply that asked for it
+    was cut off, so its result travels upstream to the turn-taker, which keeps it in the conversation.
+    """
 
     call_id: str
     name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
     result: Any = None
     error: str | None = None
 

@@ -18,6 +18,7 @@ from voxpipe.pipeline.errors import PipelineBuildError
 from voxpipe.pipeline.frames import Direction, End, ErrorFrame, Frame, Interrupt, Start
 from voxpipe.pipeline.stage import DOWNSTREAM, UPSTREAM, ErrorPolicy, FunctionStage, Stage
 from voxpipe.pipeline.trace import Tracer
+from voxpipe.pipeline.usage import UsageMeter
 
 log = logging.getLogger("voxpipe.pipeline")
 
@@ -49,6 +50,7 @@ class Pipeline:
         self.stages: tuple[Stage, ...] = tuple(_as_stage(s, i) for i, s in enumerate(stages))
         self.epoch = 0
         self.errors: list[ErrorFrame] = []
+        self.usage = UsageMeter(self.trace)
         self._validate()
         for i, stage in enumerate(self.stages):
             prev = self.stages[i - 1] if i > 0 else None
@@ -183,6 +185,16 @@ class Pipeline:
         await stage.push(error, UPSTREAM)
         if policy is ErrorPolicy.SKIP_TURN:
             await self.interrupt(stage, reason=f"error in {stage.name}")
+
+    async def report(self, stage: Stage, problem: str) -> ErrorFrame:
+        """A non-fatal problem ``stage`` handled itself (a bad tool result, a provider message it skipped): recorded
+        in :attr:`errors` and the trace, and sent upstream as a non-fatal :class:`ErrorFrame`."""
+        error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=False)
+        self.errors.append(error)
+        self.trace.annotate(self.epoch, error=problem, error_stage=stage.name)
+        log.warning("stage %r: %s", stage.name, problem)
+        await stage.push(error, UPSTREAM)
+        return error
 
     # --------------------------------------------------------------------------------- epochs
 

@@ -144,6 +144,14 @@ class Stage:
         """Record a latency-trace mark for the turn ``epoch`` (at ``at``, or now)."""
         self.pipeline.trace.mark(epoch, name, self.clock.now() if at is None else at, **data)
 
+    def count(self, epoch: int, **amounts: float) -> None:
+        """Count usage of a metered service (``input_tokens=…``, ``characters=…``) for the turn ``epoch``."""
+        self.pipeline.usage.add(self.name, epoch, **amounts)
+
+    async def report(self, problem: str) -> None:
+        """Report a problem this stage handled without failing: a non-fatal :class:`ErrorFrame` upstream."""
+        await self.pipeline.report(self, f"{self.name}: {problem}")
+
 
 class QueuedStage(Stage):
     """A stage whose downstream data frames wait in a bounded inbox for one worker task.

@@ -3,17 +3,29 @@
 Providers implement :meth:`LLMStage.generate`, an async iterator of text deltas and :class:`ToolCall` frames; the
 stage does the rest the same way for every provider: trace marks, chunking for the TTS, running tools, and — by
 being a :class:`QueuedStage` — cancellation of the whole generation when the caller barges in.
+
+The tool loop. When ``generate`` yields a :class:`ToolCall`, the stage runs the tool (see ``tools.py``) before it
+asks the generator for more; the provider then finds the result in ``self.results[call_id]`` and continues (for a
+cloud model: a follow-up request carrying the result). Per tool:
+
+* a timeout — the model gets an error result saying so, and the call goes on;
+* a barge-in policy — ``"cancel"``: the invocation is cancelled with the reply; ``"finish"``: it runs on in a task
+  the pipeline owns, and its result is kept in the conversation (a booking made is a booking made);
+* a filler line, spoken if the tool has not answered after ``filler_after_s``.
+
+Every invocation is appended to the audit log (``audit``, e.g. :class:`ToolAuditLog`) as it finishes, and every
+result travels upstream to the turn-taker, which records it in the conversation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from voxpipe.pipeline import (
+    UPSTREAM,
     Direction,
     EndOfTurn,
     Frame,
@@ -26,8 +38,9 @@ from voxpipe.pipeline import (
     ToolResult,
 )
 from voxpipe.stages.text import SpeakableChunker
+from voxpipe.stages.tools import Tool, ToolError, ToolsLike, tools_by_name
 
-Tool = Callable[..., Any]
+AuditSink = Callable[[Mapping[str, Any]], None]
 
 
 class LLMStage(QueuedStage):
@@ -36,14 +49,14 @@ class LLMStage(QueuedStage):
     def __init__(
         self,
         *,
-        tools: Mapping[str, Tool] | None = None,
-        tool_timeout_s: float = 10.0,
+        tools: ToolsLike | None = None,
         chunker: Callable[[], SpeakableChunker] = SpeakableChunker,
+        audit: AuditSink | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        self.tools = dict(tools or {})
-        self.tool_timeout_s = tool_timeout_s
+        self.tools: dict[str, Tool] = tools_by_name(tools)
+        self.audit = audit
         self._new_chunker = chunker
         self.results: dict[str, ToolResult] = {}
 
@@ -69,7 +82,6 @@ class LLMStage(QueuedStage):
             async with contextlib.aclosing(self.generate(turn)) as stream:
                 async for item in stream:
                     if isinstance(item, ToolCall):
-                        await self.push(item)
                         await self._run_tool(item)
                         continue
                     if not text:
@@ -91,23 +103,91 @@ class LLMStage(QueuedStage):
         self.mark("llm.first_chunk", epoch)  # first value wins: only the first chunk counts
         await self.push(SpeakableChunk(epoch=epoch, text=chunk))
 
+    # ------------------------------------------------------------------------------------ tools
+
     async def _run_tool(self, call: ToolCall) -> None:
-        epoch = call.epoch
+        await self.push(call)
         tool = self.tools.get(call.name)
-        self.mark(f"tool.start:{call.call_id}", epoch, tool=call.name)
-        started = self.clock.now()
+        if tool is None:
+            known = ", ".join(sorted(self.tools)) or "none"
+            await self._finish_tool(call, self.clock.now(), error=f"unknown tool {call.name!r} (known: {known})")
+            return
+        if tool.on_barge_in == "finish":
+            # Owned by the pipeline, not by this reply: a barge-in cancels the reply, and the tool runs on.
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
+            await self._await_tool(call.epoch, tool, asyncio.shield(done))
+            return
+        invocation = asyncio.create_task(self._invoke(tool, call, None), name=f"{self.name}-tool-{call.name}")
         try:
-            if tool is None:
-                raise LookupError(
-                    f"{self.name}: the model called unknown tool {call.name!r}; known: {sorted(self.tools)}"
-                )
-            outcome = tool(**call.arguments)
-            if inspect.isawaitable(outcome):
-                outcome = await asyncio.wait_for(outcome, self.tool_timeout_s)
-            result = ToolResult(epoch=epoch, call_id=call.call_id, name=call.name, result=outcome)
-        except (TimeoutError, Exception) as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            result = ToolResult(epoch=epoch, call_id=call.call_id, name=call.name, error=error)
-        self.mark(f"tool.end:{call.call_id}", epoch, duration_s=self.clock.now() - started)
-        self.results[call.call_id] = result
-        await self.push(result)
+            await self._await_tool(call.epoch, tool, invocation)
+        finally:
+            invocation.cancel()  # a barge-in landed in the wait: the tool goes with the reply
+
+    async def _await_tool(self, epoch: int, tool: Tool, outcome: Awaitable[None]) -> None:
+        if tool.filler:
+            waiting = asyncio.ensure_future(outcome)
+            finished, _ = await asyncio.wait({waiting}, timeout=tool.filler_after_s)
+            if not finished:
+                await self._speak(epoch, tool.filler)
+            await waiting
+        else:
+            await outcome
+
+    async def _invoke(self, tool: Tool, call: ToolCall, done: asyncio.Future[None] | None) -> None:
+        started = self.clock.now()
+        self.mark(f"tool.start:{call.call_id}", call.epoch, tool=call.name)
+        try:
+            result = await asyncio.wait_for(tool.invoke(call.arguments), tool.timeout_s)
+        except asyncio.CancelledError:
+            self._audit(call, started, outcome="cancelled", error="cancelled by a barge-in")
+            raise
+        except TimeoutError:
+            await self._finish_tool(call, started, error=f"tool {tool.name!r} timed out after {tool.timeout_s:g} s")
+        except ToolError as exc:
+            await self._finish_tool(call, started, error=str(exc))
+        except Exception as exc:
+            await self._finish_tool(call, started, error=f"tool {tool.name!r} raised {type(exc).__name__}: {exc}")
+        else:
+            await self._finish_tool(call, started, result=result)
+        finally:
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def _finish_tool(
+        self, call: ToolCall, started: float, *, result: Any = None, error: str | None = None
+    ) -> None:
+        late = call.epoch < self.epoch  # the reply was cut off while the tool ran (policy "finish")
+        outcome = "error" if error is not None else ("finished-after-barge-in" if late else "ok")
+        if error is not None and "timed out" in error:
+            outcome = "timeout"
+        self._audit(call, started, outcome=outcome, result=result, error=error)
+        self.mark(f"tool.end:{call.call_id}", call.epoch, duration_s=self.clock.now() - started)
+        frame = ToolResult(
+            epoch=call.epoch, call_id=call.call_id, name=call.name, arguments=call.arguments, result=result, error=error
+        )
+        self.results[call.call_id] = frame
+        if error is not None:
+            await self.report(error)
+        await self.push(frame, UPSTREAM)  # to the turn-taker, which keeps it in the conversation
+        await self.push(frame)
+
+    def _audit(
+        self, call: ToolCall, started: float, *, outcome: str, result: Any = None, error: str | None = None
+    ) -> None:
+        if self.audit is None:
+            return
+        entry: dict[str, Any] = {
+            "at": started,
+            "epoch": call.epoch,
+            "call_id": call.call_id,
+            "tool": call.name,
+            "arguments": call.arguments,
+            "outcome": outcome,
+            "duration_s": round(self.clock.now() - started, 6),
+        }
+        if error is None and outcome != "cancelled":
+            entry["result"] = result
+        else:
+            entry["error"] = error
+        self.audit(entry)

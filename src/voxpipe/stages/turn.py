@@ -1,8 +1,9 @@
 """The turn-taker: decides when the caller's turn ends and when caller speech cuts the bot off.
 
-It sits after the VAD and STT. It keeps the :class:`Conversation`: the caller's final transcripts, and the bot's
-replies as the output reports them heard. Every caller turn opens a new epoch; if anything of the old epoch is
-still in flight (a reply being generated or played), the :class:`Interrupt` cancels it.
+It sits after the VAD and STT. It keeps the :class:`Conversation`: the caller's final transcripts, the bot's
+replies as the output reports them heard, and the results of the tools the reasoner ran. Every caller turn opens a
+new epoch; if anything of the old epoch is still in flight (a reply being generated or played), the
+:class:`Interrupt` cancels it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from voxpipe.pipeline import (
     EndOfTurn,
     Frame,
     Stage,
+    ToolResult,
+    ToolUse,
     Transcript,
     TurnPolicy,
     UserSpeechStarted,
@@ -65,6 +68,10 @@ class TurnTaker(Stage):
             elif isinstance(frame, BotStoppedSpeaking):
                 self.bot_speaking = False
                 self.conversation.add_assistant(frame.heard, frame.interrupted)
+            elif isinstance(frame, ToolResult):
+                use = ToolUse(frame.call_id, frame.name, frame.arguments, frame.result, frame.error)
+                self.conversation.add_tool(use)
+                return  # recorded: the reasoner's tool results go no further upstream
             await self.push(frame, direction)
             return
         if isinstance(frame, AudioFrame):

@@ -9,6 +9,9 @@ voiced samples — not the time of the decision, so that latency is measured fro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
 
 from voxpipe.pipeline import (
     AudioFormat,
@@ -80,3 +83,18 @@ class VADStage(Stage):
                 epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=self._last_voiced
             )
             await self.push(stopped)
+
+
+class NoVADSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoVAD(Stage):
+    """No local VAD (``vad: {provider: none}``): audio passes through, and the speech events come from the STT
+    instead — a cloud STT that reports them itself (Deepgram's ``speech_events``)."""
+
+    Settings: ClassVar[type[BaseModel]] = NoVADSettings
+
+    @classmethod
+    def from_settings(cls, settings: NoVADSettings, context: Any, name: str) -> NoVAD:
+        return cls(name=name)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import EndOfTurn, ToolCall
-from voxpipe.stages.llm import LLMStage, Tool
+from voxpipe.stages.llm import AuditSink, LLMStage
+from voxpipe.stages.tools import ToolsLike
 
 _TOKEN = re.compile(r"\s*\S+")
 
@@ -58,10 +59,11 @@ class ScriptedLLM(LLMStage):
         *,
         ttft_s: float = 0.2,
         tokens_per_s: float = 40.0,
-        tools: Mapping[str, Tool] | None = None,
+        tools: ToolsLike | None = None,
+        audit: AuditSink | None = None,
         name: str = "llm",
     ) -> None:
-        super().__init__(tools=tools, name=name)
+        super().__init__(tools=tools, audit=audit, name=name)
         if tokens_per_s <= 0:
             raise ValueError(f"{name}: tokens_per_s must be positive, got {tokens_per_s}")
         self.replies = replies

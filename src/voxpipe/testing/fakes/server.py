@@ -1,0 +1,192 @@
+"""What every loopback fake shares: an aiohttp server on 127.0.0.1, injected failures, and a log of what the
+client did, which tests wait on instead of sleeping.
+
+A fake speaks its provider's real protocol (``docs/providers-wire.md`` of the design notes) so the provider's
+official SDK runs against it unmodified, pointed at :attr:`FakeServer.url` / :attr:`FakeServer.ws_url`.
+
+    async with FakeAnthropic(replies=["Hello there."]) as fake:
+        client = AsyncAnthropic(api_key=fake.api_key, base_url=fake.url, max_retries=0)
+        ...
+        await fake.wait_for("disconnect")       # the SDK closed the stream (a barge-in)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self
+
+from aiohttp import web
+
+Corruption = Literal["malformed-json", "unknown-event", "bad-audio"]
+
+
+@dataclass
+class Faults:
+    """Failures a fake injects; the defaults inject none.
+
+    * ``refuse`` — answer the handshake or request with this HTTP status (401, 429, 500, 503…) and the provider's
+      own error body;
+    * ``stall_s`` — wait this long before the first byte of each response (a provider that hangs);
+    * ``drop_after`` — disconnect abruptly after this many response messages or audio chunks;
+    * ``corrupt`` — send one broken message in place of the first normal one: JSON that does not parse, an event
+      type the provider does not have, or audio in an encoding other than the one asked for.
+    """
+
+    refuse: int | None = None
+    stall_s: float = 0.0
+    drop_after: int | None = None
+    corrupt: Corruption | None = None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One thing the fake observed, in order: ``kind`` is e.g. ``connect``, ``message``, ``cancel``,
+    ``disconnect``, ``close``; ``data`` holds its details (headers, the parsed message…)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    at: float = 0.0
+
+
+class FakeServer:
+    """Base of the loopback fakes. Subclasses add routes in :meth:`routes` and call :meth:`record` for what they
+    observe; :meth:`refusal` gives them the injected or authentication failure for a request."""
+
+    provider = "fake"
+
+    def __init__(self, *, faults: Faults | None = None, api_key: str = "test-key") -> None:
+        self.faults = faults or Faults()
+        self.api_key = api_key
+        self.seen: list[Seen] = []
+        self._changed: asyncio.Event | None = None
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> Self:
+        app = web.Application()
+        self.routes(app)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runner = runner
+        self._port = runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        for socket in list(self._sockets):
+            await socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError(f"fake {self.provider} is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    # ------------------------------------------------------------------------- what was seen
+
+    def record(self, kind: str, **data: Any) -> None:
+        self.seen.append(Seen(kind, data, time.monotonic()))
+        if self._changed is not None:
+            self._changed.set()
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.seen]
+
+    def of(self, kind: str) -> list[Seen]:
+        return [s for s in self.seen if s.kind == kind]
+
+    async def wait_for(
+        self, kind: str, predicate: Callable[[Seen], bool] | None = None, *, within_s: float = 5.0
+    ) -> Seen:
+        """The first record of ``kind`` (matching ``predicate``), waiting up to ``within_s`` seconds for it."""
+
+        def find() -> Seen | None:
+            return next((s for s in self.seen if s.kind == kind and (predicate is None or predicate(s))), None)
+
+        async with asyncio.timeout(within_s):
+            while (found := find()) is None:
+                self._changed = asyncio.Event()
+                await self._changed.wait()
+        return found
+
+    # ---------------------------------------------------------------------- failure injection
+
+    def authorized(self, request: web.Request) -> bool:
+        """Whether the request carries this provider's credentials for :attr:`api_key`."""
+        raise NotImplementedError
+
+    def error_body(self, status: int) -> dict[str, Any]:
+        """The provider's own JSON error body for an HTTP status."""
+        return {"error": {"status": status, "message": f"fake {self.provider}: HTTP {status}"}}
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The response refusing this request — bad credentials (401) or an injected status — or None."""
+        self.record("connect", path=request.path, query=dict(request.query), headers=dict(request.headers))
+        status = self.faults.refuse
+        if status is None and not self.authorized(request):
+            status = 401
+        if status is None:
+            return None
+        self.record("refused", status=status)
+        return web.json_response(self.error_body(status), status=status)
+
+    async def stall(self) -> None:
+        if self.faults.stall_s > 0:
+            self.record("stall", seconds=self.faults.stall_s)
+            await asyncio.sleep(self.faults.stall_s)
+
+    def should_drop(self, sent: int) -> bool:
+        """Whether to disconnect now, having sent ``sent`` messages or chunks of the current response."""
+        drop = self.faults.drop_after
+        return drop is not None and sent >= drop
+
+    def take_corruption(self) -> Corruption | None:
+        """The injected corruption, once: the first message after it is normal again."""
+        corrupt, self.faults.corrupt = self.faults.corrupt, None
+        if corrupt is not None:
+            self.record("corrupted", how=corrupt)
+        return corrupt
+
+    # ---------------------------------------------------------------------------- websockets
+
+    def track(self, socket: web.WebSocketResponse) -> web.WebSocketResponse:
+        """Remember an open websocket so :meth:`stop` can close it (an idle client would hold shutdown open)."""
+        self._sockets.add(socket)
+        return socket
+
+    def untrack(self, socket: web.WebSocketResponse) -> None:
+        self._sockets.discard(socket)
+
+    async def drop(self, request: web.Request) -> None:
+        """Disconnect abruptly, without a close frame or the end of the HTTP body: a provider dying mid-stream."""
+        self.record("dropped")
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
