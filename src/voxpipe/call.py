@@ -5,24 +5,31 @@
 * ``recording.wav`` — stereo, caller left, bot right, as the transport saw them;
 * ``trace.jsonl`` — one record per turn, written as each turn finishes;
 * ``transcript.json`` — the turns, who spoke, interrupted flags and the words the caller heard;
-* ``report.html`` — the per-turn report.
+* ``report.html`` — the per-turn report;
+* ``tools.jsonl`` — one line per tool invocation, as it finishes (only when the reasoner has tools).
+
+Usage of metered services (tokens, characters, audio seconds) and its cost under the config's price table are in
+each turn's trace record and, for the whole call, in ``transcript.json`` and :class:`CallResult`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxpipe.config import BuildContext, PipelineConfig, Registry, build_pipeline
+from voxpipe.config import KINDS, BuildContext, PipelineConfig, Registry, build_pipeline
+from voxpipe.config.prices import price_table
 from voxpipe.pipeline import (
     AudioFormat,
     Clock,
     Conversation,
     JsonlTraceWriter,
+    Message,
     Pipeline,
     Stage,
     Summary,
@@ -31,6 +38,9 @@ from voxpipe.pipeline import (
     TurnRecord,
     VirtualClock,
 )
+from voxpipe.pipeline.usage import Prices, cost
+from voxpipe.stages.llm import AuditSink
+from voxpipe.stages.tools import ToolAuditLog
 from voxpipe.stages.turn import TurnTaker
 from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedSTT, ScriptedTTS, ScriptedVAD
 from voxpipe.testing.caller import Step, Voice
@@ -51,6 +61,8 @@ class CallResult:
     conversation: Conversation
     transcript: list[dict[str, Any]]
     outcome: str
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    cost_usd: dict[str, float] = field(default_factory=dict)
 
 
 def scripted_pipeline(
@@ -64,6 +76,7 @@ def scripted_pipeline(
     clock: Clock,
     audio: AudioFormat = AudioFormat(16000),
     tools: dict[str, Any] | None = None,
+    tool_audit: AuditSink | None = None,
     llm_ttft_s: float = 0.2,
     tts_ttfa_s: float = 0.12,
 ) -> tuple[Pipeline, Conversation]:
@@ -74,7 +87,7 @@ def scripted_pipeline(
         ScriptedVAD(audio),
         ScriptedSTT(caller),
         TurnTaker(conversation, policy),
-        ScriptedLLM(replies, tools=tools, ttft_s=llm_ttft_s),
+        ScriptedLLM(replies, tools=tools, audit=tool_audit, ttft_s=llm_ttft_s),
         ScriptedTTS(audio, ttfa_s=tts_ttfa_s),
         PlayoutOutput(audio, recorder),
     ]
@@ -129,17 +142,25 @@ def run_call(
     caller = ScriptedCaller(script, sample_rate)
     recorder = StereoRecorder(sample_rate)
     tracer = Tracer()
-    pipeline, conversation = scripted_pipeline(
-        caller,
-        recorder,
-        tracer,
-        replies=replies,
-        policy=policy,
-        clock=clock,
-        tools=tools,
-        audio=AudioFormat(sample_rate),
-    )
-    return run_pipeline_call(pipeline, conversation, tracer, recorder, out_dir, on_turn=on_turn)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    audit = ToolAuditLog(out / "tools.jsonl") if tools else None
+    try:
+        pipeline, conversation = scripted_pipeline(
+            caller,
+            recorder,
+            tracer,
+            replies=replies,
+            policy=policy,
+            clock=clock,
+            tools=tools,
+            tool_audit=audit,
+            audio=AudioFormat(sample_rate),
+        )
+        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn)
+    finally:
+        if audit is not None:
+            audit.close()
 
 
 def run_configured_call(
@@ -152,23 +173,33 @@ def run_configured_call(
     caller_voice: Voice | None = None,
     on_turn: Callable[[TurnRecord], None] | None = None,
     registry: Registry | None = None,
+    tools: dict[str, Any] | None = None,
 ) -> CallResult:
-    """Run a call against the pipeline a config describes, with a scripted caller on the other end."""
+    """Run a call against the pipeline a config describes, with a scripted caller on the other end; ``tools`` are
+    added to the config's."""
     audio = AudioFormat(config.audio.sample_rate)
     caller = ScriptedCaller(script, audio.sample_rate, voice=caller_voice)
     recorder = StereoRecorder(audio.sample_rate)
     tracer = Tracer()
-    pipeline, conversation = build_pipeline(
-        config,
-        settings,
-        input_stage=SimulatedInput(caller, audio, recorder=recorder),
-        output_stage=PlayoutOutput(audio, recorder),
-        context=BuildContext(audio=audio, caller=caller),
-        clock=clock or VirtualClock(),
-        tracer=tracer,
-        registry=registry,
-    )
-    return run_pipeline_call(pipeline, conversation, tracer, recorder, out_dir, on_turn=on_turn)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    audit = ToolAuditLog(out / "tools.jsonl") if config.tools or tools else None
+    try:
+        pipeline, conversation = build_pipeline(
+            config,
+            settings,
+            input_stage=SimulatedInput(caller, audio, recorder=recorder),
+            output_stage=PlayoutOutput(audio, recorder),
+            context=BuildContext(audio=audio, caller=caller, tools=tools or {}, tool_audit=audit),
+            clock=clock or VirtualClock(),
+            tracer=tracer,
+            registry=registry,
+        )
+        prices = price_table({kind: config.stage(kind).provider for kind in KINDS}, config.pricing)
+        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, prices=prices)
+    finally:
+        if audit is not None:
+            audit.close()
 
 
 def run_pipeline_call(
@@ -179,8 +210,10 @@ def run_pipeline_call(
     out_dir: str | Path,
     *,
     on_turn: Callable[[TurnRecord], None] | None = None,
+    prices: Prices | None = None,
 ) -> CallResult:
-    """Run ``pipeline`` to the end on its clock and write the four artefacts.
+    """Run ``pipeline`` to the end on its clock and write the four artefacts; ``prices`` (USD per unit, by stage)
+    put a cost on each turn's usage and on the call's.
 
     The trace is written turn by turn as the call goes. If the call fails, the recording, transcript and report of
     what happened so far are still written, ``transcript.json`` says ``"status": "failed"`` with the error, and the
@@ -190,6 +223,13 @@ def run_pipeline_call(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prices = prices or {}
+
+    def price_turn(record: TurnRecord) -> None:
+        if "usage" in record.data:
+            record.data["cost_usd"] = cost(record.data["usage"], prices)
+
+    tracer.on_turn(price_turn)  # before the writer, so the trace line carries it
     writer = JsonlTraceWriter(out / "trace.jsonl")
     tracer.on_turn(writer)
     if on_turn is not None:
@@ -208,15 +248,25 @@ def run_pipeline_call(
         turns = sorted(tracer.turns, key=lambda r: r.turn)
         transcript = transcript_of(turns)
         status = {"status": "failed", "error": error} if error else {"status": outcome}
+        usage = {stage: dict(counts) for stage, counts in pipeline.usage.totals.items()}
+        call_cost = cost(usage, prices)
         document = {
             **status,
             "system": conversation.system,
             "turns": transcript,
-            "conversation": [
-                {"role": m.role, "text": m.text, "interrupted": m.interrupted} for m in conversation.messages
-            ],
+            "conversation": [_message_json(m) for m in conversation.messages],
+            "errors": [{"stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
+            "usage": usage,
+            "cost_usd": call_cost,
         }
         (out / "transcript.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
         summary = Summary.of(turns)
         write_report(out / "report.html", turns, summary, transcript, recording=out / "recording.wav")
-    return CallResult(out, turns, summary, conversation, transcript, outcome)
+    return CallResult(out, turns, summary, conversation, transcript, outcome, usage, call_cost)
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    entry: dict[str, Any] = {"role": message.role, "text": message.text, "interrupted": message.interrupted}
+    if message.tool is not None:
+        entry["tool"] = dataclasses.asdict(message.tool)
+    return entry

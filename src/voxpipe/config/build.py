@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,18 +11,39 @@ from typing import Any
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
 from voxpipe.config.schema import PipelineConfig
-from voxpipe.pipeline import AudioFormat, Clock, Conversation, Pipeline, Stage, Tracer, TurnPolicy
+from voxpipe.pipeline import AudioFormat, Clock, Conversation, ErrorPolicy, Pipeline, Stage, Tracer, TurnPolicy
+from voxpipe.stages.llm import AuditSink, LLMStage
+from voxpipe.stages.tools import Tool, import_function, tools_by_name
 from voxpipe.stages.turn import TurnTaker
 
 
 @dataclass
 class BuildContext:
     """What a provider may need beyond its settings: the call's audio format and, for scripted providers, the
-    scripted caller (its words are what ScriptedSTT "recognises"); tools for the reasoner."""
+    scripted caller (its words are what ScriptedSTT "recognises"); tools for the reasoner (given in code, added to
+    the config's) and where their invocations are audited."""
 
     audio: AudioFormat
     caller: Any = None
     tools: Mapping[str, Any] = field(default_factory=dict)
+    tool_audit: AuditSink | None = None
+
+
+def config_tools(config: PipelineConfig) -> dict[str, Tool]:
+    """The config's ``tools:`` as :class:`Tool` objects (imports each function)."""
+    tools = [
+        Tool.of(
+            import_function(item.function),
+            name=item.name,
+            description=item.description,
+            timeout_s=item.timeout_s,
+            on_barge_in=item.on_barge_in,
+            filler=item.filler,
+            filler_after_s=item.filler_after_s,
+        )
+        for item in config.tools
+    ]
+    return tools_by_name(tools)
 
 
 def construct(provider: type, settings: Any, context: BuildContext, name: str) -> Stage:
@@ -35,9 +57,7 @@ def construct(provider: type, settings: Any, context: BuildContext, name: str) -
     extras: dict[str, Any] = {"name": name}
     if "audio" in parameters:
         extras["audio"] = context.audio
-    if context.tools and name == "llm":
-        if "tools" not in parameters:
-            raise ConfigError("llm.provider", f"provider {provider.__name__} does not support tools")
+    if context.tools and name == "llm" and "tools" in parameters:
         extras["tools"] = dict(context.tools)
     built: Stage = provider(settings, **extras)
     return built
@@ -62,10 +82,17 @@ def build_pipeline(
         min_words=config.turn.min_words,
         backchannels=frozenset(word.lower() for word in config.turn.backchannels),
     )
+    tools = {**config_tools(config), **tools_by_name(context.tools)}
+    context = dataclasses.replace(context, tools=tools)
     cascade: dict[str, Stage] = {}
     for kind in KINDS:
-        provider = registry.get(kind, config.stage(kind).provider).load()
-        cascade[kind] = construct(provider, settings[kind], context, kind)
+        stage_config = config.stage(kind)
+        provider = registry.get(kind, stage_config.provider).load()
+        stage = construct(provider, settings[kind], context, kind)
+        if stage_config.on_error is not None:
+            stage.error_policy = ErrorPolicy(stage_config.on_error)
+        cascade[kind] = stage
+    _give_tools(cascade["llm"], context, config.stage("llm").provider)
     stages = [
         input_stage,
         cascade["vad"],
@@ -76,3 +103,15 @@ def build_pipeline(
         output_stage,
     ]
     return Pipeline(stages, clock=clock, tracer=tracer, name="call"), conversation
+
+
+def _give_tools(llm: Stage, context: BuildContext, provider: str) -> None:
+    """The reasoner gets the tools and the audit log whichever way it was built; one that cannot call tools
+    (it does not run the tool loop) is refused rather than silently ignoring them."""
+    if not isinstance(llm, LLMStage) or not llm.supports_tools:
+        if context.tools:
+            raise ConfigError("llm.provider", f"provider {provider!r} does not support tools", "anthropic, scripted")
+        return
+    llm.tools = dict(context.tools)
+    if context.tool_audit is not None:
+        llm.audit = context.tool_audit

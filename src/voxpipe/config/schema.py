@@ -15,7 +15,7 @@ against the provider's ``Settings`` model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,6 +24,7 @@ from voxpipe.config.env import interpolate
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
 from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS
+from voxpipe.stages.tools import ToolError
 
 
 class Strict(BaseModel):
@@ -42,16 +43,38 @@ class TurnConfig(Strict):
     )
 
 
+OnError = Literal["stop", "skip-turn", "skip-frame"]
+
+
 class StageConfig(BaseModel):
     """``provider`` plus that provider's settings (kept as extra keys, validated by the provider's model)."""
 
     model_config = ConfigDict(extra="allow")
 
     provider: str = Field(description="registered provider name")
+    on_error: OnError | None = Field(
+        None,
+        description="when the provider fails: stop the call, skip the turn (abandon the reply, carry on) or skip "
+        "the frame; unset keeps the provider's own default (stop)",
+    )
 
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class ToolConfig(Strict):
+    """A tool the reasoner may call: a Python function named by import path, and how it is run."""
+
+    function: str = Field(description="import path, 'package.module:function'")
+    name: str | None = Field(None, description="name the model sees (default: the function's name)")
+    description: str | None = Field(None, description="what the model is told (default: the docstring)")
+    timeout_s: float = Field(10.0, gt=0, le=600, description="the model gets an error result after this long")
+    on_barge_in: Literal["cancel", "finish"] = Field(
+        "cancel", description="cancel the call with the reply, or finish it and keep the result"
+    )
+    filler: str | None = Field(None, description="a line spoken if the tool is slow")
+    filler_after_s: float = Field(1.5, ge=0, le=60, description="how slow is slow")
 
 
 class TransportConfig(Strict):
@@ -69,6 +92,12 @@ class PipelineConfig(Strict):
     llm: StageConfig = Field(default_factory=lambda: StageConfig(provider="llama"))
     tts: StageConfig = Field(default_factory=lambda: StageConfig(provider="piper"))
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    tools: list[ToolConfig] = Field(default_factory=list)
+    pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[str, Annotated[float, Field(ge=0)]]] = Field(
+        default_factory=dict,
+        description="USD per unit of each usage counter, by stage (input_tokens, output_tokens, characters, "
+        "audio_seconds); overrides the provider's list prices in voxpipe.config.prices",
+    )
 
     def stage(self, kind: str) -> StageConfig:
         config: StageConfig = getattr(self, kind)
@@ -129,6 +158,7 @@ def parse_config(data: Any, registry: Registry | None = None) -> tuple[PipelineC
             ]
     for kind, validated in settings.items():
         problems += _missing_model_files(kind, validated)
+    problems += _tool_problems(config)
     if problems:
         raise ConfigError.many(problems)
     return config, settings
@@ -147,6 +177,19 @@ def _missing_model_files(kind: str, settings: BaseModel) -> list[tuple[str, str,
             path = Path(value).expanduser()
             if not path.exists():
                 problems.append((f"{kind}.{key}", f"model file {path} does not exist", "an existing path"))
+    return problems
+
+
+def _tool_problems(config: PipelineConfig) -> list[tuple[str, str, str]]:
+    """Each configured tool must import and be describable to a model (type hints on every argument)."""
+    from voxpipe.config.build import config_tools  # build imports the stages; keep the schema light
+
+    problems = []
+    for index, tool in enumerate(config.tools):
+        try:
+            config_tools(PipelineConfig(tools=[tool]))
+        except ToolError as exc:
+            problems.append((f"tools[{index}].function", str(exc), "'package.module:function' with type hints"))
     return problems
 
 

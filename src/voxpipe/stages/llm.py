@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from voxpipe.pipeline import (
     UPSTREAM,
@@ -44,7 +44,10 @@ AuditSink = Callable[[Mapping[str, Any]], None]
 
 
 class LLMStage(QueuedStage):
-    """Base of reasoner stages."""
+    """Base of reasoner stages. ``supports_tools``: whether the provider's model can ask for tools (the stage runs
+    them either way; a config that gives tools to a provider without it is refused)."""
+
+    supports_tools: ClassVar[bool] = False
 
     def __init__(
         self,

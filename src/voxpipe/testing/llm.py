@@ -45,6 +45,7 @@ class ScriptedLLM(LLMStage):
     """Answers turn ``n`` with ``replies[n]`` (cycling), or with ``replies(turn)`` if it is a function."""
 
     Settings: ClassVar[type[BaseModel]] = ScriptedLLMSettings
+    supports_tools: ClassVar[bool] = True
 
     @classmethod
     def from_settings(cls, settings: ScriptedLLMSettings, context: Any, name: str) -> ScriptedLLM:

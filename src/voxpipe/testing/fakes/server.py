@@ -13,8 +13,10 @@ official SDK runs against it unmodified, pointed at :attr:`FakeServer.url` / :at
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
@@ -62,6 +64,7 @@ class FakeServer:
         self.api_key = api_key
         self.seen: list[Seen] = []
         self._changed: asyncio.Event | None = None
+        self._waiter_loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -113,8 +116,9 @@ class FakeServer:
 
     def record(self, kind: str, **data: Any) -> None:
         self.seen.append(Seen(kind, data, time.monotonic()))
-        if self._changed is not None:
-            self._changed.set()
+        changed, loop = self._changed, self._waiter_loop
+        if changed is not None and loop is not None:
+            loop.call_soon_threadsafe(changed.set)  # the waiter may be on another thread's loop (see serving())
 
     def kinds(self) -> list[str]:
         return [s.kind for s in self.seen]
@@ -132,7 +136,9 @@ class FakeServer:
 
         async with asyncio.timeout(within_s):
             while (found := find()) is None:
-                self._changed = asyncio.Event()
+                self._changed, self._waiter_loop = asyncio.Event(), asyncio.get_running_loop()
+                if (found := find()) is not None:
+                    break
                 await self._changed.wait()
         return found
 
@@ -190,3 +196,28 @@ class FakeServer:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+
+@contextlib.contextmanager
+def serving(*fakes: FakeServer, within_s: float = 10.0) -> Iterator[tuple[FakeServer, ...]]:
+    """Serve ``fakes`` from a thread with its own event loop, for code that runs a loop of its own — such as
+    ``voxpipe.call.run_configured_call`` or ``voxpipe call --fake-providers``. Inspect ``fake.seen`` afterwards."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="voxpipe-fakes", daemon=True)
+    thread.start()
+
+    def call(coroutine: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=within_s)
+
+    started: list[FakeServer] = []
+    try:
+        for fake in fakes:
+            call(fake.start())
+            started.append(fake)
+        yield fakes
+    finally:
+        for fake in started:
+            call(fake.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=within_s)
+        loop.close()

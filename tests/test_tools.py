@@ -1,0 +1,187 @@
+"""Tools: described from type hints and docstrings; run by the reasoner with timeouts, barge-in policies, fillers
+and an audit log — tested with the scripted LLM, so no provider is involved."""
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from voxpipe.call import run_call
+from voxpipe.config import ConfigError, parse_config
+from voxpipe.config.build import config_tools
+from voxpipe.stages.tools import Tool, ToolError
+from voxpipe.testing import Say, ScriptedReply
+
+
+async def book_table(name: str, people: int, time: str = "19:00") -> dict:
+    """Book a table at the restaurant.
+
+    Args:
+        name: who the booking is for
+        people: how many people are coming
+        time: when, as HH:MM
+    """
+    await asyncio.sleep(3.0)  # virtual time in these tests: the scripted calls run under VirtualClock
+    return {"booked": True, "name": name, "people": people, "time": time}
+
+
+def test_schema_comes_from_type_hints_and_docstring():
+    spec = Tool.of(book_table).spec()
+    assert spec["name"] == "book_table"
+    assert spec["description"] == "Book a table at the restaurant."
+    schema = spec["input_schema"]
+    assert schema["type"] == "object"
+    assert schema["required"] == ["name", "people"]
+    assert schema["properties"]["people"] == {"type": "integer", "description": "how many people are coming"}
+    assert schema["properties"]["time"]["default"] == "19:00"
+    assert schema["additionalProperties"] is False
+
+
+def test_a_function_the_model_cannot_be_told_about_is_refused():
+    def untyped(city):
+        return city
+
+    def star(*cities: str) -> str:
+        return ""
+
+    with pytest.raises(ToolError, match="argument 'city' needs a type hint"):
+        Tool.of(untyped)
+    with pytest.raises(ToolError, match=r"\*args"):
+        Tool.of(star)
+
+
+@pytest.mark.asyncio
+async def test_invoke_checks_arguments_and_runs_sync_functions_off_the_loop():
+    import threading
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    assert await Tool.of(where).invoke({}) != threading.current_thread().name
+    with pytest.raises(ToolError, match=r"tool 'book_table' was called with bad arguments: people: .*integer"):
+        await Tool.of(book_table).invoke({"name": "Rossi", "people": "many"})
+
+
+@pytest.mark.asyncio
+async def test_results_json_cannot_carry_are_a_clear_error_and_dataclasses_are_fine():
+    @dataclass
+    class Slot:
+        time: str
+
+    def slot() -> Slot:
+        return Slot("20:00")
+
+    def handle() -> object:
+        return object()
+
+    assert await Tool.of(slot).invoke({}) == {"time": "20:00"}
+    with pytest.raises(ToolError, match="returned a object, which cannot be sent to the model as JSON"):
+        await Tool.of(handle).invoke({})
+
+
+BOOKING = [Say("Book a table for two at eight, name Rossi.", pause=0.4), Say("Thanks.", pause=0.8)]
+
+
+def _booking_reply() -> ScriptedReply:
+    arguments = {"name": "Rossi", "people": 2, "time": "20:00"}
+    return ScriptedReply("Done: {result}.", tool="book_table", arguments=arguments)
+
+
+def _audit(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "tools.jsonl").read_text().splitlines()]
+
+
+def test_a_slow_tool_gets_a_filler_line_and_its_result_and_audit(tmp_path):
+    tool = Tool.of(book_table, filler="One moment, I'm booking that.", filler_after_s=0.5)
+    result = run_call(BOOKING, tmp_path, replies=[_booking_reply(), "Bye."], tools={"book_table": tool})
+    first = result.turns[0]
+    assert first.data["bot_text"].startswith("Done: {'booked': True")
+    spoken = [line["heard"] for line in result.transcript if line["speaker"] == "bot"]
+    assert spoken[0].startswith("One moment, I'm booking that. Done:")
+    # The filler is what the caller hears first: voice-to-voice is measured to it, not to the tool's answer.
+    assert first.voice_to_voice_ms < 1500
+    [entry] = _audit(tmp_path)
+    assert entry["tool"] == "book_table" and entry["outcome"] == "ok" and entry["epoch"] == first.turn
+    assert entry["arguments"] == {"name": "Rossi", "people": 2, "time": "20:00"}
+    assert entry["result"]["booked"] is True and entry["duration_s"] == pytest.approx(3.0, abs=0.01)
+    tool_messages = [m for m in result.conversation.messages if m.role == "tool"]
+    assert [m.tool.name for m in tool_messages] == ["book_table"]
+
+
+BARGE_IN = [
+    Say("Book a table for two at eight, name Rossi.", pause=0.4),
+    Say("Actually wait, make it nine.", barge_in=0.9),
+    Say("Thanks.", pause=0.8),
+]
+
+
+@pytest.mark.parametrize("policy", ["cancel", "finish"])
+def test_barge_in_cancels_or_finishes_the_tool_by_policy(tmp_path, policy):
+    tool = Tool.of(book_table, filler="One moment, I'm booking that.", filler_after_s=0.3, on_barge_in=policy)
+    replies = [_booking_reply(), "Sure, nine then.", "Bye."]
+    result = run_call(BARGE_IN, tmp_path, replies=replies, tools={"book_table": tool})
+    assert result.turns[0].interrupted, "the caller cut the filler off"
+    [entry] = _audit(tmp_path)
+    tool_messages = [m for m in result.conversation.messages if m.role == "tool"]
+    if policy == "cancel":
+        assert entry["outcome"] == "cancelled" and "result" not in entry
+        assert entry["duration_s"] < 3.0
+        assert tool_messages == [], "a cancelled tool leaves nothing in the conversation"
+    else:
+        assert entry["outcome"] == "finished-after-barge-in" and entry["result"]["booked"] is True
+        assert entry["duration_s"] == pytest.approx(3.0, abs=0.01)
+        assert [m.tool.result["booked"] for m in tool_messages] == [True], "the booking made is remembered"
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert [m["role"] for m in transcript["conversation"]].count("tool") == (policy == "finish")
+
+
+def test_a_tool_that_times_out_gives_the_model_an_error_and_an_error_frame(tmp_path):
+    tool = Tool.of(book_table, timeout_s=1.0)
+    reply = ScriptedReply("Sorry, {result}.", tool="book_table", arguments={"name": "Rossi", "people": 2})
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools={"book_table": tool})
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "timeout" and entry["error"] == "tool 'book_table' timed out after 1 s"
+    assert "timed out after 1 s" in result.turns[0].data["bot_text"]
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert transcript["status"] == "ended"
+    assert transcript["errors"] == [
+        {"stage": "llm", "error": "llm: tool 'book_table' timed out after 1 s", "fatal": False}
+    ]
+
+
+def test_a_non_serializable_result_is_a_named_error_and_the_call_goes_on(tmp_path):
+    def lookup() -> object:
+        return object()
+
+    reply = ScriptedReply("Hmm, {result}.", tool="lookup")
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools={"lookup": lookup})
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "error" and "cannot be sent to the model as JSON" in entry["error"]
+    assert result.outcome == "ended" and len(result.turns) == 2
+    errors = json.loads((tmp_path / "transcript.json").read_text())["errors"]
+    assert errors[0]["stage"] == "llm" and "tool 'lookup' returned a object" in errors[0]["error"]
+
+
+def test_tools_by_import_path_in_config(tmp_path):
+    config, _ = parse_config(
+        {
+            **{kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")},
+            "tools": [{"function": "voxpipe.demo:check_availability", "timeout_s": 2, "on_barge_in": "finish"}],
+        }
+    )
+    [tool] = config_tools(config).values()
+    assert tool.name == "check_availability" and tool.timeout_s == 2 and tool.on_barge_in == "finish"
+    assert tool.input_schema()["required"] == ["time", "people"]
+
+
+def test_a_tool_path_that_does_not_import_names_the_key():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {
+                **{kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")},
+                "tools": [{"function": "voxpipe.demo:no_such_tool"}],
+            }
+        )
+    assert "tools[0].function: tool path 'voxpipe.demo:no_such_tool'" in str(caught.value)
+    assert "has no function 'no_such_tool'" in str(caught.value)
