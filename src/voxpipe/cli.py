@@ -57,6 +57,25 @@ def latency_table(turns: list[TurnRecord], summary: Summary) -> Table:
     return table
 
 
+def usage_table(usage: dict[str, dict[str, float]], cost_usd: dict[str, float]) -> Table | None:
+    """What the call used of metered services, by stage, and what that cost under the config's prices."""
+    if not usage:
+        return None
+    table = Table(title="usage and cost (prices: the config's pricing, else list prices)")
+    table.add_column("stage")
+    table.add_column("usage")
+    table.add_column("USD", justify="right")
+    for stage, counts in usage.items():
+        amounts = ", ".join(f"{_amount(value)} {counter.replace('_', ' ')}" for counter, value in counts.items())
+        table.add_row(stage, amounts, f"{cost_usd.get(stage, 0.0):.5f}")
+    table.add_row("total", "", f"{cost_usd.get('total', 0.0):.5f}", style="bold")
+    return table
+
+
+def _amount(value: float) -> str:
+    return f"{value:.1f}" if value != int(value) else str(int(value))
+
+
 def _script_and_voice(args: argparse.Namespace, scripted: bool) -> tuple[list, Any]:
     """The caller's side: a scenario file, a recorded caller, or the built-in booking call."""
     from voxpipe import demo
@@ -121,6 +140,9 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]{out} holds the call up to the failure (transcript.json says status: failed)[/]")
         return 1
     console.print(latency_table(result.turns, result.summary))
+    usage = usage_table(result.usage, result.cost_usd)
+    if usage is not None:
+        console.print(usage)
     for name in ARTEFACTS:
         console.print(f"  wrote {out / name}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from voxpipe.testing import Noise, Say, ScriptedReply
 from voxpipe.testing.caller import Step
 
@@ -18,8 +20,25 @@ SCRIPT: list[Step] = [
 
 
 def check_availability(time: str, people: int) -> str:
-    """Look up whether a table is free (scripted: always yes)."""
+    """Look up whether a table is free (scripted: always yes).
+
+    Args:
+        time: when, e.g. "7:30 pm"
+        people: how many people
+    """
     return f"a table for {people} at {time} is free"
+
+
+async def book_table(name: str, people: int, time: str) -> dict[str, object]:
+    """Book a table (scripted: always succeeds, after a short wait like a real booking system's).
+
+    Args:
+        name: the name the booking is under
+        people: how many people
+        time: when, e.g. "8 pm"
+    """
+    await asyncio.sleep(0.4)
+    return {"booked": True, "name": name, "people": people, "time": time, "reference": f"LU-{people}{len(name)}"}
 
 
 REPLIES: list[str | ScriptedReply] = [

@@ -29,10 +29,20 @@ class ScriptedReply:
 Replies = Sequence[str | ScriptedReply] | Callable[[EndOfTurn], str | ScriptedReply]
 
 
+class ScriptedToolReply(BaseModel):
+    """A reply that calls ``tool`` with ``arguments`` first; ``text`` may use ``{result}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
 class ScriptedLLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    replies: list[str] = Field(
+    replies: list[str | ScriptedToolReply] = Field(
         default_factory=lambda: ["Sure, I can help with that. What else would you like to know?"],
         min_length=1,
         description="reply n answers caller turn n (cycling)",
@@ -49,7 +59,10 @@ class ScriptedLLM(LLMStage):
 
     @classmethod
     def from_settings(cls, settings: ScriptedLLMSettings, context: Any, name: str) -> ScriptedLLM:
-        replies: list[str | ScriptedReply] = list(settings.replies)
+        replies: list[str | ScriptedReply] = [
+            r if isinstance(r, str) else ScriptedReply(r.text, tool=r.tool, arguments=dict(r.arguments))
+            for r in settings.replies
+        ]
         return cls(
             replies, ttft_s=settings.ttft_s, tokens_per_s=settings.tokens_per_s, tools=dict(context.tools), name=name
         )
