@@ -1,0 +1,720 @@
+"""Streaming speech-to-text with Deepgram's live Listen v1 API, through the official ``deepgram-sdk`` (7.x).
+
+One WebSocket per call, opened in :meth:`DeepgramSTT.start` so the first turn does not pay for the handshake, and
+owned by the stage (a task the pipeline owns). Every caller frame passes straight through (the turn-taker times
+barge-ins on audio) and is streamed to Deepgram as linear16 at the call's rate. Deepgram answers with interim
+results (→ partial :class:`Transcript` frames: the utterance's finalized segments plus the current interim) and
+``is_final`` segments, which accumulate until the utterance's single final transcript:
+
+* with a local VAD (the default), at each :class:`UserSpeechStopped` the stage sends ``Finalize`` and emits the
+  final when the ``from_finalize`` answer arrives — or at once, when ``is_final`` results already cover the speech
+  up to the VAD's last voiced sample (Deepgram's endpointing usually fires before the VAD's hang-over ends) — or,
+  after ``finalize_timeout_s``, with what it has, reported as a non-fatal error;
+* with ``speech_events: true`` (for ``vad: {provider: none}``) the stage itself emits :class:`UserSpeechStarted` on
+  Deepgram's ``SpeechStarted`` and :class:`UserSpeechStopped` on a ``speech_final`` result or ``UtteranceEnd``,
+  Deepgram's audio timestamps mapped to the call's clock through the ``pts`` of the audio it sent.
+
+Words are assigned to utterances by their position in the audio, so a late result of a finished utterance is
+dropped instead of leaking into the next one. The stage keeps the audio since the last finalized segment: if the
+socket drops (or stalls with a ``Finalize`` unanswered for ``result_timeout_s``) it reconnects, replays that audio
+and any unanswered ``Finalize``, then carries on live; a refused handshake (401/429/5xx) is never retried in a loop
+but is a :class:`ProviderError` naming the status. ``KeepAlive`` goes out every ``keepalive_s`` while no audio flows.
+
+Interrupts do not concern this stage: the caller's speech is what interrupts, and its transcript is the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from voxpipe.pipeline import (
+    AudioFormat,
+    AudioFormatError,
+    AudioFrame,
+    Direction,
+    End,
+    Frame,
+    Stage,
+    Transcript,
+    TranscriptWord,
+    UserSpeechStarted,
+    UserSpeechStopped,
+)
+from voxpipe.stages.cloud import ProviderError, api_key
+
+log = logging.getLogger("voxpipe.stages.deepgram_stt")
+
+PROVIDER = "Deepgram"
+INSTALL_HINT = "pip install 'voxpipe[deepgram]'"
+PRODUCTION_URL = "wss://api.deepgram.com"
+_REFUSALS = {401: "API key rejected", 402: "account out of credit", 403: "API key not allowed to use this model"}
+_PRE_ROLL_S = 0.5  # audio kept while nobody speaks: a drop at a speech onset must not cut the first word
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+class DeepgramSTTSettings(BaseModel):
+    """Deepgram live STT settings; timeouts are seconds, Deepgram's own options keep their names and units."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = Field(default=None, description="Deepgram API key; default: $DEEPGRAM_API_KEY")
+    base_url: str = Field(
+        default=PRODUCTION_URL,
+        pattern=r"^wss?://[^\s]+$",
+        description="Listen WebSocket base URL (/v1/listen is appended); a ws://127.0.0.1:PORT fake in tests",
+    )
+    model: str = Field(default="nova-3", min_length=1, description="Deepgram model")
+    language: str = Field(default="en", min_length=2, max_length=16, description="language code, or 'multi'")
+    keyterms: list[str] = Field(
+        default_factory=list, max_length=100, description="terms to boost (names, products); nova-3 keyterm prompting"
+    )
+    smart_format: bool = Field(default=True, description="punctuation and formatting of numbers, dates, etc.")
+    interim_results: bool = Field(default=True, description="partial transcripts while the caller speaks")
+    endpointing: int | None = Field(
+        default=300, ge=10, le=10000, description="ms of silence before Deepgram marks speech_final; null: off"
+    )
+    utterance_end_ms: int | None = Field(
+        default=1000, ge=1000, le=10000, description="ms without words before an UtteranceEnd; null: off"
+    )
+    speech_events: bool = Field(
+        default=False,
+        description="emit the caller's speech start/stop from Deepgram's events (for vad: {provider: none}); "
+        "with a local VAD, Deepgram's SpeechStarted is only a trace mark",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60, description="longest WebSocket handshake")
+    finalize_timeout_s: float = Field(
+        default=1.5,
+        gt=0,
+        le=30,
+        description="longest wait for the final result after the caller stopped; then the utterance ends with the "
+        "words heard so far (reported)",
+    )
+    result_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="a Finalize unanswered (no message at all) this long: reconnect"
+    )
+    keepalive_s: float = Field(default=4.0, gt=0, le=9, description="KeepAlive period while no audio flows")
+    max_reconnects: int = Field(default=3, ge=0, le=20, description="reconnects in a row before the stage fails")
+    retry_after_s: float = Field(
+        default=5.0, gt=0, le=600, description="after a failure (skip policies), reconnect no sooner than this"
+    )
+    close_timeout_s: float = Field(default=2.0, gt=0, le=30, description="longest wait for Deepgram's close")
+    replay_max_s: float = Field(
+        default=30.0, ge=1, le=300, description="most audio kept for replay after a reconnect (seconds)"
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> DeepgramSTTSettings:
+        if self.utterance_end_ms is not None and not self.interim_results:
+            raise ValueError("utterance_end_ms needs interim_results: true (Deepgram sends UtteranceEnd only then)")
+        if self.speech_events and self.endpointing is None and self.utterance_end_ms is None:
+            raise ValueError("speech_events needs endpointing or utterance_end_ms: nothing would end an utterance")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ audio and time
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    pts: int
+    pcm: bytes
+    samples: int
+
+
+class AudioLog:
+    """The caller audio not yet covered by a final result, by absolute chunk index: what a new socket replays."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[_Chunk] = deque()
+        self.first_index = 0  # index of _chunks[0]
+        self.end_pts = 0
+
+    @property
+    def end_index(self) -> int:
+        return self.first_index + len(self._chunks)
+
+    @property
+    def first_pts(self) -> int:
+        return self._chunks[0].pts if self._chunks else self.end_pts
+
+    def append(self, pts: int, pcm: bytes, samples: int) -> None:
+        self._chunks.append(_Chunk(pts, pcm, samples))
+        self.end_pts = pts + samples
+
+    def get(self, index: int) -> _Chunk | None:
+        offset = index - self.first_index
+        return self._chunks[offset] if 0 <= offset < len(self._chunks) else None
+
+    def forget_before(self, pts: int) -> None:
+        """Drop chunks that end at or before ``pts``."""
+        while self._chunks and self._chunks[0].pts + self._chunks[0].samples <= pts:
+            self._chunks.popleft()
+            self.first_index += 1
+
+
+class StreamTimeline:
+    """Maps a socket's stream time (seconds of audio Deepgram received on it) to the call's sample positions."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._runs: list[tuple[int, int, int]] = []  # (stream sample, pts, samples) of contiguous audio sent
+        self.samples = 0
+
+    def add(self, pts: int, samples: int) -> None:
+        if self._runs:
+            stream0, pts0, length = self._runs[-1]
+            if pts0 + length == pts:
+                self._runs[-1] = (stream0, pts0, length + samples)
+                self.samples += samples
+                return
+        self._runs.append((self.samples, pts, samples))
+        self.samples += samples
+
+    def to_pts(self, stream_s: float) -> int:
+        sample = round(stream_s * self.rate)
+        for stream0, pts0, _length in reversed(self._runs):
+            if sample >= stream0:
+                return pts0 + (sample - stream0)  # past the last run: extrapolated
+        return self._runs[0][1] + sample - self._runs[0][0] if self._runs else sample
+
+
+# ------------------------------------------------------------------------------------------------ utterances
+
+
+@dataclass(frozen=True, slots=True)
+class _Word:
+    text: str
+    start: int  # pts
+    end: int
+
+
+@dataclass(eq=False)
+class PendingFinal:
+    """An utterance that ended (VAD stop, or Deepgram's in speech_events mode), waiting for its final transcript."""
+
+    cut_index: int  # audio chunks before this index belong to it: Finalize goes after them
+    cut_pts: int  # words starting before this sample are its words
+    speech_end_pts: int  # its last voiced sample: is_final results reaching it complete the utterance
+    finalize_on: object | None = None  # the socket its Finalize was sent on
+    answered: bool = False
+    timed_out: bool = False
+    settled: bool = False  # its final transcript went out
+    timer: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Socket:
+    """One live connection: the SDK socket, its time map, how far the audio log was sent, Finalizes in flight."""
+
+    sdk: Any
+    timeline: StreamTimeline
+    cursor: int
+    finalizes: deque[PendingFinal] = field(default_factory=deque)
+    received: int = 0
+
+
+class _ConnectionLost(Exception):
+    """The socket dropped or stalled; the session reconnects (``useful``: it delivered something first)."""
+
+    def __init__(self, reason: str, *, useful: bool) -> None:
+        super().__init__(reason)
+        self.useful = useful
+
+
+@dataclass
+class DeepgramStats:
+    connects: int = 0
+    reconnects: int = 0
+    messages: int = 0  # messages received from Deepgram
+    finals: int = 0
+    partials: int = 0
+    finalize_timeouts: int = 0
+    keepalives: int = 0
+    audio_s: float = 0.0
+
+
+def _sdk() -> Any:
+    """The deepgram package, imported at first use so voxpipe imports without it."""
+    try:
+        import deepgram
+    except ModuleNotFoundError as exc:
+        raise ProviderError(PROVIDER, f"the deepgram-sdk package is not installed: {INSTALL_HINT}") from exc
+    return deepgram
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+class DeepgramSTT(Stage):
+    """Deepgram live STT: audio and VAD events pass through; partial transcripts while the caller speaks; exactly
+    one final transcript per utterance (its text is "" when nothing was recognised)."""
+
+    Settings: ClassVar[type[BaseModel]] = DeepgramSTTSettings
+
+    @classmethod
+    def from_settings(cls, settings: DeepgramSTTSettings, context: Any, name: str) -> DeepgramSTT:
+        key = api_key("stt", PROVIDER, settings.api_key, "DEEPGRAM_API_KEY")  # before anything connects
+        return cls(settings, api_key=key, audio=context.audio, name=name)
+
+    def __init__(
+        self,
+        settings: DeepgramSTTSettings | None = None,
+        *,
+        api_key: str,
+        audio: AudioFormat = AudioFormat(16000),
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or "stt")
+        if audio.channels != 1:
+            raise AudioFormatError(
+                f"stage {self.name!r} (Deepgram STT) takes mono audio, not {audio}; put a Resample("
+                f"{audio.sample_rate}, 1) stage before it"
+            )
+        _sdk()  # a missing SDK fails here, naming the extra, not in the middle of a call
+        self.settings = settings or DeepgramSTTSettings()
+        self.consumes = self._format = audio
+        self._rate = audio.sample_rate
+        self._api_key = api_key
+        self._audio = AudioLog()
+        self._socket: _Socket | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._session_failed_at: float | None = None
+        self._wake = asyncio.Event()  # the sender has audio, a Finalize or the close to send
+        self._closing = False
+        self._speaking = False  # an utterance is open (the VAD's, or Deepgram's in speech_events mode)
+        self._pending: deque[PendingFinal] = deque()  # utterances waiting for their final transcript
+        self._unanswered: deque[PendingFinal] = deque()  # utterances whose Finalize is unsent or unanswered
+        self._no_pending = asyncio.Event()
+        self._no_pending.set()
+        self._final_words: list[_Word] = []  # is_final words not yet given out in a final transcript
+        self._interim_words: list[_Word] = []
+        self._finalized_until = 0  # pts up to which Deepgram's is_final results reach
+        self._given_until = 0  # pts before which every word went out in a final transcript: later ones are stale
+        self._last_partial = ""
+        self._emit_lock = asyncio.Lock()  # finals leave in order, whichever task settles them
+        self._warned_vad = False
+        self.stats = DeepgramStats()
+
+    # ------------------------------------------------------------------------------------------ connect
+
+    async def start(self) -> None:
+        """Open the socket now, so the first turn does not wait for the handshake."""
+        await super().start()
+        self._start_session()
+
+    def _start_session(self) -> None:
+        self._session_failed_at = None
+        self._session = self.spawn(self._run_session(), name=f"{self.name}-deepgram")
+
+    def _client(self) -> Any:
+        deepgram = _sdk()
+        base = self.settings.base_url
+        production = deepgram.DeepgramClientEnvironment.PRODUCTION
+        environment = deepgram.DeepgramClientEnvironment(
+            base="http" + base.removeprefix("ws"),  # REST (unused here) on the same host
+            production=base,
+            agent=production.agent,
+            agent_rest=production.agent_rest,
+        )
+        return deepgram.AsyncDeepgramClient(api_key=self._api_key, environment=environment)
+
+    def _query(self) -> dict[str, Any]:
+        s = self.settings
+        query: dict[str, Any] = {
+            "model": s.model,
+            "language": s.language,
+            "encoding": "linear16",
+            "sample_rate": self._rate,
+            "channels": 1,
+            "interim_results": s.interim_results,
+            "smart_format": s.smart_format,
+            "punctuate": s.smart_format,
+            "vad_events": True,  # SpeechStarted: a speech event, or a trace mark next to a local VAD
+            "endpointing": s.endpointing if s.endpointing is not None else False,
+        }
+        if s.utterance_end_ms is not None:
+            query["utterance_end_ms"] = s.utterance_end_ms
+        if s.keyterms:
+            query["keyterm"] = list(s.keyterms)
+        return query
+
+    async def _run_session(self) -> None:
+        """Connect, serve, reconnect after a drop (up to ``max_reconnects`` in a row); a refusal is final."""
+        client = self._client()
+        failures = 0
+        try:
+            while not self._closing:
+                try:
+                    await self._connect_and_serve(client)
+                    return
+                except _ConnectionLost as lost:
+                    failures = 0 if lost.useful else failures + 1
+                    if failures > self.settings.max_reconnects:
+                        raise ProviderError(
+                            PROVIDER, f"connection lost ({lost}) and {self.settings.max_reconnects} reconnects failed"
+                        ) from lost
+                    if self._closing:
+                        return
+                    self.stats.reconnects += 1
+                    replay_s = (self._audio.end_pts - self._audio.first_pts) / self._rate
+                    self.mark("stt.reconnect", self.pipeline.epoch, reason=str(lost))
+                    await self.report(
+                        f"{PROVIDER}: connection lost ({lost}); reconnecting ({failures or 1} of "
+                        f"{self.settings.max_reconnects}) and replaying {replay_s:.1f} s of the caller's audio"
+                    )
+                    await asyncio.sleep(0.05 * failures)  # a server that refuses connections is not hammered
+        except BaseException:
+            self._session_failed_at = self.clock.now()
+            raise
+
+    async def _connect_and_serve(self, client: Any) -> None:
+        from deepgram.core.api_error import ApiError
+
+        limit = self.settings.connect_timeout_s
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(limit):
+                    sdk_socket = await stack.enter_async_context(client.listen.v1.connect(**self._query()))
+            except ApiError as exc:
+                raise self._refusal(exc) from None
+            except TimeoutError:
+                raise _ConnectionLost(f"no handshake within {limit:g} s", useful=False) from None
+            except OSError as exc:
+                raise _ConnectionLost(f"cannot connect to {self.settings.base_url}: {exc}", useful=False) from None
+            self.stats.connects += 1
+            socket = _Socket(sdk_socket, StreamTimeline(self._rate), cursor=self._audio.first_index)
+            # A Finalize lost with the old socket is sent again after the replay, unless its final is already out.
+            self._unanswered = deque(p for p in self._unanswered if not (p.settled and p.finalize_on is not None))
+            self._socket = socket
+            try:
+                await self._serve(socket)
+            finally:
+                self._socket = None
+
+    def _refusal(self, exc: Any) -> ProviderError:
+        status = getattr(exc, "status_code", None)
+        if status == 429:
+            what = "rate limited"
+        elif isinstance(status, int) and status >= 500:
+            what = "server error"
+        else:
+            what = _REFUSALS.get(status or 0, "handshake refused")
+        return ProviderError(
+            PROVIDER, f"{what} (HTTP {status}) when opening the live socket at {self.settings.base_url}"
+        )
+
+    # ------------------------------------------------------------------------------------------- stream
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if direction is Direction.UPSTREAM:
+            await self.push(frame, direction)
+            return
+        if isinstance(frame, AudioFrame):
+            if frame.sample_rate != self._rate or frame.channels != 1 or len(frame.pcm) & 1:
+                self._format.check(frame, self.name)  # raises, naming the problem
+            await self.push(frame)
+            self._take_audio(frame)
+        elif isinstance(frame, UserSpeechStarted | UserSpeechStopped):
+            if self.settings.speech_events:
+                if not self._warned_vad:
+                    self._warned_vad = True
+                    log.warning("%s: speech_events is on; the VAD's speech events are dropped", self.name)
+                return
+            await self.push(frame)
+            if isinstance(frame, UserSpeechStarted):
+                self._speaking = True
+            else:
+                self._speaking = False
+                await self._utterance_ended(
+                    self._audio.end_index, self._audio.end_pts, round(frame.last_voiced_at * self._rate)
+                )
+        elif isinstance(frame, End):
+            await self._wait_for_finals()  # a drain delivers the finals of utterances already ended
+            await self.push(frame)
+        else:
+            await self.push(frame)
+
+    def _take_audio(self, frame: AudioFrame) -> None:
+        self._audio.append(frame.pts, frame.pcm, frame.samples)
+        keep_from = self._finalized_until
+        if not self._speaking and not self._pending:
+            keep_from = max(keep_from, self._audio.end_pts - round(_PRE_ROLL_S * self._rate))
+        self._audio.forget_before(max(keep_from, self._audio.end_pts - round(self.settings.replay_max_s * self._rate)))
+        self._wake.set()
+        failed_at, session = self._session_failed_at, self._session
+        retry_due = failed_at is not None and self.clock.now() - failed_at >= self.settings.retry_after_s
+        if retry_due and session is not None and session.done() and not self._closing:
+            self._start_session()  # the stage failed under a skip policy: the call goes on, so try again
+
+    async def _serve(self, socket: _Socket) -> None:
+        """Send and receive until the socket closes; the first of the two to fail ends both."""
+        sender = asyncio.create_task(self._send_loop(socket), name=f"{self.name}-deepgram-send")
+        receiver = asyncio.create_task(self._receive_loop(socket), name=f"{self.name}-deepgram-receive")
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+        for task in (receiver, sender):
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _send_loop(self, socket: _Socket) -> None:
+        """Audio in order (a new socket starts with the replay), each Finalize after its utterance's audio,
+        KeepAlive while nothing flows, CloseStream at the end."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                socket.cursor = max(socket.cursor, self._audio.first_index)
+                chunk = self._audio.get(socket.cursor)
+                if chunk is not None:
+                    await socket.sdk.send_media(chunk.pcm)
+                    socket.timeline.add(chunk.pts, chunk.samples)
+                    socket.cursor += 1
+                    seconds = chunk.samples / self._rate
+                    self.stats.audio_s += seconds
+                    self.count(self.pipeline.epoch, audio_seconds=seconds)
+                    await self._send_finalizes(socket)
+                    continue
+                await self._send_finalizes(socket)
+                if self._closing:
+                    await socket.sdk.send_close_stream()
+                    return
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(self.settings.keepalive_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    self.stats.keepalives += 1
+                    await socket.sdk.send_keep_alive()
+        except ConnectionClosed as exc:
+            raise _ConnectionLost(f"closed while sending (code {exc.code})", useful=socket.received > 0) from None
+
+    async def _send_finalizes(self, socket: _Socket) -> None:
+        for pending in list(self._unanswered):
+            if pending.cut_index > socket.cursor:
+                return
+            if pending.finalize_on is not socket:
+                pending.finalize_on = socket
+                socket.finalizes.append(pending)
+                await socket.sdk.send_finalize()
+                self.mark("stt.finalize", self.pipeline.epoch)
+
+    async def _receive_loop(self, socket: _Socket) -> None:
+        """Read until the socket closes. While a Finalize is unanswered, a silence of ``result_timeout_s`` is a
+        stalled socket; a message that cannot be used is reported and skipped."""
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+        while True:
+            limit = self.settings.result_timeout_s if socket.finalizes else None
+            try:
+                async with asyncio.timeout(limit):
+                    message = await socket.sdk.recv()
+            except TimeoutError:
+                raise _ConnectionLost(
+                    f"no message within {limit:g} s of a Finalize (stalled)", useful=socket.received > 0
+                ) from None
+            except json.JSONDecodeError as exc:
+                socket.received += 1
+                await self.report(f"{PROVIDER} sent malformed JSON ({exc}); skipped it")
+                continue
+            except ConnectionClosedOK:
+                if self._closing:
+                    return
+                raise _ConnectionLost("closed by Deepgram", useful=socket.received > 0) from None
+            except ConnectionClosed as exc:
+                reason = f"code {exc.rcvd.code}: {exc.rcvd.reason}" if exc.rcvd else "no close frame"
+                raise _ConnectionLost(f"closed abruptly ({reason})", useful=socket.received > 0) from None
+            socket.received += 1
+            self.stats.messages += 1
+            await self._on_message(socket, message)
+
+    async def _on_message(self, socket: _Socket, message: Any) -> None:
+        from deepgram.listen.v1.types import (
+            ListenV1Error,
+            ListenV1Metadata,
+            ListenV1Results,
+            ListenV1SpeechStarted,
+            ListenV1UtteranceEnd,
+        )
+
+        if isinstance(message, ListenV1Results):
+            await self._on_results(socket, message)
+        elif isinstance(message, ListenV1SpeechStarted):
+            await self._on_speech_started(socket, message.timestamp)
+        elif isinstance(message, ListenV1UtteranceEnd):
+            if self.settings.speech_events and self._speaking:
+                end = socket.timeline.to_pts(message.last_word_end)
+                await self._speech_stopped(socket, end + 1, end)
+        elif isinstance(message, ListenV1Metadata):
+            log.debug("%s: Deepgram metadata: %s", self.name, message)
+        elif isinstance(message, ListenV1Error):
+            await self.report(f"{PROVIDER} reported an error: {message.variant}: {message.description}")
+        elif isinstance(message, bytes):
+            await self.report(f"{PROVIDER} sent {len(message)} bytes of binary data (Listen v1 sends JSON); skipped")
+        elif message is None or isinstance(message, dict):
+            kind = message.get("type") if isinstance(message, dict) else None
+            await self.report(f"{PROVIDER} sent a message of unknown type {kind or '(not in this SDK)'}; skipped it")
+        # ConfigureSuccess / ConfigureFailure: this stage does not reconfigure a live socket
+
+    async def _on_results(self, socket: _Socket, results: Any) -> None:
+        try:
+            alternative = results.channel.alternatives[0]
+            end = float(results.start) + float(results.duration)
+            raw_words = list(alternative.words or [])
+            words = [
+                _Word(
+                    w.punctuated_word or w.word,
+                    socket.timeline.to_pts(float(w.start)),
+                    socket.timeline.to_pts(float(w.end)),
+                )
+                for w in raw_words
+            ]
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            await self.report(f"{PROVIDER} sent Results without a usable transcript ({exc}); skipped")
+            return
+        words = [w for w in words if w.start >= self._given_until]  # a late result of a finished utterance
+        end_pts = socket.timeline.to_pts(end)
+        if self.settings.speech_events and words and not self._speaking:
+            await self._on_speech_started(socket, None, words[0].start)  # a SpeechStarted may not come: use words
+        if results.is_final:
+            self._final_words.extend(words)
+            self._interim_words = []
+            self._finalized_until = max(self._finalized_until, end_pts)
+            if results.from_finalize and socket.finalizes:
+                answered = socket.finalizes.popleft()
+                answered.answered = True
+                if answered in self._unanswered:
+                    self._unanswered.remove(answered)
+            if self.settings.speech_events and results.speech_final and self._speaking and words:
+                await self._speech_stopped(socket, end_pts, words[-1].end)
+        else:
+            self._interim_words = words
+        await self._settle()
+        await self._partial()
+
+    async def _on_speech_started(self, socket: _Socket, timestamp: float | None, pts: int | None = None) -> None:
+        at_pts = socket.timeline.to_pts(timestamp) if pts is None else pts
+        at = at_pts / self._rate
+        if not self.settings.speech_events:
+            self.mark("stt.speech_started", self.pipeline.epoch, at)  # the local VAD decides; this is for the trace
+            return
+        if self._speaking:
+            return
+        self._speaking = True
+        await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=at))
+
+    async def _speech_stopped(self, socket: _Socket, cut_pts: int, last_voiced_pts: int) -> None:
+        """speech_events mode: Deepgram says the caller stopped; emit the stop, then treat it like a VAD's."""
+        self._speaking = False
+        stopped = UserSpeechStopped(
+            epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=last_voiced_pts / self._rate
+        )
+        await self.push(stopped)
+        await self._utterance_ended(socket.cursor, cut_pts, last_voiced_pts)
+
+    async def _utterance_ended(self, cut_index: int, cut_pts: int, speech_end_pts: int) -> None:
+        pending = PendingFinal(cut_index, cut_pts, speech_end_pts)
+        self._pending.append(pending)
+        self._unanswered.append(pending)
+        self._no_pending.clear()
+        self._wake.set()  # the sender sends the Finalize once the utterance's audio is out
+        await self._settle()  # is_final results may already cover the speech (endpointing beat the VAD)
+        if not pending.settled:
+            pending.timer = self.spawn(self._finalize_deadline(pending), name=f"{self.name}-finalize-deadline")
+
+    async def _finalize_deadline(self, pending: PendingFinal) -> None:
+        await self.clock.sleep(self.settings.finalize_timeout_s)
+        if pending.settled:
+            return
+        pending.timed_out = True
+        self.stats.finalize_timeouts += 1
+        self.mark("stt.finalize_timeout", self.pipeline.epoch)
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Emit the finals that are complete, oldest first: answered, covered by is_final results, or timed out."""
+        async with self._emit_lock:
+            while self._pending:
+                pending = self._pending[0]
+                covered = self._finalized_until >= pending.speech_end_pts
+                if not (pending.answered or covered or pending.timed_out):
+                    return
+                self._pending.popleft()
+                pending.settled = True  # its deadline task, if any, wakes and finds nothing to do
+                if not self._pending:
+                    self._no_pending.set()
+                words = [w for w in self._final_words if w.start < pending.cut_pts]
+                self._final_words = [w for w in self._final_words if w.start >= pending.cut_pts]
+                if pending.timed_out and not (pending.answered or covered):
+                    heard = [w for w in self._interim_words if w.start < pending.cut_pts]
+                    self._interim_words = [w for w in self._interim_words if w.start >= pending.cut_pts]
+                    words += heard
+                    text = " ".join(w.text for w in words)
+                    await self.report(
+                        f"{PROVIDER}: no final result within {self.settings.finalize_timeout_s:g} s of the end of "
+                        f"speech; the utterance ends with the words heard so far ({text!r})"
+                    )
+                self._given_until = max(self._given_until, pending.cut_pts)
+                self._finalized_until = max(self._finalized_until, pending.cut_pts)
+                self._last_partial = ""
+                await self._emit(words, final=True)
+
+    async def _partial(self) -> None:
+        words = [w for w in (*self._final_words, *self._interim_words) if w.start >= self._given_until]
+        text = " ".join(w.text for w in words)
+        if text and text != self._last_partial:
+            self._last_partial = text
+            await self._emit(words, final=False)
+
+    async def _emit(self, words: list[_Word], *, final: bool) -> None:
+        rate = self._rate
+        timed = tuple(TranscriptWord(w.text, w.start / rate, w.end / rate) for w in words)
+        if final:
+            self.stats.finals += 1
+        else:
+            self.stats.partials += 1
+        text = " ".join(w.text for w in words)
+        await self.push(Transcript(epoch=self.pipeline.epoch, text=text, final=final, words=timed))
+
+    async def _wait_for_finals(self) -> None:
+        # Each pending final has its own deadline; this bound only guards against a bug leaving one behind.
+        limit = self.settings.finalize_timeout_s + 1.0
+        try:
+            await asyncio.wait_for(self._no_pending.wait(), limit)
+        except TimeoutError:
+            log.error("%s: finals still pending %g s into a drain", self.name, limit)
+
+    # ------------------------------------------------------------------------------------------- cancel
+
+    # No on_interrupt: an interrupt cancels the *bot's* reply. The caller's speech is the barge-in itself; its
+    # utterance ends with a Finalize like any other (what Deepgram sees of a barge-in).
+
+    # -------------------------------------------------------------------------------------------- close
+
+    async def stop(self) -> None:
+        """CloseStream after the last audio, wait briefly for Deepgram's Metadata and close, then let go."""
+        self._closing = True
+        self._wake.set()
+        session = self._session
+        if session is not None and not session.done():
+            done, _ = await asyncio.wait({session}, timeout=self.settings.close_timeout_s)
+            if not done:
+                log.warning("%s: Deepgram did not close within %g s", self.name, self.settings.close_timeout_s)
+                session.cancel()
+                await asyncio.wait({session}, timeout=self.settings.close_timeout_s)
+        for pending in self._pending:
+            if pending.timer is not None:
+                pending.timer.cancel()
+        await super().stop()

@@ -1,0 +1,457 @@
+"""FakeDeepgram: a loopback Deepgram Listen v1 (live streaming STT) server for the official ``deepgram-sdk``.
+
+It speaks the protocol of ``providers-wire.md`` §1.3: ``GET /v1/listen?model=…&encoding=linear16&sample_rate=…``
+with ``Authorization: Token <key>`` (401 otherwise); binary linear16 audio and the JSON control messages
+``KeepAlive``, ``Finalize``, ``CloseStream`` (and ``Configure``) from the client; ``SpeechStarted`` (with
+``vad_events=true``), interim and ``is_final`` ``Results``, ``speech_final`` after ``endpointing`` ms of silence,
+``UtteranceEnd`` after ``utterance_end_ms``, a ``from_finalize`` result answering each ``Finalize``, and
+``Metadata`` then a normal close on ``CloseStream``. After ``idle_timeout_s`` without audio or a message it closes
+with 1011 and Deepgram's NET-0001 reason.
+
+What it "recognises", detected by an energy threshold on the PCM it receives (one utterance = speech up to
+``endpointing`` ms of silence, or up to a ``Finalize`` in silence):
+
+* ``utterances=["Hello there.", …]`` — the n-th utterance's text; its words are revealed ``seconds_per_word``
+  apart in interim results and spread over the speech in the final one. The count runs across connections and
+  advances only when an utterance is finalized, so audio replayed after a reconnect is recognised as the same
+  utterance;
+* ``words=<object with words_between(start_s, end_s)>`` (the :class:`~voxpipe.testing.ScriptedCaller`) — the words
+  spoken in the utterance's time span, taking stream time as the caller's clock (right within ``match_margin_s``
+  while one connection carries the call).
+
+    async with FakeDeepgram(utterances=["Hello there."]) as fake:
+        env = DeepgramClientEnvironment(base=fake.url, production=fake.ws_url, agent=fake.ws_url, agent_rest=fake.url)
+        ...
+        await fake.wait_for("message", lambda s: s.data["type"] == "Finalize")
+
+Faults (``Faults``): ``refuse`` answers the handshake with that status; ``stall_s`` holds every message of a
+connection until that long after it opened; ``drop_after`` aborts the first ``drop_connections`` connections after
+that many messages sent on each; ``corrupt`` sends one broken message (malformed JSON, an event type Deepgram does
+not have, or a binary frame — Listen v1 never sends binary) in place of the first normal one.
+
+Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
+and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
+transcript, is_final, speech_final, from_finalize), ``idle-timeout``, ``dropped``, ``disconnect`` (the client went
+away without CloseStream), ``close`` (closed after CloseStream), ``utterance`` (connection, index, start and end
+of its speech in stream seconds, when it is finalized).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from voxpipe.pipeline import TranscriptWord
+from voxpipe.testing.fakes.server import FakeServer, Faults
+
+NET_0001 = (
+    "Deepgram did not receive audio data or a text message within the timeout window. See https://dpgr.am/net0001"
+)
+_WINDOW_S = 0.01  # energy analysis window
+_PUNCTUATION = ".,!?;:\"'()"
+
+
+class WordSource(Protocol):
+    def words_between(self, start: float, end: float) -> list[TranscriptWord]: ...
+
+
+@dataclass
+class _Word:
+    text: str  # as spoken in the script (with punctuation and case: Deepgram's punctuated_word)
+    start: float
+    end: float
+
+    def json(self, smart_format: bool) -> dict[str, Any]:
+        plain = self.text.strip(_PUNCTUATION).lower()
+        word: dict[str, Any] = {"word": plain, "start": round(self.start, 3), "end": round(self.end, 3)}
+        word["confidence"] = 0.99
+        if smart_format:
+            word["punctuated_word"] = self.text
+        return word
+
+
+@dataclass
+class _Utterance:
+    index: int
+    start: float  # stream seconds of the first voiced window
+    last_voiced: float
+    script: list[str]  # utterances mode: the words of the line
+
+
+@dataclass
+class _Stream:
+    """One client connection: its options and what it has heard, in stream seconds."""
+
+    number: int
+    rate: int
+    channels: int
+    smart_format: bool
+    interim_results: bool
+    vad_events: bool
+    endpointing_s: float | None
+    utterance_end_s: float | None
+    opened: float = field(default_factory=time.monotonic)
+    samples: int = 0
+    segment_start: float = 0.0  # start of the audio not yet covered by an is_final result
+    utterance: _Utterance | None = None
+    last_word_end: float | None = None  # for UtteranceEnd: the end of the last word of a finished utterance
+    last_interim: float = 0.0
+    outbox: asyncio.Queue[tuple[float, str | bytes | None]] = field(default_factory=asyncio.Queue)
+    closing: bool = False
+
+    @property
+    def now(self) -> float:
+        return self.samples / self.rate
+
+
+class FakeDeepgram(FakeServer):
+    """A loopback Deepgram Listen v1 server; see the module docstring for what it recognises and records."""
+
+    provider = "Deepgram"
+
+    def __init__(
+        self,
+        *,
+        utterances: list[str] | None = None,
+        words: WordSource | None = None,
+        latency_s: float = 0.05,
+        interim_every_s: float = 0.2,
+        seconds_per_word: float = 0.35,
+        level: float = 0.01,
+        idle_timeout_s: float = 10.0,
+        match_margin_s: float = 0.3,
+        drop_connections: int = 1,
+        faults: Faults | None = None,
+        api_key: str = "test-key",
+    ) -> None:
+        super().__init__(faults=faults, api_key=api_key)
+        if (utterances is None) == (words is None):
+            raise ValueError("FakeDeepgram: give exactly one of utterances=[...] or words=<words_between source>")
+        self.utterances = list(utterances or [])
+        self.words = words
+        self.latency_s = latency_s
+        self.interim_every_s = interim_every_s
+        self.seconds_per_word = seconds_per_word
+        self.threshold = int(level * 32767)
+        self.idle_timeout_s = idle_timeout_s
+        self.match_margin_s = match_margin_s
+        self._drops_left = drop_connections
+        self._connections = 0
+        self._completed = 0  # utterances finalized, across connections: the index of the next one
+        self._words_done = 0  # words of utterance ``_completed`` already sent in an is_final result
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/listen", self._listen)
+
+    def authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Token {self.api_key}"
+
+    def error_body(self, status: int) -> dict[str, Any]:
+        codes = {401: ("INVALID_AUTH", "Invalid credentials."), 429: ("TOO_MANY_REQUESTS", "Too many requests.")}
+        code, message = codes.get(status, ("INTERNAL_SERVER_ERROR", f"Internal server error (fake {status})."))
+        return {"err_code": code, "err_msg": message, "request_id": str(uuid.uuid4())}
+
+    # ------------------------------------------------------------------------------ connection
+
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        query = request.query
+        if "model" not in query or query.get("encoding", "linear16") != "linear16":
+            return web.json_response(self.error_body(400) | {"err_code": "Bad Request"}, status=400)
+        stream = self._open_stream(query)
+        socket = self.track(web.WebSocketResponse(autoping=True))
+        await socket.prepare(request)
+        dropping = self.faults.drop_after is not None and self._drops_left > 0
+        if dropping:
+            self._drops_left -= 1
+        writer = asyncio.create_task(self._write(request, socket, stream, dropping))
+        try:
+            await self._read(socket, stream)
+        finally:
+            await stream.outbox.put((0.0, None))  # flush what is due, then stop
+            try:
+                await asyncio.wait_for(writer, timeout=2.0)
+            except TimeoutError:
+                writer.cancel()
+            self.untrack(socket)
+        if not socket.closed:
+            await socket.close()
+        return socket
+
+    def _open_stream(self, query: Any) -> _Stream:
+        self._connections += 1
+
+        def flag(name: str) -> bool:
+            return query.get(name, "false") == "true"
+
+        endpointing = query.get("endpointing", "10")
+        utterance_end = query.get("utterance_end_ms")
+        return _Stream(
+            number=self._connections,
+            rate=int(query.get("sample_rate", "16000")),
+            channels=int(query.get("channels", "1")),
+            smart_format=flag("smart_format"),
+            interim_results=flag("interim_results"),
+            vad_events=flag("vad_events"),
+            endpointing_s=None if endpointing == "false" else int(endpointing) / 1000,
+            utterance_end_s=int(utterance_end) / 1000 if utterance_end else None,
+        )
+
+    async def _read(self, socket: web.WebSocketResponse, stream: _Stream) -> None:
+        while True:
+            try:
+                message = await socket.receive(timeout=self.idle_timeout_s)
+            except TimeoutError:
+                self.record("idle-timeout", connection=stream.number)
+                await self._finish(stream)
+                await stream.outbox.put((0.0, None))
+                await socket.close(code=1011, message=NET_0001.encode())
+                return
+            if message.type is WSMsgType.BINARY:
+                self.record("audio", connection=stream.number, bytes=len(message.data))
+                self._hear(stream, message.data)
+            elif message.type is WSMsgType.TEXT:
+                if await self._control(socket, stream, message.data):
+                    return
+            else:  # CLOSE, CLOSED, ERROR: the client went away
+                if not stream.closing:
+                    self.record("disconnect", connection=stream.number)
+                return
+
+    async def _control(self, socket: web.WebSocketResponse, stream: _Stream, text: str) -> bool:
+        """Handle a client JSON message; True when the stream is over."""
+        try:
+            parsed = json.loads(text)
+            kind = parsed["type"]
+        except (ValueError, KeyError, TypeError):
+            self.record("message", connection=stream.number, type=None, raw=text)
+            self._send(stream, self._error("SchemaError", "could not parse the message", text))
+            return False
+        self.record("message", connection=stream.number, **parsed)
+        if kind == "Finalize":
+            self._finalize(stream, from_finalize=True)
+        elif kind == "CloseStream":
+            stream.closing = True
+            await self._finish(stream)
+            self._send(stream, self._metadata(stream))
+            self._send(stream, "close")
+            return True
+        elif kind == "Configure":
+            self._send(stream, {"type": "ConfigureSuccess", "features": parsed.get("features", {})})
+        elif kind != "KeepAlive":
+            self._send(stream, self._error("SchemaError", f"unknown message type {kind!r}", text))
+        return False
+
+    async def _finish(self, stream: _Stream) -> None:
+        if stream.utterance is not None:
+            self._finalize(stream, from_finalize=False)
+
+    # ---------------------------------------------------------------------------- recognition
+
+    def _hear(self, stream: _Stream, pcm: bytes) -> None:
+        samples = np.frombuffer(pcm[: len(pcm) & ~1], dtype=np.int16)
+        if stream.channels > 1:
+            samples = samples[: len(samples) - len(samples) % stream.channels].reshape(-1, stream.channels)[:, 0]
+        window = max(1, round(_WINDOW_S * stream.rate))
+        for offset in range(0, len(samples), window):
+            chunk = samples[offset : offset + window]
+            start = stream.now
+            stream.samples += len(chunk)
+            voiced = bool(chunk.size) and int(np.abs(chunk.astype(np.int32)).max()) > self.threshold
+            self._step(stream, start, voiced)
+
+    def _step(self, stream: _Stream, start: float, voiced: bool) -> None:
+        """One analysis window: speech start, interim results, endpointing, utterance end."""
+        now = stream.now
+        utterance = stream.utterance
+        if voiced:
+            if utterance is None:
+                utterance = stream.utterance = self._begin(stream, start)
+            utterance.last_voiced = now
+            stream.last_word_end = None
+        if utterance is None:
+            last_word_end, wait = stream.last_word_end, stream.utterance_end_s
+            if (
+                last_word_end is not None
+                and wait is not None
+                and stream.interim_results
+                and now - last_word_end >= wait
+            ):
+                self._send(stream, {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": stream.last_word_end})
+                stream.last_word_end = None
+            return
+        if stream.endpointing_s is not None and now - utterance.last_voiced >= stream.endpointing_s:
+            self._finalize(stream, from_finalize=False, speech_final=True)
+        elif stream.interim_results and now - stream.last_interim >= self.interim_every_s:
+            stream.last_interim = now
+            words = self._words(stream, utterance, final=False)
+            if words:
+                self._send(stream, self._results(stream, words, stream.segment_start, now, is_final=False))
+
+    def _begin(self, stream: _Stream, start: float) -> _Utterance:
+        index = self._completed
+        script = self.utterances[index].split() if index < len(self.utterances) else []
+        self.record("speech", connection=stream.number, utterance=index, start=start)
+        if stream.vad_events:
+            self._send(stream, {"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(start, 3)})
+        stream.last_interim = start
+        return _Utterance(index, start, start, script)
+
+    def _words(self, stream: _Stream, utterance: _Utterance, *, final: bool) -> list[_Word]:
+        """The words heard in the current segment so far (all of the utterance's remaining words when final)."""
+        if self.words is not None:
+            margin = self.match_margin_s
+            until = utterance.last_voiced + margin if final else stream.now
+            heard = self.words.words_between(max(stream.segment_start, utterance.start - margin), until)
+            return [_Word(w.word, w.start, w.end) for w in heard]
+        remaining = utterance.script[self._words_done :]
+        if not remaining:
+            return []
+        begin = max(stream.segment_start, utterance.start)
+        spoken = max(0.0, utterance.last_voiced - begin)
+        count = len(remaining) if final else min(len(remaining), 1 + int(spoken / self.seconds_per_word))
+        step = max(spoken, 0.01 * count) / (len(remaining) if final else count)
+        return [_Word(text, begin + i * step, begin + (i + 0.8) * step) for i, text in enumerate(remaining[:count])]
+
+    def _finalize(self, stream: _Stream, *, from_finalize: bool, speech_final: bool = False) -> None:
+        """An is_final result for the audio up to now: at an endpoint, on Finalize, or at the end of the stream."""
+        utterance, now = stream.utterance, stream.now
+        words: list[_Word] = []
+        if utterance is not None:
+            silent = now - utterance.last_voiced >= 0.1
+            words = self._words(stream, utterance, final=silent)
+            if silent:  # the utterance is over: the next speech is the next utterance
+                speech_final = speech_final or from_finalize
+                self.record(
+                    "utterance",
+                    connection=stream.number,
+                    utterance=utterance.index,
+                    start=utterance.start,
+                    end=utterance.last_voiced,
+                )
+                stream.utterance = None
+                stream.last_word_end = words[-1].end if words else utterance.last_voiced
+                self._completed, self._words_done = utterance.index + 1, 0
+            else:
+                self._words_done += len(words)
+        result = self._results(
+            stream,
+            words,
+            stream.segment_start,
+            now,
+            is_final=True,
+            speech_final=speech_final,
+            from_finalize=from_finalize,
+        )
+        self._send(stream, result)
+        stream.segment_start = now
+
+    # ------------------------------------------------------------------------------- messages
+
+    def _results(
+        self,
+        stream: _Stream,
+        words: list[_Word],
+        start: float,
+        end: float,
+        *,
+        is_final: bool,
+        speech_final: bool = False,
+        from_finalize: bool = False,
+    ) -> dict[str, Any]:
+        texts = [w.text if stream.smart_format else w.text.strip(_PUNCTUATION).lower() for w in words]
+        transcript = " ".join(texts)
+        self.record(
+            "result",
+            connection=stream.number,
+            transcript=transcript,
+            is_final=is_final,
+            speech_final=speech_final,
+            from_finalize=from_finalize,
+        )
+        return {
+            "type": "Results",
+            "channel_index": [0, 1],
+            "duration": round(end - start, 3),
+            "start": round(start, 3),
+            "is_final": is_final,
+            "speech_final": speech_final,
+            "from_finalize": from_finalize,
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": transcript,
+                        "confidence": 0.99 if words else 0.0,
+                        "words": [w.json(stream.smart_format) for w in words],
+                    }
+                ]
+            },
+            "metadata": {
+                "request_id": f"fake-{stream.number}",
+                "model_info": {"name": "general-nova-3", "version": "fake", "arch": "nova-3"},
+                "model_uuid": "00000000-0000-0000-0000-000000000003",
+            },
+        }
+
+    def _metadata(self, stream: _Stream) -> dict[str, Any]:
+        return {
+            "type": "Metadata",
+            "transaction_key": "deprecated",
+            "request_id": f"fake-{stream.number}",
+            "sha256": "0" * 64,
+            "created": "2026-01-01T00:00:00.000Z",
+            "duration": round(stream.now, 3),
+            "channels": stream.channels,
+        }
+
+    @staticmethod
+    def _error(variant: str, description: str, message: str) -> dict[str, Any]:
+        return {"type": "Error", "variant": variant, "description": description, "message": message}
+
+    def _send(self, stream: _Stream, message: dict[str, Any] | str) -> None:
+        """Queue a message for the writer, due ``latency_s`` from now (``"close"`` closes the socket)."""
+        payload = message if isinstance(message, str) else json.dumps(message)
+        stream.outbox.put_nowait((time.monotonic() + self.latency_s, payload))
+
+    async def _write(
+        self, request: web.Request, socket: web.WebSocketResponse, stream: _Stream, dropping: bool
+    ) -> None:
+        """Send queued messages when due (after the injected stall), corrupting or dropping as the faults say."""
+        sent = 0
+        hold_until = stream.opened + self.faults.stall_s
+        if self.faults.stall_s > 0:
+            self.record("stall", connection=stream.number, seconds=self.faults.stall_s)
+        while True:
+            due, payload = await stream.outbox.get()
+            if payload is None:
+                return
+            await asyncio.sleep(max(0.0, max(due, hold_until) - time.monotonic()))
+            if socket.closed:
+                return
+            if payload == "close":
+                self.record("close", connection=stream.number)
+                await socket.close()
+                return
+            if dropping and self.should_drop(sent):
+                stream.closing = True  # not a client disconnect
+                await self.drop(request)
+                return
+            corrupt = self.take_corruption()
+            if corrupt == "malformed-json":
+                await socket.send_str('{"type": "Results", "channel": {"alternatives": [')
+            elif corrupt == "unknown-event":
+                await socket.send_str(json.dumps({"type": "SpeechPaused", "channel": [0, 1], "timestamp": 0.0}))
+            elif corrupt == "bad-audio":
+                await socket.send_bytes(b"RIFF\x00\x00\x00\x00WAVE")
+            else:
+                await socket.send_str(payload)
+            sent += 1

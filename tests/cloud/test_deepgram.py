@@ -1,0 +1,384 @@
+"""Deepgram live STT: the real deepgram-sdk against FakeDeepgram on 127.0.0.1, through real pipelines on a RealClock.
+
+A configured call runs on its own event loop (``run_configured_call`` calls ``asyncio.run``), so each test runs it
+in a worker thread while the fake serves on the test's loop; tests wait on what the fake saw, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import wave
+from typing import Any
+
+import numpy as np
+import pytest
+
+from voxpipe.call import CallResult, run_configured_call, run_pipeline_call
+from voxpipe.config import ConfigError, Registry, parse_config
+from voxpipe.pipeline import (
+    AudioFormat,
+    Conversation,
+    ErrorPolicy,
+    Frame,
+    Pipeline,
+    RealClock,
+    Stage,
+    Tracer,
+    Transcript,
+)
+from voxpipe.stages.cloud import ProviderError
+from voxpipe.stages.deepgram_stt import DeepgramSTT, DeepgramSTTSettings
+from voxpipe.stages.turn import TurnTaker
+from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedTTS, ScriptedVAD
+from voxpipe.testing.caller import Say, Silence
+from voxpipe.testing.fakes.deepgram import FakeDeepgram
+from voxpipe.testing.fakes.server import Faults
+from voxpipe.testing.signals import speechlike
+from voxpipe.transports.playout import PlayoutOutput
+from voxpipe.transports.recorder import StereoRecorder
+from voxpipe.transports.simulated import SimulatedInput
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # deepgram-sdk imports websockets.legacy
+]
+
+RATE = 16000
+AUDIO = AudioFormat(RATE)
+REPLY = "Sure."
+LONG_REPLY = "Sure, we have a table for four at eight tonight. Shall I book it for you?"
+
+
+def sent(fake: FakeDeepgram, kind: str) -> list[dict[str, Any]]:
+    """The client's control messages of ``kind`` (Finalize, KeepAlive, CloseStream) the fake received."""
+    return [s.data for s in fake.of("message") if s.data.get("type") == kind]
+
+
+class Stages:
+    """A registry whose stt.deepgram is DeepgramSTT built from the config, with a test's error policy, kept for
+    inspection (the config's ``on_error`` key is not there yet)."""
+
+    def __init__(self, policy: ErrorPolicy = ErrorPolicy.STOP, fake: FakeDeepgram | None = None) -> None:
+        self.built: list[Observed] = []
+        stages = self
+
+        class PolicedDeepgram(DeepgramSTT):
+            @classmethod
+            def from_settings(cls, settings: Any, context: Any, name: str) -> DeepgramSTT:
+                stage = Observed.from_settings(settings, context, name)
+                stage.error_policy = policy
+                if fake is not None and fake.words is not None:
+                    fake.words = context.caller  # words mode: the fake recognises this call's caller
+                stages.built.append(stage)
+                return stage
+
+        self.registry = Registry.discover()
+        self.registry.register("stt", "deepgram", PolicedDeepgram)
+
+    @property
+    def stt(self) -> Observed:
+        return self.built[0]
+
+    @property
+    def errors(self) -> list[str]:
+        return [e.error for e in self.stt.pipeline.errors]
+
+
+def config(fake: FakeDeepgram, replies: list[str] | None = None, **stt: Any) -> tuple[Any, Any]:
+    return parse_config(
+        {
+            "audio": {"sample_rate": RATE},
+            "vad": {"provider": "scripted"},
+            "stt": {"provider": "deepgram", "api_key": fake.api_key, "base_url": fake.ws_url, **stt},
+            "llm": {"provider": "scripted", "replies": replies or [REPLY]},
+            "tts": {"provider": "scripted"},
+        }
+    )
+
+
+async def call(fake: FakeDeepgram, script: list[Any], tmp_path: Any, stages: Stages, **stt: Any) -> CallResult:
+    """Run a configured call against ``fake`` in a worker thread (its own loop, real time)."""
+    parsed, settings = config(fake, **stt)
+    return await asyncio.to_thread(
+        run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), registry=stages.registry
+    )
+
+
+def user_texts(result: CallResult) -> list[str]:
+    return [m.text for m in result.conversation.messages if m.role == "user"]
+
+
+# ------------------------------------------------------------------------------------------------ a turn
+
+
+@pytest.mark.timeout(30)
+async def test_a_turn_is_transcribed_with_partials_before_the_final(tmp_path):
+    line = "A table for four tonight."
+    async with FakeDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
+    assert result.outcome == "ended"
+    assert user_texts(result) == [line]
+    connect = fake.of("connect")[0].data
+    assert connect["headers"]["Authorization"] == f"Token {fake.api_key}"
+    query = connect["query"]
+    assert query["model"] == "nova-3" and query["encoding"] == "linear16" and query["sample_rate"] == str(RATE)
+    assert query["interim_results"] == "true" and query["endpointing"] == "300"
+    stats = stages.stt.stats
+    assert stats.finals == 1 and stats.partials >= 2, "partials while the caller spoke, then one final"
+    assert len(sent(fake, "Finalize")) == 1, "one Finalize at the end of the turn"
+    kinds = fake.kinds()
+    assert "close" in kinds and "disconnect" not in kinds, "CloseStream at the end, then Deepgram closed"
+    messages = [s.data["type"] for s in fake.of("message")]
+    assert messages[-1] == "CloseStream"
+    usage = stages.stt.pipeline.usage.totals["stt"]["audio_seconds"]
+    assert usage == pytest.approx(stats.audio_s) and usage > 1.0
+    assert not stages.errors
+
+
+class _Later:
+    """A placeholder word source; ``Stages`` hands the fake the call's caller once the call builds it."""
+
+    def words_between(self, start: float, end: float) -> list[Any]:
+        return []
+
+
+@pytest.mark.timeout(30)
+async def test_each_end_of_turn_sends_finalize_and_words_come_from_the_caller(tmp_path):
+    first, second = "Do you have a table tonight?", "Great, four people at eight."
+    async with FakeDeepgram(words=_Later()) as fake:
+        stages = Stages(fake=fake)
+        result = await call(fake, [Say(first, pause=0.3), Say(second, pause=0.3)], tmp_path, stages)
+    assert user_texts(result) == [first, second]
+    assert len(sent(fake, "Finalize")) == 2, "one Finalize per end of turn"
+    finals = [t for t in stages.stt.transcripts if t.final]
+    assert [t.text for t in finals] == [first, second]
+    for transcript in finals:  # word times are on the call's clock, in order
+        assert transcript.words and all(w.start < w.end for w in transcript.words)
+    assert finals[0].words[-1].end < finals[1].words[0].start
+
+
+@pytest.mark.timeout(30)
+async def test_barge_in_finalizes_the_new_utterance_and_no_stale_text_follows(tmp_path):
+    first = "Can I book a table for two?"
+    barge = "Actually make it four people."
+    script = [Say(first, pause=0.3), Say(barge, barge_in=0.5)]
+    async with FakeDeepgram(utterances=[first, barge]) as fake:
+        stages = Stages()
+        result = await call(fake, script, tmp_path, stages, replies=[LONG_REPLY, "Four it is."])
+    assert next(t.interrupted for t in result.turns if "out.first_play" in t.marks), "the first reply was cut"
+    assert user_texts(result) == [first, barge], "the conversation has the new user text, nothing stale"
+    # The fake saw the barge-in utterance start, then its Finalize: Deepgram's own end-of-utterance flush.
+    kinds = [(s.kind, s.data.get("utterance"), s.data.get("type")) for s in fake.seen]
+    barge_heard = kinds.index(("speech", 1, None))
+    finalizes = [i for i, k in enumerate(kinds) if k[2] == "Finalize"]
+    assert len(finalizes) == 2 and finalizes[1] > barge_heard
+    # Every transcript after the first final belongs to the barge-in utterance.
+    transcripts = stages.stt.transcripts
+    first_final = next(i for i, t in enumerate(transcripts) if t.final)
+    later = transcripts[first_final + 1 :]
+    assert later and all(barge.startswith(t.text) for t in later), [t.text for t in later]
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.timeout(30)
+async def test_a_rejected_api_key_stops_the_call_with_an_error_naming_it(tmp_path):
+    async with FakeDeepgram(utterances=["Hello there."], api_key="the-right-key") as fake:
+        stages = Stages()
+        with pytest.raises(ProviderError, match="Deepgram: API key rejected \\(HTTP 401\\)"):
+            await call(fake, [Say("Hello there.")], tmp_path, stages, api_key="a-wrong-key")
+    assert [s.data["status"] for s in fake.of("refused")] == [401]
+    assert len(fake.of("connect")) == 1, "a refused handshake is not retried"
+    [error] = stages.stt.pipeline.errors
+    assert error.fatal and error.stage == "stt" and "Deepgram" in error.error and "API key" in error.error
+    assert json.loads((tmp_path / "transcript.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("status", "problem"), [(429, "rate limited"), (503, "server error")])
+async def test_rate_limits_and_server_errors_stop_the_call_naming_the_status(tmp_path, status, problem):
+    async with FakeDeepgram(utterances=["Hello there."], faults=Faults(refuse=status)) as fake:
+        stages = Stages()
+        with pytest.raises(ProviderError, match=f"Deepgram: {problem} \\(HTTP {status}\\)"):
+            await call(fake, [Say("Hello there.")], tmp_path, stages)
+    assert len(fake.of("connect")) == 1
+    [error] = stages.stt.pipeline.errors
+    assert error.fatal and f"HTTP {status}" in error.error
+
+
+@pytest.mark.timeout(30)
+def test_a_missing_api_key_is_a_config_error_before_any_connection(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+
+    async def scenario() -> FakeDeepgram:
+        async with FakeDeepgram(utterances=["Hello."]) as fake:
+            parsed, settings = parse_config(
+                {
+                    "vad": {"provider": "scripted"},
+                    "stt": {"provider": "deepgram", "base_url": fake.ws_url},
+                    "llm": {"provider": "scripted"},
+                    "tts": {"provider": "scripted"},
+                }
+            )
+            with pytest.raises(ConfigError, match="DEEPGRAM_API_KEY") as raised:
+                await asyncio.to_thread(run_configured_call, parsed, settings, [Say("Hello.")], tmp_path)
+            assert "stt.api_key" in str(raised.value)
+            return fake
+
+    fake = asyncio.run(scenario())
+    assert fake.of("connect") == []
+
+
+# ------------------------------------------------------------------------------------------- bad streams
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("corrupt", "problem"),
+    [("malformed-json", "malformed JSON"), ("unknown-event", "unknown type"), ("bad-audio", "binary data")],
+)
+async def test_a_broken_message_is_reported_and_the_call_continues(tmp_path, corrupt, problem):
+    line = "When do you open?"
+    async with FakeDeepgram(utterances=[line], faults=Faults(corrupt=corrupt)) as fake:
+        stages = Stages()
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
+    assert fake.of("corrupted")
+    assert result.outcome == "ended"
+    assert user_texts(result) == [line], "nothing the caller said is lost"
+    [error] = stages.stt.pipeline.errors
+    assert not error.fatal and "Deepgram" in error.error and problem in error.error
+
+
+@pytest.mark.timeout(30)
+async def test_a_drop_mid_utterance_reconnects_and_replays_the_turns_audio(tmp_path):
+    line = "I would like to book a table for four tonight."
+    async with FakeDeepgram(utterances=[line], faults=Faults(drop_after=3)) as fake:
+        stages = Stages()
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
+    assert fake.of("dropped") and len(fake.of("connect")) == 2, "the stage reconnected once"
+    assert user_texts(result) == [line], "the turn's transcript is complete"
+    # The second socket heard the utterance from its first word: the audio since the last final was replayed.
+    [first_speech, second_speech] = fake.of("speech")
+    assert first_speech.data["connection"] == 1 and second_speech.data["connection"] == 2
+    [utterance] = fake.of("utterance")
+    assert utterance.data["connection"] == 2
+    audio, _ = speechlike(line, RATE)
+    assert utterance.data["end"] - utterance.data["start"] >= 0.95 * len(audio) / RATE
+    assert stages.stt.stats.reconnects == 1
+    [error] = stages.stt.pipeline.errors
+    assert not error.fatal and "Deepgram: connection lost" in error.error and "replaying" in error.error
+
+
+# --------------------------------------------------------------------------- pipelines built in code
+
+
+class Observed(DeepgramSTT):
+    """DeepgramSTT keeping the transcripts it emits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transcripts: list[Transcript] = []
+
+    async def push(self, frame: Frame, direction: Any = None) -> None:
+        if isinstance(frame, Transcript):
+            self.transcripts.append(frame)
+        await (super().push(frame) if direction is None else super().push(frame, direction))
+
+
+@pytest.mark.timeout(30)
+async def test_a_stall_ends_the_utterance_at_the_finalize_timeout_and_drops_the_late_results(tmp_path):
+    line = "Hello there."
+    async with FakeDeepgram(utterances=[line], faults=Faults(stall_s=2.5)) as fake:
+        caller = ScriptedCaller([Say(line, pause=0.2), Silence(2.2)], RATE, reply_timeout=0.5)
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, finalize_timeout_s=0.6), api_key=fake.api_key)
+        recorder, tracer = StereoRecorder(RATE), Tracer()
+        conversation = Conversation("test")
+        stages: list[Stage] = [
+            SimulatedInput(caller, AUDIO, recorder=recorder),
+            ScriptedVAD(AUDIO),
+            stt,
+            TurnTaker(conversation),
+            ScriptedLLM([REPLY]),
+            ScriptedTTS(AUDIO),
+            PlayoutOutput(AUDIO, recorder),
+        ]
+        pipeline = Pipeline(stages, clock=RealClock(), tracer=tracer)
+        result = await asyncio.to_thread(run_pipeline_call, pipeline, conversation, tracer, recorder, tmp_path)
+    assert result.outcome == "ended", "no hang, the call went on"
+    assert stt.stats.finalize_timeouts == 1
+    finals = [t for t in stt.transcripts if t.final]
+    assert [t.text for t in finals] == [""], "exactly one final, with what was heard before the deadline"
+    assert stt.transcripts[-1].final, "the stalled results arrived later and were dropped as stale"
+    assert stt.stats.messages >= 3, "the late results did reach the stage"
+    [error] = pipeline.errors
+    assert not error.fatal and "Deepgram: no final result within 0.6 s" in error.error
+
+
+class Silent(Stage):
+    """A head stage that sends nothing: the caller's audio pauses."""
+
+
+class Sink(Stage):
+    async def process(self, frame: Frame, direction: Any) -> None:
+        await self.push(frame, direction)
+
+
+@pytest.mark.timeout(30)
+async def test_keepalive_flows_while_audio_pauses_and_closestream_ends_the_session():
+    async with FakeDeepgram(utterances=["Hello."], idle_timeout_s=0.5) as fake:
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, keepalive_s=0.15), api_key=fake.api_key)
+        pipeline = Pipeline([Silent(), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await fake.wait_for("connect")
+            for count in (1, 2, 3, 4):  # 4 x 0.15 s: longer than the fake's 0.5 s idle timeout
+                await fake.wait_for("message", lambda s, n=count: len(sent(fake, "KeepAlive")) >= n, within_s=3)
+        finally:
+            pipeline.cancel()
+            await run
+        await fake.wait_for("close", within_s=3)
+    assert "idle-timeout" not in fake.kinds() and not fake.of("audio")
+    assert sent(fake, "CloseStream"), "stopping the pipeline closes the stream gracefully"
+    assert stt.stats.connects == 1
+
+
+@pytest.mark.timeout(30)
+async def test_speech_events_turn_deepgrams_events_into_the_callers_turns(tmp_path):
+    line = "Is the terrace open?"
+    async with FakeDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        parsed, settings = parse_config(
+            {
+                "vad": {"provider": "none"},
+                "stt": {
+                    "provider": "deepgram",
+                    "api_key": fake.api_key,
+                    "base_url": fake.ws_url,
+                    "speech_events": True,
+                },
+                "llm": {"provider": "scripted", "replies": [REPLY]},
+                "tts": {"provider": "scripted"},
+            }
+        )
+        result = await asyncio.to_thread(
+            run_configured_call,
+            parsed,
+            settings,
+            [Say(line, pause=0.3)],
+            tmp_path,
+            clock=RealClock(),
+            registry=stages.registry,
+        )
+    assert user_texts(result) == [line]
+    [turn] = [t for t in result.turns if "user_text" in t.data]
+    [speech] = fake.of("speech")
+    start = turn.marks["user.speech_start"]
+    assert start < turn.marks["user.speech_end"] < turn.marks["turn.end_detected"]
+    # Deepgram's timestamp, mapped through the pts of the audio sent, is where the caller's line starts.
+    with wave.open(str(tmp_path / "recording.wav")) as recording:
+        pcm = np.frombuffer(recording.readframes(recording.getnframes()), dtype=np.int16).reshape(-1, 2)
+    first_voiced = int(np.flatnonzero(np.abs(pcm[:, 0].astype(np.int32)) > 327)[0]) / RATE
+    assert abs(start - first_voiced) <= 0.011 and speech.data["start"] >= 0
+    assert len(sent(fake, "Finalize")) == 1
