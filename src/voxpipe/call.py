@@ -174,11 +174,13 @@ def run_configured_call(
     on_turn: Callable[[TurnRecord], None] | None = None,
     registry: Registry | None = None,
     tools: dict[str, Any] | None = None,
+    reply_timeout_s: float = 10.0,
 ) -> CallResult:
     """Run a call against the pipeline a config describes, with a scripted caller on the other end; ``tools`` are
-    added to the config's."""
+    added to the config's; ``reply_timeout_s`` is how long the caller waits for a reply that does not come
+    (a turn the pipeline skipped after an error) before going on with the script."""
     audio = AudioFormat(config.audio.sample_rate)
-    caller = ScriptedCaller(script, audio.sample_rate, voice=caller_voice)
+    caller = ScriptedCaller(script, audio.sample_rate, voice=caller_voice, reply_timeout=reply_timeout_s)
     recorder = StereoRecorder(audio.sample_rate)
     tracer = Tracer()
     out = Path(out_dir)

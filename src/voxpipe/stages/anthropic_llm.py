@@ -1,0 +1,466 @@
+"""AnthropicLLM: Claude as the reasoner, streamed with the official ``anthropic`` SDK (2.x, ``messages.stream``).
+
+One caller turn is one or more requests: the conversation goes out, text deltas come back and are spoken as they
+arrive; when the model asks for a tool, the stage runs it (``LLMStage``), and a follow-up request carries the
+model's own content and the tool's result, up to ``max_tool_rounds`` times.
+
+What makes it fit a voice call:
+
+* Every wait has a deadline: connecting (``connect_timeout_s``), the first content of each request
+  (``first_token_timeout_s``, including the time to the response's first byte) and each event after it
+  (``read_timeout_s``). A missed one is a :class:`ProviderError`, never a hang.
+* A barge-in cancels the stage's worker: the ``async with messages.stream(...)`` block exits and the SDK closes
+  the HTTP response at once — the server sees the client go away mid-stream.
+* Every failure is a ``ProviderError("Anthropic", …)`` that says what went wrong (``API key rejected (401)``,
+  ``rate limited (429)``, ``stream stalled …``); the stage's error policy decides what the call does next. The
+  text streamed before the failure has already been pushed, so it stays in the trace and, once played, in the
+  conversation.
+* Usage (input and output tokens) is counted per request, also for a request cut off by a barge-in.
+
+The module reads top to bottom: settings, connect, prompt, stream, errors, cancel/close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from voxpipe.config.errors import ConfigError
+from voxpipe.pipeline import EndOfTurn, Message, ToolCall
+from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.llm import AuditSink, LLMStage
+from voxpipe.stages.tools import ToolsLike
+
+if TYPE_CHECKING:
+    from anthropic import AsyncAnthropic
+
+PROVIDER = "Anthropic"
+ENV_VAR = "ANTHROPIC_API_KEY"
+INSTALL_HINT = "pip install 'voxpipe[anthropic]'"
+
+_T = TypeVar("_T")
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+class AnthropicSettings(BaseModel):
+    """Settings of :class:`AnthropicLLM` (the ``llm:`` section of a config with ``provider: anthropic``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("claude-opus-4-7", min_length=1, description="the Claude model to ask")
+    max_tokens: int = Field(300, ge=1, le=64000, description="most tokens in one reply (voice replies are short)")
+    api_key: SecretStr | None = Field(
+        None, description=f"the API key; unset: the environment variable {ENV_VAR} (e.g. api_key: ${{{ENV_VAR}}})"
+    )
+    base_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="the API's address; unset: the SDK's default (https://api.anthropic.com, or $ANTHROPIC_BASE_URL)",
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, le=120, description="longest wait to connect to the API")
+    first_token_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="longest wait, per request, from sending it to the first text or tool call (includes the first "
+        "byte of the response)",
+    )
+    read_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="longest wait between two stream events once the reply has started"
+    )
+    max_tool_rounds: int = Field(
+        3, ge=0, le=20, description="most follow-up requests with tool results in one turn (0: tools are not offered)"
+    )
+    interrupted_marker: str = Field(
+        "[interrupted by the caller]",
+        max_length=200,
+        description="appended to a bot reply the caller cut off, so the model knows the rest was not heard; empty: "
+        "no marker",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra request fields sent as they are, e.g. {temperature: 0.5} (the 2.x SDK has no such "
+        "parameter) or {metadata: {user_id: ...}}",
+    )
+
+
+# ------------------------------------------------------------------------------------------------- connect
+
+
+def _sdk() -> Any:
+    """The ``anthropic`` module, imported at first use so that voxpipe imports without it."""
+    try:
+        import anthropic
+    except ImportError as exc:
+        raise ConfigError(
+            "llm.provider", "the Anthropic provider needs the anthropic SDK, which is not installed", INSTALL_HINT
+        ) from exc
+    return anthropic
+
+
+class AnthropicLLM(LLMStage):
+    """Claude via ``AsyncAnthropic.messages.stream``, with tools (see the module docstring)."""
+
+    Settings: ClassVar[type[BaseModel]] = AnthropicSettings
+    supports_tools: ClassVar[bool] = True
+
+    @classmethod
+    def from_settings(cls, settings: AnthropicSettings, context: Any, name: str) -> AnthropicLLM:
+        # The key is resolved here, so a missing one is a config error before anything connects.
+        key = api_key("llm", PROVIDER, _secret(settings.api_key), ENV_VAR)
+        tools = dict(getattr(context, "tools", None) or {})
+        return cls(settings, api_key=key, tools=tools, audit=getattr(context, "tool_audit", None), name=name)
+
+    def __init__(
+        self,
+        settings: AnthropicSettings | None = None,
+        *,
+        api_key: str | None = None,
+        tools: ToolsLike | None = None,
+        audit: AuditSink | None = None,
+        name: str = "llm",
+    ) -> None:
+        super().__init__(tools=tools, audit=audit, name=name)
+        self.settings = settings or AnthropicSettings.model_validate({})
+        self._api_key = api_key or _resolve_key(self.settings)
+        _sdk()  # a missing SDK is a clear error when the pipeline is built, not on the first turn
+        self._client: AsyncAnthropic | None = None
+        self._open_streams = 0
+        self._stopping = False
+
+    async def start(self) -> None:
+        await super().start()
+        self._stopping = False
+        self._client = self._connect()
+
+    def _connect(self) -> AsyncAnthropic:
+        """The SDK client. Nothing goes over the network until the first request."""
+        anthropic = _sdk()
+        s = self.settings
+        # Our own deadlines (below) give the precise errors; the transport's are the same size, as a backstop.
+        read = max(s.first_token_timeout_s, s.read_timeout_s)
+        timeout = anthropic.Timeout(connect=s.connect_timeout_s, read=read, write=s.connect_timeout_s, pool=read)
+        client: AsyncAnthropic = anthropic.AsyncAnthropic(
+            api_key=self._api_key,
+            base_url=s.base_url,
+            timeout=timeout,
+            max_retries=0,  # a retry costs the caller seconds of silence; the error policy decides instead
+        )
+        return client
+
+    # ---------------------------------------------------------------------------------------------- prompt
+
+    def build_request(self, messages: list[dict[str, Any]], system: str, *, offer_tools: bool) -> dict[str, Any]:
+        """The keyword arguments of one ``messages.stream`` call."""
+        s = self.settings
+        request: dict[str, Any] = {"model": s.model, "max_tokens": s.max_tokens, "messages": messages}
+        if system:
+            request["system"] = system
+        if self.tools:
+            # Declared even when not offered: the API refuses tool blocks in a conversation without tool definitions.
+            request["tools"] = [tool.spec() for tool in self.tools.values()]
+            if not offer_tools:  # the last round (or max_tool_rounds = 0): the model must answer in words
+                request["tool_choice"] = {"type": "none"}
+        if s.extra_body:
+            request["extra_body"] = dict(s.extra_body)
+        return request
+
+    # ---------------------------------------------------------------------------------------------- stream
+
+    async def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
+        messages = render_messages(turn.context, self.settings.interrupted_marker, fallback=turn.text)
+        rounds = self.settings.max_tool_rounds
+        for round_ in range(rounds + 1):
+            reply = _Reply()
+            request = self.build_request(messages, turn.system, offer_tools=round_ < rounds)
+            async with contextlib.aclosing(self._stream_reply(turn, request, reply)) as items:
+                async for item in items:
+                    yield item
+            if not reply.tool_calls:
+                return
+            if round_ == rounds:
+                await self.report(f"{PROVIDER}: the model still asked for tools after {rounds} rounds; reply ended")
+                return
+            # The follow-up request: the model's own content (text and tool_use blocks), then every result.
+            messages = [
+                *messages,
+                {"role": "assistant", "content": reply.content},
+                {"role": "user", "content": [self._tool_result(call) for call in reply.tool_calls]},
+            ]
+
+    async def _stream_reply(
+        self, turn: EndOfTurn, request: dict[str, Any], reply: _Reply
+    ) -> AsyncGenerator[str | ToolCall, None]:
+        """One request: yields its text deltas and tool calls; fills ``reply`` with what the follow-up needs."""
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"{self.name}: the stage is not started")
+        loop = asyncio.get_running_loop()
+        progress = _Progress(deadline=loop.time() + self.settings.first_token_timeout_s)
+        self._open_streams += 1
+        try:
+            async with contextlib.AsyncExitStack() as exits:
+                # Entering sends the request and waits for the response's headers: within the first-token deadline.
+                stream = await self._read(exits.enter_async_context(client.messages.stream(**request)), progress)
+                while True:
+                    event: Any = await self._read(anext(stream, None), progress)  # the SDK's events, by .type
+                    if event is None:
+                        break
+                    kind = event.type
+                    if kind == "text":
+                        progress.chars += len(event.text)
+                        if event.text:
+                            yield event.text
+                    elif kind == "content_block_stop" and event.content_block.type == "tool_use":
+                        block = event.content_block
+                        call = ToolCall(epoch=turn.epoch, call_id=block.id, name=block.name, arguments=block.input)
+                        reply.tool_calls.append(call)
+                        yield call
+                    elif kind == "message_start":
+                        progress.input_tokens = event.message.usage.input_tokens or 0
+                        progress.output_tokens = event.message.usage.output_tokens or 0
+                    elif kind == "message_delta":
+                        progress.output_tokens = event.usage.output_tokens or progress.output_tokens
+                        progress.input_tokens = event.usage.input_tokens or progress.input_tokens
+                    elif kind not in KNOWN_EVENTS and kind not in progress.skipped:
+                        # The API may add event types; its documentation says to ignore unknown ones.
+                        progress.skipped.add(kind)
+                        await self.report(f"{PROVIDER}: skipped an unknown stream event {kind!r}")
+                    if kind in CONTENT_EVENTS or progress.first_content:
+                        # Measured from now, i.e. after the yield: time spent speaking or running a tool is not
+                        # the API's.
+                        progress.started(loop.time() + self.settings.read_timeout_s)
+                if reply.tool_calls:
+                    final = await self._read(stream.get_final_message(), progress)
+                    reply.content = [_content_block(block) for block in final.content if _worth_sending(block)]
+        finally:
+            self._open_streams -= 1
+            # Counted also when a barge-in cut the stream: whatever the API had reported by then.
+            if progress.input_tokens or progress.output_tokens:
+                self.count(turn.epoch, input_tokens=progress.input_tokens, output_tokens=progress.output_tokens)
+            if self._stopping and self._open_streams == 0:
+                await self._close()
+
+    async def _read(self, step: Awaitable[_T], progress: _Progress) -> _T:
+        """Await one step of the SDK within the current deadline; every failure becomes a ProviderError."""
+        try:
+            async with asyncio.timeout_at(progress.deadline):
+                return await step
+        except TimeoutError:
+            raise ProviderError(PROVIDER, self._timeout_problem(progress)) from None
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise ProviderError(PROVIDER, _problem(exc, progress, self.settings)) from exc
+
+    def _timeout_problem(self, progress: _Progress) -> str:
+        if not progress.first_content:
+            return f"no first token within {self.settings.first_token_timeout_s:g} s"
+        return f"stream stalled: no event for {self.settings.read_timeout_s:g} s after {progress.chars} characters"
+
+    def _tool_result(self, call: ToolCall) -> dict[str, Any]:
+        result = self.results.get(call.call_id)
+        block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call.call_id}
+        if result is None:  # cannot happen through LLMStage; an honest answer if it ever does
+            block.update(content=f"the tool {call.name!r} was not run", is_error=True)
+        elif result.error is not None:
+            block.update(content=result.error, is_error=True)
+        else:
+            block["content"] = _as_text(result.result)
+        return block
+
+    # -------------------------------------------------------------------------------------- cancel / close
+    #
+    # Cancelling is structural: a barge-in cancels the worker running ``generate``, the ``async with`` around the
+    # SDK stream exits, and the SDK closes the HTTP response. Nothing here needs an ``on_interrupt``.
+
+    async def stop(self) -> None:
+        # A stream still open (the call ended mid-reply) closes when its worker is cancelled, right after this;
+        # closing the client under it would turn that into a spurious error, so the last stream closes the client.
+        self._stopping = True
+        if self._open_streams == 0:
+            await self._close()
+        await super().stop()
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+# The events of ``AsyncMessageStream`` (raw ones and the SDK's helper events); anything else is new to this code.
+KNOWN_EVENTS = frozenset(
+    {
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "text",
+        "input_json",
+        "citation",
+        "thinking",
+        "signature",
+    }
+)
+# Events that show the reply has started: from then on, the per-event deadline applies.
+CONTENT_EVENTS = frozenset({"content_block_delta", "text", "input_json", "thinking"})
+
+
+@dataclass
+class _Progress:
+    """How far one request got: the current deadline, what it streamed, the usage it reported."""
+
+    deadline: float
+    first_content: bool = False
+    chars: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    skipped: set[str] = field(default_factory=set)
+
+    def started(self, deadline: float) -> None:
+        self.first_content = True
+        self.deadline = deadline
+
+
+@dataclass
+class _Reply:
+    """What a request that asked for tools leaves for the follow-up: the model's content and its tool calls."""
+
+    content: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def _problem(exc: Exception, progress: _Progress, settings: AnthropicSettings) -> str:
+    """A clear sentence for an SDK or transport failure."""
+    anthropic = _sdk()
+    if isinstance(exc, anthropic.APIStatusError):
+        detail = _error_detail(exc)
+        status = exc.status_code
+        if status == 200:  # an ``event: error`` inside a stream that had started fine
+            return f"stream error: {detail} (after {progress.chars} characters)"
+        if isinstance(exc, anthropic.AuthenticationError):
+            return f"API key rejected (401): {detail}; check {ENV_VAR} or llm.api_key"
+        if isinstance(exc, anthropic.PermissionDeniedError):
+            return f"permission denied (403): {detail}"
+        if isinstance(exc, anthropic.RateLimitError):
+            retry = exc.response.headers.get("retry-after")
+            return f"rate limited (429): {detail}" + (f"; retry after {retry} s" if retry else "")
+        if status >= 500:
+            return f"server error ({status}): {detail}"
+        return f"request rejected ({status}): {detail}"
+    if isinstance(exc, anthropic.APITimeoutError):
+        return f"the request timed out before a response (connect_timeout_s={settings.connect_timeout_s:g})"
+    if isinstance(exc, anthropic.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return f"cannot connect to {settings.base_url or 'the API'}: {type(cause).__name__}: {cause}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed stream event (not JSON: {exc.msg}) after {progress.chars} characters"
+    httpx2 = _transport()
+    if httpx2 is not None and isinstance(exc, httpx2.TransportError):
+        return f"stream disconnected after {progress.chars} characters ({type(exc).__name__}: {exc})"
+    return f"unusable stream after {progress.chars} characters ({type(exc).__name__}: {exc})"
+
+
+def _transport() -> Any:
+    try:
+        import httpx2  # the SDK's HTTP stack; its errors surface as they are once a stream is being read
+    except ImportError:
+        return None
+    return httpx2
+
+
+def _error_detail(exc: Any) -> str:
+    """``"overloaded_error: Overloaded"`` from Anthropic's error body, or the SDK's message."""
+    body = exc.body
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("type"):
+        return f"{error['type']}: {error.get('message', '')}".rstrip(": ")
+    return str(exc.message)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def _resolve_key(settings: AnthropicSettings) -> str:
+    return api_key("llm", PROVIDER, _secret(settings.api_key), ENV_VAR)
+
+
+def _content_block(block: Any) -> dict[str, Any]:
+    """A block of the model's reply as a request block: text and tool_use rebuilt with only the fields the API
+    takes back; anything else (e.g. thinking, with its signature) as the SDK serialises it."""
+    if block.type == "text":
+        return {"type": "text", "text": block.text}
+    if block.type == "tool_use":
+        return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+    return dict(block.to_dict())
+
+
+def _worth_sending(block: Any) -> bool:
+    return block.type != "text" or bool(block.text.strip())  # the API rejects empty text blocks
+
+
+def _as_text(result: Any) -> str:
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+
+
+def render_messages(
+    context: Sequence[Message], interrupted_marker: str = "", *, fallback: str = ""
+) -> list[dict[str, Any]]:
+    """The conversation as Anthropic ``messages``: alternating roles, starting with the caller.
+
+    * an assistant message is what the caller *heard*; if they cut it off, ``interrupted_marker`` is appended;
+    * a tool message becomes the assistant's ``tool_use`` block followed by the caller-side ``tool_result`` block
+      with the same id (``is_error`` for a failed tool);
+    * consecutive messages of one role are merged into one message of several blocks; empty texts are left out
+      (the API rejects them); a conversation that starts with the bot gets a short caller line before it.
+    """
+    turns: list[tuple[str, dict[str, Any]]] = []
+    for message in context:
+        if message.role == "tool" and message.tool is not None:
+            use = message.tool
+            turns.append(
+                ("assistant", {"type": "tool_use", "id": use.call_id, "name": use.name, "input": use.arguments})
+            )
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": use.call_id}
+            if use.error is not None:
+                result.update(content=use.error, is_error=True)
+            else:
+                result["content"] = _as_text(use.result)
+            turns.append(("user", result))
+            continue
+        text = message.text.strip()
+        if message.role == "assistant" and message.interrupted and interrupted_marker:
+            text = f"{text} {interrupted_marker}".strip()
+        if text:
+            turns.append(("assistant" if message.role == "assistant" else "user", {"type": "text", "text": text}))
+    if not turns and fallback.strip():
+        turns.append(("user", {"type": "text", "text": fallback.strip()}))
+    if turns and turns[0][0] != "user":
+        turns.insert(0, ("user", {"type": "text", "text": "(the call connected)"}))
+    messages: list[dict[str, Any]] = []
+    for role, block in turns:
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].append(block)
+        else:
+            messages.append({"role": role, "content": [block]})
+    for rendered in messages:
+        _tool_results_first(rendered)
+    return messages
+
+
+def _tool_results_first(message: dict[str, Any]) -> None:
+    # The API wants a user message's tool_result blocks before its text.
+    if message["role"] == "user":
+        message["content"].sort(key=lambda block: block["type"] != "tool_result")

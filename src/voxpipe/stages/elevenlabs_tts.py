@@ -1,0 +1,572 @@
+"""Streaming speech with ElevenLabs' stream-input WebSocket, with character alignment turned into word marks.
+
+Which path, and why. The ``elevenlabs`` SDK (2.78) has exactly one client for the stream-input socket,
+``convert_realtime``, and it is synchronous: in a thread, a barge-in cannot stop it while it is blocked in
+``recv()``. Its async client only has per-request HTTP (``stream`` / ``stream_with_timestamps``). So this stage
+speaks the stream-input protocol itself on ``websockets.asyncio``, building and parsing every message with the SDK's
+own pydantic types (``InitializeConnection``, ``SendText``, ``CloseConnection``, ``AudioOutput``, ``FinalOutput``)
+and the SDK's URL builder and production environment. One socket per reply, opened when the reasoner is asked
+(:class:`LLMRequest`), so its TLS and WebSocket handshakes overlap the model's first token instead of delaying the
+first audio; each speakable chunk goes out as it arrives, with ``flush`` so its audio starts at once, and the
+voice keeps its prosody across the reply's chunks. Per-chunk HTTP would pay a request (and its time to first
+byte) per chunk, lose the context between chunks, and its SDK parser silently skips lines it cannot parse, so a
+malformed message could not be reported (``docs/providers/elevenlabs.md``).
+
+How it streams. The receiver (a task the pipeline owns, one per reply) connects, sends the BOS message
+(voice settings, generation config; the key goes in the ``xi-api-key`` header), then reads: each ``audio`` message
+is base64 PCM in the call's rate (``pcm_<rate>``), checked (base64, whole samples, not a compressed container) and
+emitted at once; its ``alignment`` (characters with start times and durations in ms, relative to that message's
+audio) is grouped into the words of the text that was sent and placed on the reply's sample timeline. After the
+reply's last text the stage sends EOS (``{"text": ""}``); ElevenLabs answers ``isFinal`` and closes with 1000.
+
+Timeouts (all in the settings): the handshake (``connect_timeout_s``), the first audio after the first text
+(``first_audio_timeout_s``) and each read while audio is due (``read_timeout_s``: text sent whose characters have
+not been aligned yet, or EOS sent). While the reasoner is thinking no audio is due, and nothing times out.
+
+How it stops. The protocol has no cancel message: a barge-in cancels the reply's receiver, which closes the socket
+on its way out. Any failure (refused handshake, stall, disconnect, a message it cannot use) is a
+:class:`ProviderError` raised in the receiver, so the stage's error policy decides: STOP ends the call with it,
+SKIP_TURN abandons the reply; the next reply opens a new socket either way.
+
+Module layout: settings, connect, stream, cancel, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from voxpipe.config.errors import ConfigError
+from voxpipe.pipeline import AudioFormat, WordMark
+from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.tts import StreamingTTSStage
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+log = logging.getLogger("voxpipe.stages.elevenlabs_tts")
+
+PROVIDER = "ElevenLabs"
+INSTALL_HINT = "pip install 'voxpipe[elevenlabs]'"
+DEFAULT_VOICE = "JBFqnCBsd6RMkjVDRZzb"  # "George", a default voice every account has (the SDK's examples use it)
+PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # the pcm_<rate> output formats ElevenLabs offers
+_REFUSALS = {401: "API key rejected", 403: "API key not allowed to use this voice or model", 429: "rate limited"}
+_HINTS = {
+    401: "; check ELEVENLABS_API_KEY (or tts.api_key)",
+    403: "; check the key's permissions and the voice_id and model",
+    429: "; too many requests or concurrent streams for the plan",
+}
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+class ElevenLabsVoiceSettings(BaseModel):
+    """Per-request voice settings; unset fields keep the voice's stored values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stability: float | None = Field(default=None, ge=0, le=1, description="higher is steadier, lower more expressive")
+    similarity_boost: float | None = Field(
+        default=None, ge=0, le=1, description="how closely to match the original voice"
+    )
+    style: float | None = Field(default=None, ge=0, le=1, description="style exaggeration (v2+ models)")
+    use_speaker_boost: bool | None = Field(default=None, description="boost similarity to the speaker (v2+ models)")
+    speed: float | None = Field(default=None, ge=0.7, le=1.2, description="speaking rate, 1.0 is normal")
+
+
+class ElevenLabsTTSSettings(BaseModel):
+    """ElevenLabs streaming TTS settings. The output format is ``pcm_<the call's sample rate>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: SecretStr | None = Field(default=None, description="ElevenLabs API key; default: $ELEVENLABS_API_KEY")
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^(https?|wss?)://\S+$",
+        description="API base URL (https/wss, or http/ws for a loopback fake); default: the SDK's production "
+        "environment, https://api.elevenlabs.io",
+    )
+    voice_id: str = Field(default=DEFAULT_VOICE, min_length=1, max_length=64, description="voice to speak with")
+    model: str = Field(default="eleven_flash_v2_5", min_length=1, description="model id (flash is the low-latency one)")
+    language_code: str | None = Field(
+        default=None, min_length=2, max_length=8, description="ISO 639-1 language to enforce (multilingual v2.5 models)"
+    )
+    voice_settings: ElevenLabsVoiceSettings | None = Field(default=None, description="voice settings for this call")
+    flush_each_chunk: bool = Field(
+        default=True,
+        description="send each speakable chunk with flush, so its audio starts at once; false sends "
+        "try_trigger_generation and lets ElevenLabs' chunk_length_schedule buffer text",
+    )
+    chunk_length_schedule: list[Annotated[int, Field(ge=50, le=500)]] | None = Field(
+        default=None, min_length=1, max_length=8, description="characters buffered before each generation (50-500 each)"
+    )
+    inactivity_timeout_s: int = Field(
+        default=20,
+        ge=5,
+        le=180,
+        description="ElevenLabs closes a socket that gets no text for this long (query parameter)",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60, description="the TLS and WebSocket handshake")
+    first_audio_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="from the reply's first text to its audio"
+    )
+    read_timeout_s: float = Field(default=5.0, gt=0, le=60, description="longest wait for a message while audio is due")
+
+
+def _require_sdk() -> None:
+    try:
+        import elevenlabs  # noqa: F401
+        import websockets.asyncio.client  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise ProviderError(PROVIDER, f"the elevenlabs package is not installed: {INSTALL_HINT}") from exc
+
+
+def output_format(audio: AudioFormat) -> str:
+    """ElevenLabs' raw-PCM output format at the call's rate, or a config error naming the rates it has."""
+    if audio.channels != 1 or audio.sample_rate not in PCM_RATES:
+        rates = ", ".join(str(r) for r in PCM_RATES)
+        raise ConfigError(
+            "audio.sample_rate",
+            f"ElevenLabs streams mono PCM at {rates} Hz, not {audio.channels} channel(s) at {audio.sample_rate} Hz",
+            "a rate ElevenLabs streams, or a Resample stage after the TTS",
+        )
+    return f"pcm_{audio.sample_rate}"
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+
+
+class WordAligner:
+    """Groups ElevenLabs' per-character alignment into the words of the text that was sent, as word marks in
+    samples from the reply's start.
+
+    A word is complete when whitespace follows it or its characters spell the next expected word, so a word whose
+    last character arrives in a message is marked in that message's frame. The mark takes the sent word (with its
+    punctuation), so heard words are exactly the reply's words.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self.rate = sample_rate
+        self.expected: deque[str] = deque()
+        self.pending_chars = 0  # characters sent (whitespace aside) not yet aligned: audio still due
+        self._chars: list[str] = []
+        self._start = 0
+        self._end = 0
+
+    def expect(self, text: str) -> None:
+        words = text.split()
+        self.expected.extend(words)
+        self.pending_chars += sum(len(w) for w in words)
+
+    def add(
+        self, chars: Sequence[str], starts_ms: Sequence[int], durations_ms: Sequence[int], offset: int, limit: int
+    ) -> list[WordMark]:
+        """Marks of the words completed by one message's alignment; ``offset`` is the reply sample at which the
+        message's audio starts and ``limit`` the one after its last (no mark ends past audio it has)."""
+        if not len(chars) == len(starts_ms) == len(durations_ms):
+            raise ProviderError(
+                PROVIDER,
+                f"sent an alignment whose lists differ in length ({len(chars)} characters, {len(starts_ms)} start "
+                f"times, {len(durations_ms)} durations)",
+            )
+        marks: list[WordMark] = []
+        for char, start_ms, duration_ms in zip(chars, starts_ms, durations_ms, strict=True):
+            if not char.strip():
+                if self._chars:
+                    marks.append(self._close())
+                continue
+            start = offset + round(start_ms * self.rate / 1000)
+            end = min(limit, offset + round((start_ms + duration_ms) * self.rate / 1000))
+            if not self._chars:
+                self._start = self._end = start
+            self._chars.append(char)
+            self._end = max(self._end, end)
+            self.pending_chars = max(0, self.pending_chars - len(char))
+            if self.expected and "".join(self._chars) == self.expected[0]:
+                marks.append(self._close())
+        return marks
+
+    def finish(self) -> list[WordMark]:
+        """The mark of a word the alignment left open at the end of the reply."""
+        return [self._close()] if self._chars else []
+
+    def _close(self) -> WordMark:
+        spoken = "".join(self._chars)
+        word = self.expected.popleft() if self.expected else spoken
+        self._chars = []
+        return WordMark(word, self._start, self._end)
+
+
+# ------------------------------------------------------------------------------------------------ one reply
+
+
+class _Reply:
+    """One reply's socket, its receiver task, and what is due from it."""
+
+    def __init__(self, epoch: int, settings: ElevenLabsTTSSettings, sample_rate: int) -> None:
+        self.epoch = epoch
+        self.settings = settings
+        self.socket: ClientConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.opened = asyncio.Event()  # connected and BOS sent (socket set), or failed first (socket None)
+        self.ended = asyncio.Event()  # the reply's last audio was emitted, or the reply failed
+        self.words = WordAligner(sample_rate)
+        self.first_text_at: float | None = None
+        self.audio_started = False
+        self.eos_sent = False
+        self.final = False
+        self.samples = 0  # audio received so far, in samples from the reply's start
+        self.timer: asyncio.Timeout | None = None  # the receiver's current read deadline
+
+    def deadline(self) -> float | None:
+        """When the receiver's current read must have returned (loop time), or None while no audio is due."""
+        now = asyncio.get_running_loop().time()
+        if self.final:
+            return now + self.settings.read_timeout_s  # only the server's close is due
+        if self.first_text_at is None:
+            return None
+        if not self.audio_started:
+            return self.first_text_at + self.settings.first_audio_timeout_s
+        if self.eos_sent or self.words.pending_chars > 0:
+            return now + self.settings.read_timeout_s
+        return None
+
+    def rearm(self) -> None:
+        """Text or EOS went out: audio is due now, so a read that was waiting without a deadline gets one."""
+        timer = self.timer
+        if timer is not None and not timer.expired():
+            timer.reschedule(self.deadline())
+
+    def timeout_problem(self) -> str:
+        if not self.audio_started:
+            return (
+                f"no audio within {self.settings.first_audio_timeout_s:g} s of the reply's first text "
+                "(first_audio_timeout_s)"
+            )
+        return f"stalled: no message for {self.settings.read_timeout_s:g} s while audio was due (read_timeout_s)"
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+class ElevenLabsTTS(StreamingTTSStage):
+    """ElevenLabs TTS over the stream-input WebSocket: one socket per reply, word marks from the alignment."""
+
+    Settings: ClassVar[type[BaseModel]] = ElevenLabsTTSSettings
+
+    @classmethod
+    def from_settings(cls, settings: ElevenLabsTTSSettings, context: Any, name: str) -> ElevenLabsTTS:
+        given = settings.api_key.get_secret_value() if settings.api_key else None
+        key = api_key("tts", PROVIDER, given, "ELEVENLABS_API_KEY")  # named before anything connects
+        return cls(settings, api_key=key, audio=context.audio, name=name)
+
+    def __init__(
+        self,
+        settings: ElevenLabsTTSSettings | None = None,
+        *,
+        api_key: str,
+        audio: AudioFormat = AudioFormat(16000),
+        name: str | None = None,
+    ) -> None:
+        self.output_format = output_format(audio)
+        _require_sdk()
+        super().__init__(audio, name=name or "tts")
+        self.settings = settings or ElevenLabsTTSSettings()
+        self._api_key = api_key
+        self._reply: _Reply | None = None
+
+    # ------------------------------------------------------------------------------------------- connect
+
+    def url(self) -> str:
+        from elevenlabs.environment import ElevenLabsEnvironment
+        from elevenlabs.url_utils import build_ws_url
+
+        s = self.settings
+        params: dict[str, str] = {
+            "model_id": s.model,
+            "output_format": self.output_format,
+            "inactivity_timeout": str(s.inactivity_timeout_s),
+            "sync_alignment": "true",  # alignment with every audio message, timed from that message's start
+        }
+        if s.language_code:
+            params["language_code"] = s.language_code
+        base = s.base_url or ElevenLabsEnvironment.PRODUCTION.value
+        return build_ws_url(base, ["v1", "text-to-speech", s.voice_id, "stream-input"], params)
+
+    def _bos(self) -> str:
+        from elevenlabs.types import GenerationConfig, InitializeConnection, RealtimeVoiceSettings
+
+        s = self.settings
+        voice = RealtimeVoiceSettings(**s.voice_settings.model_dump(exclude_none=True)) if s.voice_settings else None
+        schedule = (
+            GenerationConfig(chunk_length_schedule=[float(n) for n in s.chunk_length_schedule])
+            if s.chunk_length_schedule
+            else None
+        )
+        bos = InitializeConnection(text=" ", voice_settings=voice, generation_config=schedule)
+        return json.dumps(bos.model_dump(by_alias=True, exclude_none=True))
+
+    async def _connect(self) -> ClientConnection:
+        from elevenlabs.version import __version__
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        url = self.url()
+        try:
+            return await connect(
+                url,
+                additional_headers={"xi-api-key": self._api_key},
+                user_agent_header=f"voxpipe elevenlabs/{__version__}",
+                open_timeout=self.settings.connect_timeout_s,
+                close_timeout=1.0,
+                max_size=2**22,  # a message carries up to a second or two of base64 PCM
+            )
+        except InvalidStatus as exc:
+            raise ProviderError(PROVIDER, _refusal(exc.response.status_code, exc.response.body)) from None
+        except TimeoutError:
+            raise ProviderError(
+                PROVIDER, f"no connection within {self.settings.connect_timeout_s:g} s (connect_timeout_s)"
+            ) from None
+        except (OSError, InvalidHandshake) as exc:
+            raise ProviderError(PROVIDER, f"cannot connect to {url.split('?')[0]}: {exc}") from None
+
+    async def open_reply(self, epoch: int) -> None:
+        await self.cancel_reply(epoch)  # a reply left open (no ResponseEnd) must not leak its socket
+        assert self.produces is not None
+        reply = _Reply(epoch, self.settings, self.produces.sample_rate)
+        self._reply = reply
+        reply.task = self.spawn(self._serve(reply), name=f"{self.name}-reply-{epoch}")
+
+    async def _serve(self, reply: _Reply) -> None:
+        """The reply's receiver: connect, send BOS, read until the server's close; the socket closes on exit."""
+        try:
+            socket = await self._connect()
+            async with socket:
+                await self._send(socket, self._bos())
+                reply.socket = socket
+                reply.opened.set()
+                await self._receive(reply, socket)
+        except ProviderError:
+            if reply.epoch < self.epoch:
+                return  # a failure of a reply the caller already interrupted concerns no one
+            raise
+        finally:
+            reply.socket = None
+            reply.opened.set()
+            reply.ended.set()
+
+    async def _send(self, socket: ClientConnection, message: str) -> None:
+        try:
+            async with asyncio.timeout(self.settings.read_timeout_s):
+                await socket.send(message)
+        except TimeoutError:
+            raise ProviderError(PROVIDER, f"a send took longer than {self.settings.read_timeout_s:g} s") from None
+
+    # -------------------------------------------------------------------------------------------- stream
+
+    def _current(self, epoch: int) -> _Reply | None:
+        reply = self._reply
+        return reply if reply is not None and reply.epoch == epoch else None
+
+    async def send_text(self, epoch: int, text: str) -> None:
+        from elevenlabs.types import SendText
+        from websockets.exceptions import ConnectionClosed
+
+        reply = self._current(epoch)
+        words = text.split()
+        if reply is None or not words:
+            return
+        await reply.opened.wait()  # bounded: the receiver's connect has its own timeout
+        socket = reply.socket
+        if socket is None:
+            return  # the receiver failed, and reported it
+        text = " ".join(words) + " "  # ElevenLabs wants each text to end with a single space
+        if self.settings.flush_each_chunk:
+            message = SendText(text=text, flush=True)
+        else:
+            message = SendText(text=text, try_trigger_generation=True)
+        reply.words.expect(text)
+        if reply.first_text_at is None:
+            reply.first_text_at = asyncio.get_running_loop().time()
+        reply.rearm()
+        with contextlib.suppress(ConnectionClosed):  # the receiver reports a closed socket
+            await self._send(socket, json.dumps(message.model_dump(exclude_none=True)))
+
+    async def finish_reply(self, epoch: int) -> None:
+        from elevenlabs.types import CloseConnection
+        from websockets.exceptions import ConnectionClosed
+
+        reply = self._current(epoch)
+        if reply is None:
+            return
+        if reply.first_text_at is None:
+            await self.cancel_reply(epoch)  # nothing was said: no audio to wait for
+            return
+        socket = reply.socket
+        if socket is not None:
+            reply.eos_sent = True
+            reply.rearm()
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(socket, json.dumps(CloseConnection().model_dump()))
+        await reply.ended.wait()  # bounded by the receiver's read timeouts
+        if self._reply is reply:
+            self._reply = None
+
+    async def _receive(self, reply: _Reply, socket: ClientConnection) -> None:
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+        while True:
+            try:
+                async with asyncio.timeout(reply.deadline()) as reply.timer:
+                    raw = await socket.recv()
+            except TimeoutError:
+                if reply.final:
+                    return  # the reply is complete; the server was slow to close, so we close
+                raise ProviderError(PROVIDER, reply.timeout_problem()) from None
+            except ConnectionClosedOK:
+                if reply.eos_sent or reply.final:
+                    return  # closed normally after the reply's last text (isFinal is optional before it)
+                raise ProviderError(PROVIDER, "closed the connection before the reply was finished") from None
+            except ConnectionClosed as exc:
+                if reply.final:
+                    return  # every audio of the reply is in; how the socket ended no longer matters
+                raise ProviderError(PROVIDER, f"connection lost mid-reply ({_close_reason(exc)})") from None
+            finally:
+                reply.timer = None
+            message = _parse(raw)
+            if message.get("isFinal"):
+                await self._finish_words(reply)
+                reply.final = True
+                reply.ended.set()  # finish_reply may go on; the receiver waits for the server's close
+            elif message.get("audio"):
+                await self._on_audio(reply, message)
+
+    async def _on_audio(self, reply: _Reply, message: dict[str, Any]) -> None:
+        from elevenlabs.types import AudioOutput
+
+        try:
+            audio = AudioOutput.model_validate(message)
+        except ValueError as exc:
+            raise ProviderError(PROVIDER, f"sent an audio message of the wrong shape: {exc}") from None
+        pcm = self._decode(audio.audio, first=not reply.audio_started)
+        reply.audio_started = True
+        offset = reply.samples
+        reply.samples += len(pcm) // 2
+        marks: list[WordMark] = []
+        alignment = audio.alignment or audio.normalized_alignment
+        if alignment is not None and alignment.chars:
+            marks = reply.words.add(
+                alignment.chars,
+                alignment.char_start_times_ms or [],
+                alignment.char_durations_ms or [],
+                offset,
+                reply.samples,
+            )
+        if reply.epoch >= self.epoch:  # never let a stale reply touch the stage's reply timeline
+            text = "".join(alignment.chars) if alignment is not None and alignment.chars else ""
+            await self.emit_audio(reply.epoch, pcm, tuple(marks), text)
+
+    async def _finish_words(self, reply: _Reply) -> None:
+        marks = reply.words.finish()
+        if marks and reply.epoch >= self.epoch:
+            await self.emit_audio(reply.epoch, b"", tuple(marks))
+
+    def _decode(self, data: str, *, first: bool) -> bytes:
+        try:
+            pcm = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProviderError(PROVIDER, f"sent audio that is not valid base64 ({len(data)} characters)") from None
+        container = _container(pcm) if first else None
+        if container is not None:
+            raise ProviderError(PROVIDER, f"sent {container} audio, not the raw {self.output_format} PCM asked for")
+        if len(pcm) % 2:
+            raise ProviderError(
+                PROVIDER,
+                f"sent {len(pcm)} bytes of audio, not a whole number of 16-bit samples ({self.output_format} asked)",
+            )
+        return pcm
+
+    # -------------------------------------------------------------------------------------------- cancel
+
+    async def cancel_reply(self, epoch: int) -> None:
+        """Barge-in: the protocol has no cancel message, so the receiver is cancelled and closes the socket."""
+        reply, self._reply = self._reply, None
+        if reply is None:
+            return
+        task = reply.task
+        # Not when the receiver itself failed and its error policy is interrupting: it is already finishing.
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+
+    # --------------------------------------------------------------------------------------------- close
+
+    async def stop(self) -> None:
+        reply = self._reply
+        if reply is not None:
+            await self.cancel_reply(reply.epoch)
+        await super().stop()
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+def _parse(raw: str | bytes) -> dict[str, Any]:
+    """A server message as JSON, or a clear error: ElevenLabs sends only JSON text messages."""
+    if isinstance(raw, bytes):
+        raise ProviderError(PROVIDER, f"sent a binary message ({len(raw)} bytes); stream-input sends only JSON")
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        raise ProviderError(PROVIDER, f"sent a message that is not JSON: {raw[:80]!r}") from None
+    if not isinstance(message, dict):
+        raise ProviderError(PROVIDER, f"sent a JSON {type(message).__name__}, not an object: {raw[:80]!r}")
+    if "audio" in message or "isFinal" in message:
+        return message
+    if "error" in message or "message" in message:
+        detail = message.get("message") or message.get("error")
+        raise ProviderError(PROVIDER, f"reported an error: {detail} ({message.get('error', 'no code')})")
+    raise ProviderError(PROVIDER, f"sent an unknown message (keys: {', '.join(sorted(message)) or 'none'})")
+
+
+def _refusal(status: int, body: bytes | None) -> str:
+    """What a refused handshake means, with ElevenLabs' own message (``{"detail": {"status", "message"}}``)."""
+    meaning = _REFUSALS.get(status) or ("server error" if status >= 500 else "refused the connection")
+    text = (body or b"").decode("utf-8", "replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = text[:120]
+    found = parsed.get("detail", parsed) if isinstance(parsed, dict) else parsed
+    detail = str(found.get("message") or found.get("status") or "") if isinstance(found, dict) else str(found)
+    return f"{meaning} (HTTP {status}{': ' + detail if detail else ''}){_HINTS.get(status, '')}"
+
+
+def _close_reason(exc: Exception) -> str:
+    received = getattr(exc, "rcvd", None)
+    if received is None:
+        return "no close frame: the connection dropped"
+    return f"closed with code {received.code}{': ' + received.reason if received.reason else ''}"
+
+
+_MPEG_BITRATE_BAD = (0x0, 0xF)
+
+
+def _container(head: bytes) -> str | None:
+    """The compressed or container format ``head`` starts with, if any (raw PCM was asked for)."""
+    for magic, name in ((b"ID3", "MP3"), (b"RIFF", "WAV"), (b"OggS", "Ogg/Opus"), (b"fLaC", "FLAC")):
+        if head.startswith(magic):
+            return name
+    if len(head) >= 3 and head[0] == 0xFF and head[1] & 0xE6 == 0xE2:  # MPEG frame sync, layer III
+        bitrate, rate = head[2] >> 4, (head[2] >> 2) & 0x3
+        if bitrate not in _MPEG_BITRATE_BAD and rate != 0x3:
+            return "MP3"
+    return None

@@ -1,0 +1,340 @@
+"""FakeAnthropic: a loopback Anthropic Messages API that the official ``anthropic`` SDK streams from, unmodified.
+
+It answers ``POST /v1/messages`` with the server-sent events the real API sends (every event with its ``event:``
+line): ``message_start``, ``content_block_start``, ``ping``, ``content_block_delta`` (``text_delta`` /
+``input_json_delta``), ``content_block_stop``, ``message_delta`` (stop reason and usage), ``message_stop``.
+
+    replies = [ToolUseReply("get_weather", {"city": "Paris"}, text="Let me check."), "It is 18 degrees in Paris."]
+    async with FakeAnthropic(replies=replies) as fake:
+        client = AsyncAnthropic(api_key=fake.api_key, base_url=fake.url, max_retries=0)
+        ...
+        fake.of("request")[1].data["body"]["messages"]   # what the SDK sent: the tool_result is in there
+
+Request ``n`` gets ``replies[n]`` (cycling), or ``replies(body)`` when ``replies`` is a function of the request's
+JSON body. Like the real API, a request is refused with a 400 ``invalid_request_error`` when a ``tool_use`` in its
+messages has no ``tool_result`` in the next message, when a text block is empty, when the first message is not the
+user's, or when ``anthropic-version`` is missing. (The fake does not play the model: ``tool_choice`` is recorded,
+not obeyed.)
+
+Records (``fake.seen``): ``request`` (``body``, ``headers``), ``connect`` and ``refused`` (from the base),
+``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``reply`` (what was sent in full: ``text``, ``tool``,
+``input_tokens``, ``output_tokens``), and ``disconnect`` (``events`` and ``text`` sent) when the client goes away
+mid-stream — which is what a barge-in looks like from the provider's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from voxpipe.testing.fakes.server import FakeServer, Faults
+
+# The error ``type`` Anthropic's API puts in the body for each HTTP status.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+ERROR_MESSAGES = {
+    401: "invalid x-api-key",
+    429: "Number of requests has exceeded your rate limit",
+    500: "Internal server error",
+    529: "Overloaded",
+}
+
+_WORD = re.compile(r"\s*\S+")
+
+
+@dataclass(frozen=True)
+class ToolUseReply:
+    """A reply that says ``text`` (may be empty) and then asks for the tool ``name`` with ``input``.
+
+    The client's follow-up request (carrying the tool's result) gets the next reply of the script."""
+
+    name: str
+    input: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+    id: str | None = None  # default: toolu_fake_<n>
+
+
+Reply = str | ToolUseReply
+Replies = Sequence[Reply] | Callable[[dict[str, Any]], Reply]
+
+
+class _Disconnected(Exception):
+    """The client went away while the fake was writing."""
+
+
+class FakeAnthropic(FakeServer):
+    """A fake Anthropic Messages API on 127.0.0.1 (see the module docstring).
+
+    * ``replies`` — the script (strings, :class:`ToolUseReply`), or a function of the request body;
+    * ``ttft_s`` — delay before the first content delta (after ``message_start``, like the real API);
+    * ``tokens_per_s`` — delta rate; ``words_per_delta`` words go in each text delta;
+    * ``input_tokens`` — the input usage reported (default: a rough estimate from the request's size);
+    * ``stream_error_after`` — after this many text deltas, send ``event: error`` (``overloaded_error``) and end
+      the response, as the API does when it fails mid-stream;
+    * ``corrupt_after`` — how many text deltas go before an injected corruption (``faults.corrupt``): a data line
+      that is not JSON, or an event type the API does not have (sent in addition to the reply's own events);
+    * ``faults`` — from the base: ``refuse`` (status, with Anthropic's error body), ``stall_s`` (before the first
+      byte of each response), ``drop_after`` (abort the connection after that many events of a response);
+    * ``faulty_requests`` — the faults and ``stream_error_after`` apply to this many requests, then the fake is
+      healthy again (None: to every request), so a test can show a call recovering on the next turn.
+    """
+
+    provider = "Anthropic"
+
+    def __init__(
+        self,
+        replies: Replies = ("Hello! How can I help?",),
+        *,
+        ttft_s: float = 0.0,
+        tokens_per_s: float = 200.0,
+        words_per_delta: int = 1,
+        input_tokens: int | None = None,
+        stream_error_after: int | None = None,
+        corrupt_after: int = 1,
+        faults: Faults | None = None,
+        faulty_requests: int | None = None,
+        api_key: str = "test-key",
+    ) -> None:
+        super().__init__(faults=faults, api_key=api_key)
+        if tokens_per_s <= 0 or words_per_delta < 1:
+            raise ValueError("FakeAnthropic: tokens_per_s must be > 0 and words_per_delta >= 1")
+        self.replies = replies
+        self.ttft_s = ttft_s
+        self.tokens_per_s = tokens_per_s
+        self.words_per_delta = words_per_delta
+        self.input_tokens = input_tokens
+        self.stream_error_after = stream_error_after
+        self.corrupt_after = corrupt_after
+        self.faulty_requests = faulty_requests
+        self._served = 0  # requests answered, refused or not
+        self._requests = 0
+        self._ids = itertools.count(1)
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/messages", self._messages)
+
+    # ------------------------------------------------------------------------------------ checks
+
+    def authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    def error_body(self, status: int) -> dict[str, Any]:
+        kind = ERROR_TYPES.get(status, "api_error")
+        message = ERROR_MESSAGES.get(status, f"fake Anthropic: HTTP {status}")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        response = super().refusal(request)
+        if response is not None and response.status == 429:
+            response.headers["retry-after"] = "1"
+        return response
+
+    def _invalid(self, message: str) -> web.Response:
+        self.record("refused", status=400, message=message)
+        body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        return web.json_response(body, status=400)
+
+    def _problem(self, body: dict[str, Any]) -> str | None:
+        """What the real API would reject this request for (the checks a client can get wrong), or None."""
+        for key in ("model", "max_tokens", "messages"):
+            if key not in body:
+                return f"{key}: Field required"
+        messages = body["messages"]
+        if not messages:
+            return "messages: at least one message is required"
+        if messages[0].get("role") != "user":
+            return 'messages: first message must use the "user" role'
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            if not blocks:
+                return f"messages.{i}: content must be non-empty"
+            for block in blocks:
+                if block.get("type") == "text" and not block.get("text", "").strip():
+                    return f"messages.{i}: text content blocks must contain non-whitespace text"
+            uses = [b["id"] for b in blocks if b.get("type") == "tool_use"]
+            if uses:
+                following = messages[i + 1]["content"] if i + 1 < len(messages) else []
+                answered = {b.get("tool_use_id") for b in following if isinstance(b, dict)}
+                missing = [u for u in uses if u not in answered]
+                if missing:
+                    return (
+                        f"messages.{i + 1}: `tool_use` ids were found without `tool_result` blocks immediately "
+                        f"after: {', '.join(missing)}"
+                    )
+        return None
+
+    # --------------------------------------------------------------------------------- responses
+
+    def _reply_for(self, body: dict[str, Any]) -> Reply:
+        if callable(self.replies):
+            return self.replies(body)
+        if not self.replies:
+            raise ValueError("FakeAnthropic: no scripted replies")
+        reply = self.replies[self._requests % len(self.replies)]
+        self._requests += 1
+        return reply
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return self._invalid("request body is not valid JSON")
+        self.record("request", body=body, headers=dict(request.headers))
+        if self.faulty_requests is not None and self._served >= self.faulty_requests:
+            self.faults, self.stream_error_after = Faults(), None  # healthy from now on
+        self._served += 1
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        if not request.headers.get("anthropic-version"):
+            return self._invalid("anthropic-version: header is required")
+        problem = self._problem(body)
+        if problem is not None:
+            return self._invalid(problem)
+        reply = self._reply_for(body)
+        await self.stall()
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        )
+        response.headers["request-id"] = f"req_fake_{next(self._ids)}"
+        sent = _Sent()
+        try:
+            await response.prepare(request)
+            await self._stream(request, response, body, reply, sent)
+        except _Disconnected:
+            self.record("disconnect", events=sent.events, text=sent.text)
+        except asyncio.CancelledError:
+            self.record("disconnect", events=sent.events, text=sent.text)
+            raise
+        return response
+
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, body: dict[str, Any], reply: Reply, sent: _Sent
+    ) -> None:
+        text = reply if isinstance(reply, str) else reply.text
+        tool = reply if isinstance(reply, ToolUseReply) else None
+        input_tokens = self.input_tokens if self.input_tokens is not None else max(1, len(json.dumps(body)) // 4)
+        words = _WORD.findall(text)
+        output_tokens = len(words) + (len(json.dumps(tool.input)) // 4 + 1 if tool else 0)
+
+        async def send(event: str, data: dict[str, Any] | str) -> bool:
+            """Send one event; False when the connection was dropped on purpose (stop streaming)."""
+            if self.should_drop(sent.events):
+                await self.drop(request)
+                return False
+            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            try:
+                await response.write(f"event: {event}\ndata: {payload}\n\n".encode())
+            except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client closed the stream
+                raise _Disconnected from None
+            sent.events += 1
+            return True
+
+        message = {
+            "id": f"msg_fake_{next(self._ids)}",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": body["model"],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+        }
+        if not await send("message_start", {"type": "message_start", "message": message}):
+            return
+        index = 0
+        interval = self.words_per_delta / self.tokens_per_s
+        if self.ttft_s > 0:
+            await asyncio.sleep(self.ttft_s)
+        if words:
+            block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+            if not await send("content_block_start", block) or not await send("ping", {"type": "ping"}):
+                return
+            for n, start in enumerate(range(0, len(words), self.words_per_delta)):
+                if n:
+                    await asyncio.sleep(interval)
+                if not await self._interject(send, n):
+                    return
+                piece = "".join(words[start : start + self.words_per_delta])
+                delta = {"type": "text_delta", "text": piece}
+                if not await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}):
+                    return
+                sent.text += piece
+            if not await self._interject(send, len(words)):
+                return
+            if not await send("content_block_stop", {"type": "content_block_stop", "index": 0}):
+                return
+            index = 1
+        stop_reason = "end_turn"
+        if tool is not None:
+            tool_id = tool.id or f"toolu_fake_{next(self._ids)}"
+            start_block = {"type": "tool_use", "id": tool_id, "name": tool.name, "input": {}}
+            if not await send(
+                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start_block}
+            ):
+                return
+            arguments = json.dumps(tool.input)
+            half = len(arguments) // 2
+            for part in (arguments[:half], arguments[half:]):  # fragments, as the API streams them
+                delta = {"type": "input_json_delta", "partial_json": part}
+                if not await send(
+                    "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+                ):
+                    return
+            if not await send("content_block_stop", {"type": "content_block_stop", "index": index}):
+                return
+            stop_reason = "tool_use"
+        finish: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        }
+        if not await send("message_delta", finish) or not await send("message_stop", {"type": "message_stop"}):
+            return
+        await response.write_eof()
+        self.record(
+            "reply",
+            text=text,
+            tool=tool.name if tool else None,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
+
+    async def _interject(self, send: Callable[[str, Any], Any], deltas_sent: int) -> bool:
+        """Before the text delta number ``deltas_sent``: the injected corruption or mid-stream error, if due.
+        False when the response must end here."""
+        if deltas_sent == self.corrupt_after and self.faults.corrupt in ("malformed-json", "unknown-event"):
+            how = self.take_corruption()
+            if how == "malformed-json":
+                return bool(await send("content_block_delta", '{"type": "content_block_delta", "index": 0, "delta'))
+            unknown = {"type": "content_block_flourish", "index": 0}
+            if how == "unknown-event" and not await send("content_block_flourish", unknown):
+                return False
+        if deltas_sent == self.stream_error_after:
+            self.record("stream-error", after=deltas_sent)
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            await send("error", error)
+            return False
+        return True
+
+
+@dataclass
+class _Sent:
+    events: int = 0
+    text: str = ""

@@ -1,0 +1,555 @@
+"""AnthropicLLM: the official anthropic SDK (2.x) against FakeAnthropic, a loopback server speaking the Messages API's
+server-sent events — through whole scripted calls (RealClock) and through the stage in a small pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import wave
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from voxpipe.call import CallResult, run_configured_call, run_pipeline_call
+from voxpipe.config import BuildContext, build_pipeline, parse_config
+from voxpipe.config.errors import ConfigError
+from voxpipe.pipeline import (
+    DOWNSTREAM,
+    AudioFormat,
+    Direction,
+    EndOfTurn,
+    ErrorPolicy,
+    Frame,
+    Message,
+    Pipeline,
+    RealClock,
+    Stage,
+    TextDelta,
+    ToolUse,
+    Tracer,
+)
+from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings, render_messages
+from voxpipe.stages.cloud import ProviderError
+from voxpipe.testing import Say, ScriptedCaller
+from voxpipe.testing.fakes.anthropic import FakeAnthropic, ToolUseReply
+from voxpipe.testing.fakes.server import Faults
+from voxpipe.transports.playout import PlayoutOutput
+from voxpipe.transports.recorder import StereoRecorder
+from voxpipe.transports.simulated import SimulatedInput
+
+SYSTEM = "You answer the phone at Luigi's. Keep answers short."
+WEATHER_CALLS: list[dict[str, Any]] = []
+
+
+async def get_weather(city: str) -> dict[str, Any]:
+    """The weather now.
+
+    Args:
+        city: the city, e.g. "Paris"
+    """
+    WEATHER_CALLS.append({"city": city})
+    return {"city": city, "celsius": 18, "sky": "sunny"}
+
+
+# ------------------------------------------------------------------------------------------- harness
+
+
+class Served:
+    """A fake served from its own event loop in a thread: ``run_configured_call`` runs the call's loop."""
+
+    def __init__(self, fake: FakeAnthropic) -> None:
+        self.fake = fake
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-anthropic", daemon=True)
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self.loop).result(5)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def wait_for(self, kind: str, predicate: Any = None, within_s: float = 5.0) -> Any:
+        waiting = self.fake.wait_for(kind, predicate, within_s=within_s)
+        return asyncio.run_coroutine_threadsafe(waiting, self.loop).result(within_s + 1)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [seen.data["body"] for seen in self.fake.of("request")]
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    served: list[Served] = []
+
+    def start(fake: FakeAnthropic) -> Served:
+        served.append(Served(fake).__enter__())
+        return served[-1]
+
+    yield start
+    for item in served:
+        item.__exit__()
+
+
+def call(
+    fake: FakeAnthropic,
+    script: list[Any],
+    out_dir: Any,
+    *,
+    on_error: str | None = None,
+    tools: dict[str, Any] | None = None,
+    reply_timeout: float | None = None,
+    **llm: Any,
+) -> CallResult:
+    """A scripted call (RealClock) with the reasoner at ``fake``: ``run_configured_call``, or — with
+    ``reply_timeout`` — the same pipeline with a caller who speaks again that soon after a reply that never came
+    (``run_configured_call``'s caller waits 10 s)."""
+    settings = {
+        "provider": "anthropic",
+        "base_url": fake.url,
+        "api_key": fake.api_key,
+        "first_token_timeout_s": 2,
+        "read_timeout_s": 2,
+        **llm,
+    }
+    if on_error is not None:
+        settings["on_error"] = on_error
+    config, validated = parse_config(
+        {
+            "system_prompt": SYSTEM,
+            "vad": {"provider": "scripted"},
+            "stt": {"provider": "scripted"},
+            "llm": settings,
+            "tts": {"provider": "scripted"},
+        }
+    )
+    if reply_timeout is None:
+        return run_configured_call(config, validated, script, out_dir, clock=RealClock(), tools=tools)
+    audio = AudioFormat(config.audio.sample_rate)
+    caller = ScriptedCaller(script, audio.sample_rate, reply_timeout=reply_timeout)
+    recorder, tracer = StereoRecorder(audio.sample_rate), Tracer()
+    pipeline, conversation = build_pipeline(
+        config,
+        validated,
+        input_stage=SimulatedInput(caller, audio, recorder=recorder),
+        output_stage=PlayoutOutput(audio, recorder),
+        context=BuildContext(audio=audio, caller=caller, tools=tools or {}),
+        clock=RealClock(),
+        tracer=tracer,
+    )
+    return run_pipeline_call(pipeline, conversation, tracer, recorder, out_dir)
+
+
+def llm_usage(result: CallResult) -> tuple[float, float]:
+    usage = [t.data.get("usage", {}).get("llm", {}) for t in result.turns]
+    return sum(u.get("input_tokens", 0) for u in usage), sum(u.get("output_tokens", 0) for u in usage)
+
+
+def sent_usage(fake: FakeAnthropic) -> tuple[int, int]:
+    replies = fake.of("reply")
+    return sum(r.data["input_tokens"] for r in replies), sum(r.data["output_tokens"] for r in replies)
+
+
+class Collect(Stage):
+    """A sink that keeps every downstream frame."""
+
+    def __init__(self) -> None:
+        super().__init__(name="collect")
+        self.frames: list[Frame] = []
+        self.first_text = asyncio.Event()
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if direction is DOWNSTREAM:
+            self.frames.append(frame)
+            if isinstance(frame, TextDelta):
+                self.first_text.set()
+        await self.push(frame, direction)
+
+
+class Turn:
+    """The stage alone in a small pipeline (RealClock): one EndOfTurn in, the frames it emits collected."""
+
+    def __init__(self, llm: AnthropicLLM) -> None:
+        self.llm = llm
+        self.sink = Collect()
+        self.pipeline = Pipeline([llm, self.sink], clock=RealClock())
+
+    async def run(self, text: str = "Hello?") -> str:
+        """Send one caller turn and drain; returns the pipeline's outcome (raises under STOP)."""
+        running = await self.start(text)
+        await self.pipeline.end()
+        return await running
+
+    async def start(self, text: str) -> asyncio.Task[str]:
+        """Start the pipeline and send one caller turn (epoch 1, as the turn-taker would open it)."""
+        running = asyncio.create_task(self.pipeline.run())
+        await asyncio.sleep(0)
+        epoch = self.pipeline.next_epoch()
+        turn = EndOfTurn(epoch=epoch, text=text, at=0.0, system=SYSTEM, context=(Message("user", text),))
+        await self.llm.receive(turn, DOWNSTREAM)
+        return running
+
+    def record(self) -> dict[str, Any]:
+        return next(t.data for t in self.pipeline.trace.turns if t.turn == 1)
+
+    def text(self) -> str:
+        return "".join(f.text for f in self.sink.frames if isinstance(f, TextDelta))
+
+
+def stage(fake: FakeAnthropic, *, policy: ErrorPolicy = ErrorPolicy.STOP, **settings: Any) -> AnthropicLLM:
+    tools = settings.pop("tools", None)
+    defaults: dict[str, Any] = {"base_url": fake.url, "first_token_timeout_s": 2.0, "read_timeout_s": 2.0}
+    llm = AnthropicLLM(AnthropicSettings(**{**defaults, **settings}), api_key=fake.api_key, tools=tools)
+    llm.error_policy = policy
+    return llm
+
+
+# ----------------------------------------------------------------------------------- whole calls
+
+
+@pytest.fixture(scope="module")
+def two_turns(tmp_path_factory: pytest.TempPathFactory) -> tuple[CallResult, Served]:
+    fake = FakeAnthropic(["Luigi's, hello!", "Bye now."], input_tokens=40)
+    with Served(fake) as served:
+        script = [Say("Hello, who is this?", pause=0.3), Say("Thanks, bye.", pause=0.3)]
+        result = call(fake, script, tmp_path_factory.mktemp("call"), tools={"get_weather": get_weather})
+    return result, served
+
+
+@pytest.mark.timeout(30)
+def test_a_reply_is_spoken_and_the_request_carries_prompt_text_model_and_tools(two_turns):
+    result, served = two_turns
+    first = served.bodies()[0]
+    assert first["model"] == "claude-opus-4-7" and first["max_tokens"] == 300 and first["stream"] is True
+    assert first["system"] == SYSTEM
+    assert first["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Hello, who is this?"}]}]
+    assert [tool["name"] for tool in first["tools"]] == ["get_weather"]
+    assert first["tools"][0]["input_schema"]["properties"]["city"]["type"] == "string"
+    headers = served.fake.of("request")[0].data["headers"]
+    assert headers["Authorization"] == "Bearer test-key" and headers["anthropic-version"]
+    assert result.outcome == "ended"
+    assert result.turns[0].heard == ["Luigi's,", "hello!"]
+
+
+@pytest.mark.timeout(30)
+def test_the_second_turn_carries_the_heard_reply_as_history(two_turns):
+    result, served = two_turns
+    second = served.bodies()[1]["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[1]["content"] == [{"type": "text", "text": "Luigi's, hello!"}]
+    assert second[2]["content"] == [{"type": "text", "text": "Thanks, bye."}]
+    assert result.turns[1].heard == ["Bye", "now."]
+
+
+@pytest.mark.timeout(30)
+def test_usage_is_what_the_api_reported(two_turns):
+    result, served = two_turns
+    assert llm_usage(result) == sent_usage(served.fake) == (80, 2 + 2)
+
+
+@pytest.mark.timeout(30)
+def test_the_tool_loop_runs_the_tool_and_sends_its_result_back(serve, tmp_path):
+    WEATHER_CALLS.clear()
+    replies = [
+        ToolUseReply("get_weather", {"city": "Paris"}, text="Let me check.", id="toolu_01"),
+        "It is 18 degrees and sunny in Paris.",
+    ]
+    served = serve(FakeAnthropic(replies))
+    result = call(
+        served.fake, [Say("What is the weather in Paris?", pause=0.3)], tmp_path, tools={"get_weather": get_weather}
+    )
+    assert WEATHER_CALLS == [{"city": "Paris"}]
+    first, second = served.bodies()
+    assert len(first["messages"]) == 1
+    assistant, results = second["messages"][-2:]
+    assert assistant == {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+    }
+    assert results["role"] == "user"
+    (block,) = results["content"]
+    assert block["type"] == "tool_result" and block["tool_use_id"] == "toolu_01" and "is_error" not in block
+    assert json.loads(block["content"]) == {"city": "Paris", "celsius": 18, "sky": "sunny"}
+    turn = result.turns[0]
+    assert turn.data["bot_text"] == "Let me check.It is 18 degrees and sunny in Paris."
+    assert "18" in turn.heard and turn.heard[-1] == "Paris."
+    assert any(name.startswith("tool.start:toolu_01") for name in turn.marks)
+    assert llm_usage(result) == sent_usage(served.fake)
+    assert len(served.fake.of("reply")) == 2  # usage of both requests is in there
+    audit = [json.loads(line) for line in (tmp_path / "tools.jsonl").read_text().splitlines()]
+    assert [(a["tool"], a["outcome"]) for a in audit] == [("get_weather", "ok")]
+
+
+@pytest.mark.timeout(30)
+def test_a_barge_in_closes_the_stream_and_keeps_only_heard_words(serve, tmp_path):
+    long_reply = (
+        "We have a lovely menu tonight, with fresh pasta, grilled fish, a mushroom risotto, three kinds of pizza, "
+        "a seasonal salad, and for dessert a tiramisu that the chef makes every single morning."
+    )
+    served = serve(FakeAnthropic([long_reply, "Of course, for what time?"], tokens_per_s=6))
+    script = [Say("What is on the menu?", pause=0.3), Say("A table for two please.", pause=0.3, barge_in=1.0)]
+    result = call(served.fake, script, tmp_path)
+    gone = served.wait_for("disconnect")
+    assert gone.data["text"] and gone.data["text"] != long_reply, "the client left mid-stream"
+    first = result.turns[0]
+    assert first.interrupted and 0 < len(first.heard) < len(long_reply.split())
+    assert first.heard == long_reply.split()[: len(first.heard)]
+    streamed = gone.data["text"].strip()
+    assert long_reply.startswith(first.data["bot_text"]) and len(first.data["bot_text"]) <= len(streamed)
+    heard = " ".join(first.heard)
+    history = served.bodies()[1]["messages"]
+    assert history[1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": f"{heard} [interrupted by the caller]"}],
+    }
+    assistant = [m for m in result.conversation.messages if m.role == "assistant"]
+    assert (assistant[0].text, assistant[0].interrupted) == (heard, True)
+    # Nothing of the cut reply plays after the interrupt: silence until the next reply starts.
+    with wave.open(str(tmp_path / "recording.wav")) as recording:
+        bot = np.frombuffer(recording.readframes(recording.getnframes()), dtype=np.int16).reshape(-1, 2)[:, 1]
+    cut, resumed = first.marks["out.interrupted"], result.turns[1].marks["out.first_play"]
+    assert not np.any(bot[round(cut * 16000) : round(resumed * 16000)])
+
+
+@pytest.mark.timeout(30)
+def test_a_rejected_api_key_stops_the_call_with_a_clear_error(serve, tmp_path):
+    served = serve(FakeAnthropic(["Hello."], api_key="the-right-key"))
+    with pytest.raises(ProviderError, match=r"Anthropic: API key rejected \(401\): authentication_error"):
+        call(served.fake, [Say("Hello?", pause=0.3), Say("Anyone there?", pause=0.3)], tmp_path, api_key="a-wrong-key")
+    assert served.fake.of("refused")[0].data["status"] == 401
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert transcript["status"] == "failed" and "API key" in transcript["error"]
+    assert len(served.fake.of("request")) == 1, "the call stopped at the first failure"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ({"faults": Faults(refuse=429)}, "rate limited (429): rate_limit_error"),
+        ({"faults": Faults(refuse=529)}, "server error (529): overloaded_error: Overloaded"),
+        ({"stream_error_after": 2}, "stream error: overloaded_error: Overloaded (after"),
+    ],
+    ids=["429", "529", "error-event"],
+)
+def test_with_skip_turn_a_failed_reply_is_reported_and_the_call_goes_on(serve, tmp_path, fault, problem):
+    served = serve(FakeAnthropic(["Sure, a table for two."], faulty_requests=1, **fault))
+    script = [Say("Hello?", pause=0.3), Say("A table for two.", pause=0.3)]
+    result = call(served.fake, script, tmp_path, on_error="skip-turn", reply_timeout=1.5)
+    assert result.outcome == "ended"
+    assert result.turns[0].data["error"].startswith(f"ProviderError: Anthropic: {problem}")
+    assert len(served.fake.of("request")) == 2
+    assert result.turns[-1].heard == ["Sure,", "a", "table", "for", "two."], "the next turn is answered"
+
+
+@pytest.mark.timeout(30)
+def test_a_drop_mid_stream_keeps_what_was_streamed_and_heard(serve, tmp_path):
+    reply = "Of course, we are open until ten tonight, and tomorrow from noon until eleven."
+    # message_start, content_block_start, ping, then a word per delta at 5 words/s: dropped after 10 words, by
+    # when "Of course," has been played.
+    served = serve(FakeAnthropic([reply, "Yes."], tokens_per_s=5, faults=Faults(drop_after=13), faulty_requests=1))
+    result = call(
+        served.fake, [Say("When are you open?", pause=0.3), Say("Thanks.", pause=0.3)], tmp_path, on_error="skip-turn"
+    )
+    served.wait_for("dropped")
+    first = result.turns[0]
+    assert "stream disconnected after" in first.data["error"] and "Anthropic" in first.data["error"]
+    assert first.data["bot_text"] == " ".join(reply.split()[:10])
+    assert first.heard and first.heard == reply.split()[: len(first.heard)]
+    assert any(m.role == "assistant" and m.text == " ".join(first.heard) for m in result.conversation.messages)
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert transcript["turns"][1]["text"] == first.data["bot_text"]
+    assert result.outcome == "ended" and result.turns[-1].heard == ["Yes."]
+
+
+@pytest.mark.timeout(30)
+def test_a_missing_api_key_is_a_config_error_before_any_request(serve, tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    served = serve(FakeAnthropic())
+    config, validated = parse_config(
+        {
+            "vad": {"provider": "scripted"},
+            "stt": {"provider": "scripted"},
+            "llm": {"provider": "anthropic", "base_url": served.fake.url},
+            "tts": {"provider": "scripted"},
+        }
+    )
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY") as raised:
+        run_configured_call(config, validated, [Say("Hello?", pause=0.3)], tmp_path, clock=RealClock())
+    assert "llm.api_key" in str(raised.value)
+    assert served.fake.seen == []
+
+
+# --------------------------------------------------------------------------------- the stage alone
+
+
+@pytest.mark.timeout(10)
+async def test_a_stall_before_the_first_byte_is_a_timeout_not_a_hang():
+    async with FakeAnthropic(faults=Faults(stall_s=5)) as fake:
+        turn = Turn(stage(fake, first_token_timeout_s=0.3))
+        with pytest.raises(ProviderError, match=r"Anthropic: no first token within 0.3 s"):
+            await turn.run()
+        assert fake.of("stall") and not fake.of("reply")
+        assert turn.pipeline.errors[0].fatal
+
+
+@pytest.mark.timeout(10)
+async def test_an_unreachable_api_is_a_clear_error():
+    async with FakeAnthropic() as fake:
+        url = fake.url
+    llm = AnthropicLLM(AnthropicSettings(base_url=url), api_key="k")  # nothing listens there any more
+    with pytest.raises(ProviderError, match=f"Anthropic: cannot connect to {url}: ConnectError"):
+        await Turn(llm).run()
+
+
+@pytest.mark.timeout(10)
+async def test_a_stream_that_stops_mid_reply_is_a_stall_error_and_keeps_the_text():
+    async with FakeAnthropic(["One two three four five."], tokens_per_s=1, words_per_delta=2) as fake:
+        turn = Turn(stage(fake, read_timeout_s=0.3, policy=ErrorPolicy.SKIP_TURN))
+        assert await turn.run() == "ended"
+        (error,) = turn.pipeline.errors
+        assert "Anthropic: stream stalled: no event for 0.3 s after 7 characters" in error.error
+        assert turn.text() == "One two"
+        assert turn.record()["bot_text"] == "One two"
+        await fake.wait_for("disconnect")
+
+
+@pytest.mark.timeout(10)
+async def test_malformed_json_is_a_clear_error_and_the_text_before_it_is_kept():
+    fake = FakeAnthropic(["Hello there, friend."], faults=Faults(corrupt="malformed-json"), corrupt_after=2)
+    async with fake:
+        turn = Turn(stage(fake))
+        with pytest.raises(ProviderError, match=r"Anthropic: malformed stream event \(not JSON.*after 12 characters"):
+            await turn.run()
+        assert turn.text() == "Hello there,"
+        assert turn.record()["bot_text"] == "Hello there,"
+
+
+@pytest.mark.timeout(10)
+async def test_an_unknown_event_is_skipped_with_a_reported_problem():
+    async with FakeAnthropic(["Hello there, friend."], faults=Faults(corrupt="unknown-event")) as fake:
+        turn = Turn(stage(fake))
+        assert await turn.run() == "ended"
+        assert turn.text() == "Hello there, friend."
+        (problem,) = turn.pipeline.errors
+        assert (
+            not problem.fatal and "Anthropic: skipped an unknown stream event 'content_block_flourish'" in problem.error
+        )
+        assert fake.of("corrupted")
+
+
+@pytest.mark.timeout(10)
+async def test_the_tool_loop_is_bounded_and_the_last_round_forbids_tools():
+    always = ToolUseReply("get_weather", {"city": "Rome"})
+    async with FakeAnthropic(lambda body: always) as fake:
+        turn = Turn(stage(fake, max_tool_rounds=2, tools=[get_weather]))
+        assert await turn.run() == "ended"
+        bodies = [seen.data["body"] for seen in fake.of("request")]
+        assert len(bodies) == 3
+        assert [body.get("tool_choice") for body in bodies] == [None, None, {"type": "none"}]
+        assert [len(body["messages"]) for body in bodies] == [1, 3, 5], "each round adds tool_use + tool_result"
+        assert any("still asked for tools after 2 rounds" in e.error for e in turn.pipeline.errors)
+
+
+@pytest.mark.timeout(10)
+async def test_a_failing_tool_is_sent_back_as_an_error_result():
+    async def book(time: str) -> str:
+        """Book a table.
+
+        Args:
+            time: when
+        """
+        raise RuntimeError("the book is full")
+
+    replies = [ToolUseReply("book", {"time": "19:30"}), "Sorry, we are full tonight."]
+    async with FakeAnthropic(replies) as fake:
+        turn = Turn(stage(fake, tools=[book]))
+        assert await turn.run() == "ended"
+        (block,) = fake.of("request")[1].data["body"]["messages"][-1]["content"]
+        assert block["is_error"] is True and "the book is full" in block["content"]
+        assert turn.text() == "Sorry, we are full tonight."
+
+
+@pytest.mark.timeout(10)
+async def test_an_interrupt_closes_the_stream_at_once_and_counts_the_usage_so_far():
+    async with FakeAnthropic(["one two three four five six seven eight nine ten"], tokens_per_s=5) as fake:
+        turn = Turn(stage(fake))
+        running = await turn.start("Count to ten.")
+        await turn.sink.first_text.wait()  # the reply has started streaming
+        await turn.pipeline.interrupt(turn.llm)
+        gone = await fake.wait_for("disconnect")
+        assert gone.data["text"] != "one two three four five six seven eight nine ten"
+        await turn.pipeline.end()
+        assert await running == "ended"
+        usage = turn.pipeline.usage.of_turn(1)["llm"]
+        assert usage["input_tokens"] > 0 and usage["output_tokens"] == 1  # what message_start had reported
+        assert not fake.of("reply")
+
+
+# ------------------------------------------------------------------------------------ the prompt
+
+
+def test_the_conversation_renders_as_alternating_messages_with_tool_blocks():
+    use = ToolUse("toolu_9", "get_weather", {"city": "Oslo"}, result={"celsius": 3})
+    failed = ToolUse("toolu_10", "book", {"time": "9"}, error="no tables")
+    context = (
+        Message("assistant", "Luigi's, hello!"),
+        Message("user", "Weather in Oslo?"),
+        Message("tool", "get_weather(...)", tool=use),
+        Message("assistant", "It is three degrees.", interrupted=False),
+        Message("user", "Book at nine."),
+        Message("assistant", "Let me book", interrupted=True),
+        Message("tool", "book(...)", tool=failed),  # a tool that finished after the barge-in
+        Message("user", "  "),
+        Message("user", "Hello?"),
+    )
+    messages = render_messages(context, "[cut off]")
+    text = {"type": "text", "text": "(the call connected)"}
+    assert messages == [
+        {"role": "user", "content": [text]},  # a call that starts with the bot gets a caller line first
+        {"role": "assistant", "content": [{"type": "text", "text": "Luigi's, hello!"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Oslo"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": '{"celsius": 3}'}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is three degrees."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Book at nine."}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me book [cut off]"},
+                {"type": "tool_use", "id": "toolu_10", "name": "book", "input": {"time": "9"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_10", "content": "no tables", "is_error": True},
+                {"type": "text", "text": "Hello?"},
+            ],
+        },
+    ]
+
+
+def test_the_module_imports_without_the_sdk_and_a_missing_sdk_names_the_extra():
+    code = (
+        "import sys; sys.modules['anthropic'] = None\n"
+        "import voxpipe.stages.anthropic_llm as m\n"
+        "from voxpipe.config.errors import ConfigError\n"
+        "try:\n    m.AnthropicLLM(api_key='k')\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True).stdout
+    assert "pip install 'voxpipe[anthropic]'" in out and "anthropic SDK" in out

@@ -1,0 +1,372 @@
+"""ElevenLabs streaming TTS: the stage (stream-input WebSocket, SDK message types) against FakeElevenLabs on
+127.0.0.1, through configured calls on a RealClock.
+
+A configured call runs on its own event loop (``run_configured_call`` calls ``asyncio.run``), so each test runs it
+in a worker thread while the fake serves on the test's loop; tests wait on what the fake saw, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from voxpipe.call import CallResult, run_configured_call
+from voxpipe.config import BuildContext, ConfigError, parse_config
+from voxpipe.pipeline import AudioFormat, RealClock, WordMark
+from voxpipe.stages.cloud import ProviderError
+from voxpipe.stages.elevenlabs_tts import ElevenLabsTTS, ElevenLabsTTSSettings, WordAligner
+from voxpipe.testing.caller import Say
+from voxpipe.testing.fakes.elevenlabs import FakeElevenLabs
+from voxpipe.testing.fakes.server import Faults
+
+pytestmark = [pytest.mark.timeout(30)]  # the tests below that run calls set their own
+
+RATE = 16000
+QUESTION = "A table tonight?"
+REPLY = "Yes, for four at eight. Shall I book it?"
+SECOND = "Of course, red or white?"
+
+
+def config(fake: FakeElevenLabs, replies: list[str], on_error: str = "stop", **tts: Any) -> tuple[Any, Any]:
+    return parse_config(
+        {
+            "audio": {"sample_rate": RATE},
+            "vad": {"provider": "scripted", "stop_ms": 300},
+            "stt": {"provider": "scripted"},
+            "llm": {"provider": "scripted", "replies": replies, "ttft_s": 0.1},
+            "tts": {
+                "provider": "elevenlabs",
+                "on_error": on_error,
+                "base_url": fake.url,
+                **({"api_key": fake.api_key} | tts),
+            },
+        }
+    )
+
+
+async def call(
+    fake: FakeElevenLabs,
+    script: list[Any],
+    out: Path,
+    replies: list[str] | None = None,
+    on_error: str = "stop",
+    **tts: Any,
+) -> CallResult:
+    """Run a configured call against ``fake`` in a worker thread (its own loop, real time)."""
+    parsed, settings = config(fake, replies or [REPLY], on_error, **tts)
+    return await asyncio.to_thread(run_configured_call, parsed, settings, script, out, clock=RealClock())
+
+
+def errors(out: Path) -> list[dict[str, Any]]:
+    """The ErrorFrames of the call (pipeline.errors), as transcript.json keeps them."""
+    return json.loads((out / "transcript.json").read_text())["errors"]
+
+
+def bot_channel(out: Path) -> np.ndarray:
+    with wave.open(str(out / "recording.wav")) as wav:
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16).reshape(-1, 2)
+    return data[:, 1]
+
+
+def client_messages(fake: FakeElevenLabs, connection: int = 1) -> list[dict[str, Any]]:
+    return [s.data for s in fake.of("message") if s.data["connection"] == connection]
+
+
+# ------------------------------------------------------------------------------------------- a normal reply
+
+
+@pytest.mark.timeout(30)
+async def test_a_reply_streams_with_word_marks_and_every_word_is_heard(tmp_path):
+    async with FakeElevenLabs() as fake:
+        result = await call(fake, [Say(QUESTION, pause=0.3)], tmp_path)
+    assert result.outcome == "ended" and not errors(tmp_path)
+    (turn,) = result.turns
+    assert not turn.interrupted
+    assert list(turn.heard) == REPLY.split(), "word marks from the alignment: every word heard, in order"
+    assert np.any(bot_channel(tmp_path)), "the reply's audio is in the recording"
+    connect_data = fake.of("connect")[0].data
+    assert connect_data["path"] == "/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb/stream-input"
+    assert connect_data["headers"]["xi-api-key"] == fake.api_key
+    query = connect_data["query"]
+    assert query["model_id"] == "eleven_flash_v2_5" and query["output_format"] == "pcm_16000"
+    assert query["sync_alignment"] == "true" and query["inactivity_timeout"] == "20"
+    messages = client_messages(fake)
+    assert messages[0]["text"] == " " and "xi-api-key" not in messages[0], "BOS first; the key is in the header"
+    texts = messages[1:-1]
+    assert len(texts) >= 2 and all(m["flush"] is True and m["text"].endswith(" ") for m in texts)
+    assert " ".join(m["text"].strip() for m in texts) == REPLY
+    assert messages[-1] == {"connection": 1, "text": ""}, "EOS last"
+    assert "final" in fake.kinds() and "end" in fake.kinds()
+    assert "close" not in fake.kinds() and "disconnect" not in fake.kinds()
+    assert result.usage["tts"]["characters"] == sum(len(m["text"].strip()) for m in texts), "characters sent"
+
+
+@pytest.mark.timeout(30)
+async def test_voice_settings_language_and_schedule_reach_elevenlabs(tmp_path):
+    async with FakeElevenLabs() as fake:
+        result = await call(
+            fake,
+            [Say(QUESTION, pause=0.3)],
+            tmp_path,
+            voice_id="voice123",
+            model="eleven_turbo_v2_5",
+            language_code="en",
+            voice_settings={"stability": 0.4, "similarity_boost": 0.8, "speed": 1.1},
+            flush_each_chunk=False,
+            chunk_length_schedule=[50, 120],
+        )
+    assert result.outcome == "ended" and list(result.turns[0].heard) == REPLY.split()
+    query = fake.of("connect")[0].data["query"]
+    assert query["model_id"] == "eleven_turbo_v2_5" and query["language_code"] == "en"
+    assert fake.of("connect")[0].data["path"] == "/v1/text-to-speech/voice123/stream-input"
+    bos, *texts, _eos = client_messages(fake)
+    assert bos["voice_settings"] == {"stability": 0.4, "similarity_boost": 0.8, "speed": 1.1}
+    assert bos["generation_config"] == {"chunk_length_schedule": [50, 120]}
+    assert all(m["try_trigger_generation"] is True and "flush" not in m for m in texts)
+
+
+# ------------------------------------------------------------------------------------------------ barge-in
+
+
+@pytest.mark.timeout(30)
+async def test_barge_in_closes_the_socket_and_nothing_stale_is_played(tmp_path):
+    long_reply = (
+        "We have a table for four at eight, and another at nine by the window, "
+        "and on the terrace there is room for six at half past seven."
+    )
+    script = [Say(QUESTION, pause=0.3), Say("Wait, what about wine?", barge_in=0.6)]
+    async with FakeElevenLabs(rtf=0.9) as fake:  # slow synthesis: the reply is still streaming at the barge-in
+        result = await call(fake, script, tmp_path, replies=[long_reply, SECOND])
+        closed = await fake.wait_for("close", within_s=1)
+    assert result.outcome == "ended" and not errors(tmp_path)
+    assert closed.data["connection"] == 1, "the barge-in closed the first reply's socket (no cancel message exists)"
+    cut, following = result.turns
+    assert cut.interrupted and not following.interrupted
+    full = long_reply.split()
+    assert 0 < len(cut.heard) < len(full) and list(cut.heard) == full[: len(cut.heard)]
+    interrupted = [m for m in result.conversation.messages if m.role == "assistant" and m.interrupted]
+    assert [m.text for m in interrupted] == [" ".join(cut.heard)], "the context keeps exactly the heard words"
+    assert list(following.heard) == SECOND.split(), "the next reply opened a new socket and was spoken in full"
+    assert [s.data["connection"] for s in fake.of("end")] == [2]
+    bot = bot_channel(tmp_path)
+    cut_at, next_play = cut.marks["out.interrupted"], following.marks["out.first_play"]
+    assert np.any(bot[round((cut_at - 0.1) * RATE) : round(cut_at * RATE)]), "the bot was speaking before"
+    assert not np.any(bot[round(cut_at * RATE) : round(next_play * RATE)]), "silent from the interrupt on"
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("status", "meaning"),
+    [(401, "API key rejected"), (429, "rate limited"), (500, "server error"), (503, "server error")],
+)
+async def test_a_refused_handshake_stops_the_call_with_a_clear_error(tmp_path, status, meaning):
+    async with FakeElevenLabs(faults=Faults(refuse=status)) as fake:
+        with pytest.raises(ProviderError, match=f"ElevenLabs: {meaning} \\(HTTP {status}: fake ElevenLabs"):
+            await call(fake, [Say(QUESTION, pause=0.3), Say("Hello?", pause=1.0)], tmp_path)
+    assert [s.data["status"] for s in fake.of("refused")] == [status], "refused once: no retry loop"
+    (error,) = errors(tmp_path)
+    assert error["fatal"] and error["stage"] == "tts" and f"HTTP {status}" in error["error"]
+    if status == 401:
+        assert "API key" in error["error"] and "ELEVENLABS_API_KEY" in error["error"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_wrong_key_is_refused_by_the_fake(tmp_path):
+    async with FakeElevenLabs(api_key="the-right-key") as fake:
+        parsed, settings = config(fake, [REPLY], api_key="a-wrong-key")
+        with pytest.raises(ProviderError, match="API key rejected \\(HTTP 401"):
+            await asyncio.to_thread(
+                run_configured_call, parsed, settings, [Say(QUESTION, pause=0.3)], tmp_path, clock=RealClock()
+            )
+    assert fake.of("connect")[0].data["headers"]["xi-api-key"] == "a-wrong-key"
+
+
+@pytest.mark.timeout(30)
+async def test_skip_turn_abandons_the_failed_reply_and_the_call_continues(tmp_path):
+    script = [Say(QUESTION, pause=0.3), Say("Hello, are you there?", pause=0.3)]
+    # Synthesis at real time: the drop comes while the reply is being heard, after its first words.
+    async with FakeElevenLabs(rtf=1.0, faults=Faults(drop_after=10), drop_connections=1) as fake:
+        result = await call(fake, script, tmp_path, replies=[REPLY, SECOND], on_error="skip-turn")
+    assert result.outcome == "ended"
+    (error,) = errors(tmp_path)
+    assert not error["fatal"] and "ElevenLabs: connection lost mid-reply" in error["error"]
+    abandoned, following = result.turns
+    assert abandoned.interrupted, "skip-turn interrupts the failed reply"
+    assert 0 < len(abandoned.heard) < len(REPLY.split())
+    interrupted = [m for m in result.conversation.messages if m.role == "assistant" and m.interrupted]
+    assert [m.text for m in interrupted] == [" ".join(abandoned.heard)], "the context keeps what was heard"
+    assert list(following.heard) == SECOND.split(), "the next turn is spoken on a new socket"
+    assert len(fake.of("connect")) == 2 and [s.data["connection"] for s in fake.of("end")] == [2]
+
+
+# ---------------------------------------------------------------------------------------- stalls and drops
+
+
+@pytest.mark.timeout(30)
+async def test_a_stall_before_the_first_audio_times_out(tmp_path):
+    async with FakeElevenLabs(faults=Faults(stall_s=10)) as fake:
+        with pytest.raises(ProviderError, match=r"ElevenLabs: no audio within 0\.5 s .*first_audio_timeout_s"):
+            await call(fake, [Say(QUESTION, pause=0.3)], tmp_path, first_audio_timeout_s=0.5)
+        await fake.wait_for("close")  # the socket was closed, not left hanging
+    assert fake.of("stall") and not fake.of("audio")
+    assert "first_audio_timeout_s" in errors(tmp_path)[0]["error"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_drop_mid_stream_is_a_clear_error_and_the_next_reply_connects_again(tmp_path):
+    script = [Say(QUESTION, pause=0.3), Say("Hello, are you there?", pause=0.3)]
+    async with FakeElevenLabs(faults=Faults(drop_after=8), drop_connections=1) as fake:
+        result = await call(fake, script, tmp_path, replies=[REPLY, SECOND], on_error="skip-frame")
+    assert result.outcome == "ended"
+    (error,) = errors(tmp_path)
+    assert not error["fatal"] and "ElevenLabs: connection lost mid-reply" in error["error"]
+    assert len(fake.of("audio")) >= 8 and fake.of("dropped")
+    first, following = result.turns
+    full = REPLY.split()
+    assert not first.interrupted and 0 < len(first.heard) < len(full), "the audio before the drop was played out"
+    assert list(first.heard) == full[: len(first.heard)]
+    assert list(following.heard) == SECOND.split()
+    assert len(fake.of("connect")) == 2 and [s.data["connection"] for s in fake.of("end")] == [2]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("corrupt", "bad_audio", "problem"),
+    [
+        ("malformed-json", "base64", "sent a message that is not JSON"),
+        ("unknown-event", "base64", "sent an unknown message"),
+        ("bad-audio", "base64", "sent audio that is not valid base64"),
+        ("bad-audio", "odd-bytes", "sent \\d+ bytes of audio, not a whole number of 16-bit samples"),
+        ("bad-audio", "mp3", "sent MP3 audio, not the raw pcm_16000 PCM asked for"),
+    ],
+)
+async def test_bad_messages_are_clear_errors(tmp_path, corrupt, bad_audio, problem):
+    async with FakeElevenLabs(faults=Faults(corrupt=corrupt), bad_audio=bad_audio) as fake:
+        with pytest.raises(ProviderError, match=f"^ElevenLabs: {problem}"):
+            await call(fake, [Say(QUESTION, pause=0.3)], tmp_path)
+        await fake.wait_for("close")
+    assert fake.of("corrupted")[0].data["how"] == corrupt
+    assert errors(tmp_path)[0]["fatal"]
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.timeout(30)
+async def test_a_missing_api_key_is_a_config_error_before_any_connection(tmp_path, monkeypatch):
+    monkeypatch.delenv("ELEVENLABS_API_KEY", raising=False)
+    async with FakeElevenLabs() as fake:
+        parsed, settings = config(fake, [REPLY], api_key=None)
+        with pytest.raises(ConfigError, match=r"tts\.api_key: no API key for ElevenLabs: .*ELEVENLABS_API_KEY"):
+            await asyncio.to_thread(run_configured_call, parsed, settings, [Say(QUESTION)], tmp_path, clock=RealClock())
+    assert fake.seen == []
+
+
+def test_the_key_is_taken_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ELEVENLABS_API_KEY", "from-env")
+    stage = ElevenLabsTTS.from_settings(ElevenLabsTTSSettings(), BuildContext(audio=AudioFormat(24000)), "tts")
+    assert stage._api_key == "from-env" and stage.output_format == "pcm_24000"
+    assert "from-env" not in repr(ElevenLabsTTSSettings(api_key="from-env")), "the key never shows in a repr"
+
+
+@pytest.mark.parametrize("audio", [AudioFormat(11025), AudioFormat(16000, 2)])
+def test_an_unsupported_audio_format_is_a_clear_error(audio):
+    with pytest.raises(ConfigError, match=r"audio\.sample_rate: ElevenLabs streams mono PCM at 8000, 16000"):
+        ElevenLabsTTS.from_settings(ElevenLabsTTSSettings(api_key="k"), BuildContext(audio=audio), "tts")
+
+
+def test_settings_are_checked_with_their_key_paths():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {
+                "tts": {
+                    "provider": "elevenlabs",
+                    "voice_settings": {"speed": 3},
+                    "chunk_length_schedule": [10],
+                    "base_url": "ftp://x",
+                    "colour": "blue",
+                }
+            }
+        )
+    text = str(caught.value)
+    for path in ("tts.voice_settings.speed", "tts.chunk_length_schedule[0]", "tts.base_url", "tts.colour"):
+        assert path in text
+
+
+def test_the_module_imports_without_the_sdk_and_names_the_extra():
+    code = (
+        "import sys; sys.modules['elevenlabs'] = None\n"
+        "import voxpipe.stages.elevenlabs_tts as m\n"
+        "try:\n    m.ElevenLabsTTS(api_key='k')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True)
+    assert "ProviderError ElevenLabs: the elevenlabs package is not installed: pip install 'voxpipe[elevenlabs]'" in (
+        out.stdout
+    )
+
+
+# ------------------------------------------------------------------------------------------- the fake itself
+
+
+@pytest.mark.timeout(10)
+async def test_the_fake_takes_the_key_in_the_bos_message_when_there_is_no_header():
+    async with FakeElevenLabs() as fake:
+        url = f"{fake.ws_url}/v1/text-to-speech/v/stream-input?model_id=m&output_format=pcm_16000"
+        async with connect(url) as socket:
+            await socket.send(json.dumps({"text": " ", "xi-api-key": fake.api_key}))
+            await socket.send(json.dumps({"text": "Hello there. ", "flush": True}))
+            await socket.send(json.dumps({"text": ""}))
+            received = [json.loads(m) async for m in socket]
+        assert received[-1] == {"isFinal": True} and all("audio" in m for m in received[:-1])
+        assert socket.close_code == 1000
+        async with connect(url) as socket:
+            await socket.send(json.dumps({"text": " ", "xi-api-key": "wrong"}))
+            with pytest.raises(websockets.ConnectionClosedError):
+                await socket.recv()
+        assert socket.close_code == 1008
+        assert [s.data["status"] for s in fake.of("refused")] == [401]
+
+
+# -------------------------------------------------------------------------------------------------- words
+
+
+def test_characters_group_into_the_sent_words_across_messages():
+    aligner = WordAligner(1000)  # 1 sample per ms: marks read as milliseconds
+    aligner.expect("Hi there, ")
+    aligner.expect("friend. ")
+    # Message 1 (audio 0-100): "Hi the" — "Hi" is complete, "there," continues into the next message.
+    first = aligner.add(list("Hi the"), [0, 10, 20, 30, 40, 50], [10, 10, 10, 10, 10, 10], offset=0, limit=100)
+    assert first == [WordMark("Hi", 0, 20)]
+    assert aligner.pending_chars == len("Hithere,friend.") - 5
+    # Message 2 (audio 100-200, times from its own start): "re, friend." — both complete here.
+    second = aligner.add(list("re, friend."), [i * 8 for i in range(11)], [8] * 11, offset=100, limit=200)
+    assert second == [WordMark("there,", 30, 124), WordMark("friend.", 132, 188)]
+    assert aligner.pending_chars == 0 and aligner.finish() == []
+
+
+def test_a_mark_never_ends_after_the_audio_that_holds_it():
+    aligner = WordAligner(16000)
+    aligner.expect("Hello ")
+    (mark,) = aligner.add(list("Hello"), [0, 50, 100, 150, 200], [50, 50, 50, 50, 90], offset=0, limit=4000)
+    assert mark == WordMark("Hello", 0, 4000)
+
+
+def test_an_alignment_with_lists_of_different_lengths_is_an_error():
+    with pytest.raises(ProviderError, match="alignment whose lists differ in length"):
+        WordAligner(16000).add(["a", "b"], [0], [10, 10], offset=0, limit=100)
