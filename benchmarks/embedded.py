@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -31,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "embedded.json"
 
 
-def run_scenario(config_path: Path, scenario_path: Path, out: Path, console: Console) -> list[dict[str, Any]]:
+def run_scenario(
+    config_path: Path, scenario_path: Path, out: Path, console: Console
+) -> tuple[list[dict[str, Any]], int]:
+    """The call's answered turns, and how many playout ticks were a whole frame late (an audible glitch)."""
     config, settings = load_config(config_path)
     scenario = load_scenario(scenario_path)
     voice = piper_caller_voice(scenario.caller.length_scale)
@@ -40,12 +44,13 @@ def run_scenario(config_path: Path, scenario_path: Path, out: Path, console: Con
         v2v = record.voice_to_voice_ms
         console.print(f"    turn {record.turn}: {'no reply' if v2v is None else f'{v2v:.0f} ms'}")
 
+    clock = RealClock()  # one per call: its metronome's lateness belongs to this call alone
     result = run_configured_call(
         config,
         settings,
         scenario.script(scenario_path.parent),
         out,
-        clock=RealClock(),
+        clock=clock,
         caller_voice=voice,
         on_turn=progress,
     )
@@ -65,12 +70,14 @@ def run_scenario(config_path: Path, scenario_path: Path, out: Path, console: Con
                 "audio_ms": near[0].voice_to_voice_ms if near else None,
                 "segments_ms": turn.segments_ms,
                 "interrupted": turn.interrupted,
+                "user_text": turn.data.get("user_text", ""),
+                "bot_text": turn.data.get("bot_text", ""),
             }
         )
-    return rows
+    return rows, clock.metronome(0.02).late_ticks
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], late_ticks: int) -> dict[str, Any]:
     v2v = [r["voice_to_voice_ms"] for r in rows]
     gaps = [abs(r["voice_to_voice_ms"] - r["audio_ms"]) for r in rows if r["audio_ms"] is not None]
     return {
@@ -80,6 +87,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "segments_p50": {name: percentile([r["segments_ms"][name] for r in rows], 50) for name in SEGMENTS},
         "trace_vs_audio_max_ms": max(gaps, default=float("nan")),
         "trace_vs_audio_median_ms": statistics.median(gaps) if gaps else float("nan"),
+        # Unpaired turns have no silent gap on the recording: the caller went on speaking (a turn ended mid-line).
+        "turns_paired_with_audio": len(gaps),
+        "late_ticks": late_ticks,
     }
 
 
@@ -92,28 +102,45 @@ def main() -> None:
     scenarios = sorted((ROOT / "examples" / "scenarios").glob("*.yaml"))
     console = Console()
     report: dict[str, Any] = {}
+    load_before = os.getloadavg()
     for config in configs:
         rows: list[dict[str, Any]] = []
+        late_ticks = 0
         for repeat in range(args.repeats):
             for scenario in scenarios:
                 console.print(f"[bold]{config.name}[/] · {scenario.stem} · run {repeat + 1}/{args.repeats}")
                 with tempfile.TemporaryDirectory() as tmp:
-                    rows += run_scenario(config, scenario, Path(tmp), console)
-        report[config.name] = {"summary": summarise(rows), "rows": rows}
+                    call_rows, call_late_ticks = run_scenario(config, scenario, Path(tmp), console)
+                rows += call_rows
+                late_ticks += call_late_ticks
+        report[config.name] = {"summary": summarise(rows, late_ticks), "rows": rows}
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
     header = (
-        "| config | turns | v2v p50 | v2v p95 | " + " | ".join(f"{s} p50" for s in SEGMENTS) + " | trace vs audio max |"
+        "| config | turns | v2v p50 | v2v p95 | "
+        + " | ".join(f"{s} p50" for s in SEGMENTS)
+        + " | trace vs audio max | late ticks |"
     )
     print(header)
-    print("|" + "---|" * (5 + len(SEGMENTS)))
+    print("|" + "---|" * (6 + len(SEGMENTS)))
     for name, data in report.items():
+        if name == "machine":
+            continue
         s = data["summary"]
         cells = " | ".join(f"{s['segments_p50'][seg]:.0f}" for seg in SEGMENTS)
         print(
             f"| {name} | {s['turns']} | {s['v2v_p50']:.0f} | {s['v2v_p95']:.0f} | {cells} | "
-            f"{s['trace_vs_audio_max_ms']:.1f} |"
+            f"{s['trace_vs_audio_max_ms']:.1f} | {s['late_ticks']} |"
         )
+    before, after = (
+        ", ".join(f"{x:.2f}" for x in report["machine"][k]) for k in ("load_average_before", "load_average_after")
+    )
+    print(f"\n{report['machine']['cpus']} CPUs; load average before the run: {before}; after: {after}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class BuildContext:
     caller: Any = None
     tools: Mapping[str, Any] = field(default_factory=dict)
     tool_audit: AuditSink | None = None
+    system_prompt: str = ""
 
 
 def config_tools(config: PipelineConfig) -> dict[str, Tool]:
@@ -59,6 +60,8 @@ def construct(provider: type, settings: Any, context: BuildContext, name: str) -
         extras["audio"] = context.audio
     if context.tools and name == "llm" and "tools" in parameters:
         extras["tools"] = dict(context.tools)
+    if context.system_prompt and "system_prompt" in parameters:
+        extras["system_prompt"] = context.system_prompt  # a model may prepare its prompt before the first turn
     built: Stage = provider(settings, **extras)
     return built
 
@@ -83,7 +86,7 @@ def build_pipeline(
         backchannels=frozenset(word.lower() for word in config.turn.backchannels),
     )
     tools = {**config_tools(config), **tools_by_name(context.tools)}
-    context = dataclasses.replace(context, tools=tools)
+    context = dataclasses.replace(context, tools=tools, system_prompt=config.system_prompt)
     cascade: dict[str, Stage] = {}
     for kind in KINDS:
         stage_config = config.stage(kind)
