@@ -15,6 +15,7 @@ each turn's trace record and, for the whole call, in ``transcript.json`` and :cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -175,10 +176,12 @@ def run_configured_call(
     registry: Registry | None = None,
     tools: dict[str, Any] | None = None,
     reply_timeout_s: float = 10.0,
+    fake_providers: bool = False,
 ) -> CallResult:
     """Run a call against the pipeline a config describes, with a scripted caller on the other end; ``tools`` are
     added to the config's; ``reply_timeout_s`` is how long the caller waits for a reply that does not come
-    (a turn the pipeline skipped after an error) before going on with the script."""
+    (a turn the pipeline skipped after an error) before going on with the script. With ``fake_providers`` the
+    config's cloud providers talk to loopback fakes of their services (``voxpipe.testing.fakes.launch``)."""
     audio = AudioFormat(config.audio.sample_rate)
     caller = ScriptedCaller(script, audio.sample_rate, voice=caller_voice, reply_timeout=reply_timeout_s)
     recorder = StereoRecorder(audio.sample_rate)
@@ -186,7 +189,15 @@ def run_configured_call(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     audit = ToolAuditLog(out / "tools.jsonl") if config.tools or tools else None
-    try:
+    providers = {kind: config.stage(kind).provider for kind in KINDS}
+    with contextlib.ExitStack() as stack:
+        if fake_providers:
+            from voxpipe.testing.fakes.launch import fake_providers as faked
+
+            tool_names = [t.name or t.function.rpartition(":")[2] for t in config.tools] + list(tools or {})
+            settings = stack.enter_context(faked(providers, settings, caller, tool_names))
+        if audit is not None:
+            stack.callback(audit.close)
         pipeline, conversation = build_pipeline(
             config,
             settings,
@@ -197,11 +208,9 @@ def run_configured_call(
             tracer=tracer,
             registry=registry,
         )
-        prices = price_table({kind: config.stage(kind).provider for kind in KINDS}, config.pricing)
-        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, prices=prices)
-    finally:
-        if audit is not None:
-            audit.close()
+        prices = price_table(providers, config.pricing)
+        result = run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, prices=prices)
+    return result
 
 
 def run_pipeline_call(

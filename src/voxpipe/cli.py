@@ -120,14 +120,24 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
             else:
                 config, settings = parse_config(SCRIPTED_CONFIG if args.scripted else {})
             scripted = all(config.stage(kind).provider == "scripted" for kind in ("vad", "stt", "llm", "tts"))
-            script, voice = _script_and_voice(args, scripted)
+            # Fakes recognise the scripted caller's words, so speech-like tones do unless a local VAD must hear speech.
+            tones = scripted or (args.fake_providers and config.vad.provider != "silero")
+            script, voice = _script_and_voice(args, tones)
             virtual = scripted and not args.realtime
             clock = VirtualClock() if virtual else RealClock()
             stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
-            console.print(f"[bold]voxpipe call[/] — {stack}; {'virtual' if virtual else 'real'} time")
+            where = "; cloud providers faked on 127.0.0.1" if args.fake_providers else ""
+            console.print(f"[bold]voxpipe call[/] — {stack}; {'virtual' if virtual else 'real'} time{where}")
             with console.status("calling… (models load on the first turn)", spinner="dots"):
                 result = run_configured_call(
-                    config, settings, script, out, clock=clock, caller_voice=voice, on_turn=progress
+                    config,
+                    settings,
+                    script,
+                    out,
+                    clock=clock,
+                    caller_voice=voice,
+                    on_turn=progress,
+                    fake_providers=args.fake_providers,
                 )
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -176,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="directory for recording.wav, trace.jsonl, transcript.json, report.html"
     )
     call.add_argument("--realtime", action="store_true", help="run a scripted call on the wall clock")
+    call.add_argument(
+        "--fake-providers",
+        action="store_true",
+        help="point the config's cloud providers at loopback fakes of their services (no keys, no network)",
+    )
     validate = sub.add_parser("validate", help="check a pipeline config without starting anything")
     validate.add_argument("file")
     return parser
