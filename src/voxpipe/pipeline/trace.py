@@ -165,9 +165,12 @@ class Tracer:
         return record
 
     def close(self) -> None:
-        """Finish every turn still open (end of call)."""
+        """Finish every turn still open (end of call). One with data but no marks is not a turn — say, usage
+        counted before the caller first spoke — and is dropped (the call's totals keep its usage)."""
         for turn in sorted(self._open):
-            self.finish(turn)
+            if self._open[turn][0]:
+                self.finish(turn)
+        self._open.clear()
 
     def summary(self) -> Summary:
         return Summary.of(self.turns)

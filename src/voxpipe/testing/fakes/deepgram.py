@@ -16,8 +16,10 @@ What it "recognises", detected by an energy threshold on the PCM it receives (on
   advances only when an utterance is finalized, so audio replayed after a reconnect is recognised as the same
   utterance;
 * ``words=<object with words_between(start_s, end_s)>`` (the :class:`~voxpipe.testing.ScriptedCaller`) — the words
-  spoken in the utterance's time span, taking stream time as the caller's clock (right within ``match_margin_s``
-  while one connection carries the call).
+  spoken in the utterance's time span. A client need not stream the silence before the first speech (voxpipe's
+  keeps only a short pre-roll until its socket is open), so the fake finds where the stream sits on the caller's
+  clock at the connection's first speech onset — the first word starting there — and keeps that offset while one
+  connection carries the call.
 
     async with FakeDeepgram(utterances=["Hello there."]) as fake:
         env = DeepgramClientEnvironment(base=fake.url, production=fake.ws_url, agent=fake.ws_url, agent_rest=fake.url)
@@ -105,6 +107,7 @@ class _Stream:
     last_interim: float = 0.0
     outbox: asyncio.Queue[tuple[float, str | bytes | None]] = field(default_factory=asyncio.Queue)
     closing: bool = False
+    offset: float | None = None  # words mode: caller clock minus stream time, found at the first speech onset
 
     @property
     def now(self) -> float:
@@ -310,9 +313,12 @@ class FakeDeepgram(FakeServer):
         """The words heard in the current segment so far (all of the utterance's remaining words when final)."""
         if self.words is not None:
             margin = self.match_margin_s
-            until = utterance.last_voiced + margin if final else stream.now
-            heard = self.words.words_between(max(stream.segment_start, utterance.start - margin), until)
-            return [_Word(w.word, w.start, w.end) for w in heard]
+            if stream.offset is None:
+                stream.offset = self._offset_at(utterance.start)
+            shift = stream.offset
+            until = (utterance.last_voiced + margin if final else stream.now) + shift
+            heard = self.words.words_between(max(stream.segment_start, utterance.start - margin) + shift, until)
+            return [_Word(w.word, w.start - shift, w.end - shift) for w in heard]
         remaining = utterance.script[self._words_done :]
         if not remaining:
             return []
@@ -321,6 +327,13 @@ class FakeDeepgram(FakeServer):
         count = len(remaining) if final else min(len(remaining), 1 + int(spoken / self.seconds_per_word))
         step = max(spoken, 0.01 * count) / (len(remaining) if final else count)
         return [_Word(text, begin + i * step, begin + (i + 0.8) * step) for i, text in enumerate(remaining[:count])]
+
+    def _offset_at(self, onset: float) -> float:
+        """Caller clock minus stream time, from a speech onset heard at stream time ``onset``: the stream only ever
+        lacks audio (silence not sent), so the onset is the first word spoken at or after that caller time."""
+        assert self.words is not None
+        later = self.words.words_between(onset - self.match_margin_s, float("inf"))
+        return max(0.0, min(w.start for w in later) - onset) if later else 0.0
 
     def _finalize(self, stream: _Stream, *, from_finalize: bool, speech_final: bool = False) -> None:
         """An is_final result for the audio up to now: at an endpoint, on Finalize, or at the end of the stream."""
