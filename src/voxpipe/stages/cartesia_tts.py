@@ -1,0 +1,690 @@
+"""Streaming TTS with Cartesia's WebSocket API, through the official ``cartesia`` SDK (4.x, ``[websockets]`` extra).
+
+Connect. One WebSocket per call, opened when the stage starts — in a task the pipeline owns, so a refused handshake
+(401, 429, 5xx) is an error frame and an outcome like any other failure — within ``connect_timeout_s``, and kept
+for the whole call. If it is gone by the next reply (dropped, or the SDK's reader died on a message it could not
+parse), that reply opens a new one. voxpipe reconnects itself: the SDK's own reconnect (4.2) asks its connection
+manager again, which hands back the same dead socket.
+
+Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: it is created when the
+reasoner is asked (no network), each speakable chunk is pushed as it comes (``continue: true``; Cartesia joins the
+pieces as they are, so each chunk goes with a trailing space), and ``continue: false`` follows the last. A receiver
+task per reply reads the context's events: ``chunk`` → audio, checked (valid base64, whole samples, really
+``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` → :class:`ProviderError` with
+Cartesia's message. Cartesia sends audio and timestamps as separate messages, so a word's mark waits until the audio
+holding its start has arrived and travels on the next frame emitted (:class:`PendingMarks`): the output counts a
+word as heard only if its mark reached it.
+
+Timeouts. Every network wait is bounded: the handshake (``connect_timeout_s``), the first audio after the first
+text was pushed (``first_audio_timeout_s``), and each read while audio is due (``read_timeout_s``: after the last
+input, or after text pushed since the last event). While the reasoner is slow and everything pushed has been
+spoken, nothing is due and nothing times out. A timeout also retires the connection: a stuck socket is not reused.
+
+Cancel. On a barge-in the stage cancels the reply's receiver task at once and sends ``{"cancel": true,
+"context_id": …}`` (``ctx.cancel()``) from a task of its own, so the interrupt never waits on the network. Late
+events of the cancelled context are dropped by the SDK (the cancel detached its queue), and any frame that still
+slipped out is stale by epoch. The next reply uses a new context on the same socket.
+
+Close. :meth:`CartesiaTTS.stop` closes the socket within ``close_timeout_s``.
+
+Module layout: settings; audio checks and word marks; the socket and a reply; the stage: connect, stream, cancel,
+close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxpipe.config.errors import ConfigError
+from voxpipe.pipeline import AudioFormat, WordMark
+from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.tts import LEADING_SILENCE_LEVEL, StreamingTTSStage
+
+log = logging.getLogger("voxpipe.stages.cartesia_tts")
+
+PROVIDER = "Cartesia"
+INSTALL_HINT = "pip install 'voxpipe[cartesia]'"
+API_URL = "https://api.cartesia.ai"
+WEBSOCKET_URL = "wss://api.cartesia.ai"
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+"""The raw output rates Cartesia supports; the call's rate must be one of them (no resampling here)."""
+ENCODING = "pcm_s16le"
+_REFUSALS = {  # status: (what happened, what to do)
+    401: ("API key rejected", "check CARTESIA_API_KEY (or tts.api_key)"),
+    402: ("account out of credits", "top up the Cartesia account"),
+    403: ("API key not allowed to use this API", "check the key's permissions"),
+    429: ("rate limited", "too many concurrent connections or requests for the plan"),
+}
+_IGNORED_EVENTS = frozenset({"flush_done", "phoneme_timestamps"})  # known, and of no use to voxpipe
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+class CartesiaTTSSettings(BaseModel):
+    """Cartesia TTS settings; timeouts are seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    voice: str = Field(
+        min_length=1,
+        description="Cartesia voice id (a UUID from play.cartesia.ai or GET /voices); required, there is no default "
+        "voice",
+    )
+    api_key: str | None = Field(
+        default=None, description="Cartesia API key; default: $CARTESIA_API_KEY (read by voxpipe, not the SDK)"
+    )
+    model: str = Field(default="sonic-3", min_length=1, description="Cartesia model id")
+    language: str = Field(default="en", min_length=2, max_length=8, description="language of the text")
+    speed: float | None = Field(
+        default=None,
+        ge=0.6,
+        le=1.5,
+        description="speaking speed, 1.0 is normal (sonic-3's generation_config); unset: the voice's own",
+    )
+    max_buffer_delay_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=5000,
+        description="longest Cartesia waits for more text before speaking what it has; unset: Cartesia's default",
+    )
+    base_url: str = Field(default=API_URL, pattern=r"^https?://\S+$", description="REST base URL")
+    websocket_url: str = Field(
+        default=WEBSOCKET_URL,
+        pattern=r"^wss?://\S+$",
+        description="WebSocket base URL (/tts/websocket is appended); a ws://127.0.0.1:PORT fake in tests",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60, description="longest WebSocket handshake")
+    first_audio_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="longest wait for a reply's first audio after its first text"
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="longest silence from Cartesia while audio is due (also bounds each send); keep it above "
+        "max_buffer_delay_ms",
+    )
+    close_timeout_s: float = Field(default=2.0, gt=0, le=30, description="longest wait for the socket to close")
+
+
+def check_audio(audio: AudioFormat) -> None:
+    """The call's audio must be a format Cartesia can produce directly: mono at one of :data:`SAMPLE_RATES`."""
+    if audio.sample_rate not in SAMPLE_RATES:
+        raise ConfigError(
+            "audio.sample_rate",
+            f"{PROVIDER} TTS cannot produce {audio.sample_rate} Hz audio",
+            ", ".join(str(rate) for rate in SAMPLE_RATES),
+        )
+    if audio.channels != 1:
+        raise ConfigError("audio.channels", f"{PROVIDER} TTS produces mono audio, not {audio.channels} channels", "1")
+
+
+def _sdk() -> Any:
+    """The ``cartesia`` package, imported only when a Cartesia stage is built."""
+    try:
+        import cartesia
+        import websockets  # noqa: F401  (the [websockets] extra: the SDK needs it for the WebSocket API)
+    except ModuleNotFoundError as exc:
+        raise ProviderError(
+            PROVIDER, f"the cartesia SDK with its websockets extra is not installed ({exc.name}): {INSTALL_HINT}"
+        ) from exc
+    return cartesia
+
+
+# ---------------------------------------------------------------------------------- audio and word marks
+
+
+def decode_audio(data: Any) -> bytes:
+    """A ``chunk`` message's audio, checked: valid base64 of whole ``pcm_s16le`` samples, not float samples."""
+    if not isinstance(data, str):
+        raise ProviderError(PROVIDER, f"a chunk message carries no audio data (data={data!r})")
+    try:
+        pcm = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderError(PROVIDER, f"a chunk's audio is not valid base64 ({exc})") from None
+    if len(pcm) % 2:
+        raise ProviderError(PROVIDER, f"a chunk of {len(pcm)} bytes is not whole {ENCODING} samples")
+    if looks_like_float32(pcm):
+        raise ProviderError(PROVIDER, f"a chunk holds pcm_f32le audio where {ENCODING} was asked for")
+    return pcm
+
+
+def looks_like_float32(pcm: bytes) -> bool:
+    """Whether "int16" audio is really float32 samples (which would play as loud noise).
+
+    Read as float32, nearly every non-zero value of float audio is a normal number within [-1, 1]. Int16 speech read
+    that way almost never is: every other sample would have to sit in one of two narrow bands (13696..16256 or
+    -19072..-16512). Silence reads as zeros either way and is left alone.
+    """
+    if len(pcm) % 4 or len(pcm) < 128:
+        return False
+    values = np.frombuffer(pcm, dtype="<f4")
+    values = values[values != 0]
+    if len(values) < 32:
+        return False
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitude = np.abs(values)
+        plausible = np.isfinite(values) & (magnitude >= 1e-6) & (magnitude <= 1.0)
+    return bool(plausible.mean() >= 0.9)
+
+
+def _audible(pcm: bytes) -> bool:
+    """Whether ``pcm`` has a sample the TTS base would not trim as leading silence."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.int32)
+    return bool(samples.size and np.abs(samples).max() > int(LEADING_SILENCE_LEVEL * 32767))
+
+
+def word_marks(timestamps: Any, sample_rate: int) -> list[WordMark]:
+    """A ``timestamps`` message's words as marks in samples (Cartesia counts seconds from the context's start)."""
+    if timestamps is None:
+        return []
+    words = list(getattr(timestamps, "words", None) or [])
+    starts = list(getattr(timestamps, "start", None) or [])
+    ends = list(getattr(timestamps, "end", None) or [])
+    if not len(words) == len(starts) == len(ends):
+        raise ProviderError(
+            PROVIDER, f"word timestamps do not line up: {len(words)} words, {len(starts)} starts, {len(ends)} ends"
+        )
+    try:
+        return [
+            WordMark(str(word), round(float(start) * sample_rate), round(float(end) * sample_rate))
+            for word, start, end in zip(words, starts, ends, strict=True)
+        ]
+    except (TypeError, ValueError) as exc:
+        raise ProviderError(PROVIDER, f"word timestamps are not numbers ({exc})") from None
+
+
+class PendingMarks:
+    """Word marks waiting for their audio.
+
+    Cartesia sends ``timestamps`` and ``chunk`` messages separately, in either order. A mark is handed out with the
+    first frame emitted once the audio holding its start has arrived — the frame holding its start, or, if the
+    mark came late, the next one — and whatever is left at the end goes out on an empty frame.
+    """
+
+    def __init__(self) -> None:
+        self._marks: list[WordMark] = []
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def add(self, marks: Iterable[WordMark]) -> None:
+        self._marks.extend(marks)
+
+    def take(self, before: int) -> tuple[WordMark, ...]:
+        """The marks starting before sample ``before`` (audio received so far), in order."""
+        ready = tuple(m for m in self._marks if m.start < before)
+        if ready:
+            self._marks = [m for m in self._marks if m.start >= before]
+        return ready
+
+    def drain(self) -> tuple[WordMark, ...]:
+        marks, self._marks = tuple(self._marks), []
+        return marks
+
+
+# ---------------------------------------------------------------------------------- the socket and a reply
+
+
+class _Socket:
+    """The SDK's connection, and whether its reader has ended.
+
+    The SDK (4.2) reads the socket in a task of its own that feeds every context's queue. That task ends when the
+    socket closes, and also — silently for the contexts — when a message does not parse; the SDK then starts a new
+    one at the next send, so the broken message would just be lost. So every reader task is watched (it is created
+    by each send, and watched right after it), and the first one to end marks the whole socket as gone: the reply in
+    flight fails with the reason, and the next reply connects again. These are the module's only reads of SDK
+    internals; if they change, the read timeouts still end a reply whose events stop.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.sdk = connection  # the SDK's AsyncTTSResourceConnection
+        self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self._watched: asyncio.Task[None] | None = None
+        self.retired = False  # voxpipe stopped using it (it broke, stalled or is closing)
+
+    def watch(self) -> None:
+        """Call after each send: the SDK may have started a reader task for it."""
+        reader = getattr(self.sdk, "_processing_task", None)
+        if isinstance(reader, asyncio.Task) and reader is not self._watched:
+            self._watched = reader
+            reader.add_done_callback(self._reader_ended)
+
+    def _reader_ended(self, reader: asyncio.Task[None]) -> None:
+        error = None if reader.cancelled() else reader.exception()  # retrieved: reported through `lost`
+        if not self.lost.done():
+            self.lost.set_result(error)
+
+    @property
+    def alive(self) -> bool:
+        if self.retired or self.lost.done():
+            return False
+        state = getattr(getattr(self.sdk, "_connection", None), "state", None)
+        return state is None or getattr(state, "name", "OPEN") == "OPEN"
+
+    async def close(self) -> None:
+        """Close the socket. The SDK's ``close()`` first awaits its reader, re-raising the reader's failure (a message
+        that did not parse) before it gets to the socket: then the socket is closed directly."""
+        try:
+            await self.sdk.close()
+        except Exception as exc:  # the reader's failure, already reported through `lost`
+            log.debug("the SDK's close failed (%s: %s); closing the socket itself", type(exc).__name__, exc)
+            raw = getattr(self.sdk, "_connection", None)
+            if raw is not None:
+                await raw.close()
+
+    def loss(self) -> str:
+        """Why the socket is gone, once :attr:`lost` is done."""
+        error = self.lost.result()
+        if isinstance(error, json.JSONDecodeError):
+            return f"sent a message that is not valid JSON ({error})"
+        if error is not None:
+            return f"the SDK failed reading the socket ({type(error).__name__}: {error})"
+        socket = getattr(self.sdk, "_connection", None)
+        code, reason = getattr(socket, "close_code", None), getattr(socket, "close_reason", None)
+        if code in (None, 1006):  # 1006: websockets' code for "no close frame"
+            return "the connection was lost, without a close frame, in the middle of a reply"
+        return f"the connection was closed by the server (code {code}{f': {reason}' if reason else ''}) mid-reply"
+
+
+@dataclass(eq=False)
+class _Reply:
+    """One bot reply: its Cartesia context, its receiver task, and what is due from Cartesia."""
+
+    epoch: int
+    socket: _Socket
+    context: Any  # the SDK's AsyncWebSocketContext
+    marks: PendingMarks = field(default_factory=PendingMarks)
+    receiver: asyncio.Task[None] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # the receiver is finished, one way or another
+    first_input_at: float | None = None  # loop time of the first text pushed
+    last_input_at: float = 0.0
+    last_event_at: float = 0.0
+    inputs_closed: bool = False  # continue: false was sent
+    settled: bool = False  # nothing is in flight at Cartesia: done, error, or cancelled
+    audio: bool = False  # a chunk arrived
+    audible: bool = False  # a chunk louder than leading silence arrived (so the base has emitted a frame)
+    received: int = 0  # samples received
+    wakeup: asyncio.Future[None] | None = None  # the receiver's: text was pushed, the deadline moved
+
+    def poke(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    def deadline(self, first_audio_s: float, read_s: float) -> float | None:
+        """Loop time by which Cartesia must have sent something, or None while nothing is due."""
+        if self.first_input_at is None:
+            return None
+        if not self.audio:
+            return self.first_input_at + first_audio_s
+        if self.inputs_closed or self.last_input_at > self.last_event_at:
+            return max(self.last_input_at, self.last_event_at) + read_s
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+class CartesiaTTS(StreamingTTSStage):
+    """Cartesia streaming TTS: one WebSocket per call, one context per reply, word timestamps as marks."""
+
+    Settings: ClassVar[type[BaseModel]] = CartesiaTTSSettings
+
+    @classmethod
+    def from_settings(cls, settings: CartesiaTTSSettings, context: Any, name: str) -> CartesiaTTS:
+        key = api_key("tts", PROVIDER, settings.api_key, "CARTESIA_API_KEY")  # before anything connects
+        return cls(settings, api_key=key, audio=context.audio, name=name)
+
+    def __init__(
+        self,
+        settings: CartesiaTTSSettings,
+        *,
+        api_key: str,
+        audio: AudioFormat = AudioFormat(16000),
+        name: str = "tts",
+    ) -> None:
+        check_audio(audio)
+        _sdk()  # a missing SDK is a build-time error, not a failure in the middle of a call
+        super().__init__(audio, name=name)
+        self.settings = settings
+        self._api_key = api_key
+        self._client: Any = None
+        self._socket: _Socket | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._connect_lock = asyncio.Lock()
+        self._reply: _Reply | None = None
+
+    # ------------------------------------------------------------------------------------------- connect
+
+    async def start(self) -> None:
+        """Open the socket now, in a task: the first reply does not wait for the handshake, and a refusal is
+        reported through the pipeline like any other failure."""
+        await super().start()
+        cartesia = _sdk()
+        self._client = cartesia.AsyncCartesia(
+            api_key=self._api_key, base_url=self.settings.base_url, websocket_base_url=self.settings.websocket_url
+        )
+        self._connecting = self.spawn(self._connect(), name=f"{self.name}-connect")
+
+    async def _connect(self) -> None:
+        from websockets.exceptions import InvalidStatus, WebSocketException
+
+        url = f"{self.settings.websocket_url.rstrip('/')}/tts/websocket"
+        limit = self.settings.connect_timeout_s
+        manager = self._client.tts.websocket_connect(
+            websocket_connection_options={"open_timeout": None, "close_timeout": self.settings.close_timeout_s}
+        )
+        try:
+            async with asyncio.timeout(limit):
+                self._socket = _Socket(await manager.enter())
+        except TimeoutError:
+            raise ProviderError(PROVIDER, f"no WebSocket handshake within {limit:g} s at {url}") from None
+        except InvalidStatus as exc:
+            raise _refusal(exc, url) from None
+        except (OSError, WebSocketException) as exc:
+            raise ProviderError(PROVIDER, f"cannot connect to {url}: {exc}") from None
+        log.debug("connected to %s", url)
+
+    async def _open_socket(self) -> _Socket:
+        """The socket for the next reply: the one :meth:`start` opened, or a new one if it is gone."""
+        async with self._connect_lock:
+            connecting = self._connecting
+            if connecting is not None and not connecting.done():
+                await asyncio.wait({connecting})  # its own failure was reported by its task
+            socket = self._socket
+            if socket is not None and socket.alive:
+                return socket
+            if socket is not None:
+                self._retire(socket)
+            await self._connect()
+            assert self._socket is not None
+            return self._socket
+
+    def _retire(self, socket: _Socket) -> None:
+        """Stop using ``socket`` (it dropped, stalled or broke); the next reply connects again."""
+        if not socket.retired:
+            socket.retired = True
+            self.spawn(self._close(socket), name=f"{self.name}-close")
+        if self._socket is socket:
+            self._socket = None
+
+    # -------------------------------------------------------------------------------------------- stream
+
+    async def open_reply(self, epoch: int) -> None:
+        if self._reply is not None:
+            self._abandon(self._reply)  # a reply never finished (no ResponseEnd): it is over now
+        socket = await self._open_socket()
+        settings = self.settings
+        context = socket.sdk.context(
+            model_id=settings.model,
+            voice=settings.voice,
+            output_format={"container": "raw", "encoding": ENCODING, "sample_rate": self.produces_rate},
+            language=settings.language,
+            add_timestamps=True,
+            generation_config={"speed": settings.speed} if settings.speed is not None else None,
+            max_buffer_delay_ms=settings.max_buffer_delay_ms,
+        )
+        reply = self._reply = _Reply(epoch, socket, context)
+        reply.receiver = self.spawn(self._receive(reply), name=f"{self.name}-receive-{epoch}")
+
+    @property
+    def produces_rate(self) -> int:
+        audio = self.produces
+        assert audio is not None
+        return audio.sample_rate
+
+    async def send_text(self, epoch: int, text: str) -> None:
+        reply = self._reply
+        if reply is None or reply.epoch != epoch or reply.ended.is_set() or not text:
+            return  # the reply failed or was abandoned: its text has nowhere to go
+        if not text[-1].isspace():
+            text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
+        await self._send(reply, reply.context.push(text), "text")
+        now = asyncio.get_running_loop().time()
+        if reply.first_input_at is None:
+            reply.first_input_at = now
+        reply.last_input_at = now
+        reply.poke()  # audio is due now: the receiver's deadline moved
+
+    async def finish_reply(self, epoch: int) -> None:
+        reply = self._reply
+        if reply is None or reply.epoch != epoch:
+            return
+        try:
+            if reply.first_input_at is None:
+                self._abandon(reply)  # nothing was said: Cartesia has no context to close
+            elif not reply.ended.is_set():
+                await self._send(reply, reply.context.no_more_inputs(), "the end of the text")
+                reply.inputs_closed = True
+                reply.last_input_at = asyncio.get_running_loop().time()
+                reply.poke()
+            await reply.ended.wait()  # the receiver enforces the timeouts, so this wait is bounded
+        finally:
+            if self._reply is reply:
+                self._reply = None
+
+    async def _send(self, reply: _Reply, sending: Awaitable[None], what: str) -> None:
+        """Send one input of ``reply`` within ``read_timeout_s``; a failure abandons the reply."""
+        from websockets.exceptions import WebSocketException
+
+        limit = self.settings.read_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await sending
+            reply.socket.watch()
+        except TimeoutError:
+            problem = f"sending {what} took over {limit:g} s (the connection is stuck)"
+        except (OSError, WebSocketException) as exc:
+            problem = f"the connection was lost while sending {what} ({exc})"
+        except Exception:
+            if not reply.socket.lost.done():
+                raise
+            problem = reply.socket.loss()  # the SDK re-raises its dead reader's failure on a closed socket
+        else:
+            return
+        self._retire(reply.socket)
+        self._abandon(reply, in_flight=False)
+        raise ProviderError(PROVIDER, problem)
+
+    async def _receive(self, reply: _Reply) -> None:
+        """The reply's receiver task: Cartesia's events for its context → audio and word marks, until ``done``."""
+        try:
+            await self._read_events(reply)
+        except Exception:
+            self._abandon(reply)  # stop Cartesia's work on the context, if any is left
+            raise
+        finally:
+            reply.ended.set()
+
+    async def _read_events(self, reply: _Reply) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        socket = reply.socket
+        events = reply.context.receive()
+        pending: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(events))
+                if reply.wakeup is None or reply.wakeup.done():
+                    reply.wakeup = loop.create_future()
+                deadline = reply.deadline(settings.first_audio_timeout_s, settings.read_timeout_s)
+                wait = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(
+                    {pending, socket.lost, reply.wakeup}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if pending in done:  # events already delivered come first, even when the socket is gone since
+                    finished, pending = pending, None
+                    try:
+                        event = finished.result()
+                    except StopAsyncIteration:
+                        raise ProviderError(PROVIDER, "the SDK stopped delivering the reply's events") from None
+                    reply.last_event_at = loop.time()
+                    if await self._on_event(reply, event):
+                        return
+                elif socket.lost in done:
+                    self._retire(socket)
+                    raise ProviderError(PROVIDER, socket.loss())
+                elif deadline is not None and loop.time() >= deadline:
+                    self._retire(socket)  # a stalled socket is not reused
+                    raise ProviderError(PROVIDER, self._timeout_problem(reply))
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.wait({pending})
+            with contextlib.suppress(RuntimeError):
+                await events.aclose()
+
+    def _timeout_problem(self, reply: _Reply) -> str:
+        if not reply.audio:
+            return f"no audio within {self.settings.first_audio_timeout_s:g} s of the reply's first text"
+        return f"no message for {self.settings.read_timeout_s:g} s while audio was due (the stream stalled)"
+
+    async def _on_event(self, reply: _Reply, event: Any) -> bool:
+        """Handle one event of the reply's context; True once the reply is complete."""
+        kind = getattr(event, "type", None)
+        if kind == "chunk":
+            await self._play(reply, decode_audio(getattr(event, "data", None)))
+        elif kind == "timestamps":
+            reply.marks.add(word_marks(getattr(event, "word_timestamps", None), self.produces_rate))
+        elif kind == "done":
+            reply.settled = True
+            marks = reply.marks.drain()
+            if marks and reply.audible and reply.epoch >= self.epoch:
+                await self.emit_audio(reply.epoch, b"", marks, _words(marks))  # marks that trailed the last audio
+            return True
+        elif kind == "error":
+            reply.settled = True
+            raise ProviderError(PROVIDER, _describe_error(event))
+        elif kind not in _IGNORED_EVENTS:
+            raise ProviderError(PROVIDER, f"unknown event type {kind!r} (the SDK or the API changed?)")
+        return False
+
+    async def _play(self, reply: _Reply, pcm: bytes) -> None:
+        if not pcm:
+            return
+        reply.audio = True
+        reply.received += len(pcm) // 2
+        reply.audible = reply.audible or _audible(pcm)
+        # Until a frame is emitted (leading silence is trimmed, frame and all), marks stay pending.
+        marks = reply.marks.take(before=reply.received) if reply.audible else ()
+        if reply.epoch < self.epoch:
+            return  # stale: never touch the timeline of the reply that replaced it
+        await self.emit_audio(reply.epoch, pcm, marks, _words(marks))
+
+    # -------------------------------------------------------------------------------------------- cancel
+
+    async def cancel_reply(self, epoch: int) -> None:
+        reply = self._reply
+        if reply is not None and reply.epoch == epoch:
+            self._reply = None
+            self._abandon(reply)
+
+    def _abandon(self, reply: _Reply, *, in_flight: bool = True) -> None:
+        """Stop ``reply`` now: its receiver, and Cartesia's work on its context (``ctx.cancel()``, sent from a task
+        so that an interrupt never waits on the network). ``in_flight=False``: the socket is unusable, send nothing."""
+        if self._reply is reply:
+            self._reply = None
+        receiver = reply.receiver
+        # A receiver that failed is the task running this (through the error policy's interrupt): not cancelled.
+        if receiver is not None and receiver is not asyncio.current_task() and not receiver.done():
+            receiver.cancel()
+        if in_flight and reply.first_input_at is not None and not reply.settled and reply.socket.alive:
+            self.spawn(self._cancel_context(reply), name=f"{self.name}-cancel-{reply.epoch}")
+        reply.settled = True
+        reply.ended.set()
+
+    async def _cancel_context(self, reply: _Reply) -> None:
+        try:
+            async with asyncio.timeout(self.settings.read_timeout_s):
+                await reply.context.cancel()
+        except Exception as exc:
+            # Best effort, nothing to report: the reply is abandoned either way. A socket that cannot take a cancel
+            # (stuck, gone, or the SDK re-raising its dead reader's failure) is not reused.
+            log.info(
+                "%s: could not cancel the context of reply %d (%s: %s)", self.name, reply.epoch, type(exc).__name__, exc
+            )
+            self._retire(reply.socket)
+
+    # --------------------------------------------------------------------------------------------- close
+
+    async def stop(self) -> None:
+        """Stop the receivers and close the socket (within ``close_timeout_s``)."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting})
+        reply, self._reply = self._reply, None
+        if reply is not None and reply.receiver is not None:
+            reply.receiver.cancel()  # the socket is closing: no cancel message needed
+        socket, self._socket = self._socket, None
+        if socket is not None:
+            await self._close(socket)
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # the REST client was never used: nothing to lose
+                async with asyncio.timeout(self.settings.close_timeout_s):
+                    await client.close()
+        await super().stop()
+
+    async def _close(self, socket: _Socket) -> None:
+        from websockets.exceptions import WebSocketException
+
+        try:
+            async with asyncio.timeout(self.settings.close_timeout_s + 0.5):  # websockets aborts at close_timeout_s
+                await socket.close()
+        except (TimeoutError, OSError, WebSocketException) as exc:
+            log.info("%s: the socket did not close cleanly (%s)", self.name, exc)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _refusal(error: Any, url: str) -> ProviderError:
+    """The error for a refused handshake (``websockets.exceptions.InvalidStatus``), naming the status."""
+    response = error.response
+    status = int(response.status_code)
+    what, hint = _REFUSALS.get(status) or ("server error" if status >= 500 else "handshake refused", "")
+    problem = f"{what} (HTTP {status}) when opening the WebSocket at {url}"
+    detail = _body_message(getattr(response, "body", b""))
+    if detail:
+        problem += f": {detail}"
+    if hint:
+        problem += f"; {hint}"
+    return ProviderError(PROVIDER, problem)
+
+
+def _body_message(body: bytes | None) -> str:
+    if not body:
+        return ""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace").strip()
+    if isinstance(parsed, dict):
+        return str(parsed.get("message") or parsed.get("error") or "")[:200]
+    return ""
+
+
+def _describe_error(event: Any) -> str:
+    status = getattr(event, "status_code", None)
+    title = getattr(event, "title", None) or "error"
+    message = getattr(event, "message", None) or "(no message)"
+    code = getattr(event, "error_code", None)
+    return f"error event{f' {status}' if status else ''}: {title}: {message}{f' [{code}]' if code else ''}"
+
+
+def _words(marks: tuple[WordMark, ...]) -> str:
+    return " ".join(m.word for m in marks)

@@ -1,0 +1,474 @@
+"""Cartesia streaming TTS: the real cartesia SDK against FakeCartesia on 127.0.0.1, through real pipelines on a
+RealClock.
+
+A configured call runs on its own event loop (``run_configured_call`` calls ``asyncio.run``), so each test runs it
+in a worker thread while the fake serves on the test's loop; what happened is read from the fake's records, the
+call's artefacts and the pipeline — never from sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import wave
+from typing import Any
+
+import numpy as np
+import pytest
+
+from voxpipe.call import CallResult, run_configured_call
+from voxpipe.config import BuildContext, ConfigError, Registry, parse_config
+from voxpipe.pipeline import AudioFormat, RealClock, WordMark
+from voxpipe.stages.cartesia_tts import (
+    CartesiaTTS,
+    CartesiaTTSSettings,
+    PendingMarks,
+    decode_audio,
+    looks_like_float32,
+)
+from voxpipe.stages.cloud import ProviderError
+from voxpipe.testing.caller import Say
+from voxpipe.testing.fakes.cartesia import ErrorEvent, FakeCartesia
+from voxpipe.testing.fakes.server import Faults
+from voxpipe.testing.signals import speechlike
+
+RATE = 16000
+REPLY = "Sure, four at eight tonight. Shall I book it?"
+SECOND = "Done, see you then."
+VOICE = "a0e99841-438c-4a64-b679-ae501e7d6091"
+
+
+class Built:
+    """A registry whose tts.cartesia is CartesiaTTS, keeping the built stage for inspection."""
+
+    def __init__(self) -> None:
+        self.stages: list[CartesiaTTS] = []
+        built = self
+
+        class KeptCartesia(CartesiaTTS):
+            @classmethod
+            def from_settings(cls, settings: Any, context: Any, name: str) -> CartesiaTTS:
+                stage = super().from_settings(settings, context, name)
+                built.stages.append(stage)
+                return stage
+
+        self.registry = Registry.discover()
+        self.registry.register("tts", "cartesia", KeptCartesia)
+
+    @property
+    def errors(self) -> list[Any]:
+        return list(self.stages[0].pipeline.errors)
+
+
+def config(fake: FakeCartesia, replies: list[str] | None = None, **tts: Any) -> tuple[Any, Any]:
+    tts_config = {
+        "provider": "cartesia",
+        "api_key": fake.api_key,
+        "voice": VOICE,
+        "base_url": fake.url,
+        "websocket_url": fake.ws_url,
+        **tts,
+    }
+    return parse_config(
+        {
+            "audio": {"sample_rate": RATE},
+            "vad": {"provider": "scripted"},
+            "stt": {"provider": "scripted"},
+            "llm": {"provider": "scripted", "replies": replies or [REPLY, SECOND]},
+            "tts": tts_config,
+        }
+    )
+
+
+async def call(fake: FakeCartesia, script: list[Any], tmp_path: Any, built: Built, **tts: Any) -> CallResult:
+    """Run a configured call against ``fake`` in a worker thread (its own loop, real time)."""
+    parsed, settings = config(fake, **tts)
+    return await asyncio.to_thread(
+        run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), registry=built.registry
+    )
+
+
+async def failing_call(fake: FakeCartesia, script: list[Any], tmp_path: Any, built: Built, **tts: Any) -> str:
+    """Run a call that must stop on the TTS's error; returns the error's text."""
+    with pytest.raises(ProviderError) as raised:
+        await call(fake, script, tmp_path, built, **tts)
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert transcript["status"] == "failed"
+    errors = built.errors
+    assert len(errors) == 1 and errors[0].fatal and errors[0].stage == "tts"
+    assert errors[0].error == f"ProviderError: {raised.value}"
+    return str(raised.value)
+
+
+def bot_channel(result: CallResult) -> np.ndarray:
+    with wave.open(str(result.out_dir / "recording.wav")) as wav:
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16).reshape(-1, 2)
+    return data[:, 1]
+
+
+def contexts(fake: FakeCartesia) -> list[str]:
+    return [s.data["context_id"] for s in fake.of("context")]
+
+
+def inputs(fake: FakeCartesia, context_id: str) -> list[dict[str, Any]]:
+    return [
+        s.data["message"]
+        for s in fake.of("message")
+        if s.data["message"].get("context_id") == context_id and "transcript" in s.data["message"]
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ a turn
+
+
+@pytest.mark.timeout(30)
+async def test_a_reply_streams_through_one_context_and_every_word_is_heard(tmp_path):
+    async with FakeCartesia() as fake:
+        built = Built()
+        result = await call(fake, [Say("A table for four?"), Say("Yes.")], tmp_path, built)
+    assert result.outcome == "ended"
+    assert built.errors == []
+
+    # The handshake: Bearer key and API version, once for the whole call; closed at the end.
+    connect = fake.of("connect")
+    assert len(connect) == 1
+    headers = {k.lower(): v for k, v in connect[0].data["headers"].items()}
+    assert headers["authorization"] == f"Bearer {fake.api_key}" and headers["cartesia-version"]
+    assert fake.kinds()[-1] == "disconnect"
+
+    # One context per reply, each fed in several pushes and closed with continue: false.
+    first, second = contexts(fake)
+    assert first != second
+    for context_id, text in ((first, REPLY), (second, SECOND)):
+        messages = inputs(fake, context_id)
+        pushes, last = messages[:-1], messages[-1]
+        assert all(m["continue"] is True for m in pushes) and last == {**last, "continue": False, "transcript": ""}
+        assert "".join(m["transcript"] for m in pushes).split() == text.split(), "the pieces join with spaces"
+        assert messages[0]["output_format"] == {"container": "raw", "encoding": "pcm_s16le", "sample_rate": RATE}
+        assert messages[0]["voice"] == VOICE and messages[0]["model_id"] == "sonic-3"
+        assert messages[0]["language"] == "en" and messages[0]["add_timestamps"] is True
+    assert len(inputs(fake, first)) >= 3, "the first reply's text was pushed as the reasoner streamed it"
+
+    # The caller heard every word of both replies, by Cartesia's word timestamps.
+    assert [t.heard for t in result.turns] == [REPLY.split(), SECOND.split()]
+    assert not any(t.interrupted for t in result.turns)
+    assert [m.text for m in result.conversation.messages if m.role == "assistant"] == [REPLY, SECOND]
+    assert np.abs(bot_channel(result)).max() > 3000, "the bot's audio reached the recording"
+    assert all("tts.first_audio" in t.marks for t in result.turns)
+
+    # Characters are counted per reply: the text spoken (the spaces voxpipe adds between pieces are not).
+    spoken = [sum(len(m["transcript"].strip()) for m in inputs(fake, c)) for c in (first, second)]
+    assert [t.data["usage"]["tts"]["characters"] for t in result.turns] == spoken
+    assert spoken[0] >= len(REPLY) - len(inputs(fake, first))
+
+
+@pytest.mark.timeout(30)
+async def test_a_barge_in_cancels_the_context_and_nothing_stale_plays(tmp_path):
+    async with FakeCartesia(rtf=0.8) as fake:  # still speaking when the caller cuts in
+        built = Built()
+        script = [Say("A table for four?"), Say("No wait, make it five.", barge_in=0.6)]
+        result = await call(fake, script, tmp_path, built)
+    assert result.outcome == "ended" and built.errors == []
+
+    first, second = contexts(fake)
+    cancel = fake.of("cancel")
+    assert [s.data["context_id"] for s in cancel] == [first], "Cartesia was told to stop the interrupted context"
+    assert inputs(fake, second)[-1]["continue"] is False
+    cancelled_at = fake.seen.index(cancel[0])
+    assert not [s for s in fake.seen[cancelled_at:] if s.kind == "chunk" and s.data["context_id"] == first]
+    assert not [s for s in fake.seen if s.kind == "done" and s.data["context_id"] == first]
+
+    cut, answer = result.turns
+    assert cut.interrupted and not answer.interrupted
+    assert 0 < len(cut.heard) < len(REPLY.split()) and cut.heard == REPLY.split()[: len(cut.heard)]
+    interrupted = [m for m in result.conversation.messages if m.role == "assistant" and m.interrupted]
+    assert [m.text for m in interrupted] == [" ".join(cut.heard)]
+    assert answer.heard == SECOND.split(), "the next reply, in a new context, is whole"
+
+    bot = bot_channel(result)
+    cut_at, next_at = cut.marks["out.interrupted"], answer.marks["out.first_play"]
+    assert np.any(bot[round((cut_at - 0.1) * RATE) : round(cut_at * RATE)]), "the bot was speaking before"
+    assert not np.any(bot[round(cut_at * RATE) : round(next_at * RATE)]), "silent from the interrupt on"
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.timeout(30)
+async def test_a_wrong_api_key_is_rejected_at_the_handshake_and_stops_the_call(tmp_path):
+    async with FakeCartesia(api_key="the-real-key") as fake:
+        built = Built()
+        error = await failing_call(fake, [Say("Hello?")], tmp_path, built, api_key="a-wrong-key")
+    assert error.startswith("Cartesia: API key rejected (HTTP 401)") and "CARTESIA_API_KEY" in error
+    assert fake.kinds()[:2] == ["connect", "refused"]
+    assert "message" not in fake.kinds()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("status", "says"), [(429, "rate limited"), (500, "server error"), (503, "server error")])
+async def test_a_refused_handshake_names_the_status(tmp_path, status, says):
+    async with FakeCartesia(faults=Faults(refuse=status)) as fake:
+        built = Built()
+        error = await failing_call(fake, [Say("Hello?")], tmp_path, built)
+    assert error.startswith(f"Cartesia: {says} (HTTP {status})")
+    assert fake.of("refused")[0].data["status"] == status
+
+
+@pytest.mark.timeout(30)
+async def test_a_handshake_that_never_answers_times_out(tmp_path):
+    """A server that accepts the TCP connection and then says nothing: the connect timeout ends the call."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with FakeCartesia() as fake:  # for its settings only; the socket goes to the silent server
+            built = Built()
+            error = await failing_call(
+                fake, [Say("Hello?")], tmp_path, built, websocket_url=f"ws://127.0.0.1:{port}", connect_timeout_s=0.3
+            )
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert error == f"Cartesia: no WebSocket handshake within 0.3 s at ws://127.0.0.1:{port}/tts/websocket"
+    assert accepted and fake.seen == []
+
+
+@pytest.mark.timeout(30)
+async def test_nothing_listening_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with FakeCartesia() as fake:
+        built = Built()
+        error = await failing_call(fake, [Say("Hello?")], tmp_path, built, websocket_url=f"ws://127.0.0.1:{port}")
+    assert error.startswith(f"Cartesia: cannot connect to ws://127.0.0.1:{port}/tts/websocket: ")
+
+
+# -------------------------------------------------------------------------------------------- failures
+
+
+@pytest.mark.timeout(30)
+async def test_an_error_event_skips_the_turn_and_the_call_goes_on(tmp_path):
+    failure = ErrorEvent(context=0, after_chunks=30, status_code=500, title="Internal Server Error", message="boom")
+    async with FakeCartesia(error_event=failure) as fake:
+        built = Built()
+        script = [Say("A table for four?"), Say("Hello?")]
+        result = await call(fake, script, tmp_path, built, on_error="skip-turn")
+    assert result.outcome == "ended"
+    (error,) = built.errors
+    assert not error.fatal
+    assert error.error == "ProviderError: Cartesia: error event 500: Internal Server Error: boom [internal_error]"
+
+    failed, answer = result.turns
+    assert failed.interrupted and 0 < len(failed.heard) < len(REPLY.split())
+    assert failed.heard == REPLY.split()[: len(failed.heard)], "what was said before the error stays said"
+    assert answer.heard == SECOND.split() and not answer.interrupted
+    assert len(fake.of("connect")) == 1, "an error event is the context's, not the socket's"
+    assert fake.of("cancel") == [], "Cartesia already ended that context"
+
+
+@pytest.mark.timeout(30)
+async def test_a_stall_before_the_first_audio_times_out(tmp_path):
+    async with FakeCartesia(faults=Faults(stall_s=10)) as fake:
+        built = Built()
+        error = await failing_call(fake, [Say("Hello?")], tmp_path, built, first_audio_timeout_s=0.5)
+    assert error == "Cartesia: no audio within 0.5 s of the reply's first text"
+    assert fake.of("stall") and not fake.of("chunk")
+
+
+@pytest.mark.timeout(30)
+async def test_a_drop_mid_reply_is_an_error_and_the_next_reply_reconnects(tmp_path):
+    async with FakeCartesia(faults=Faults(drop_after=40)) as fake:
+        built = Built()
+        script = [Say("A table for four?"), Say("Hello?")]
+        result = await call(fake, script, tmp_path, built, on_error="skip-turn")
+    assert result.outcome == "ended"
+    (error,) = built.errors
+    assert error.error == (
+        "ProviderError: Cartesia: the connection was lost, without a close frame, in the middle of a reply"
+    )
+    assert len(fake.of("connect")) == 2 and fake.of("dropped")
+    failed, answer = result.turns
+    assert failed.interrupted and 0 < len(failed.heard) < len(REPLY.split())
+    assert failed.heard == REPLY.split()[: len(failed.heard)], "what was said before the drop stays said"
+    assert answer.heard == SECOND.split()
+
+
+@pytest.mark.timeout(30)
+async def test_malformed_json_mid_reply_retires_the_socket_and_keeps_what_was_said(tmp_path):
+    async with FakeCartesia(faults=Faults(corrupt="malformed-json"), corrupt_after=40) as fake:
+        built = Built()
+        script = [Say("A table for four?"), Say("Hello?")]
+        result = await call(fake, script, tmp_path, built, on_error="skip-turn")
+    (error,) = built.errors
+    assert error.error.startswith("ProviderError: Cartesia: sent a message that is not valid JSON (")
+    assert len(fake.of("connect")) == 2, "the next reply reconnected"
+    failed, answer = result.turns
+    assert failed.interrupted and 0 < len(failed.heard) < len(REPLY.split())
+    assert failed.heard == REPLY.split()[: len(failed.heard)], "what was said before the broken message stays said"
+    assert answer.heard == SECOND.split()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("corrupt", "bad_audio", "says"),
+    [
+        ("malformed-json", "base64", "Cartesia: sent a message that is not valid JSON"),
+        ("unknown-event", "base64", "Cartesia: unknown event type 'audio_chunk'"),
+        ("bad-audio", "base64", "Cartesia: a chunk's audio is not valid base64"),
+        ("bad-audio", "odd-length", "Cartesia: a chunk of 1279 bytes is not whole pcm_s16le samples"),
+        ("bad-audio", "float32", "Cartesia: a chunk holds pcm_f32le audio where pcm_s16le was asked for"),
+    ],
+)
+async def test_a_broken_message_is_a_clear_error(tmp_path, corrupt, bad_audio, says):
+    async with FakeCartesia(faults=Faults(corrupt=corrupt), bad_audio=bad_audio) as fake:
+        built = Built()
+        error = await failing_call(fake, [Say("Hello?")], tmp_path, built)
+    assert error.startswith(says)
+    assert fake.of("corrupted")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.timeout(30)
+async def test_a_missing_api_key_is_a_config_error_before_anything_connects(tmp_path, monkeypatch):
+    monkeypatch.delenv("CARTESIA_API_KEY", raising=False)
+    async with FakeCartesia() as fake:
+        parsed, settings = config(fake, api_key=None)
+        with pytest.raises(ConfigError) as raised:
+            await asyncio.to_thread(run_configured_call, parsed, settings, [Say("Hi.")], tmp_path, clock=RealClock())
+    assert "tts.api_key" in str(raised.value) and "CARTESIA_API_KEY" in str(raised.value)
+    assert fake.seen == []
+
+
+def test_the_api_key_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CARTESIA_API_KEY", "from-env")
+    stage = CartesiaTTS.from_settings(CartesiaTTSSettings(voice=VOICE), BuildContext(AudioFormat(RATE)), "tts")
+    assert stage._api_key == "from-env"
+
+
+def test_an_unsupported_sample_rate_is_a_config_error():
+    with pytest.raises(ConfigError) as raised:
+        CartesiaTTS.from_settings(
+            CartesiaTTSSettings(voice=VOICE, api_key="k"), BuildContext(AudioFormat(11025)), "tts"
+        )
+    message = str(raised.value)
+    assert "audio.sample_rate" in message and "cannot produce 11025 Hz" in message
+    assert "8000, 16000, 22050, 24000, 44100, 48000" in message
+
+
+def test_the_voice_is_required():
+    with pytest.raises(ConfigError, match=r"tts\.voice: field required"):
+        parse_config({"tts": {"provider": "cartesia", "api_key": "k"}, "vad": {"provider": "scripted"}})
+
+
+def test_the_module_imports_without_the_sdk_and_names_the_extra():
+    program = (
+        "import sys; sys.modules['cartesia'] = None\n"
+        "from voxpipe.stages.cartesia_tts import CartesiaTTS, CartesiaTTSSettings\n"
+        "try:\n"
+        "    CartesiaTTS(CartesiaTTSSettings(voice='v'), api_key='k')\n"
+        "except Exception as exc:\n"
+        '    print(f"{type(exc).__name__}: {exc}")\n'
+    )
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=20, check=True)
+    assert out.stdout.startswith("ProviderError: Cartesia:") and "pip install 'voxpipe[cartesia]'" in out.stdout
+
+
+# ------------------------------------------------------------------------------------- the fake itself
+
+
+@pytest.mark.timeout(15)
+async def test_the_fake_answers_a_bad_request_with_cartesias_error_event():
+    from cartesia import AsyncCartesia
+
+    async with FakeCartesia() as fake:
+        client = AsyncCartesia(api_key=fake.api_key, base_url=fake.url, websocket_base_url=fake.ws_url)
+        async with client.tts.websocket_connect() as connection:
+            fmt = {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 11025}
+            context = connection.context(model_id="sonic-3", voice=VOICE, output_format=fmt)
+            await context.push("Hello there.")
+            async with asyncio.timeout(5):
+                events = [event async for event in context.receive()]
+        await client.close()
+    assert [e.type for e in events] == ["error"]
+    assert events[0].status_code == 400 and "unsupported sample_rate 11025" in events[0].message
+
+
+@pytest.mark.timeout(15)
+async def test_the_fake_speaks_f32_when_asked_and_stamps_words_in_seconds():
+    from cartesia import AsyncCartesia
+
+    async with FakeCartesia(rtf=0.05) as fake:
+        client = AsyncCartesia(api_key=fake.api_key, base_url=fake.url, websocket_base_url=fake.ws_url)
+        async with client.tts.websocket_connect() as connection:
+            fmt = {"container": "raw", "encoding": "pcm_f32le", "sample_rate": 24000}
+            context = connection.context(model_id="sonic-3", voice=VOICE, output_format=fmt, add_timestamps=True)
+            await context.push("Hello there, ")
+            await context.push("friend.")
+            await context.no_more_inputs()
+            async with asyncio.timeout(5):
+                events = [event async for event in context.receive()]
+        await client.close()
+    audio = b"".join(e.audio for e in events if e.type == "chunk")
+    assert looks_like_float32(audio) and np.abs(np.frombuffer(audio, dtype="<f4")).max() <= 1.0
+    words = [w for e in events if e.type == "timestamps" for w in e.word_timestamps.words]
+    assert words == ["Hello", "there,", "friend."]
+    ends = [t for e in events if e.type == "timestamps" for t in e.word_timestamps.end]
+    assert ends[-1] == pytest.approx(len(audio) / 4 / 24000, abs=1e-3)
+    assert events[-1].type == "done"
+
+
+# ----------------------------------------------------------------------------------- the pieces, offline
+
+
+def test_marks_wait_for_the_audio_holding_their_start():
+    marks = PendingMarks()
+    marks.add([WordMark("Hello", 100, 900), WordMark("there", 1000, 1800)])
+    assert marks.take(before=640) == (WordMark("Hello", 100, 900),)  # timestamps ahead of the audio
+    assert marks.take(before=960) == ()
+    assert marks.take(before=1280) == (WordMark("there", 1000, 1800),)
+    marks.add([WordMark("late", 1300, 1500)])  # timestamps behind the audio: the next frame carries it
+    assert marks.take(before=1920) == (WordMark("late", 1300, 1500),)
+    marks.add([WordMark("trailing", 2000, 2400)])
+    assert marks.drain() == (WordMark("trailing", 2000, 2400),) and len(marks) == 0
+
+
+def test_audio_is_due_only_while_cartesia_owes_some():
+    from voxpipe.stages.cartesia_tts import _Reply
+
+    reply = _Reply(epoch=1, socket=None, context=None)  # type: ignore[arg-type]
+    assert reply.deadline(5, 2) is None, "nothing pushed yet: the reasoner may take its time"
+    reply.first_input_at = reply.last_input_at = 10.0
+    assert reply.deadline(5, 2) == 15.0, "first audio"
+    reply.audio, reply.last_event_at = True, 11.0
+    assert reply.deadline(5, 2) is None, "all pushed text answered: waiting for the reasoner, not Cartesia"
+    reply.last_input_at = 12.0
+    assert reply.deadline(5, 2) == 14.0, "new text since the last event"
+    reply.last_event_at, reply.inputs_closed = 13.0, True
+    assert reply.deadline(5, 2) == 15.0, "the end of the text was sent: done is due"
+
+
+def test_audio_checks():
+    samples, _ = speechlike("hello there friend", RATE)
+    s16 = samples.tobytes()
+    f32 = (samples.astype(np.float32) / 32768).astype("<f4").tobytes()
+    assert decode_audio(base64.b64encode(s16).decode()) == s16
+    assert not looks_like_float32(s16) and looks_like_float32(f32)
+    assert not looks_like_float32(bytes(4096)), "silence is silence in either encoding"
+    with pytest.raises(ProviderError, match="not valid base64"):
+        decode_audio("%%%")
+    with pytest.raises(ProviderError, match="carries no audio"):
+        decode_audio(None)
