@@ -250,6 +250,15 @@ def test_the_second_turn_carries_the_heard_reply_as_history(two_turns):
 
 
 @pytest.mark.timeout(30)
+def test_the_connection_is_opened_at_the_start_and_kept_across_turns(two_turns):
+    _, served = two_turns
+    kinds = [s.kind for s in served.fake.seen if s.kind in ("models", "request")]
+    assert kinds == ["models", "request", "request"], "pre-warmed before the first request"
+    peers = {s.data["peer"] for s in served.fake.seen if s.kind in ("models", "request")}
+    assert len(peers) == 1, f"every request went over the pre-warmed connection, not {peers}"
+
+
+@pytest.mark.timeout(30)
 def test_usage_is_what_the_api_reported(two_turns):
     result, served = two_turns
     assert llm_usage(result) == sent_usage(served.fake) == (80, 2 + 2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
 
 PROVIDER = "Anthropic"
+log = logging.getLogger("voxpipe.stages.anthropic_llm")
 ENV_VAR = "ANTHROPIC_API_KEY"
 INSTALL_HINT = "pip install 'voxpipe[anthropic]'"
 
@@ -83,6 +85,18 @@ class AnthropicSettings(BaseModel):
         max_length=200,
         description="appended to a bot reply the caller cut off, so the model knows the rest was not heard; empty: "
         "no marker",
+    )
+    keepalive_s: float = Field(
+        60.0,
+        ge=0,
+        le=600,
+        description="how long an idle connection to the API is kept for the next turn (the SDK's default, 5 s, is "
+        "shorter than a caller's turn, so every reply would pay a new TCP and TLS handshake)",
+    )
+    prewarm: bool = Field(
+        True,
+        description="open the connection when the call starts (a free GET /v1/models), so the first reply does not "
+        "pay the handshake either",
     )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
@@ -139,6 +153,8 @@ class AnthropicLLM(LLMStage):
         await super().start()
         self._stopping = False
         self._client = self._connect()
+        if self.settings.prewarm:
+            self.spawn(self._prewarm(self._client), name=f"{self.name}-prewarm")
 
     def _connect(self) -> AsyncAnthropic:
         """The SDK client. Nothing goes over the network until the first request."""
@@ -147,13 +163,24 @@ class AnthropicLLM(LLMStage):
         # Our own deadlines (below) give the precise errors; the transport's are the same size, as a backstop.
         read = max(s.first_token_timeout_s, s.read_timeout_s)
         timeout = anthropic.Timeout(connect=s.connect_timeout_s, read=read, write=s.connect_timeout_s, pool=read)
+        limits = _transport().Limits(max_connections=100, max_keepalive_connections=10, keepalive_expiry=s.keepalive_s)
         client: AsyncAnthropic = anthropic.AsyncAnthropic(
             api_key=self._api_key,
             base_url=s.base_url,
             timeout=timeout,
             max_retries=0,  # a retry costs the caller seconds of silence; the error policy decides instead
+            http_client=anthropic.DefaultAsyncHttpxClient(limits=limits, timeout=timeout),
         )
         return client
+
+    async def _prewarm(self, client: AsyncAnthropic) -> None:
+        """Open the pooled connection while the caller is still speaking. A failure here is not the call's: the
+        first real request reports it, with the same clear error, if it persists."""
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await client.models.list(limit=1)
+        except Exception as exc:
+            log.debug("%s: pre-warming the connection failed: %s", self.name, exc)
 
     # ---------------------------------------------------------------------------------------------- prompt
 

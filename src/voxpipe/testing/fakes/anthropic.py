@@ -127,6 +127,7 @@ class FakeAnthropic(FakeServer):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_get("/v1/models", self._models)
 
     # ------------------------------------------------------------------------------------ checks
 
@@ -179,6 +180,20 @@ class FakeAnthropic(FakeServer):
                     )
         return None
 
+    async def _models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: the model list (clients use it to open a connection ahead of the first request)."""
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        self.record("models", peer=_peer(request))
+        model = {
+            "type": "model",
+            "id": "claude-opus-4-7",
+            "display_name": "Claude Opus",
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+        return web.json_response({"data": [model], "has_more": False, "first_id": model["id"], "last_id": model["id"]})
+
     # --------------------------------------------------------------------------------- responses
 
     def _reply_for(self, body: dict[str, Any]) -> Reply:
@@ -191,11 +206,13 @@ class FakeAnthropic(FakeServer):
         return reply
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
+        # ttft_s counts from the request's arrival, so the fake's own parsing and checks are inside it, not added.
+        first_token_due = asyncio.get_running_loop().time() + self.ttft_s
         try:
             body = await request.json()
         except json.JSONDecodeError:
             return self._invalid("request body is not valid JSON")
-        self.record("request", body=body, headers=dict(request.headers))
+        self.record("request", body=body, headers=dict(request.headers), peer=_peer(request))
         if self.faulty_requests is not None and self._served >= self.faulty_requests:
             self.faults, self.stream_error_after = Faults(), None  # healthy from now on
         self._served += 1
@@ -216,7 +233,7 @@ class FakeAnthropic(FakeServer):
         sent = _Sent()
         try:
             await response.prepare(request)
-            await self._stream(request, response, body, reply, sent)
+            await self._stream(request, response, body, reply, sent, first_token_due)
         except _Disconnected:
             self.record("disconnect", events=sent.events, text=sent.text)
         except asyncio.CancelledError:
@@ -225,7 +242,13 @@ class FakeAnthropic(FakeServer):
         return response
 
     async def _stream(
-        self, request: web.Request, response: web.StreamResponse, body: dict[str, Any], reply: Reply, sent: _Sent
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        body: dict[str, Any],
+        reply: Reply,
+        sent: _Sent,
+        first_token_due: float,
     ) -> None:
         text = reply if isinstance(reply, str) else reply.text
         tool = reply if isinstance(reply, ToolUseReply) else None
@@ -260,8 +283,9 @@ class FakeAnthropic(FakeServer):
             return
         index = 0
         interval = self.words_per_delta / self.tokens_per_s
-        if self.ttft_s > 0:
-            await asyncio.sleep(self.ttft_s)
+        wait = first_token_due - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
         if words:
             block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
             if not await send("content_block_start", block) or not await send("ping", {"type": "ping"}):
@@ -307,7 +331,10 @@ class FakeAnthropic(FakeServer):
         }
         if not await send("message_delta", finish) or not await send("message_stop", {"type": "message_stop"}):
             return
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionResetError:  # the client had all it wanted and left before the end of the body
+            raise _Disconnected from None
         self.record(
             "reply",
             text=text,
@@ -338,3 +365,9 @@ class FakeAnthropic(FakeServer):
 class _Sent:
     events: int = 0
     text: str = ""
+
+
+def _peer(request: web.Request) -> Any:
+    """The client's address and port: requests from one pooled connection share it."""
+    transport = request.transport
+    return transport.get_extra_info("peername") if transport is not None else None

@@ -253,9 +253,10 @@ class FakeCartesia(FakeServer):
         position = 0  # samples sent for this context
         chunks = 0
         failure = self.error_event if self.error_event and self.error_event.context == context.index else None
+        loop = asyncio.get_running_loop()
+        first_audio_due = loop.time() + self.ttfa_s  # from the context's first input: synthesis is inside it
         try:
             await self.stall()
-            await asyncio.sleep(self.ttfa_s)
             while True:
                 text = self._take_ready(context)
                 if not text:
@@ -281,6 +282,8 @@ class FakeCartesia(FakeServer):
                         )
                         return
                     piece = samples[start : start + step]
+                    if chunks == 0 and (wait := first_audio_due - loop.time()) > 0:
+                        await asyncio.sleep(wait)
                     await self._send_chunk(connection, context, piece)
                     chunks += 1
                     end = start + len(piece)
