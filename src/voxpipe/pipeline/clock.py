@@ -33,6 +33,11 @@ class Clock:
             self._origin = asyncio.get_running_loop().time()
         return self._origin
 
+    @property
+    def origin(self) -> float | None:
+        """The event loop's time at which this clock read zero (None before it was first read)."""
+        return self._origin
+
     def now(self) -> float:
         """Seconds since the clock was first read."""
         return asyncio.get_running_loop().time() - self._loop_origin()
