@@ -557,8 +557,8 @@ def test_the_module_imports_without_the_sdk_and_a_missing_sdk_names_the_extra():
     code = (
         "import sys; sys.modules['anthropic'] = None\n"
         "import voxpipe.stages.anthropic_llm as m\n"
-        "from voxpipe.config.errors import ConfigError\n"
-        "try:\n    m.AnthropicLLM(api_key='k')\nexcept ConfigError as e:\n    print(e)\n"
+        "from voxpipe.stages.cloud import ProviderError\n"
+        "try:\n    m.AnthropicLLM(api_key='k')\nexcept ProviderError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True).stdout
-    assert "pip install 'voxpipe[anthropic]'" in out and "anthropic SDK" in out
+    assert "pip install 'voxpipe[anthropic]'" in out and "Anthropic SDK is not installed (anthropic" in out

@@ -316,9 +316,8 @@ def test_the_module_imports_without_the_sdk_and_names_the_extra():
         "try:\n    m.ElevenLabsTTS(api_key='k')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True)
-    assert "ProviderError ElevenLabs: the elevenlabs package is not installed: pip install 'voxpipe[elevenlabs]'" in (
-        out.stdout
-    )
+    missing = "the ElevenLabs SDK is not installed (elevenlabs is missing): pip install 'voxpipe[elevenlabs]'"
+    assert f"ProviderError ElevenLabs: {missing}" in out.stdout
 
 
 # ------------------------------------------------------------------------------------------- the fake itself

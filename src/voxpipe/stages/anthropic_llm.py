@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
-from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
 from voxpipe.stages.llm import AuditSink, LLMStage
 from voxpipe.stages.tools import ToolsLike
 
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 PROVIDER = "Anthropic"
 log = logging.getLogger("voxpipe.stages.anthropic_llm")
 ENV_VAR = "ANTHROPIC_API_KEY"
-INSTALL_HINT = "pip install 'voxpipe[anthropic]'"
 
 _T = TypeVar("_T")
 
@@ -109,14 +107,7 @@ class AnthropicSettings(BaseModel):
 
 
 def _sdk() -> Any:
-    """The ``anthropic`` module, imported at first use so that voxpipe imports without it."""
-    try:
-        import anthropic
-    except ImportError as exc:
-        raise ConfigError(
-            "llm.provider", "the Anthropic provider needs the anthropic SDK, which is not installed", INSTALL_HINT
-        ) from exc
-    return anthropic
+    return require_sdk(PROVIDER, "anthropic", "anthropic")
 
 
 class AnthropicLLM(LLMStage):

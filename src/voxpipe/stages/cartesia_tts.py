@@ -48,13 +48,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
-from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
 from voxpipe.stages.tts import LEADING_SILENCE_LEVEL, StreamingTTSStage
 
 log = logging.getLogger("voxpipe.stages.cartesia_tts")
 
 PROVIDER = "Cartesia"
-INSTALL_HINT = "pip install 'voxpipe[cartesia]'"
 API_URL = "https://api.cartesia.ai"
 WEBSOCKET_URL = "wss://api.cartesia.ai"
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
@@ -132,15 +131,8 @@ def check_audio(audio: AudioFormat) -> None:
 
 
 def _sdk() -> Any:
-    """The ``cartesia`` package, imported only when a Cartesia stage is built."""
-    try:
-        import cartesia
-        import websockets  # noqa: F401  (the [websockets] extra: the SDK needs it for the WebSocket API)
-    except ModuleNotFoundError as exc:
-        raise ProviderError(
-            PROVIDER, f"the cartesia SDK with its websockets extra is not installed ({exc.name}): {INSTALL_HINT}"
-        ) from exc
-    return cartesia
+    # websockets: cartesia's [websockets] extra, which its WebSocket API needs
+    return require_sdk(PROVIDER, "cartesia", "cartesia", "websockets")
 
 
 # ---------------------------------------------------------------------------------- audio and word marks

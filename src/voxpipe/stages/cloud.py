@@ -1,9 +1,11 @@
-"""What the cloud providers share: an API key taken from the settings or the environment and named before anything
-connects, and an error that names the provider and the problem."""
+"""What the cloud providers share: their SDK imported at first use, an API key taken from the settings or the
+environment and named before anything connects, and an error that names the provider and the problem."""
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline.errors import VoxpipeError
@@ -28,3 +30,15 @@ def api_key(kind: str, provider: str, given: str | None, env_var: str) -> str:
             f"api_key: ${{{env_var}}})",
         )
     return key
+
+
+def require_sdk(provider: str, extra: str, *modules: str) -> ModuleType:
+    """Import a provider's SDK (the first of ``modules``; the others are what it needs besides) at first use, so
+    voxpipe imports without it; a missing one is a :class:`ProviderError` naming the extra that installs it."""
+    try:
+        loaded = [importlib.import_module(name) for name in modules]
+    except ModuleNotFoundError as exc:
+        raise ProviderError(
+            provider, f"the {provider} SDK is not installed ({exc.name} is missing): pip install 'voxpipe[{extra}]'"
+        ) from exc
+    return loaded[0]

@@ -48,12 +48,11 @@ from voxpipe.pipeline import (
     UserSpeechStarted,
     UserSpeechStopped,
 )
-from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
 
 log = logging.getLogger("voxpipe.stages.deepgram_stt")
 
 PROVIDER = "Deepgram"
-INSTALL_HINT = "pip install 'voxpipe[deepgram]'"
 PRODUCTION_URL = "wss://api.deepgram.com"
 _REFUSALS = {401: "API key rejected", 402: "account out of credit", 403: "API key not allowed to use this model"}
 _PRE_ROLL_S = 0.5  # audio kept while nobody speaks: a drop at a speech onset must not cut the first word
@@ -243,12 +242,7 @@ class DeepgramStats:
 
 
 def _sdk() -> Any:
-    """The deepgram package, imported at first use so voxpipe imports without it."""
-    try:
-        import deepgram
-    except ModuleNotFoundError as exc:
-        raise ProviderError(PROVIDER, f"the deepgram-sdk package is not installed: {INSTALL_HINT}") from exc
-    return deepgram
+    return require_sdk(PROVIDER, "deepgram", "deepgram")
 
 
 # ------------------------------------------------------------------------------------------------ the stage

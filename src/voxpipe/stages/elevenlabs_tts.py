@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
-from voxpipe.stages.cloud import ProviderError, api_key
+from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
 from voxpipe.stages.tts import StreamingTTSStage
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("voxpipe.stages.elevenlabs_tts")
 
 PROVIDER = "ElevenLabs"
-INSTALL_HINT = "pip install 'voxpipe[elevenlabs]'"
 DEFAULT_VOICE = "JBFqnCBsd6RMkjVDRZzb"  # "George", a default voice every account has (the SDK's examples use it)
 PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # the pcm_<rate> output formats ElevenLabs offers
 _REFUSALS = {401: "API key rejected", 403: "API key not allowed to use this voice or model", 429: "rate limited"}
@@ -123,11 +122,7 @@ class ElevenLabsTTSSettings(BaseModel):
 
 
 def _require_sdk() -> None:
-    try:
-        import elevenlabs  # noqa: F401
-        import websockets.asyncio.client  # noqa: F401
-    except ModuleNotFoundError as exc:
-        raise ProviderError(PROVIDER, f"the elevenlabs package is not installed: {INSTALL_HINT}") from exc
+    require_sdk(PROVIDER, "elevenlabs", "elevenlabs", "websockets.asyncio.client")
 
 
 def output_format(audio: AudioFormat) -> str:
