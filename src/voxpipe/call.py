@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from voxpipe.config import KINDS, BuildContext, PipelineConfig, Registry, build_pipeline
+from voxpipe.config.build import config_tools
 from voxpipe.config.prices import price_table
 from voxpipe.pipeline import (
     AudioFormat,
@@ -194,7 +195,7 @@ def run_configured_call(
         if fake_providers:
             from voxpipe.testing.fakes.launch import fake_providers as faked
 
-            tool_names = [t.name or t.function.rpartition(":")[2] for t in config.tools] + list(tools or {})
+            tool_names = [*config_tools(config), *(tools or {})]
             settings = stack.enter_context(faked(providers, settings, caller, tool_names))
         if audit is not None:
             stack.callback(audit.close)

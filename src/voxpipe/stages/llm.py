@@ -146,7 +146,8 @@ class LLMStage(QueuedStage):
             self._audit(call, started, outcome="cancelled", error="cancelled by a barge-in")
             raise
         except TimeoutError:
-            await self._finish_tool(call, started, error=f"tool {tool.name!r} timed out after {tool.timeout_s:g} s")
+            timed_out = f"tool {tool.name!r} timed out after {tool.timeout_s:g} s"
+            await self._finish_tool(call, started, error=timed_out, outcome="timeout")
         except ToolError as exc:
             await self._finish_tool(call, started, error=str(exc))
         except Exception as exc:
@@ -158,12 +159,17 @@ class LLMStage(QueuedStage):
                 done.set_result(None)
 
     async def _finish_tool(
-        self, call: ToolCall, started: float, *, result: Any = None, error: str | None = None
+        self,
+        call: ToolCall,
+        started: float,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        outcome: str | None = None,
     ) -> None:
-        late = call.epoch < self.epoch  # the reply was cut off while the tool ran (policy "finish")
-        outcome = "error" if error is not None else ("finished-after-barge-in" if late else "ok")
-        if error is not None and "timed out" in error:
-            outcome = "timeout"
+        if outcome is None:
+            late = call.epoch < self.epoch  # the reply was cut off while the tool ran (policy "finish")
+            outcome = "error" if error is not None else ("finished-after-barge-in" if late else "ok")
         self._audit(call, started, outcome=outcome, result=result, error=error)
         self.mark(f"tool.end:{call.call_id}", call.epoch, duration_s=self.clock.now() - started)
         frame = ToolResult(
