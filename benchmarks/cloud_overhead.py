@@ -49,6 +49,7 @@ STT_S = 0.060  # Deepgram: Finalize → final result
 LLM_S = 0.250  # Claude: request → first text delta
 TTS_S = 0.120  # Cartesia: first text → first audio
 FRAME_S = 0.020
+RATE = 16000  # the call's audio rate (the config's default)
 REPLY = "Sure thing, I can help with that. What else would you like to know?"
 LINES = [
     "Hello, is the restaurant open tonight?",
@@ -120,8 +121,9 @@ def config_for(urls: dict[str, tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-def run_call(urls: dict[str, tuple[str, str]], lines: list[str], out: Path) -> list[dict[str, float]]:
-    """The answered turns' marks, in monotonic seconds like the fakes' records."""
+def run_call(urls: dict[str, tuple[str, str]], lines: list[str], out: Path) -> tuple[list[dict[str, float]], float]:
+    """The answered turns' marks (clock time), and the clock's origin: clock time + origin = the loop's time,
+    time.monotonic(), which the fakes record."""
     from voxpipe.call import run_configured_call
     from voxpipe.config import parse_config
     from voxpipe.pipeline import RealClock
@@ -133,16 +135,22 @@ def run_call(urls: dict[str, tuple[str, str]], lines: list[str], out: Path) -> l
     result = run_configured_call(config, settings, script, out, clock=clock, reply_timeout_s=5.0)
     if result.outcome != "ended":
         raise RuntimeError(f"the call did not end cleanly: {result.outcome}")
-    origin = clock.origin  # clock time + origin = the loop's time, time.monotonic(), which the fakes record
-    assert origin is not None
+    assert clock.origin is not None
     answered = [t for t in result.turns if t.voice_to_voice_ms is not None]
-    return [{name: at + origin for name, at in t.marks.items()} for t in answered]
+    return [dict(t.marks) for t in answered], clock.origin
 
 
-def _grid_after(t: float, phase: float) -> float:
-    """The first frame tick at or after ``t``: the call's input and output tick together, at ``phase`` plus whole
-    20 ms periods (a caller frame ends, and a bot frame starts playing, on such a tick)."""
-    return phase + math.ceil(round((t - phase) / FRAME_S, 9)) * FRAME_S
+def _decision_tick(speech_end: float, tick: float) -> float:
+    """The clock time of the input tick that delivers the frame completing ``STOP_MS`` of silence after the last
+    voiced sample at ``speech_end``. Decided in samples, as the VAD does: a frame delivered at tick ``t`` holds the
+    samples from ``round((t - 20 ms) * rate)`` on, and ``tick`` is any tick of the call (input and output tick
+    together)."""
+    last_voiced = round(speech_end * RATE)
+    complete = last_voiced + round(STOP_MS / 1000 * RATE)  # the first sample index at which the silence is enough
+    k = math.floor((complete / RATE - tick) / FRAME_S) - 1  # a tick or two early, then walk to the exact one
+    while round((tick + k * FRAME_S - FRAME_S) * RATE) + FRAME_S * RATE < complete:
+        k += 1
+    return tick + k * FRAME_S
 
 
 def _arrival(times: list[float], after: float) -> float:
@@ -150,18 +158,17 @@ def _arrival(times: list[float], after: float) -> float:
     return next(t for t in times if t >= after - 1e-4)
 
 
-def turn_figures(marks: dict[str, float], arrived: dict[str, list[float]]) -> dict[str, float]:
+def turn_figures(marks: dict[str, float], origin: float, arrived: dict[str, list[float]]) -> dict[str, float]:
     """One turn, in ms: voice-to-voice, the injected sum, the frame-clock alignment, and the runtime's share — the
     whole of it, by segment, and split between voxpipe's stages and the SDKs' client legs (to the fake and back,
-    timed by the fakes' arrival records)."""
+    timed by the fakes' arrival records, in the loop's time: clock time + ``origin``)."""
     speech_end = marks["user.speech_end"]
     v2v = marks["out.first_play"] - speech_end
     injected = STOP_MS / 1000 + STT_S + LLM_S + TTS_S
-    phase = marks["out.first_play"] % FRAME_S  # out.first_play is a tick's due time
-    silence_complete = speech_end + STOP_MS / 1000
-    decision_tick = _grid_after(silence_complete, phase)  # the frame that completes the silence is delivered then
-    input_frame = decision_tick - silence_complete
+    decision_tick = _decision_tick(speech_end, marks["out.first_play"])  # out.first_play is a tick's due time
+    input_frame = decision_tick - (speech_end + STOP_MS / 1000)
     output_frame = marks["out.first_play"] - marks["tts.first_audio"]  # waiting for the tick that plays it
+    arrived = {kind: [t - origin for t in times] for kind, times in arrived.items()}
     finalize = _arrival(arrived["stt"], marks["turn.end_detected"])
     request = _arrival(arrived["llm"], marks["llm.request"])
     text = _arrival(arrived["tts"], marks["llm.first_chunk"])
@@ -254,12 +261,12 @@ def main() -> None:
             server.start()
             try:
                 urls = ports.get(timeout=30)
-                answered = run_call(urls, lines, Path(scratch) / f"call{call}")
+                answered, origin = run_call(urls, lines, Path(scratch) / f"call{call}")
             finally:
                 stop.set()
             arrived = ports.get(timeout=30)
             server.join(timeout=10)
-            turns += [turn_figures(marks, arrived) for marks in answered]
+            turns += [turn_figures(marks, origin, arrived) for marks in answered]
             progress.update(task, advance=len(answered))
     turns = turns[: args.turns]
     summary = summarise(turns)

@@ -14,6 +14,7 @@ from voxpipe.pipeline import (
     Interrupt,
     Pipeline,
     TTSAudioFrame,
+    UserSpeechStopped,
     VirtualClock,
     WordMark,
 )
@@ -119,3 +120,30 @@ def test_resample_drops_bot_audio_filter_state_on_interrupt():
     assert any(key[2] for key in resample._streams)
     asyncio.run(resample.on_interrupt(Interrupt(epoch=1, at=0.0)))
     assert not any(key[2] for key in resample._streams)
+
+
+def test_the_vad_ends_speech_at_the_frame_that_completes_stop_ms_exactly():
+    # Speech ends on a frame edge (sample 14 * 320) and 300 ms of silence end exactly on a later frame's edge. In
+    # seconds as floats, 4.76 - 4.46 < 0.3, and the turn would end one frame (20 ms) late; the VAD counts samples.
+    clock = VirtualClock()
+    sink = Collect()
+    vad = ScriptedVAD(AudioFormat(16000), start_ms=60, stop_ms=300)
+    pipeline = Pipeline([vad, sink], clock=clock)
+    loud = (np.ones(320, dtype=np.int16) * 10000).tobytes()
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for index in range(40):
+            pcm = loud if 4 <= index < 14 else bytes(640)
+            await vad.receive(AudioFrame(pcm=pcm, sample_rate=16000, pts=index * 320), DOWNSTREAM)
+            if any(isinstance(f, UserSpeechStopped) for f in sink.frames):
+                break
+        await pipeline.end()
+        await run
+        return index
+
+    last_frame = clock.run(main())
+    (stopped,) = [f for f in sink.frames if isinstance(f, UserSpeechStopped)]
+    assert stopped.last_voiced_at == 14 * 320 / 16000
+    assert last_frame == 14 + 15 - 1, "the 15th silent frame completes 300 ms"

@@ -402,11 +402,15 @@ def test_a_missing_api_key_is_a_config_error_before_any_request(serve, tmp_path,
 
 # --------------------------------------------------------------------------------- the stage alone
 
+# Failures and cancels depend on the HTTP transport under the SDK; both of the settings' choices are run.
+BOTH_TRANSPORTS = pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+
 
 @pytest.mark.timeout(10)
-async def test_a_stall_before_the_first_byte_is_a_timeout_not_a_hang():
+@BOTH_TRANSPORTS
+async def test_a_stall_before_the_first_byte_is_a_timeout_not_a_hang(http_client):
     async with FakeAnthropic(faults=Faults(stall_s=5)) as fake:
-        turn = Turn(stage(fake, first_token_timeout_s=0.3))
+        turn = Turn(stage(fake, first_token_timeout_s=0.3, http_client=http_client))
         with pytest.raises(ProviderError, match=r"Anthropic: no first token within 0.3 s"):
             await turn.run()
         assert fake.of("stall") and not fake.of("reply")
@@ -414,18 +418,22 @@ async def test_a_stall_before_the_first_byte_is_a_timeout_not_a_hang():
 
 
 @pytest.mark.timeout(10)
-async def test_an_unreachable_api_is_a_clear_error():
+@BOTH_TRANSPORTS
+async def test_an_unreachable_api_is_a_clear_error(http_client):
     async with FakeAnthropic() as fake:
         url = fake.url
-    llm = AnthropicLLM(AnthropicSettings(base_url=url), api_key="k")  # nothing listens there any more
+    llm = AnthropicLLM(
+        AnthropicSettings(base_url=url, http_client=http_client), api_key="k"
+    )  # nothing listens there any more
     with pytest.raises(ProviderError, match=f"Anthropic: cannot connect to {url}: ConnectError"):
         await Turn(llm).run()
 
 
 @pytest.mark.timeout(10)
-async def test_a_stream_that_stops_mid_reply_is_a_stall_error_and_keeps_the_text():
+@BOTH_TRANSPORTS
+async def test_a_stream_that_stops_mid_reply_is_a_stall_error_and_keeps_the_text(http_client):
     async with FakeAnthropic(["One two three four five."], tokens_per_s=1, words_per_delta=2) as fake:
-        turn = Turn(stage(fake, read_timeout_s=0.3, policy=ErrorPolicy.SKIP_TURN))
+        turn = Turn(stage(fake, read_timeout_s=0.3, policy=ErrorPolicy.SKIP_TURN, http_client=http_client))
         assert await turn.run() == "ended"
         (error,) = turn.pipeline.errors
         assert "Anthropic: stream stalled: no event for 0.3 s after 7 characters" in error.error
@@ -435,10 +443,11 @@ async def test_a_stream_that_stops_mid_reply_is_a_stall_error_and_keeps_the_text
 
 
 @pytest.mark.timeout(10)
-async def test_malformed_json_is_a_clear_error_and_the_text_before_it_is_kept():
+@BOTH_TRANSPORTS
+async def test_malformed_json_is_a_clear_error_and_the_text_before_it_is_kept(http_client):
     fake = FakeAnthropic(["Hello there, friend."], faults=Faults(corrupt="malformed-json"), corrupt_after=2)
     async with fake:
-        turn = Turn(stage(fake))
+        turn = Turn(stage(fake, http_client=http_client))
         with pytest.raises(ProviderError, match=r"Anthropic: malformed stream event \(not JSON.*after 12 characters"):
             await turn.run()
         assert turn.text() == "Hello there,"
@@ -491,9 +500,10 @@ async def test_a_failing_tool_is_sent_back_as_an_error_result():
 
 
 @pytest.mark.timeout(10)
-async def test_an_interrupt_closes_the_stream_at_once_and_counts_the_usage_so_far():
+@BOTH_TRANSPORTS
+async def test_an_interrupt_closes_the_stream_at_once_and_counts_the_usage_so_far(http_client):
     async with FakeAnthropic(["one two three four five six seven eight nine ten"], tokens_per_s=5) as fake:
-        turn = Turn(stage(fake))
+        turn = Turn(stage(fake, http_client=http_client))
         running = await turn.start("Count to ten.")
         await turn.sink.first_text.wait()  # the reply has started streaming
         await turn.pipeline.interrupt(turn.llm)

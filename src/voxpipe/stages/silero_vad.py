@@ -64,7 +64,6 @@ from voxpipe.pipeline import (
     AudioFrame,
     Direction,
     Frame,
-    UserSpeechStopped,
     VirtualClock,
 )
 from voxpipe.stages.smart_turn import SmartTurn, SmartTurnSettings, UtteranceAudio
@@ -250,7 +249,7 @@ class SileroVAD(VADStage):
         self._window_voiced = False  # the hysteresis state: the verdict of the last complete window
         self._last_loud: int | None = None  # stream index of the last voiced sample louder than voiced_level
         self._utterance = UtteranceAudio(SAMPLE_RATE)
-        self._asked_about: float | None = None  # the last voiced sample whose following silence was asked about
+        self._asked_about: int | None = None  # the index after the last voiced sample whose silence was asked about
         self._question: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -344,18 +343,19 @@ class SileroVAD(VADStage):
         last_voiced, utterance_start = self._last_voiced, self._run_start
         if not self.speaking or last_voiced is None or utterance_start is None:
             return
-        silence = (frame.pts + frame.samples) / SAMPLE_RATE - last_voiced
+        silence = (frame.pts + frame.samples - last_voiced) / SAMPLE_RATE
         if silence < model.settings.silence_ms / 1000 or last_voiced == self._asked_about or self._question is not None:
             return
         self._asked_about = last_voiced
-        audio = self._utterance.since(round((utterance_start - model.settings.pre_speech_ms / 1000) * SAMPLE_RATE))
+        audio = self._utterance.since(utterance_start - round(model.settings.pre_speech_ms / 1000 * SAMPLE_RATE))
         if isinstance(self.clock, VirtualClock):
             await self._ask(model, audio, last_voiced, inline=True)  # see the module doc
         else:
             self._question = self.spawn(self._ask(model, audio, last_voiced), name=f"{self.name}-smart-turn")
 
-    async def _ask(self, model: SmartTurn, audio: np.ndarray, last_voiced: float, *, inline: bool = False) -> None:
-        """Ask the model about the silence after ``last_voiced`` (on its thread unless ``inline``), then act on it.
+    async def _ask(self, model: SmartTurn, audio: np.ndarray, last_voiced: int, *, inline: bool = False) -> None:
+        """Ask the model about the silence after sample ``last_voiced`` (on its thread unless ``inline``), then act
+        on it.
 
         The model is an optimisation: when it fails or is slow, the turn still ends, at ``stop_ms``.
         """
@@ -372,16 +372,14 @@ class SileroVAD(VADStage):
             self._question = None
         await self._end_turn_if_complete(probability, last_voiced, model)
 
-    async def _end_turn_if_complete(self, probability: float, last_voiced: float, model: SmartTurn) -> None:
+    async def _end_turn_if_complete(self, probability: float, last_voiced: int, model: SmartTurn) -> None:
         """End the turn now if the model says it is complete and the caller is still silent since ``last_voiced``."""
-        log.debug("%s: P(turn complete) = %.3f after the sample at %.3f s", self.name, probability, last_voiced)
+        at = last_voiced / SAMPLE_RATE
+        log.debug("%s: P(turn complete) = %.3f after the sample at %.3f s", self.name, probability, at)
         still_silent = self.speaking and self._last_voiced == last_voiced
         if probability < model.settings.complete_threshold or not still_silent:
             return
-        # The base class's own stop, taken early (VADStage has no hook for this yet).
-        self.speaking = False
-        self._run_start = None
-        await self.push(UserSpeechStopped(epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=last_voiced))
+        await self.stop_speaking(last_voiced)  # the base class's own stop, taken before stop_ms
 
     # --------------------------------------------------------------------------------------------- close
 

@@ -42,9 +42,13 @@ class VADStage(Stage):
         self.consumes = audio
         self.start_s = start_ms / 1000
         self.stop_s = stop_ms / 1000
+        # Decided in whole samples: with seconds as floats, silence that ends exactly on a frame edge would end the
+        # turn at that frame or the next one by rounding.
+        self._start_samples = round(self.start_s * audio.sample_rate)
+        self._stop_samples = round(self.stop_s * audio.sample_rate)
         self.speaking = False
-        self._run_start: float | None = None  # first voiced sample of the current voiced run
-        self._last_voiced: float | None = None
+        self._run_start: int | None = None  # sample index of the first voiced sample of the current voiced run
+        self._last_voiced: int | None = None  # the index just after the last voiced sample
 
     def analyse(self, frame: AudioFrame) -> Voicing | None:
         """Return where speech is in ``frame``, or ``None`` for no speech."""
@@ -63,26 +67,31 @@ class VADStage(Stage):
         if voicing is None and self._run_start is None:
             return  # silence while silent: the common case, nothing to decide
         rate = frame.sample_rate
-        frame_end = (frame.pts + frame.samples) / rate
+        frame_end = frame.pts + frame.samples
         if voicing is not None:
             if self._run_start is None:
-                self._run_start = (frame.pts + voicing.first) / rate
-            self._last_voiced = (frame.pts + voicing.last + 1) / rate
-            if not self.speaking and frame_end - self._run_start >= self.start_s:
+                self._run_start = frame.pts + voicing.first
+            self._last_voiced = frame.pts + voicing.last + 1
+            if not self.speaking and frame_end - self._run_start >= self._start_samples:
                 self.speaking = True
-                await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=self._run_start))
+                await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=self._run_start / rate))
             return
         if not self.speaking:
             self._run_start = None  # a blip shorter than start_ms
             return
         assert self._last_voiced is not None
-        if frame_end - self._last_voiced >= self.stop_s:
-            self.speaking = False
-            self._run_start = None
-            stopped = UserSpeechStopped(
-                epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=self._last_voiced
-            )
-            await self.push(stopped)
+        if frame_end - self._last_voiced >= self._stop_samples:
+            await self.stop_speaking(self._last_voiced)
+
+    async def stop_speaking(self, last_voiced: int) -> None:
+        """End the caller's speech now, its last voiced sample just before index ``last_voiced`` (after
+        ``stop_ms`` of silence, or earlier when an end-of-turn model says the turn is complete)."""
+        fmt = self.consumes
+        assert fmt is not None
+        self.speaking = False
+        self._run_start = None
+        at = last_voiced / fmt.sample_rate
+        await self.push(UserSpeechStopped(epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=at))
 
 
 class NoVADSettings(BaseModel):
