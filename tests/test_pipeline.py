@@ -1,4 +1,5 @@
 import asyncio
+import gc
 
 import pytest
 
@@ -21,6 +22,7 @@ from voxpipe.pipeline import (
     TextDelta,
     VirtualClock,
 )
+from voxpipe.pipeline.heap import HEAP
 
 
 def frame(i: int = 0) -> AudioFrame:
@@ -246,3 +248,41 @@ def test_run_twice_is_refused():
             await pipeline.run()
 
     VirtualClock().run(main())
+
+
+async def test_running_pipelines_hold_the_heap_frozen_and_the_last_one_out_unfreezes_it():
+    frozen_while_running: list[int] = []
+
+    class Probe(Stage):
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            frozen_while_running.append(gc.get_freeze_count())
+            await self.push(frame, direction)
+
+    assert gc.get_freeze_count() == 0
+    first, second = Pipeline([Probe(), Collect()]), Pipeline([Probe(), Collect()])
+    first_run = asyncio.create_task(first.run())
+    second_run = asyncio.create_task(second.run())
+    await asyncio.sleep(0.01)
+    assert HEAP.holders == 2 and gc.get_freeze_count() > 0  # models and modules: skipped by every collection
+    garbage_made_later = [[]]
+    garbage_made_later[0].append(garbage_made_later)  # a cycle made while frozen: the collector still sees it
+    del garbage_made_later
+    assert gc.collect() >= 1
+    await first.end()
+    await first_run
+    assert HEAP.holders == 1 and gc.get_freeze_count() > 0, "the second pipeline still runs"
+    await second.end()
+    await second_run
+    assert HEAP.holders == 0 and gc.get_freeze_count() == 0
+    assert frozen_while_running and all(count > 0 for count in frozen_while_running)
+    with pytest.raises(RuntimeError, match="without a matching hold"):
+        HEAP.release()
+
+
+async def test_a_pipeline_can_leave_the_heap_alone():
+    pipeline = Pipeline([Stage(), Collect()], freeze_heap=False)
+    run = asyncio.create_task(pipeline.run())
+    await asyncio.sleep(0.01)
+    assert gc.get_freeze_count() == 0
+    await pipeline.end()
+    await run

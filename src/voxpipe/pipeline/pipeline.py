@@ -16,6 +16,7 @@ from typing import Any
 from voxpipe.pipeline.clock import Clock, default_clock
 from voxpipe.pipeline.errors import PipelineBuildError
 from voxpipe.pipeline.frames import Direction, End, ErrorFrame, Frame, Interrupt, Start
+from voxpipe.pipeline.heap import HEAP
 from voxpipe.pipeline.stage import DOWNSTREAM, UPSTREAM, ErrorPolicy, FunctionStage, Stage
 from voxpipe.pipeline.trace import Tracer
 from voxpipe.pipeline.usage import UsageMeter
@@ -43,8 +44,10 @@ class Pipeline:
         clock: Clock | None = None,
         tracer: Tracer | None = None,
         name: str = "pipeline",
+        freeze_heap: bool = True,
     ) -> None:
         self.name = name
+        self.freeze_heap = freeze_heap  # see heap.py: the GC walks only what calls make while this one runs
         self.clock: Clock = clock or default_clock()
         self.trace = tracer or Tracer()
         self.stages: tuple[Stage, ...] = tuple(_as_stage(s, i) for i, s in enumerate(stages))
@@ -104,6 +107,7 @@ class Pipeline:
             raise RuntimeError(f"pipeline {self.name!r} is already running or has run; build a new one")
         self._done = asyncio.get_running_loop().create_future()
         self.clock.now()  # pins a real clock's origin to the start of the first run
+        holding = False
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -112,10 +116,15 @@ class Pipeline:
                     # is ready (a model still loading would otherwise make the first turn's audio queue up).
                     for stage in reversed(self.stages):
                         await stage.start()
+                    if self.freeze_heap:
+                        HEAP.hold()  # models and SDKs are loaded now: the long-lived heap is in place
+                        holding = True
                     await self.stages[0].receive(Start(epoch=self.epoch), DOWNSTREAM)
                     self.outcome = await self._done
                 finally:
                     await self._shutdown()
+                    if holding:
+                        HEAP.release()
         except BaseExceptionGroup as group_error:
             # A task escaped its guard (a bug) — surface the first real error, not the group.
             raise group_error.exceptions[0] from group_error

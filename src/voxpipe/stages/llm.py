@@ -105,6 +105,9 @@ class LLMStage(QueuedStage):
     async def _speak(self, epoch: int, chunk: str) -> None:
         self.mark("llm.first_chunk", epoch)  # first value wins: only the first chunk counts
         await self.push(SpeakableChunk(epoch=epoch, text=chunk))
+        # Let the TTS take the chunk now: the SDK may hold more of the reply, already received, and parsing it
+        # would not give the event loop back before the TTS worker had waited for all of it (~1 ms measured).
+        await asyncio.sleep(0)
 
     # ------------------------------------------------------------------------------------ tools
 
