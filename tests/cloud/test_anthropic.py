@@ -572,3 +572,44 @@ def test_the_module_imports_without_the_sdk_and_a_missing_sdk_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True).stdout
     assert "pip install 'voxpipe[anthropic]'" in out and "Anthropic SDK is not installed (anthropic" in out
+
+
+# ------------------------------------------------------------------------------------ the warm-up
+
+
+@pytest.mark.timeout(30)
+async def test_the_sdk_is_warmed_up_in_memory_once_at_start_and_nothing_of_it_reaches_the_api(monkeypatch):
+    import voxpipe.stages.anthropic_llm as module
+
+    monkeypatch.setattr(module, "_sdk_warm", False)
+    streamed: list[str] = []
+    canned = module._stream_canned_reply
+
+    async def counted(model: str) -> None:
+        streamed.append(model)
+        await canned(model)  # the SDK streams the canned events: a malformed one would raise here
+
+    monkeypatch.setattr(module, "_stream_canned_reply", counted)
+    async with FakeAnthropic(["Hello there."]) as fake:
+        first, second = Turn(stage(fake)), Turn(stage(fake))
+        assert await first.run() == "ended"
+        assert await second.run() == "ended"
+        assert module._sdk_warm and streamed == ["claude-opus-4-7"], "once per process"
+        assert [s.kind for s in fake.seen if s.kind in ("models", "request")].count("request") == 2
+        assert first.text() == second.text() == "Hello there."
+
+
+@pytest.mark.timeout(30)
+async def test_a_failing_warm_up_is_not_the_calls_failure(monkeypatch):
+    import voxpipe.stages.anthropic_llm as module
+
+    async def broken(model: str) -> None:
+        raise RuntimeError("the SDK changed its events")
+
+    monkeypatch.setattr(module, "_sdk_warm", False)
+    monkeypatch.setattr(module, "_stream_canned_reply", broken)
+    async with FakeAnthropic(["Hello there."]) as fake:
+        turn = Turn(stage(fake))
+        assert await turn.run() == "ended"
+        assert turn.text() == "Hello there." and not turn.pipeline.errors
+        assert not module._sdk_warm, "tried again by the next call"
