@@ -93,13 +93,13 @@ class AnthropicSettings(BaseModel):
     )
     http_client: Literal["aiohttp", "httpx"] = Field(
         "aiohttp",
-        description="the SDK's HTTP transport: aiohttp (the SDK's DefaultAioHttpClient) sends a request and parses its "
-        "stream in about half the CPU time of httpx, its default (docs/providers/anthropic.md)",
+        description="the SDK's HTTP transport: aiohttp (the SDK's DefaultAioHttpClient) streams a request in 0.64 of "
+        "the time httpx, its default, takes (docs/providers/anthropic.md)",
     )
     prewarm: bool = Field(
         True,
-        description="open the connection when the call starts (a free GET /v1/models), so the first reply does not "
-        "pay the handshake either",
+        description="when the call starts, open the connection (a free GET /v1/models) and stream a canned reply "
+        "through the SDK in memory, so the first reply pays neither the handshake nor the SDK building its types",
     )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
