@@ -343,8 +343,9 @@ class SileroVAD(VADStage):
         last_voiced, utterance_start = self._last_voiced, self._run_start
         if not self.speaking or last_voiced is None or utterance_start is None:
             return
-        silence = (frame.pts + frame.samples - last_voiced) / SAMPLE_RATE
-        if silence < model.settings.silence_ms / 1000 or last_voiced == self._asked_about or self._question is not None:
+        silence = frame.pts + frame.samples - last_voiced  # in samples, as the base class counts stop_ms
+        enough = round(model.settings.silence_ms / 1000 * SAMPLE_RATE)
+        if silence < enough or last_voiced == self._asked_about or self._question is not None:
             return
         self._asked_about = last_voiced
         audio = self._utterance.since(utterance_start - round(model.settings.pre_speech_ms / 1000 * SAMPLE_RATE))
