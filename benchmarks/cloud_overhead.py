@@ -34,6 +34,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,22 @@ def _arrival(times: list[float], after: float) -> float:
     return next(t for t in times if t >= after - 1e-4)
 
 
+def _legs(marks: dict[str, float], end: float, arrived: dict[str, list[float]]) -> dict[str, float]:
+    """The six SDK legs of a turn whose end was decided at ``end``, in seconds beyond the injected latencies: to the
+    fake (the stage's mark → the fake's arrival record) and back (the fake's answer → the stage's mark)."""
+    finalize = _arrival(arrived["stt"], end)
+    request = _arrival(arrived["llm"], marks["llm.request"])
+    text = _arrival(arrived["tts"], marks["llm.first_chunk"])
+    return {
+        "stt_send": finalize - end,
+        "stt_receive": marks["stt.final"] - finalize - STT_S,
+        "llm_send": request - marks["llm.request"],
+        "llm_receive": marks["llm.first_token"] - request - LLM_S,
+        "tts_send": text - marks["llm.first_chunk"],
+        "tts_receive": marks["tts.first_audio"] - text - TTS_S,
+    }
+
+
 def turn_figures(marks: dict[str, float], origin: float, arrived: dict[str, list[float]]) -> dict[str, float]:
     """One turn, in ms: voice-to-voice, the injected sum, the frame-clock alignment, and the runtime's share — the
     whole of it, by segment, and split between voxpipe's stages and the SDKs' client legs (to the fake and back,
@@ -169,17 +186,7 @@ def turn_figures(marks: dict[str, float], origin: float, arrived: dict[str, list
     input_frame = decision_tick - (speech_end + STOP_MS / 1000)
     output_frame = marks["out.first_play"] - marks["tts.first_audio"]  # waiting for the tick that plays it
     arrived = {kind: [t - origin for t in times] for kind, times in arrived.items()}
-    finalize = _arrival(arrived["stt"], marks["turn.end_detected"])
-    request = _arrival(arrived["llm"], marks["llm.request"])
-    text = _arrival(arrived["tts"], marks["llm.first_chunk"])
-    legs = {
-        "stt_send": finalize - marks["turn.end_detected"],
-        "stt_receive": marks["stt.final"] - finalize - STT_S,
-        "llm_send": request - marks["llm.request"],
-        "llm_receive": marks["llm.first_token"] - request - LLM_S,
-        "tts_send": text - marks["llm.first_chunk"],
-        "tts_receive": marks["tts.first_audio"] - text - TTS_S,
-    }
+    legs = _legs(marks, marks["turn.end_detected"], arrived)
     stages = {
         "vad": marks["turn.end_detected"] - decision_tick,
         "turn": marks["llm.request"] - marks["stt.final"],
@@ -194,6 +201,22 @@ def turn_figures(marks: dict[str, float], origin: float, arrived: dict[str, list
         "voxpipe_stages": sum(stages.values()),
         "sdk_and_sockets": sum(legs.values()),
         **{f"stage.{name}": value for name, value in stages.items()},
+        **{f"leg.{name}": value for name, value in legs.items()},
+    }
+    return {name: round(value * 1000, 3) for name, value in figures.items()}
+
+
+def sdk_only_figures(marks: dict[str, float], arrived: dict[str, list[float]]) -> dict[str, float]:
+    """One turn of the SDK-only program (benchmarks/sdk_chain.py), in ms, on the same terms as
+    :func:`turn_figures`' ``runtime``: from the tick of the frame that completed the silence to the reply's first
+    audio, minus the injected STT, LLM and TTS latencies; and the same six legs."""
+    end = marks["turn.end_tick"]
+    legs = _legs(marks, end, arrived)
+    glue = {"turn": marks["llm.request"] - marks["stt.final"], "chunk": 0.0}  # the program's own steps
+    figures = {
+        "runtime": marks["tts.first_audio"] - end - (STT_S + LLM_S + TTS_S),
+        "program": sum(glue.values()),
+        "sdk_and_sockets": sum(legs.values()),
         **{f"leg.{name}": value for name, value in legs.items()},
     }
     return {name: round(value * 1000, 3) for name, value in figures.items()}
@@ -215,17 +238,18 @@ def summarise(turns: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     }
 
 
-def plot(turns: list[dict[str, float]], path: Path) -> None:
+def plot(turns: list[dict[str, float]], floor: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    runtime = sorted(t["runtime"] for t in turns)
-    left.plot(runtime, [100 * (i + 1) / len(runtime) for i in range(len(runtime))], color="#1f6feb")
+    for label, rows, colour in (("voxpipe", turns, "#1f6feb"), ("the SDKs alone", floor, "#8250df")):
+        runtime = sorted(t["runtime"] for t in rows)
+        left.plot(runtime, [100 * (i + 1) / len(runtime) for i in range(len(runtime))], color=colour, label=label)
     left.axvline(5, color="#d73a49", linestyle="--", label="target p95 < 5 ms")
-    left.set_xlabel("runtime's contribution to voice-to-voice, ms")
+    left.set_xlabel("contribution to voice-to-voice beyond the injected, ms")
     left.set_ylabel("turns, cumulative %")
     left.legend(loc="lower right")
     left.grid(alpha=0.3)
@@ -233,15 +257,33 @@ def plot(turns: list[dict[str, float]], path: Path) -> None:
     right.boxplot([[t[n] for t in turns] for n in names], tick_labels=[n.split(".")[1] for n in names])
     right.tick_params(axis="x", labelrotation=45)
     right.set_ylabel("ms beyond the injected latency")
-    right.set_title("voxpipe's stages, and the SDKs' legs to the fake and back")
+    right.set_title("voxpipe: its stages, and the SDKs' legs to the fake and back")
     right.grid(alpha=0.3)
-    fig.suptitle(f"Cloud cascade on loopback fakes: {len(turns)} turns")
+    fig.suptitle(
+        f"Cloud cascade on loopback fakes: {len(turns)} turns through voxpipe, {len(floor)} through the SDKs alone"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
 
+def with_fakes(lines: list[str], context: Any, run: Any) -> tuple[Any, dict[str, list[float]]]:
+    """``run(urls)`` against a fresh set of fakes in their own process; its result and the fakes' arrival times."""
+    ports, stop = context.Queue(), context.Event()
+    server = context.Process(target=serve_fakes, args=(lines, ports, stop), daemon=True)
+    server.start()
+    try:
+        result = run(ports.get(timeout=30))
+    finally:
+        stop.set()
+    arrived = ports.get(timeout=30)
+    server.join(timeout=10)
+    return result, arrived
+
+
 def main() -> None:
+    from sdk_chain import run_sdk_only_call
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=100)
     parser.add_argument("--calls", type=int, default=4, help="the turns are spread over this many calls")
@@ -249,27 +291,26 @@ def main() -> None:
     console = Console()
     per_call = math.ceil(args.turns / args.calls)
     turns: list[dict[str, float]] = []
+    floor: list[dict[str, float]] = []
     context = multiprocessing.get_context("spawn")
     load_before = os.getloadavg()
     started = time.perf_counter()
     with Progress(console=console) as progress, tempfile.TemporaryDirectory() as scratch:
-        task = progress.add_task("turns", total=args.turns)
-        for call in range(args.calls):
+        task = progress.add_task("turns, voxpipe and the SDKs alone", total=2 * args.turns)
+        for call in range(args.calls):  # a voxpipe call, then the same call through the SDKs alone, and again
             lines = [LINES[i % len(LINES)] for i in range(per_call)]
-            ports, stop = context.Queue(), context.Event()
-            server = context.Process(target=serve_fakes, args=(lines, ports, stop), daemon=True)
-            server.start()
-            try:
-                urls = ports.get(timeout=30)
-                answered, origin = run_call(urls, lines, Path(scratch) / f"call{call}")
-            finally:
-                stop.set()
-            arrived = ports.get(timeout=30)
-            server.join(timeout=10)
+            out = Path(scratch) / f"call{call}"
+            (answered, origin), arrived = with_fakes(lines, context, partial(run_call, lines=lines, out=out))
             turns += [turn_figures(marks, origin, arrived) for marks in answered]
             progress.update(task, advance=len(answered))
-    turns = turns[: args.turns]
-    summary = summarise(turns)
+            marked, arrived = with_fakes(lines, context, partial(run_sdk_only_call, lines=lines, stop_ms=STOP_MS))
+            floor += [sdk_only_figures(marks, arrived) for marks in marked]
+            progress.update(task, advance=len(marked))
+    turns, floor = turns[: args.turns], floor[: args.turns]
+    summary, floor_summary = summarise(turns), summarise(floor)
+    added = {
+        q: round(summary["runtime"][q] - floor_summary["runtime"][q], 3) for q in ("p50", "p95")
+    }  # voxpipe's runtime beyond the SDKs' own, by percentile (the calls are different, so no per-turn pairing)
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{platform.machine()}, nproc {os.cpu_count()}, Python {platform.python_version()}",
@@ -278,22 +319,33 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 1),
         "injected_ms": {"stop_ms": STOP_MS, "stt": STT_S * 1000, "llm": LLM_S * 1000, "tts": TTS_S * 1000},
         "summary": summary,
+        "sdk_only_summary": floor_summary,
+        "added_by_voxpipe": added,
         "turns": turns,
+        "sdk_only_turns": floor,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=1))
-    plot(turns, PLOT)
+    plot(turns, floor, PLOT)
     console.print(
-        f"\n{len(turns)} turns, injected {STOP_MS} + {STT_S * 1000:.0f} + {LLM_S * 1000:.0f} + "
+        f"\n{len(turns)} turns each, injected {STOP_MS} + {STT_S * 1000:.0f} + {LLM_S * 1000:.0f} + "
         f"{TTS_S * 1000:.0f} ms; load {load_before[0]:.2f} → {os.getloadavg()[0]:.2f}\n"
     )
+    print("voxpipe:\n")
+    table(summary)
+    print("\nthe same turns through the SDKs alone (benchmarks/sdk_chain.py):\n")
+    table(floor_summary)
+    met = summary["runtime"]["p95"] < 5
+    print(f"\nruntime's contribution p95 {summary['runtime']['p95']:.2f} ms: {'met' if met else 'NOT met'} (< 5 ms)")
+    print(f"beyond the SDKs alone: p50 {added['p50']:+.2f} ms, p95 {added['p95']:+.2f} ms")
+    print(f"median of voice-to-voice {statistics.median(t['v2v'] for t in turns):.1f} ms")
+
+
+def table(summary: dict[str, dict[str, float]]) -> None:
     print("| figure (ms) | p50 | p95 | max |")
     print("|---|---:|---:|---:|")
     for name, stat in summary.items():
         print(f"| {name} | {stat['p50']:.2f} | {stat['p95']:.2f} | {stat['max']:.2f} |")
-    met = summary["runtime"]["p95"] < 5
-    print(f"\nruntime's contribution p95 {summary['runtime']['p95']:.2f} ms: {'met' if met else 'NOT met'} (< 5 ms)")
-    print(f"median of voice-to-voice {statistics.median(t['v2v'] for t in turns):.1f} ms")
 
 
 if __name__ == "__main__":
