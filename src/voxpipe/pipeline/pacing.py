@@ -52,6 +52,7 @@ class Metronome:
         self._slots: list[dict[Subscription, None]] = [{} for _ in range(slots)]  # insertion-ordered sets
         self._groups: dict[Hashable, tuple[int, int]] = {}  # group -> (slot, members)
         self._task: asyncio.Task[None] | None = None
+        self.origin: float | None = None  # clock time of tick 0, from the first subscription on
         # How late the metronome woke, against each slot's due time: playout jitter as the caller would hear it.
         self.max_lateness = 0.0
         self.late_ticks = 0  # wake-ups more than one period late: a frame's worth of audio would have glitched
@@ -106,7 +107,7 @@ class Metronome:
                     raise
 
     async def _run(self) -> None:
-        origin = self.clock.now()
+        origin = self.origin = self.clock.now()
         step = self.period / len(self._slots)
         tick = 0
         while self._groups:

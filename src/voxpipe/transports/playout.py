@@ -1,9 +1,10 @@
 """The output side of a transport: a playout buffer paced by the metronome.
 
-Bot audio is appended to the buffer as it arrives and one frame is played per tick. On an interrupt the buffer
-is flushed, the frame playing at that instant is cut at that instant, and the output reports exactly which samples
-(and so which words) the caller heard. A late frame of the interrupted reply never reaches the buffer: the stage's
-epoch gate drops it.
+Bot audio is appended to the buffer as it arrives and one frame is played per tick. A reply that starts while
+nothing is playing does not wait for the next tick (10 ms on average): its first samples, up to that tick, play at
+once — a short lead-in frame — and the ticks carry on from there. On an interrupt the buffer is flushed, the frame
+playing at that instant is cut at that instant, and the output reports exactly which samples (and so which words)
+the caller heard. A late frame of the interrupted reply never reaches the buffer: the stage's epoch gate drops it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from voxpipe.pipeline import (
     WordMark,
 )
 from voxpipe.transports.paced import PacedStage
+
+_MIN_LEAD_IN_S = 0.001  # a lead-in shorter than this is not worth a frame of its own: the tick is about due
 
 
 class AudioSink(Protocol):
@@ -51,7 +54,9 @@ class PlayoutOutput(PacedStage):
         self._started = False
         self._tts_done = False
         self._played = 0  # reply samples handed to the sink
-        self._last: tuple[float, int] | None = None  # (tick time, samples) of the frame playing now
+        self._last: tuple[float, int] | None = None  # (start time, samples) of the frame playing now
+        self._next_tick: float | None = None  # when the next tick is due, once ticking
+        self._playing_until = float("-inf")  # when the last frame handed to the sink ends (or was cut)
         self._drained: asyncio.Future[None] | None = None
         self.played_frames = 0
 
@@ -64,6 +69,8 @@ class PlayoutOutput(PacedStage):
             await self.push(frame, direction)
         elif isinstance(frame, TTSAudioFrame):
             self._enqueue(frame)
+            if not self._started:
+                await self._lead_in()
         elif isinstance(frame, TTSDone):
             if frame.epoch == self._reply_epoch:
                 self._tts_done = True
@@ -92,6 +99,7 @@ class PlayoutOutput(PacedStage):
         self._marks.extend(frame.words)
 
     async def tick(self, now: float) -> None:
+        self._next_tick = now + self.period
         n = min(len(self._buffer), self._frame_bytes)
         if n == 0:
             if self._tts_done and self._started and self._last is not None:
@@ -100,9 +108,25 @@ class PlayoutOutput(PacedStage):
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
             return
+        await self._play(now, n)
+
+    async def _lead_in(self) -> None:
+        """Play the start of a new reply now, up to the next tick, if the output is idle: nothing playing and that
+        tick not overdue (a late tick must not play on top of it)."""
+        due = self._next_tick
+        now = self.clock.now()
+        if due is None or now >= due or now < self._playing_until:
+            return
+        # Whole samples that end by the tick, so the two never overlap (the nudge: float error must not lose one).
+        samples = int((due - now) * self._rate + 1e-6)
+        if samples >= round(_MIN_LEAD_IN_S * self._rate):
+            await self._play(now, min(len(self._buffer), samples * self._sample_bytes))
+
+    async def _play(self, now: float, n: int) -> None:
+        """Hand the buffer's first ``n`` bytes to the sink, starting at ``now``."""
         pcm = bytes(self._buffer[:n])
         del self._buffer[:n]
-        samples = n // 2 // (self.consumes.channels if self.consumes else 1)
+        samples = n // self._sample_bytes
         epoch = self._reply_epoch
         assert epoch is not None
         if not self._started:
@@ -112,6 +136,7 @@ class PlayoutOutput(PacedStage):
         if self.sink is not None:
             self.sink.play(now, pcm)
         self._last = (now, samples)
+        self._playing_until = now + samples / self._rate
         self._played += samples
         self.played_frames += 1
 
@@ -120,6 +145,12 @@ class PlayoutOutput(PacedStage):
         audio = self.consumes
         assert audio is not None
         return audio.sample_rate
+
+    @property
+    def _sample_bytes(self) -> int:
+        audio = self.consumes
+        assert audio is not None
+        return 2 * audio.channels
 
     # ------------------------------------------------------------------------------ interrupts
 
@@ -135,6 +166,7 @@ class PlayoutOutput(PacedStage):
                 self._played -= min(unplayed, samples)
                 if self.sink is not None:
                     self.sink.cut(now)
+            self._playing_until = min(self._playing_until, now)
         if self._started:
             await self._finish(now, interrupted=True)
         self._reply_epoch = None
