@@ -16,10 +16,15 @@ What is injected, per turn:
 
 The rest is the runtime's: frames through the stages, the SDKs' request/parse work, the loopback sockets, the event
 loop. One thing is neither: audio moves in 20 ms frames, so the VAD decides at the end of the frame that completes
-``stop_ms`` and the output starts a reply at its next frame tick — up to 20 ms each way, by design of the framing
-(a phone or WebRTC transport has the same clock). Both are computed exactly per turn and reported apart: the
-contribution with them, and without them (the target, < 5 ms p95). Results: benchmarks/results/cloud_overhead.json,
-a markdown table on stdout, and a plot in docs/img/cloud_overhead.svg.
+``stop_ms`` — up to 20 ms after the silence was enough, by design of the framing (a phone or WebRTC transport has
+the same clock) — and the output waits for its next tick if a reply starts while a frame is still playing (when it
+is idle it starts at once). Both are computed exactly per turn and reported apart: the contribution with them, and
+without them (the target, < 5 ms p95).
+
+Next to each voxpipe call the same call runs through the three SDKs alone (benchmarks/sdk_chain.py, its own fakes),
+so the SDKs' own client-side work is measured on the same machine in the same run: voxpipe's runtime minus that
+floor is what voxpipe adds. Results: benchmarks/results/cloud_overhead.json, markdown tables on stdout, and a plot
+in docs/img/cloud_overhead.svg.
 """
 
 from __future__ import annotations
@@ -122,9 +127,11 @@ def config_for(urls: dict[str, tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-def run_call(urls: dict[str, tuple[str, str]], lines: list[str], out: Path) -> tuple[list[dict[str, float]], float]:
-    """The answered turns' marks (clock time), and the clock's origin: clock time + origin = the loop's time,
-    time.monotonic(), which the fakes record."""
+def run_call(
+    urls: dict[str, tuple[str, str]], lines: list[str], out: Path
+) -> tuple[list[dict[str, float]], float, float]:
+    """The answered turns' marks (clock time); the clock's origin (clock time + origin = the loop's time,
+    time.monotonic(), which the fakes record); and the clock time of the call's first tick (its frames' phase)."""
     from voxpipe.call import run_configured_call
     from voxpipe.config import parse_config
     from voxpipe.pipeline import RealClock
@@ -136,9 +143,10 @@ def run_call(urls: dict[str, tuple[str, str]], lines: list[str], out: Path) -> t
     result = run_configured_call(config, settings, script, out, clock=clock, reply_timeout_s=5.0)
     if result.outcome != "ended":
         raise RuntimeError(f"the call did not end cleanly: {result.outcome}")
-    assert clock.origin is not None
+    tick = clock.metronome(FRAME_S).origin
+    assert clock.origin is not None and tick is not None
     answered = [t for t in result.turns if t.voice_to_voice_ms is not None]
-    return [dict(t.marks) for t in answered], clock.origin
+    return [dict(t.marks) for t in answered], clock.origin, tick
 
 
 def _decision_tick(speech_end: float, tick: float) -> float:
@@ -175,16 +183,19 @@ def _legs(marks: dict[str, float], end: float, arrived: dict[str, list[float]]) 
     }
 
 
-def turn_figures(marks: dict[str, float], origin: float, arrived: dict[str, list[float]]) -> dict[str, float]:
+def turn_figures(
+    marks: dict[str, float], origin: float, tick: float, arrived: dict[str, list[float]]
+) -> dict[str, float]:
     """One turn, in ms: voice-to-voice, the injected sum, the frame-clock alignment, and the runtime's share — the
     whole of it, by segment, and split between voxpipe's stages and the SDKs' client legs (to the fake and back,
-    timed by the fakes' arrival records, in the loop's time: clock time + ``origin``)."""
+    timed by the fakes' arrival records, in the loop's time: clock time + ``origin``). ``tick``: any tick of the
+    call's metronome."""
     speech_end = marks["user.speech_end"]
     v2v = marks["out.first_play"] - speech_end
     injected = STOP_MS / 1000 + STT_S + LLM_S + TTS_S
-    decision_tick = _decision_tick(speech_end, marks["out.first_play"])  # out.first_play is a tick's due time
+    decision_tick = _decision_tick(speech_end, tick)
     input_frame = decision_tick - (speech_end + STOP_MS / 1000)
-    output_frame = marks["out.first_play"] - marks["tts.first_audio"]  # waiting for the tick that plays it
+    output_frame = marks["out.first_play"] - marks["tts.first_audio"]  # a tick's wait, unless it started at once
     arrived = {kind: [t - origin for t in times] for kind, times in arrived.items()}
     legs = _legs(marks, marks["turn.end_detected"], arrived)
     stages = {
@@ -300,8 +311,8 @@ def main() -> None:
         for call in range(args.calls):  # a voxpipe call, then the same call through the SDKs alone, and again
             lines = [LINES[i % len(LINES)] for i in range(per_call)]
             out = Path(scratch) / f"call{call}"
-            (answered, origin), arrived = with_fakes(lines, context, partial(run_call, lines=lines, out=out))
-            turns += [turn_figures(marks, origin, arrived) for marks in answered]
+            (answered, origin, tick), arrived = with_fakes(lines, context, partial(run_call, lines=lines, out=out))
+            turns += [turn_figures(marks, origin, tick, arrived) for marks in answered]
             progress.update(task, advance=len(answered))
             marked, arrived = with_fakes(lines, context, partial(run_sdk_only_call, lines=lines, stop_ms=STOP_MS))
             floor += [sdk_only_figures(marks, arrived) for marks in marked]
