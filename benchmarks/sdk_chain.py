@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 from typing import Any
 
 import numpy as np
@@ -86,11 +87,13 @@ class BareCall:
             asyncio.TaskGroup() as tasks,
         ):
             await self._warm_up(llm)
+            gc.freeze()  # as a voxpipe pipeline does once its stages are ready (pipeline/heap.py)
             ticker = tasks.create_task(self._tick(stt_socket))
             listener = tasks.create_task(self._listen(stt_socket))
             try:
                 return await self._converse(llm, tts_socket)
             finally:
+                gc.unfreeze()
                 ticker.cancel()
                 listener.cancel()
                 await llm.close()
