@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import math
 import multiprocessing
@@ -77,9 +76,6 @@ def serve_fakes(lines: list[str], ports: Any, stop: Any) -> None:
     from voxpipe.testing.fakes.deepgram import FakeDeepgram
 
     async def main() -> None:
-        # The fakes stand in for remote servers: a collection pausing their loop would delay an arrival record and
-        # count as the runtime's. One call's garbage is a few MB.
-        gc.disable()
         fakes = {
             "stt": FakeDeepgram(utterances=lines, latency_s=STT_S, interim_every_s=0.25),
             "llm": FakeAnthropic([REPLY], ttft_s=LLM_S, tokens_per_s=50, words_per_delta=20),
