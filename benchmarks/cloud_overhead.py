@@ -1,7 +1,8 @@
 """The runtime's own contribution to voice-to-voice in the cloud cascade (issue 4): voice-to-voice measured through
 Deepgram → Claude → Cartesia, each played by its loopback fake with a known, injected latency, minus those
 latencies. The official SDKs run for real (HTTP, SSE, WebSockets on 127.0.0.1); the fakes run in a process of their
-own, so their work does not share the pipeline's interpreter.
+own, so their work does not share the pipeline's interpreter (a process per fake: one fake's work never
+delays another's reads).
 
     python benchmarks/cloud_overhead.py [--turns 100] [--calls 4]
 
@@ -69,25 +70,25 @@ LINES = [
 # --------------------------------------------------------------------------------------------- the fakes
 
 
-def serve_fakes(lines: list[str], ports: Any, stop: Any) -> None:
-    """Child process: the three fakes on 127.0.0.1 until ``stop`` is set."""
+def serve_fake(kind: str, lines: list[str], ports: Any, stop: Any) -> None:
+    """Child process: one fake (``stt``, ``llm`` or ``tts``) on 127.0.0.1 until ``stop`` is set. Each fake has a
+    process of its own, as each service has its own servers: one fake's work never delays another's reads."""
     from voxpipe.testing.fakes.anthropic import FakeAnthropic
     from voxpipe.testing.fakes.cartesia import FakeCartesia
     from voxpipe.testing.fakes.deepgram import FakeDeepgram
 
     async def main() -> None:
-        fakes = {
-            "stt": FakeDeepgram(utterances=lines, latency_s=STT_S, interim_every_s=0.25),
-            "llm": FakeAnthropic([REPLY], ttft_s=LLM_S, tokens_per_s=50, words_per_delta=20),
-            "tts": FakeCartesia(ttfa_s=TTS_S, rtf=0.5),
-        }
-        for fake in fakes.values():
-            await fake.start()
-        ports.put({kind: (fake.url, fake.ws_url) for kind, fake in fakes.items()})
-        await asyncio.to_thread(stop.wait)  # until the parent's calls are over
-        for fake in fakes.values():
-            await fake.stop()
-        ports.put({kind: arrivals(fake) for kind, fake in fakes.items()})
+        if kind == "stt":
+            fake: Any = FakeDeepgram(utterances=lines, latency_s=STT_S, interim_every_s=0.25)
+        elif kind == "llm":
+            fake = FakeAnthropic([REPLY], ttft_s=LLM_S, tokens_per_s=50, words_per_delta=20)
+        else:
+            fake = FakeCartesia(ttfa_s=TTS_S, rtf=0.5)
+        await fake.start()
+        ports.put((kind, (fake.url, fake.ws_url)))
+        await asyncio.to_thread(stop.wait)  # until the parent's call is over
+        await fake.stop()
+        ports.put((kind, arrivals(fake)))
 
     asyncio.run(main())
 
@@ -279,16 +280,20 @@ def plot(turns: list[dict[str, float]], floor: list[dict[str, float]], path: Pat
 
 
 def with_fakes(lines: list[str], context: Any, run: Any) -> tuple[Any, dict[str, list[float]]]:
-    """``run(urls)`` against a fresh set of fakes in their own process; its result and the fakes' arrival times."""
+    """``run(urls)`` against a fresh set of fakes, each in a process of its own; its result and the fakes' arrival
+    times."""
+    kinds = ("stt", "llm", "tts")
     ports, stop = context.Queue(), context.Event()
-    server = context.Process(target=serve_fakes, args=(lines, ports, stop), daemon=True)
-    server.start()
+    servers = [context.Process(target=serve_fake, args=(kind, lines, ports, stop), daemon=True) for kind in kinds]
+    for server in servers:
+        server.start()
     try:
-        result = run(ports.get(timeout=30))
+        result = run(dict(ports.get(timeout=30) for _ in kinds))
     finally:
         stop.set()
-    arrived = ports.get(timeout=30)
-    server.join(timeout=10)
+    arrived = dict(ports.get(timeout=30) for _ in kinds)
+    for server in servers:
+        server.join(timeout=10)
     return result, arrived
 
 
