@@ -36,11 +36,11 @@ def speech(line: str, rate: int = RATE) -> bytes:
 
 
 def run_sdk_only_call(urls: dict[str, tuple[str, str]], lines: list[str], stop_ms: int) -> list[dict[str, float]]:
-    """One call of ``lines`` against the fakes at ``urls``; each turn's marks (see :class:`BareCall`)."""
-    return asyncio.run(BareCall(lines, stop_ms, turn_timeout_s=30.0).run(urls))
+    """One call of ``lines`` against the fakes at ``urls``; each turn's marks (see :class:`SdkOnlyCall`)."""
+    return asyncio.run(SdkOnlyCall(lines, stop_ms, turn_timeout_s=30.0).run(urls))
 
 
-class BareCall:
+class SdkOnlyCall:
     """One call through Deepgram → Claude → Cartesia with the SDKs alone; :meth:`run` returns each turn's marks
     (``asyncio`` loop time, which is ``time.monotonic()``, the clock the fakes record)."""
 

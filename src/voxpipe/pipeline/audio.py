@@ -33,8 +33,13 @@ class AudioFormat:
         """Samples per channel in ``seconds`` of audio."""
         return round(seconds * self.sample_rate)
 
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample time: an int16 for each channel."""
+        return 2 * self.channels
+
     def frame_bytes(self, seconds: float) -> int:
-        return self.samples(seconds) * 2 * self.channels
+        return self.samples(seconds) * self.sample_bytes
 
     def check(self, frame: AudioFrame, stage: str) -> None:
         """Raise :class:`AudioFormatError` unless ``frame`` is well-formed audio in this format."""
@@ -44,7 +49,7 @@ class AudioFormat:
                 f"stage {stage!r} expects {self} audio but got {got or f'sample_rate={frame.sample_rate}'}; "
                 "add a Resample stage before it"
             )
-        if len(frame.pcm) % (2 * self.channels):
+        if len(frame.pcm) % self.sample_bytes:
             raise AudioFormatError(
                 f"stage {stage!r} got a malformed audio frame: {len(frame.pcm)} bytes is not a whole number "
                 f"of {self.channels}-channel int16 samples"

@@ -94,7 +94,7 @@ class TTSStage(QueuedStage):
             self._reply_epoch, self._reply_samples, self._trimmed, self._carry = epoch, 0, 0, b""
         if self._carry:
             pcm = self._carry + pcm
-        frame_bytes = 2 * audio.channels
+        frame_bytes = audio.sample_bytes
         cut = len(pcm) - len(pcm) % frame_bytes
         pcm, self._carry = pcm[:cut], pcm[cut:]
         if self._reply_samples == 0:

@@ -150,7 +150,7 @@ class PlayoutOutput(PacedStage):
     def _sample_bytes(self) -> int:
         audio = self.consumes
         assert audio is not None
-        return 2 * audio.channels
+        return audio.sample_bytes
 
     # ------------------------------------------------------------------------------ interrupts
 
