@@ -259,6 +259,17 @@ def test_the_connection_is_opened_at_the_start_and_kept_across_turns(two_turns):
 
 
 @pytest.mark.timeout(30)
+def test_the_fake_writes_each_replys_first_text_no_sooner_than_its_time_to_first_token(two_turns):
+    _, served = two_turns
+    requests, first_texts = served.fake.of("request"), served.fake.of("first-text")
+    assert len(first_texts) == len(requests) == 2
+    for request, first_text in zip(requests, first_texts, strict=True):
+        # due counts from the request's arrival, before the fake parsed its body (the "request" record)
+        assert request.data["arrived"] <= request.at
+        assert first_text.at >= first_text.data["due"] == request.data["arrived"] + served.fake.ttft_s
+
+
+@pytest.mark.timeout(30)
 def test_usage_is_what_the_api_reported(two_turns):
     result, served = two_turns
     assert llm_usage(result) == sent_usage(served.fake) == (80, 2 + 2)

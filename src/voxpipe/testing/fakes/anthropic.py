@@ -16,8 +16,9 @@ messages has no ``tool_result`` in the next message, when a text block is empty,
 user's, or when ``anthropic-version`` is missing. (The fake does not play the model: ``tool_choice`` is recorded,
 not obeyed.)
 
-Records (``fake.seen``): ``request`` (``body``, ``headers``), ``connect`` and ``refused`` (from the base),
-``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``reply`` (what was sent in full: ``text``, ``tool``,
+Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
+``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
+(``due``: when the reply's first text delta was written), ``reply`` (what was sent in full: ``text``, ``tool``,
 ``input_tokens``, ``output_tokens``), and ``disconnect`` (``events`` and ``text`` sent) when the client goes away
 mid-stream — which is what a barge-in looks like from the provider's side.
 """
@@ -207,12 +208,13 @@ class FakeAnthropic(FakeServer):
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         # ttft_s counts from the request's arrival, so the fake's own parsing and checks are inside it, not added.
-        first_token_due = asyncio.get_running_loop().time() + self.ttft_s
+        arrived = asyncio.get_running_loop().time()
+        first_token_due = arrived + self.ttft_s
         try:
             body = await request.json()
         except json.JSONDecodeError:
             return self._invalid("request body is not valid JSON")
-        self.record("request", body=body, headers=dict(request.headers), peer=_peer(request))
+        self.record("request", body=body, headers=dict(request.headers), peer=_peer(request), arrived=arrived)
         if self.faulty_requests is not None and self._served >= self.faulty_requests:
             self.faults, self.stream_error_after = Faults(), None  # healthy from now on
         self._served += 1
@@ -299,6 +301,8 @@ class FakeAnthropic(FakeServer):
                 delta = {"type": "text_delta", "text": piece}
                 if not await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}):
                     return
+                if not n:  # the first text written: the time to first token as served, for benchmarks
+                    self.record("first-text", due=first_token_due)
                 sent.text += piece
             if not await self._interject(send, len(words)):
                 return
