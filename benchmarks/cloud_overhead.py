@@ -134,8 +134,9 @@ def arrivals(fake: Any) -> list[float]:
 def answers(fake: Any) -> list[float]:
     """When each answer that ends an injected wait was written to the socket: the result answering a Finalize, a
     reply's first text delta, a context's first audio chunk. Answer minus arrival is the wait as the fake served
-    it: the injected latency plus its timer's lateness (asyncio wakes up to 1 ms late) and its own encoding — the
-    server's time, not the client's."""
+    it: the injected latency plus its timer's lateness (asyncio wakes up to 1 ms late), its own pauses and its
+    encoding — the server's time, not the client's. Both ends lean towards the client: an answer is stamped just
+    before its write, so the write counts as the client's time, and an arrival once the fake has parsed it."""
     if fake.provider == "Deepgram":
         return [s.at for s in fake.of("answered")]
     if fake.provider == "Anthropic":
@@ -312,20 +313,23 @@ def plot(turns: list[dict[str, float]], floor: list[dict[str, float]], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, rows, colour in (("voxpipe", turns, "#1f6feb"), ("the SDKs alone", floor, "#8250df")):
-        runtime = sorted(t["runtime"] for t in rows)
-        left.plot(runtime, [100 * (i + 1) / len(runtime) for i in range(len(runtime))], color=colour, label=label)
+        for figure, style, what in (("client_side", "-", "client side"), ("runtime", ":", "with the fakes' lateness")):
+            values = sorted(t[figure] for t in rows)
+            cumulative = [100 * (i + 1) / len(values) for i in range(len(values))]
+            left.plot(values, cumulative, color=colour, linestyle=style, label=f"{label}, {what}")
     left.axvline(5, color="#d73a49", linestyle="--", label="target p95 < 5 ms")
+    left.set_xlim(0, 40)
     left.set_xlabel("contribution to voice-to-voice beyond the injected, ms")
     left.set_ylabel("turns, cumulative %")
-    left.legend(loc="lower right")
+    left.legend(loc="lower right", fontsize="small")
     left.grid(alpha=0.3)
-    names = [name for name in turns[0] if name.startswith(("stage.", "leg."))]
-    right.boxplot([[t[n] for t in turns] for n in names], tick_labels=[n.split(".")[1] for n in names])
+    names = [name for name in turns[0] if name.startswith(("stage.", "leg.", "late."))]
+    right.boxplot([[t[n] for t in turns] for n in names], tick_labels=[n.replace(".", " ") for n in names])
     right.tick_params(axis="x", labelrotation=45)
     right.set_ylabel("ms beyond the injected latency")
-    right.set_title("voxpipe: its stages, and the SDKs' legs to the fake and back")
+    right.set_title("voxpipe's turns: stages, SDK legs, fakes' lateness", fontsize="medium")
     right.grid(alpha=0.3)
     fig.suptitle(
         f"Cloud cascade on loopback fakes: {len(turns)} turns through voxpipe, {len(floor)} through the SDKs alone"

@@ -18,7 +18,7 @@ not obeyed.)
 
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
-(``due``: when the reply's first text delta was written), ``reply`` (what was sent in full: ``text``, ``tool``,
+(``due``; recorded as the reply's first text delta is written), ``reply`` (what was sent in full: ``text``, ``tool``,
 ``input_tokens``, ``output_tokens``), and ``disconnect`` (``events`` and ``text`` sent) when the client goes away
 mid-stream — which is what a barge-in looks like from the provider's side.
 """
@@ -299,10 +299,10 @@ class FakeAnthropic(FakeServer):
                     return
                 piece = "".join(words[start : start + self.words_per_delta])
                 delta = {"type": "text_delta", "text": piece}
+                if not n:  # as the first text is written: the time to first token as served, for benchmarks
+                    self.record("first-text", due=first_token_due)
                 if not await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}):
                     return
-                if not n:  # the first text written: the time to first token as served, for benchmarks
-                    self.record("first-text", due=first_token_due)
                 sent.text += piece
             if not await self._interject(send, len(words)):
                 return

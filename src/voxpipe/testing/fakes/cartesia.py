@@ -32,7 +32,7 @@ Cartesia's ``error`` message after some chunks.
 
 Records: ``connect`` (path, query, headers), ``refused``, ``message`` (connection, the parsed client message),
 ``context`` (connection, context id, output format), ``cancel`` (connection, context id), ``chunk`` (context id,
-bytes; once written to the socket), ``done`` and ``error`` (context id), ``corrupted``, ``stall``, ``dropped``,
+bytes; as it is written), ``done`` and ``error`` (context id), ``corrupted``, ``stall``, ``dropped``,
 ``disconnect`` (connection; the client went away or closed).
 """
 
@@ -339,8 +339,8 @@ class FakeCartesia(FakeServer):
             "step_time": round(self.chunk_s * self.rtf * 1000, 3),
             "flush_id": 1,
         }
+        self.record("chunk", context_id=context.id, bytes=len(pcm))  # as it is written: benchmarks time answers
         await self._send(connection, message, audio=samples)
-        self.record("chunk", context_id=context.id, bytes=len(pcm))  # once written: benchmarks time the answer
 
     async def _send_error(
         self,

@@ -34,7 +34,7 @@ not have, or a binary frame — Listen v1 never sends binary) in place of the fi
 Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
 transcript, is_final, speech_final, from_finalize), ``answered`` (connection, ``answers="finalize"``, ``due``: the
-result answering a Finalize, once written to the socket), ``idle-timeout``, ``dropped``, ``disconnect`` (the client
+result answering a Finalize, as it is written), ``idle-timeout``, ``dropped``, ``disconnect`` (the client
 went away without CloseStream), ``close`` (closed after CloseStream), ``utterance`` (connection, index, start and end
 of its speech in stream seconds, when it is finalized).
 """
@@ -469,7 +469,7 @@ class FakeDeepgram(FakeServer):
             elif corrupt == "bad-audio":
                 await socket.send_bytes(b"RIFF\x00\x00\x00\x00WAVE")
             else:
-                await socket.send_str(payload)
-                if answers:  # when the answer left: the injected latency as served, for benchmarks
+                if answers:  # as the answer is written: the wait as served, for benchmarks
                     self.record("answered", connection=stream.number, answers=answers, due=due)
+                await socket.send_str(payload)
             sent += 1
