@@ -33,8 +33,8 @@ not have, or a binary frame — Listen v1 never sends binary) in place of the fi
 
 Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
-transcript, is_final, speech_final, from_finalize), ``answered`` (connection, ``answers="finalize"``, ``due``: the
-result answering a Finalize, as it is written), ``idle-timeout``, ``dropped``, ``disconnect`` (the client
+transcript, is_final, speech_final, from_finalize), ``answered`` (connection, ``due``: the result
+answering a Finalize, as it is written), ``idle-timeout``, ``dropped``, ``disconnect`` (the client
 went away without CloseStream), ``close`` (closed after CloseStream), ``utterance`` (connection, index, start and end
 of its speech in stream seconds, when it is finalized).
 """
@@ -106,8 +106,8 @@ class _Stream:
     utterance: _Utterance | None = None
     last_word_end: float | None = None  # for UtteranceEnd: the end of the last word of a finished utterance
     last_interim: float = 0.0
-    # (due, payload, what it answers: "finalize" for the result answering a Finalize, else "")
-    outbox: asyncio.Queue[tuple[float, str | None, str]] = field(default_factory=asyncio.Queue)
+    # (due, payload, whether it is the result answering a Finalize)
+    outbox: asyncio.Queue[tuple[float, str | None, bool]] = field(default_factory=asyncio.Queue)
     closing: bool = False
     offset: float | None = None  # words mode: caller clock minus stream time, found at the first speech onset
 
@@ -182,7 +182,7 @@ class FakeDeepgram(FakeServer):
         try:
             await self._read(socket, stream)
         finally:
-            await stream.outbox.put((0.0, None, ""))  # flush what is due, then stop
+            await stream.outbox.put((0.0, None, False))  # flush what is due, then stop
             try:
                 await asyncio.wait_for(writer, timeout=2.0)
             except TimeoutError:
@@ -218,7 +218,7 @@ class FakeDeepgram(FakeServer):
             except TimeoutError:
                 self.record("idle-timeout", connection=stream.number)
                 await self._finish(stream)
-                await stream.outbox.put((0.0, None, ""))
+                await stream.outbox.put((0.0, None, False))
                 await socket.close(code=1011, message=NET_0001.encode())
                 return
             if message.type is WSMsgType.BINARY:
@@ -435,8 +435,8 @@ class FakeDeepgram(FakeServer):
     def _send(self, stream: _Stream, message: dict[str, Any] | str) -> None:
         """Queue a message for the writer, due ``latency_s`` from now (``"close"`` closes the socket)."""
         payload = message if isinstance(message, str) else json.dumps(message)
-        answers = "finalize" if isinstance(message, dict) and message.get("from_finalize") else ""
-        stream.outbox.put_nowait((time.monotonic() + self.latency_s, payload, answers))
+        finalized = isinstance(message, dict) and bool(message.get("from_finalize"))
+        stream.outbox.put_nowait((time.monotonic() + self.latency_s, payload, finalized))
 
     async def _write(
         self, request: web.Request, socket: web.WebSocketResponse, stream: _Stream, dropping: bool
@@ -447,7 +447,7 @@ class FakeDeepgram(FakeServer):
         if self.faults.stall_s > 0:
             self.record("stall", connection=stream.number, seconds=self.faults.stall_s)
         while True:
-            due, payload, answers = await stream.outbox.get()
+            due, payload, finalized = await stream.outbox.get()
             if payload is None:
                 return
             await asyncio.sleep(max(0.0, max(due, hold_until) - time.monotonic()))
@@ -469,7 +469,7 @@ class FakeDeepgram(FakeServer):
             elif corrupt == "bad-audio":
                 await socket.send_bytes(b"RIFF\x00\x00\x00\x00WAVE")
             else:
-                if answers:  # as the answer is written: the wait as served, for benchmarks
-                    self.record("answered", connection=stream.number, answers=answers, due=due)
+                if finalized:  # as the answer is written: the wait as served, for benchmarks
+                    self.record("answered", connection=stream.number, due=due)
                 await socket.send_str(payload)
             sent += 1
