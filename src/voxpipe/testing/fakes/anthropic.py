@@ -18,9 +18,9 @@ not obeyed.)
 
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
-(``due``; recorded as the reply's first text delta is written), ``reply`` (what was sent in full: ``text``, ``tool``,
-``input_tokens``, ``output_tokens``), and ``disconnect`` (``events`` and ``text`` sent) when the client goes away
-mid-stream — which is what a barge-in looks like from the provider's side.
+(``arrived``, ``due``; recorded as the reply's first text delta is written: :meth:`waits`), ``reply`` (what was sent in
+full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``), and ``disconnect`` (``events`` and ``text`` sent) when
+the client goes away mid-stream — which is what a barge-in looks like from the provider's side.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from voxpipe.testing.fakes.server import FakeServer, Faults
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
 
 # The error ``type`` Anthropic's API puts in the body for each HTTP status.
 ERROR_TYPES = {
@@ -135,6 +135,11 @@ class FakeAnthropic(FakeServer):
     def authorized(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
+    def waits(self) -> list[Wait]:
+        """Each messages request whose text began: its arrival (before its body was read) and the write of its first
+        text delta."""
+        return [Wait(s.data["arrived"], s.at) for s in self.of("first-text")]
+
     def error_body(self, status: int) -> dict[str, Any]:
         kind = ERROR_TYPES.get(status, "api_error")
         message = ERROR_MESSAGES.get(status, f"fake Anthropic: HTTP {status}")
@@ -209,7 +214,6 @@ class FakeAnthropic(FakeServer):
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         # ttft_s counts from the request's arrival, so the fake's own parsing and checks are inside it, not added.
         arrived = asyncio.get_running_loop().time()
-        first_token_due = arrived + self.ttft_s
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -235,7 +239,7 @@ class FakeAnthropic(FakeServer):
         sent = _Sent()
         try:
             await response.prepare(request)
-            await self._stream(request, response, body, reply, sent, first_token_due)
+            await self._stream(request, response, body, reply, sent, arrived)
         except _Disconnected:
             self.record("disconnect", events=sent.events, text=sent.text)
         except asyncio.CancelledError:
@@ -250,7 +254,7 @@ class FakeAnthropic(FakeServer):
         body: dict[str, Any],
         reply: Reply,
         sent: _Sent,
-        first_token_due: float,
+        arrived: float,
     ) -> None:
         text = reply if isinstance(reply, str) else reply.text
         tool = reply if isinstance(reply, ToolUseReply) else None
@@ -285,6 +289,7 @@ class FakeAnthropic(FakeServer):
             return
         index = 0
         interval = self.words_per_delta / self.tokens_per_s
+        first_token_due = arrived + self.ttft_s
         wait = first_token_due - asyncio.get_running_loop().time()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -300,7 +305,7 @@ class FakeAnthropic(FakeServer):
                 piece = "".join(words[start : start + self.words_per_delta])
                 delta = {"type": "text_delta", "text": piece}
                 if not n:  # as the first text is written: the time to first token as served, for benchmarks
-                    self.record("first-text", due=first_token_due)
+                    self.record("first-text", arrived=arrived, due=first_token_due)
                 if not await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}):
                     return
                 sent.text += piece

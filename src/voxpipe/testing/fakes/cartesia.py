@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from voxpipe.testing.fakes.server import FakeServer, Faults
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
 from voxpipe.testing.signals import WordSpan, speechlike
 
 API_VERSION = "2026-08-14"
@@ -140,6 +140,14 @@ class FakeCartesia(FakeServer):
             request.headers.get("Authorization") == f"Bearer {self.api_key}"
             and request.headers.get("cartesia-version", "") != ""
         )
+
+    def waits(self) -> list[Wait]:
+        """Each context that spoke: its first text's arrival and the write of its first audio chunk."""
+        arrivals = {s.data["context_id"]: s.at for s in self.of("context")}
+        firsts: dict[str, float] = {}
+        for chunk in self.of("chunk"):
+            firsts.setdefault(chunk.data["context_id"], chunk.at)
+        return sorted(Wait(arrivals[context], answered) for context, answered in firsts.items())
 
     def error_body(self, status: int) -> dict[str, Any]:
         titles = {401: "Unauthorized", 429: "Too Many Requests"}

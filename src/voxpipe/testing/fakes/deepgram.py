@@ -33,10 +33,10 @@ not have, or a binary frame — Listen v1 never sends binary) in place of the fi
 
 Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
-transcript, is_final, speech_final, from_finalize), ``answered`` (connection, ``due``: the result
-answering a Finalize, as it is written), ``idle-timeout``, ``dropped``, ``disconnect`` (the client
-went away without CloseStream), ``close`` (closed after CloseStream), ``utterance`` (connection, index, start and end
-of its speech in stream seconds, when it is finalized).
+transcript, is_final, speech_final, from_finalize), ``answered`` (connection, ``arrived``: when a Finalize arrived,
+``due``; recorded as the result answering it is written: :meth:`waits`), ``idle-timeout``, ``dropped``,
+``disconnect`` (the client went away without CloseStream), ``close`` (closed after CloseStream), ``utterance``
+(connection, index, start and end of its speech in stream seconds, when it is finalized).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from voxpipe.pipeline import TranscriptWord
-from voxpipe.testing.fakes.server import FakeServer, Faults
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
 
 NET_0001 = (
     "Deepgram did not receive audio data or a text message within the timeout window. See https://dpgr.am/net0001"
@@ -106,8 +106,8 @@ class _Stream:
     utterance: _Utterance | None = None
     last_word_end: float | None = None  # for UtteranceEnd: the end of the last word of a finished utterance
     last_interim: float = 0.0
-    # (due, payload, whether it is the result answering a Finalize)
-    outbox: asyncio.Queue[tuple[float, str | None, bool]] = field(default_factory=asyncio.Queue)
+    # (due, payload, for the result answering a Finalize: when that Finalize arrived)
+    outbox: asyncio.Queue[tuple[float, str | None, float | None]] = field(default_factory=asyncio.Queue)
     closing: bool = False
     offset: float | None = None  # words mode: caller clock minus stream time, found at the first speech onset
 
@@ -158,6 +158,10 @@ class FakeDeepgram(FakeServer):
     def authorized(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Token {self.api_key}"
 
+    def waits(self) -> list[Wait]:
+        """Each Finalize answered: its arrival, and the write of the result answering it."""
+        return [Wait(s.data["arrived"], s.at) for s in self.of("answered")]
+
     def error_body(self, status: int) -> dict[str, Any]:
         codes = {401: ("INVALID_AUTH", "Invalid credentials."), 429: ("TOO_MANY_REQUESTS", "Too many requests.")}
         code, message = codes.get(status, ("INTERNAL_SERVER_ERROR", f"Internal server error (fake {status})."))
@@ -182,7 +186,7 @@ class FakeDeepgram(FakeServer):
         try:
             await self._read(socket, stream)
         finally:
-            await stream.outbox.put((0.0, None, False))  # flush what is due, then stop
+            await stream.outbox.put((0.0, None, None))  # flush what is due, then stop
             try:
                 await asyncio.wait_for(writer, timeout=2.0)
             except TimeoutError:
@@ -218,7 +222,7 @@ class FakeDeepgram(FakeServer):
             except TimeoutError:
                 self.record("idle-timeout", connection=stream.number)
                 await self._finish(stream)
-                await stream.outbox.put((0.0, None, False))
+                await stream.outbox.put((0.0, None, None))
                 await socket.close(code=1011, message=NET_0001.encode())
                 return
             if message.type is WSMsgType.BINARY:
@@ -241,9 +245,9 @@ class FakeDeepgram(FakeServer):
             self.record("message", connection=stream.number, type=None, raw=text)
             self._send(stream, self._error("SchemaError", "could not parse the message", text))
             return False
-        self.record("message", connection=stream.number, **parsed)
+        seen = self.record("message", connection=stream.number, **parsed)
         if kind == "Finalize":
-            self._finalize(stream, from_finalize=True)
+            self._finalize(stream, answering=seen.at)
         elif kind == "CloseStream":
             stream.closing = True
             await self._finish(stream)
@@ -258,7 +262,7 @@ class FakeDeepgram(FakeServer):
 
     async def _finish(self, stream: _Stream) -> None:
         if stream.utterance is not None:
-            self._finalize(stream, from_finalize=False)
+            self._finalize(stream)
 
     # ---------------------------------------------------------------------------- recognition
 
@@ -295,7 +299,7 @@ class FakeDeepgram(FakeServer):
                 stream.last_word_end = None
             return
         if stream.endpointing_s is not None and now - utterance.last_voiced >= stream.endpointing_s:
-            self._finalize(stream, from_finalize=False, speech_final=True)
+            self._finalize(stream, speech_final=True)
         elif stream.interim_results and now - stream.last_interim >= self.interim_every_s:
             stream.last_interim = now
             words = self._words(stream, utterance, final=False)
@@ -337,8 +341,10 @@ class FakeDeepgram(FakeServer):
         later = self.words.words_between(onset - self.match_margin_s, float("inf"))
         return max(0.0, min(w.start for w in later) - onset) if later else 0.0
 
-    def _finalize(self, stream: _Stream, *, from_finalize: bool, speech_final: bool = False) -> None:
-        """An is_final result for the audio up to now: at an endpoint, on Finalize, or at the end of the stream."""
+    def _finalize(self, stream: _Stream, *, answering: float | None = None, speech_final: bool = False) -> None:
+        """An is_final result for the audio up to now: at an endpoint, on Finalize (``answering``: when it arrived),
+        or at the end of the stream."""
+        from_finalize = answering is not None
         utterance, now = stream.utterance, stream.now
         words: list[_Word] = []
         if utterance is not None:
@@ -367,7 +373,7 @@ class FakeDeepgram(FakeServer):
             speech_final=speech_final,
             from_finalize=from_finalize,
         )
-        self._send(stream, result)
+        self._send(stream, result, answering=answering)
         stream.segment_start = now
 
     # ------------------------------------------------------------------------------- messages
@@ -432,11 +438,11 @@ class FakeDeepgram(FakeServer):
     def _error(variant: str, description: str, message: str) -> dict[str, Any]:
         return {"type": "Error", "variant": variant, "description": description, "message": message}
 
-    def _send(self, stream: _Stream, message: dict[str, Any] | str) -> None:
-        """Queue a message for the writer, due ``latency_s`` from now (``"close"`` closes the socket)."""
+    def _send(self, stream: _Stream, message: dict[str, Any] | str, *, answering: float | None = None) -> None:
+        """Queue a message for the writer, due ``latency_s`` from now (``"close"`` closes the socket); ``answering``:
+        it is the result answering the Finalize that arrived then."""
         payload = message if isinstance(message, str) else json.dumps(message)
-        finalized = isinstance(message, dict) and bool(message.get("from_finalize"))
-        stream.outbox.put_nowait((time.monotonic() + self.latency_s, payload, finalized))
+        stream.outbox.put_nowait((time.monotonic() + self.latency_s, payload, answering))
 
     async def _write(
         self, request: web.Request, socket: web.WebSocketResponse, stream: _Stream, dropping: bool
@@ -447,7 +453,7 @@ class FakeDeepgram(FakeServer):
         if self.faults.stall_s > 0:
             self.record("stall", connection=stream.number, seconds=self.faults.stall_s)
         while True:
-            due, payload, finalized = await stream.outbox.get()
+            due, payload, answering = await stream.outbox.get()
             if payload is None:
                 return
             await asyncio.sleep(max(0.0, max(due, hold_until) - time.monotonic()))
@@ -469,7 +475,7 @@ class FakeDeepgram(FakeServer):
             elif corrupt == "bad-audio":
                 await socket.send_bytes(b"RIFF\x00\x00\x00\x00WAVE")
             else:
-                if finalized:  # as the answer is written: the wait as served, for benchmarks
-                    self.record("answered", connection=stream.number, due=due)
+                if answering is not None:  # as the answer is written: the wait as served (waits())
+                    self.record("answered", connection=stream.number, arrived=answering, due=due)
                 await socket.send_str(payload)
             sent += 1

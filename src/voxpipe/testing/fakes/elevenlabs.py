@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from voxpipe.testing.fakes.server import FakeServer, Faults
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
 from voxpipe.testing.signals import speechlike
 
 BadAudio = Literal["base64", "odd-bytes", "mp3"]
@@ -111,6 +111,18 @@ class FakeElevenLabs(FakeServer):
     def authorized(self, request: web.Request) -> bool:
         key = request.headers.get("xi-api-key")
         return key is None or key == self.api_key  # without the header, the BOS message must carry the key
+
+    def waits(self) -> list[Wait]:
+        """Each connection that spoke: its first text's arrival (after the opening message) and the write of its
+        first audio."""
+        arrivals: dict[int, float] = {}
+        for message in self.of("message"):
+            if str(message.data.get("text") or "").strip():
+                arrivals.setdefault(message.data["connection"], message.at)
+        firsts: dict[int, float] = {}
+        for audio in self.of("audio"):
+            firsts.setdefault(audio.data["connection"], audio.at)
+        return sorted(Wait(arrivals[connection], answered) for connection, answered in firsts.items())
 
     def error_body(self, status: int) -> dict[str, Any]:
         code = _ERROR_STATUS.get(status, "internal_server_error" if status >= 500 else "bad_request")
@@ -222,8 +234,9 @@ class FakeElevenLabs(FakeServer):
                 if corrupt is not None:
                     await conn.ws.send_str(self._corrupted(corrupt, message))
                 else:
-                    await conn.ws.send_str(json.dumps(message))
+                    # recorded as it is written, as the other fakes' answers are (waits())
                     self.record("audio", connection=conn.number, bytes=len(base64.b64decode(message["audio"])))
+                    await conn.ws.send_str(json.dumps(message))
                 sent += 1
                 await asyncio.sleep(self.chunk_s * self.rtf)
         conn.complete = True

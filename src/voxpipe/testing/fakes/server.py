@@ -53,6 +53,22 @@ class Seen:
     at: float = 0.0
 
 
+@dataclass(frozen=True, order=True)
+class Wait:
+    """One injected wait as the fake served it, in ``time.monotonic()`` seconds (the clock of asyncio's loops, the
+    same in every process): the request that started it arrived, and the answer that ended it was written.
+    ``served_s`` is the injected latency plus the fake's own lateness (its timer waking late, its pauses) — the
+    server's share of a turn, which benchmarks take out of the client's. Both ends lean towards the client: an
+    arrival is stamped once the fake has read the request, an answer just before it is written."""
+
+    arrived: float
+    answered: float
+
+    @property
+    def served_s(self) -> float:
+        return self.answered - self.arrived
+
+
 class FakeServer:
     """Base of the loopback fakes. Subclasses add routes in :meth:`routes` and call :meth:`record` for what they
     observe; :meth:`refusal` gives them the injected or authentication failure for a request."""
@@ -114,11 +130,19 @@ class FakeServer:
 
     # ------------------------------------------------------------------------- what was seen
 
-    def record(self, kind: str, **data: Any) -> None:
-        self.seen.append(Seen(kind, data, time.monotonic()))
+    def record(self, kind: str, **data: Any) -> Seen:
+        seen = Seen(kind, data, time.monotonic())
+        self.seen.append(seen)
         changed, loop = self._changed, self._waiter_loop
         if changed is not None and loop is not None:
             loop.call_soon_threadsafe(changed.set)  # the waiter may be on another thread's loop (see serving())
+        return seen
+
+    def waits(self) -> list[Wait]:
+        """Each injected wait this fake has served, in order: when the request that starts it arrived and when the
+        answer that ends it was written (Deepgram: a Finalize and its result; Claude: a messages request and its
+        first text; the TTS fakes: a context's or connection's first text and its first audio)."""
+        raise NotImplementedError
 
     def kinds(self) -> list[str]:
         return [s.kind for s in self.seen]
