@@ -131,11 +131,16 @@ class TranscriptWord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Transcript(Frame):
-    """A transcript of the caller's current utterance. ``final`` marks the last one of the utterance."""
+    """A transcript of the caller's current utterance. ``final`` marks the last one of the utterance.
+
+    ``marks``: trace marks (name, clock time) of the turn a final ends, which the STT measured but cannot key by
+    epoch — the turn's epoch opens only when the turn-taker ends it, and the turn-taker records them then.
+    """
 
     text: str
     final: bool
     words: tuple[TranscriptWord, ...] = ()
+    marks: tuple[tuple[str, float], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------- LLM

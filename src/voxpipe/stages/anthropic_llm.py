@@ -322,6 +322,7 @@ class AnthropicLLM(LLMStage):
         try:
             async with contextlib.AsyncExitStack() as exits:
                 # Entering sends the request and waits for the response's headers: within the first-token deadline.
+                self.mark("llm.sdk_call", turn.epoch)  # the SDK boundary; a tool round's follow-up keeps the first
                 stream = await self._read(exits.enter_async_context(client.messages.stream(**request)), progress)
                 while True:
                     event: Any = await self._read(anext(stream, None), progress)  # the SDK's events, by .type
@@ -329,8 +330,10 @@ class AnthropicLLM(LLMStage):
                         break
                     kind = event.type
                     if kind == "text":
-                        progress.chars += len(event.text)
                         if event.text:
+                            if not progress.chars:
+                                self.mark("llm.sdk_answer", turn.epoch)  # the SDK handed over the first text
+                            progress.chars += len(event.text)
                             yield event.text
                     elif kind == "content_block_stop" and event.content_block.type == "tool_use":
                         block = event.content_block

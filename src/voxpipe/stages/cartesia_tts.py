@@ -443,6 +443,8 @@ class CartesiaTTS(StreamingTTSStage):
             return  # the reply failed or was abandoned: its text has nowhere to go
         if not text[-1].isspace():
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
+        if reply.first_input_at is None:
+            self.mark("tts.sdk_call", epoch)  # the SDK boundary: the context's first text goes to the SDK
         await self._send(reply, reply.context.push(text), "text")
         now = asyncio.get_running_loop().time()
         if reply.first_input_at is None:
@@ -548,6 +550,8 @@ class CartesiaTTS(StreamingTTSStage):
         """Handle one event of the reply's context; True once the reply is complete."""
         kind = getattr(event, "type", None)
         if kind == "chunk":
+            if not reply.audio:
+                self.mark("tts.sdk_answer", reply.epoch)  # the SDK boundary: its first audio, as the SDK gave it
             await self._play(reply, decode_audio(getattr(event, "data", None)))
         elif kind == "timestamps":
             reply.marks.add(word_marks(getattr(event, "word_timestamps", None), self.produces_rate))

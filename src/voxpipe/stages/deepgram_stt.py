@@ -204,10 +204,30 @@ class PendingFinal:
     cut_pts: int  # words starting before this sample are its words
     speech_end_pts: int  # its last voiced sample: is_final results reaching it complete the utterance
     finalize_on: object | None = None  # the socket its Finalize was sent on
-    answered: bool = False
-    timed_out: bool = False
+    # Clock times, also the SDK boundary for the trace (stt.sdk_call / stt.sdk_answer): its first Finalize handed
+    # to the SDK, and the SDK handing over the result that answered it.
+    finalize_sent_at: float | None = None
+    answered_at: float | None = None
+    timed_out_at: float | None = None  # when finalize_timeout_s ran out, if it did
     settled: bool = False  # its final transcript went out
     timer: asyncio.Task[None] | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.answered_at is not None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.timed_out_at is not None
+
+    def trace_marks(self) -> tuple[tuple[str, float], ...]:
+        """Marks for the turn its final ends (:attr:`Transcript.marks`: the turn's epoch does not exist yet)."""
+        marks: list[tuple[str, float]] = []
+        if self.finalize_sent_at is not None and self.answered_at is not None:
+            marks += [("stt.sdk_call", self.finalize_sent_at), ("stt.sdk_answer", self.answered_at)]
+        if self.timed_out_at is not None:
+            marks.append(("stt.finalize_timeout", self.timed_out_at))
+        return tuple(marks)
 
 
 @dataclass(eq=False)
@@ -502,8 +522,9 @@ class DeepgramSTT(Stage):
             if pending.finalize_on is not socket:
                 pending.finalize_on = socket
                 socket.finalizes.append(pending)
+                if pending.finalize_sent_at is None:
+                    pending.finalize_sent_at = self.clock.now()
                 await socket.sdk.send_finalize()
-                self.mark("stt.finalize", self.pipeline.epoch)
 
     async def _receive_loop(self, socket: _Socket) -> None:
         """Read until the socket closes. While a Finalize is unanswered, a silence of ``result_timeout_s`` is a
@@ -530,11 +551,12 @@ class DeepgramSTT(Stage):
             except ConnectionClosed as exc:
                 reason = f"code {exc.rcvd.code}: {exc.rcvd.reason}" if exc.rcvd else "no close frame"
                 raise _ConnectionLost(f"closed abruptly ({reason})", useful=socket.received > 0) from None
+            received_at = self.clock.now()  # the SDK boundary: it has parsed the message
             socket.received += 1
             self.stats.messages += 1
-            await self._on_message(socket, message)
+            await self._on_message(socket, message, received_at)
 
-    async def _on_message(self, socket: _Socket, message: Any) -> None:
+    async def _on_message(self, socket: _Socket, message: Any, received_at: float) -> None:
         from deepgram.listen.v1.types import (
             ListenV1Error,
             ListenV1Metadata,
@@ -544,7 +566,7 @@ class DeepgramSTT(Stage):
         )
 
         if isinstance(message, ListenV1Results):
-            await self._on_results(socket, message)
+            await self._on_results(socket, message, received_at)
         elif isinstance(message, ListenV1SpeechStarted):
             await self._on_speech_started(socket, message.timestamp)
         elif isinstance(message, ListenV1UtteranceEnd):
@@ -562,7 +584,7 @@ class DeepgramSTT(Stage):
             await self.report(f"{PROVIDER} sent a message of unknown type {kind or '(not in this SDK)'}; skipped it")
         # ConfigureSuccess / ConfigureFailure: this stage does not reconfigure a live socket
 
-    async def _on_results(self, socket: _Socket, results: Any) -> None:
+    async def _on_results(self, socket: _Socket, results: Any, received_at: float) -> None:
         try:
             alternative = results.channel.alternatives[0]
             end = float(results.start) + float(results.duration)
@@ -588,7 +610,7 @@ class DeepgramSTT(Stage):
             self._finalized_until = max(self._finalized_until, end_pts)
             if results.from_finalize and socket.finalizes:
                 answered = socket.finalizes.popleft()
-                answered.answered = True
+                answered.answered_at = received_at
                 if answered in self._unanswered:
                     self._unanswered.remove(answered)
             if self.settings.speech_events and results.speech_final and self._speaking and words:
@@ -632,9 +654,8 @@ class DeepgramSTT(Stage):
         await self.clock.sleep(self.settings.finalize_timeout_s)
         if pending.settled:
             return
-        pending.timed_out = True
+        pending.timed_out_at = self.clock.now()
         self.stats.finalize_timeouts += 1
-        self.mark("stt.finalize_timeout", self.pipeline.epoch)
         await self._settle()
 
     async def _settle(self) -> None:
@@ -663,7 +684,7 @@ class DeepgramSTT(Stage):
                 self._given_until = max(self._given_until, pending.cut_pts)
                 self._finalized_until = max(self._finalized_until, pending.cut_pts)
                 self._last_partial = ""
-                await self._emit(words, final=True)
+                await self._emit(words, final=True, marks=pending.trace_marks())
 
     async def _partial(self) -> None:
         words = [w for w in (*self._final_words, *self._interim_words) if w.start >= self._given_until]
@@ -672,7 +693,7 @@ class DeepgramSTT(Stage):
             self._last_partial = text
             await self._emit(words, final=False)
 
-    async def _emit(self, words: list[_Word], *, final: bool) -> None:
+    async def _emit(self, words: list[_Word], *, final: bool, marks: tuple[tuple[str, float], ...] = ()) -> None:
         rate = self._rate
         timed = tuple(TranscriptWord(w.text, w.start / rate, w.end / rate) for w in words)
         if final:
@@ -680,7 +701,7 @@ class DeepgramSTT(Stage):
         else:
             self.stats.partials += 1
         text = " ".join(w.text for w in words)
-        await self.push(Transcript(epoch=self.pipeline.epoch, text=text, final=final, words=timed))
+        await self.push(Transcript(epoch=self.pipeline.epoch, text=text, final=final, words=timed, marks=marks))
 
     async def _wait_for_finals(self) -> None:
         # Each pending final has its own deadline; this bound only guards against a bug leaving one behind.

@@ -384,6 +384,8 @@ class ElevenLabsTTS(StreamingTTSStage):
         socket = reply.socket
         if socket is None:
             return  # the receiver failed, and reported it
+        if reply.first_text_at is None:
+            self.mark("tts.sdk_call", epoch)  # the client's boundary: the text goes out from here
         text = " ".join(words) + " "  # ElevenLabs wants each text to end with a single space
         if self.settings.flush_each_chunk:
             message = SendText(text=text, flush=True)
@@ -437,15 +439,16 @@ class ElevenLabsTTS(StreamingTTSStage):
                 raise ProviderError(PROVIDER, f"connection lost mid-reply ({_close_reason(exc)})") from None
             finally:
                 reply.timer = None
+            received_at = self.clock.now()  # the client's boundary: the socket delivered the message
             message = _parse(raw)
             if message.get("isFinal"):
                 await self._finish_words(reply)
                 reply.final = True
                 reply.ended.set()  # finish_reply may go on; the receiver waits for the server's close
             elif message.get("audio"):
-                await self._on_audio(reply, message)
+                await self._on_audio(reply, message, received_at)
 
-    async def _on_audio(self, reply: _Reply, message: dict[str, Any]) -> None:
+    async def _on_audio(self, reply: _Reply, message: dict[str, Any], received_at: float) -> None:
         from elevenlabs.types import AudioOutput
 
         try:
@@ -453,6 +456,8 @@ class ElevenLabsTTS(StreamingTTSStage):
         except ValueError as exc:
             raise ProviderError(PROVIDER, f"sent an audio message of the wrong shape: {exc}") from None
         pcm = self._decode(audio.audio, first=not reply.audio_started)
+        if not reply.audio_started:
+            self.mark("tts.sdk_answer", reply.epoch, received_at)
         reply.audio_started = True
         offset = reply.samples
         reply.samples += len(pcm) // 2

@@ -57,7 +57,7 @@ class TurnTaker(Stage):
         self._over_bot = False
         self._barged_epoch: int | None = None
         self._awaiting_final: deque[_Utterance] = deque()
-        self._early_finals: deque[tuple[str, float]] = deque()
+        self._early_finals: deque[tuple[Transcript, float]] = deque()
 
     async def process(self, frame: Frame, direction: Direction) -> None:
         if direction is Direction.UPSTREAM:
@@ -85,17 +85,17 @@ class TurnTaker(Stage):
             utterance = _Utterance(self._started, frame, self._over_bot, self._barged_epoch)
             self._started, self._partial, self._barged_epoch = None, "", None
             if self._early_finals:
-                text, at = self._early_finals.popleft()
-                await self._end_turn(utterance, text, at)
+                final, at = self._early_finals.popleft()
+                await self._end_turn(utterance, final, at)
             else:
                 self._awaiting_final.append(utterance)
         elif isinstance(frame, Transcript):
             if not frame.final:
                 self._partial = frame.text
             elif self._awaiting_final:
-                await self._end_turn(self._awaiting_final.popleft(), frame.text, self.clock.now())
+                await self._end_turn(self._awaiting_final.popleft(), frame, self.clock.now())
             else:
-                self._early_finals.append((frame.text, self.clock.now()))
+                self._early_finals.append((frame, self.clock.now()))
         else:
             await self.push(frame, direction)
 
@@ -107,7 +107,8 @@ class TurnTaker(Stage):
         if self.policy.is_barge_in(speech_s, self._partial):
             self._barged_epoch = (await self.interrupt("barge-in")).epoch
 
-    async def _end_turn(self, utterance: _Utterance, text: str, final_at: float) -> None:
+    async def _end_turn(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
+        text = final.text
         if not self.policy.is_turn(text, utterance.over_bot and utterance.barged_epoch is None):
             return  # a cough, a click, a backchannel over the bot: not a turn
         epoch = utterance.barged_epoch
@@ -118,6 +119,8 @@ class TurnTaker(Stage):
         trace.mark(epoch, "user.speech_end", utterance.stopped.last_voiced_at)
         trace.mark(epoch, "turn.end_detected", utterance.stopped.at)
         trace.mark(epoch, "stt.final", final_at)
+        for name, at in final.marks:
+            trace.mark(epoch, name, at)
         trace.annotate(epoch, user_text=text, barge_in=utterance.barged_epoch is not None)
         self.conversation.add_user(text)
         context = self.conversation.snapshot()
