@@ -50,7 +50,8 @@ class SdkOnlyCall:
         self.timeout = turn_timeout_s
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue()  # the caller's frames, one per tick
         self.finals: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
-        self.turn_ends: asyncio.Queue[float] = asyncio.Queue()  # the tick that completed the silence, per turn
+        # per turn, the tick that completed the silence: when it was due, and when the ticker really woke for it
+        self.turn_ends: asyncio.Queue[tuple[float, float]] = asyncio.Queue()
 
     async def run(self, urls: dict[str, tuple[str, str]]) -> list[dict[str, float]]:
         import anthropic
@@ -114,6 +115,7 @@ class SdkOnlyCall:
         while True:
             due += FRAME / RATE
             await asyncio.sleep(max(0.0, due - loop.time()))
+            woke = loop.time()
             frame = self.outbox.get_nowait() if not self.outbox.empty() else silence
             await socket.send_media(frame)
             if frame is not silence:
@@ -122,7 +124,7 @@ class SdkOnlyCall:
                 quiet += 1
                 if quiet == self.stop_frames:
                     await socket.send_finalize()
-                    self.turn_ends.put_nowait(due)
+                    self.turn_ends.put_nowait((due, woke))
                     quiet = None
 
     async def _listen(self, socket: Any) -> None:
@@ -143,7 +145,8 @@ class SdkOnlyCall:
             for start in range(0, len(pcm), 2 * FRAME):
                 self.outbox.put_nowait(pcm[start : start + 2 * FRAME].ljust(2 * FRAME, b"\0"))
             async with asyncio.timeout(self.timeout):
-                marks = {"turn.end_tick": await self.turn_ends.get()}
+                due, woke = await self.turn_ends.get()
+                marks = {"turn.end_tick": due, "turn.end_woke": woke}
                 text, marks["stt.final"] = await self.finals.get()
                 messages.append({"role": "user", "content": text})
                 reply, played_s = await self._reply(llm, tts_socket, messages, marks)
