@@ -144,3 +144,42 @@ def test_a_final_that_arrives_after_the_next_utterance_started_is_not_lost():
 
     clock.run(main())
     assert [f.text for f in sink.frames if isinstance(f, EndOfTurn)] == ["a table for two", "at eight please"]
+
+
+def test_a_finals_marks_are_recorded_on_the_turn_it_ends():
+    """An STT cannot key marks by epoch (the turn's epoch opens when the turn ends): the turn-taker records the marks
+    a final Transcript carries on the turn it ends — whether the final came after its stop or before it."""
+    import asyncio
+
+    from tests.helpers import Collect
+    from voxpipe.pipeline import DOWNSTREAM, Conversation, EndOfTurn, Pipeline, Transcript, VirtualClock
+    from voxpipe.pipeline import UserSpeechStarted as Started
+    from voxpipe.pipeline import UserSpeechStopped as Stopped
+    from voxpipe.stages.turn import TurnTaker
+
+    clock = VirtualClock()
+    turn_taker = TurnTaker(Conversation())
+    sink = Collect()
+    pipeline = Pipeline([turn_taker, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for frame in (
+            Started(at=0.0),
+            Stopped(at=1.5, last_voiced_at=1.0),
+            Transcript(text="a table for two", final=True, marks=(("stt.sdk_call", 1.51), ("stt.sdk_answer", 1.6))),
+            Started(at=2.0),
+            Transcript(text="at eight please", final=True, marks=(("stt.sdk_answer", 2.9),)),  # before its stop
+            Stopped(at=3.0, last_voiced_at=2.5),
+        ):
+            await turn_taker.receive(frame, DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    epochs = [f.epoch for f in sink.frames if isinstance(f, EndOfTurn)]
+    assert len(epochs) == 2
+    turns = {t.turn: t.marks for t in pipeline.trace.turns}
+    assert (turns[epochs[0]]["stt.sdk_call"], turns[epochs[0]]["stt.sdk_answer"]) == (1.51, 1.6)
+    assert turns[epochs[1]]["stt.sdk_answer"] == 2.9 and "stt.sdk_call" not in turns[epochs[1]]

@@ -380,12 +380,12 @@ class ElevenLabsTTS(StreamingTTSStage):
         words = text.split()
         if reply is None or not words:
             return
+        if reply.first_text_at is None:
+            self.mark("tts.sdk_call", epoch)  # the client's boundary: a socket still opening is the network's time
         await reply.opened.wait()  # bounded: the receiver's connect has its own timeout
         socket = reply.socket
         if socket is None:
             return  # the receiver failed, and reported it
-        if reply.first_text_at is None:
-            self.mark("tts.sdk_call", epoch)  # the client's boundary: the text goes out from here
         text = " ".join(words) + " "  # ElevenLabs wants each text to end with a single space
         if self.settings.flush_each_chunk:
             message = SendText(text=text, flush=True)
