@@ -167,6 +167,12 @@ class CallTimes:
     def woke_for(self, due: float) -> float:
         return self.woke[round(due * 1e6)]
 
+    @property
+    def typical_late(self) -> float:
+        """How late the metronome usually woke in this call (the median over its ticks): asyncio's timer rounds up
+        to whole milliseconds, and the VM takes a while to wake an idle process."""
+        return statistics.median(woke - due / 1e6 for due, woke in self.woke.items())
+
 
 class WakeRecordingClock(RealClock):
     """A real clock that records when each wait really ended, by its due time in µs: asyncio's timers wake up to
@@ -242,11 +248,13 @@ def turn_figures(marks: dict[str, float], call: CallTimes, fakes: Fakes) -> dict
     input_frame = decision_tick - (speech_end + STOP_MS / 1000)
     output_frame = marks["out.first_play"] - marks["tts.first_audio"]  # a tick's wait, unless it started at once
     legs, late = _legs(marks, marks["turn.end_detected"], {k: f.shifted(call.origin) for k, f in fakes.items()})
-    # The simulated caller's frame came late by as much as the metronome woke late for its tick (asyncio's timer):
-    # the caller's lateness, as the fakes' is the server's; a real transport's frames come from the network.
+    # The simulated caller's frame came as late as the metronome woke for its tick. Up to the call's usual lateness
+    # that is the timer's, the caller's as the fakes' lateness is the server's (a real transport's frames come from
+    # the network); beyond it, the loop was busy or the process was not running when the frame was due: voxpipe's.
     woke = call.woke_for(decision_tick)
-    caller_late = woke - decision_tick
+    caller_late = min(woke - decision_tick, call.typical_late)
     stages = {
+        "tick": woke - decision_tick - caller_late,
         "vad": marks["turn.end_detected"] - woke,
         "turn": marks["llm.request"] - marks["stt.final"],
         "chunk": marks["llm.first_chunk"] - marks["llm.first_token"],
@@ -292,18 +300,19 @@ def sdk_only_figures(marks: dict[str, float], fakes: Fakes) -> dict[str, float]:
     audio, minus the injected STT, LLM and TTS latencies; and the same six legs and fakes' lateness. Its marks are
     where it calls each SDK and where each SDK answers, so its SDKs' time is its legs (``sdk.*``)."""
     end, woke = marks["turn.end_tick"], marks["turn.end_woke"]
+    caller_late = min(woke - end, marks["call.typical_tick_late"])  # as for voxpipe (see turn_figures)
     legs, late = _legs(marks, woke, fakes)
-    glue = {"turn": marks["llm.request"] - marks["stt.final"], "chunk": 0.0}  # the program's own steps
+    glue = {"tick": woke - end - caller_late, "turn": marks["llm.request"] - marks["stt.final"]}  # its own steps
     sdks = {kind: legs[f"{kind}_send"] + legs[f"{kind}_receive"] for kind in ("stt", "llm", "tts")}
     runtime = marks["tts.first_audio"] - end - (STT_S + LLM_S + TTS_S)
     figures = {
         "runtime": runtime,
-        "client_side": runtime - sum(late.values()) - (woke - end),
+        "client_side": runtime - sum(late.values()) - caller_late,
         "program": sum(glue.values()),
         "sdks": sum(sdks.values()),
         "sdk_and_sockets": sum(legs.values()),
         "fakes_late": sum(late.values()),
-        "caller_late": woke - end,
+        "caller_late": caller_late,
         **{f"sdk.{name}": value for name, value in sdks.items()},
         **{f"leg.{name}": value for name, value in legs.items()},
         **{f"late.{name}": value for name, value in late.items()},

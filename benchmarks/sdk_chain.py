@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import statistics
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,7 @@ class SdkOnlyCall:
         self.finals: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
         # per turn, the tick that completed the silence: when it was due, and when the ticker really woke for it
         self.turn_ends: asyncio.Queue[tuple[float, float]] = asyncio.Queue()
+        self.tick_lateness: list[float] = []  # how late the ticker woke, every tick
 
     async def run(self, urls: dict[str, tuple[str, str]]) -> list[dict[str, float]]:
         import anthropic
@@ -92,7 +94,9 @@ class SdkOnlyCall:
             ticker = tasks.create_task(self._tick(stt_socket))
             listener = tasks.create_task(self._listen(stt_socket))
             try:
-                return await self._converse(llm, tts_socket)
+                turns = await self._converse(llm, tts_socket)
+                typical = statistics.median(self.tick_lateness)
+                return [{**marks, "call.typical_tick_late": typical} for marks in turns]
             finally:
                 gc.unfreeze()
                 ticker.cancel()
@@ -116,6 +120,7 @@ class SdkOnlyCall:
             due += FRAME / RATE
             await asyncio.sleep(max(0.0, due - loop.time()))
             woke = loop.time()
+            self.tick_lateness.append(woke - due)
             frame = self.outbox.get_nowait() if not self.outbox.empty() else silence
             await socket.send_media(frame)
             if frame is not silence:
