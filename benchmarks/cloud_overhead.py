@@ -22,6 +22,12 @@ the same clock) — and the output waits for its next tick if a reply starts whi
 is idle it starts at once). Both are computed exactly per turn and reported apart: the contribution with them, and
 without them (the target, < 5 ms p95).
 
+Each turn is also split where the provider modules call their SDKs (the trace's ``<kind>.sdk_call`` /
+``<kind>.sdk_answer`` marks): ``voxpipe_own`` is voxpipe's code outside those calls, per turn — what the runtime
+adds to the providers' latencies as a client sees them (DESIGN §11) — and ``sdks`` the time inside them beyond the
+fakes' waits. The fakes' own lateness and the simulated caller's usual timer lateness are taken out of the client's
+figures: they are the servers' and the caller's.
+
 Next to each voxpipe call the same call runs through the three SDKs alone (benchmarks/sdk_chain.py, its own fakes),
 so the SDKs' own client-side work is measured on the same machine in the same run: voxpipe's runtime minus that
 floor is what voxpipe adds. Results: benchmarks/results/cloud_overhead.json, markdown tables on stdout, and a plot
