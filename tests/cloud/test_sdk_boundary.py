@@ -1,7 +1,7 @@
 """The trace's SDK-boundary marks: each cloud provider module marks where it hands a turn's request to its SDK
 (``<kind>.sdk_call``) and where the SDK hands back the answer (``<kind>.sdk_answer``). Checked against what the
-fakes saw (``FakeServer.waits()``): each provider's wait lies between its two marks, and the marks sit between the
-stage marks around them, so a turn's time splits exactly into voxpipe's own and the SDKs' (which
+fakes saw (``FakeServer.waits()``): each provider's wait lies between its two marks (Deepgram's call starting with the
+utterance's last frame), and the marks sit between the stage marks around them, so a turn's time splits exactly into voxpipe's own and the SDKs' (which
 ``benchmarks/cloud_overhead.py`` reports)."""
 
 from __future__ import annotations
@@ -35,13 +35,31 @@ def the_wait(waits: list[Wait], after: float) -> Wait:
     return next(w for w in waits if w.arrived >= after)
 
 
+def watch_deepgram_sends(monkeypatch: pytest.MonkeyPatch, clock: RealClock) -> dict[str, list[float]]:
+    """When the Deepgram SDK's socket is handed each audio frame and each Finalize (the clock's time); the SDK's
+    methods still run."""
+    from deepgram.listen.v1.socket_client import AsyncV1SocketClient
+
+    handed: dict[str, list[float]] = {"media": [], "finalize": []}
+    for what in handed:
+        method = getattr(AsyncV1SocketClient, f"send_{what}")
+
+        async def watched(self: Any, *args: Any, _method: Any = method, _times: list[float] = handed[what]) -> None:
+            _times.append(clock.now())
+            await _method(self, *args)
+
+        monkeypatch.setattr(AsyncV1SocketClient, f"send_{what}", watched)
+    return handed
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("voice", [FakeCartesia, FakeElevenLabs])
-def test_each_providers_wait_lies_between_its_sdk_marks(tmp_path, voice):
+def test_each_providers_wait_lies_between_its_sdk_marks(tmp_path, monkeypatch, voice):
     stt = FakeDeepgram(utterances=LINES, latency_s=STT_S)
     llm = FakeAnthropic(["Yes, we are open until ten.", "Of course, at what time?"], ttft_s=LLM_S)
     tts = voice(ttfa_s=TTS_S)
     clock = RealClock()
+    handed = watch_deepgram_sends(monkeypatch, clock)
     with serving(stt, llm, tts):
         config, settings = parse_config(
             {
@@ -79,3 +97,7 @@ def test_each_providers_wait_lies_between_its_sdk_marks(tmp_path, voice):
             # The SDK sent the request after the call mark, and the answer was written before the answer mark.
             assert at[f"{kind}.sdk_call"] <= wait.arrived
             assert wait.arrived + latency <= wait.answered <= at[f"{kind}.sdk_answer"], kind
+        # Deepgram's call is the utterance's end: its last frame (the one that completed the silence), then Finalize.
+        finalize = next(t for t in handed["finalize"] if t >= turn.marks["stt.sdk_call"])
+        last_frame = max(t for t in handed["media"] if t < finalize)
+        assert turn.marks["stt.sdk_call"] <= last_frame

@@ -204,9 +204,10 @@ class PendingFinal:
     cut_pts: int  # words starting before this sample are its words
     speech_end_pts: int  # its last voiced sample: is_final results reaching it complete the utterance
     finalize_on: object | None = None  # the socket its Finalize was sent on
-    # Clock times, also the SDK boundary for the trace (stt.sdk_call / stt.sdk_answer): its first Finalize handed
-    # to the SDK, and the SDK handing over the result that answered it.
-    finalize_sent_at: float | None = None
+    # Clock times, also the SDK boundary for the trace (stt.sdk_call / stt.sdk_answer): its end first handed to the
+    # SDK — the first of its audio still unsent when it ended, else its Finalize, which goes out right after that
+    # audio — and the SDK handing over the result that answered the Finalize.
+    sdk_call_at: float | None = None
     answered_at: float | None = None
     timed_out_at: float | None = None  # when finalize_timeout_s ran out, if it did
     settled: bool = False  # its final transcript went out
@@ -223,8 +224,8 @@ class PendingFinal:
     def trace_marks(self) -> tuple[tuple[str, float], ...]:
         """Marks for the turn its final ends (:attr:`Transcript.marks`: the turn's epoch does not exist yet)."""
         marks: list[tuple[str, float]] = []
-        if self.finalize_sent_at is not None and self.answered_at is not None:
-            marks += [("stt.sdk_call", self.finalize_sent_at), ("stt.sdk_answer", self.answered_at)]
+        if self.sdk_call_at is not None and self.answered_at is not None:
+            marks += [("stt.sdk_call", self.sdk_call_at), ("stt.sdk_answer", self.answered_at)]
         if self.timed_out_at is not None:
             marks.append(("stt.finalize_timeout", self.timed_out_at))
         return tuple(marks)
@@ -493,6 +494,7 @@ class DeepgramSTT(Stage):
                 socket.cursor = max(socket.cursor, self._audio.first_index)
                 chunk = self._audio.get(socket.cursor)
                 if chunk is not None:
+                    self._handing_over(socket.cursor)
                     await socket.sdk.send_media(chunk.pcm)
                     socket.timeline.add(chunk.pts, chunk.samples)
                     socket.cursor += 1
@@ -522,9 +524,16 @@ class DeepgramSTT(Stage):
             if pending.finalize_on is not socket:
                 pending.finalize_on = socket
                 socket.finalizes.append(pending)
-                if pending.finalize_sent_at is None:
-                    pending.finalize_sent_at = self.clock.now()
+                if pending.sdk_call_at is None:
+                    pending.sdk_call_at = self.clock.now()
                 await socket.sdk.send_finalize()
+
+    def _handing_over(self, index: int) -> None:
+        """Audio chunk ``index`` is about to go to the SDK: an utterance that already ended with it unsent starts
+        its SDK call here (``stt.sdk_call``), as a program sending its last frame, then Finalize, would count it."""
+        for pending in self._unanswered:
+            if pending.sdk_call_at is None and index < pending.cut_index:
+                pending.sdk_call_at = self.clock.now()
 
     async def _receive_loop(self, socket: _Socket) -> None:
         """Read until the socket closes. While a Finalize is unanswered, a silence of ``result_timeout_s`` is a
