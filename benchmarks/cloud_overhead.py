@@ -2,7 +2,7 @@
 Deepgram → Claude → Cartesia, each played by its loopback fake with a known, injected latency, minus those
 latencies. The official SDKs run for real (HTTP, SSE, WebSockets on 127.0.0.1); the fakes run in a process of their
 own, so their work does not share the pipeline's interpreter (a process per fake: one fake's work never
-delays another's reads).
+delays another's reads), on the cores the client does not use (the client has one to itself).
 
     python benchmarks/cloud_overhead.py [--turns 100] [--calls 4]
 
@@ -80,6 +80,20 @@ LINES = [
 
 RIGHT_TOP_MS = 30  # the plot's right panel
 FAKE_NICE = -10  # the fakes' niceness: raised above the client's (see serve_fake)
+CLIENT_CPU = 0  # the client (voxpipe's call, or the SDK-only program) runs on this core, the fakes on the others
+
+
+def server_cpus() -> set[int]:
+    """The cores the fakes run on: all but the client's (none to pin to on a single core)."""
+    return set(range(os.cpu_count() or 1)) - {CLIENT_CPU}
+
+
+def pin_client() -> None:
+    """Give the client a core of its own, the fakes the rest (each fake pins itself, see serve_fake): a real
+    service's servers do not share the client's CPU. Unpinned, a fake woken by the client's write often took the
+    client's core (it runs at a raised priority), and its time was counted as the client's."""
+    if server_cpus():
+        os.sched_setaffinity(0, {CLIENT_CPU})
 
 
 @dataclass(frozen=True)
@@ -109,12 +123,13 @@ def serve_fake(kind: str, lines: list[str], ports: Any, stop: Any) -> None:
     """Child process: one fake (``stt``, ``llm`` or ``tts``) on 127.0.0.1 until ``stop`` is set. Each fake has a
     process of its own, as each service has its own servers: one fake's work never delays another's reads.
 
-    It runs at a raised scheduling priority where the OS allows (root or CAP_SYS_NICE): a real service's CPU is not
-    the client's, but here four processes share two cores, and a fake woken by a request while both cores are busy
-    waited for the scheduler's time slice — 2-4 ms in a few turns in 20 that were counted as the runtime's. The
-    fakes do little work, so they take little from the client when they preempt it."""
+    A real service's CPU is not the client's, so the fake runs on the cores the client does not (see pin_client),
+    at a raised scheduling priority where the OS allows (root or CAP_SYS_NICE): a fake woken by a request while its
+    core was busy waited for the scheduler's time slice — 2-4 ms in a few turns in 20, counted as the client's."""
     with contextlib.suppress(PermissionError):
         os.nice(FAKE_NICE)
+    if server_cpus():
+        os.sched_setaffinity(0, server_cpus())
     from voxpipe.testing.fakes.anthropic import FakeAnthropic
     from voxpipe.testing.fakes.cartesia import FakeCartesia
     from voxpipe.testing.fakes.deepgram import FakeDeepgram
@@ -413,9 +428,11 @@ def main() -> None:
     floor: list[dict[str, float]] = []
     context = multiprocessing.get_context("spawn")
     niceness: set[int] = set()
+    pin_client()
     load_before = os.getloadavg()
     started = time.perf_counter()
-    with Progress(console=console) as progress, tempfile.TemporaryDirectory() as scratch:
+    # No auto-refresh: its thread would take the GIL from the call's event loop ten times a second.
+    with Progress(console=console, auto_refresh=False) as progress, tempfile.TemporaryDirectory() as scratch:
         task = progress.add_task("turns, voxpipe and the SDKs alone", total=2 * args.turns)
         for call in range(args.calls):  # a voxpipe call, then the same call through the SDKs alone, and again
             lines = [LINES[i % len(LINES)] for i in range(per_call)]
@@ -423,10 +440,10 @@ def main() -> None:
             times, fakes = with_fakes(lines, context, partial(run_call, lines=lines, out=out))
             turns += [turn_figures(marks, times, fakes) for marks in times.turns]
             niceness |= {f.nice for f in fakes.values()}
-            progress.update(task, advance=len(times.turns))
+            progress.update(task, advance=len(times.turns), refresh=True)
             marked, fakes = with_fakes(lines, context, partial(run_sdk_only_call, lines=lines, stop_ms=STOP_MS))
             floor += [sdk_only_figures(marks, fakes) for marks in marked]
-            progress.update(task, advance=len(marked))
+            progress.update(task, advance=len(marked), refresh=True)
     turns, floor = turns[: args.turns], floor[: args.turns]
     summary, floor_summary = summarise(turns), summarise(floor)
     added = {  # voxpipe's beyond the SDKs' own, by percentile (the calls are different, so no per-turn pairing)
@@ -440,6 +457,7 @@ def main() -> None:
         "load_after": os.getloadavg(),
         "wall_s": round(time.perf_counter() - started, 1),
         "fakes_nice": sorted(niceness),
+        "cpus": {"client": sorted(os.sched_getaffinity(0)), "fakes": sorted(server_cpus())},
         "injected_ms": {"stop_ms": STOP_MS, "stt": STT_S * 1000, "llm": LLM_S * 1000, "tts": TTS_S * 1000},
         "summary": summary,
         "sdk_only_summary": floor_summary,
