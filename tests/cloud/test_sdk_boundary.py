@@ -1,8 +1,8 @@
 """The trace's SDK-boundary marks: each cloud provider module marks where it hands a turn's request to its SDK
 (``<kind>.sdk_call``) and where the SDK hands back the answer (``<kind>.sdk_answer``). Checked against what the
-fakes saw (``FakeServer.waits()``): each provider's wait lies between its two marks (Deepgram's call starting with the
-utterance's last frame), and the marks sit between the stage marks around them, so a turn's time splits exactly into voxpipe's own and the SDKs' (which
-``benchmarks/cloud_overhead.py`` reports)."""
+fakes saw (``FakeServer.waits()``): each provider's wait lies between its two marks (Deepgram's call starting with
+the utterance's last frame), and the marks sit between the stage marks around them, so a turn's time splits exactly
+into voxpipe's own and the SDKs' (which ``benchmarks/cloud_overhead.py`` reports)."""
 
 from __future__ import annotations
 
