@@ -101,3 +101,5 @@ def test_each_providers_wait_lies_between_its_sdk_marks(tmp_path, monkeypatch, v
         finalize = next(t for t in handed["finalize"] if t >= turn.marks["stt.sdk_call"])
         last_frame = max(t for t in handed["media"] if t < finalize)
         assert turn.marks["stt.sdk_call"] <= last_frame
+        # Deepgram's SpeechStarted (next to the local VAD, for the trace) lands on the turn whose utterance it starts.
+        assert turn.marks["stt.speech_started"] == pytest.approx(turn.marks["user.speech_start"], abs=0.05)

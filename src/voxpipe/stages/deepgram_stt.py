@@ -204,6 +204,7 @@ class PendingFinal:
     cut_pts: int  # words starting before this sample are its words
     speech_end_pts: int  # its last voiced sample: is_final results reaching it complete the utterance
     finalize_on: object | None = None  # the socket its Finalize was sent on
+    heard_at: float | None = None  # with a local VAD: where Deepgram's SpeechStarted put its start, if one came
     # Clock times, also the SDK boundary for the trace (stt.sdk_call / stt.sdk_answer): its end first handed to the
     # SDK — the first of its audio still unsent when it ended, else its Finalize, which goes out right after that
     # audio — and the SDK handing over the result that answered the Finalize.
@@ -224,6 +225,8 @@ class PendingFinal:
     def trace_marks(self) -> tuple[tuple[str, float], ...]:
         """Marks for the turn its final ends (:attr:`Transcript.marks`: the turn's epoch does not exist yet)."""
         marks: list[tuple[str, float]] = []
+        if self.heard_at is not None:
+            marks.append(("stt.speech_started", self.heard_at))
         if self.sdk_call_at is not None and self.answered_at is not None:
             marks += [("stt.sdk_call", self.sdk_call_at), ("stt.sdk_answer", self.answered_at)]
         if self.timed_out_at is not None:
@@ -306,6 +309,10 @@ class DeepgramSTT(Stage):
         self._wake = asyncio.Event()  # the sender has audio, a Finalize or the close to send
         self._closing = False
         self._speaking = False  # an utterance is open (the VAD's, or Deepgram's in speech_events mode)
+        # With a local VAD: where it heard the open utterance start, and Deepgram's SpeechStarted times not yet
+        # given to an utterance (for the trace only).
+        self._vad_started_at = 0.0
+        self._heard: list[float] = []
         self._pending: deque[PendingFinal] = deque()  # utterances waiting for their final transcript
         self._unanswered: deque[PendingFinal] = deque()  # utterances whose Finalize is unsent or unanswered
         self._no_pending = asyncio.Event()
@@ -447,6 +454,7 @@ class DeepgramSTT(Stage):
             await self.push(frame)
             if isinstance(frame, UserSpeechStarted):
                 self._speaking = True
+                self._vad_started_at = frame.at
             else:
                 self._speaking = False
                 await self._utterance_ended(
@@ -632,8 +640,8 @@ class DeepgramSTT(Stage):
     async def _on_speech_started(self, socket: _Socket, timestamp: float | None, pts: int | None = None) -> None:
         at_pts = socket.timeline.to_pts(timestamp) if pts is None else pts
         at = at_pts / self._rate
-        if not self.settings.speech_events:
-            self.mark("stt.speech_started", self.pipeline.epoch, at)  # the local VAD decides; this is for the trace
+        if not self.settings.speech_events:  # the local VAD decides; this goes to the trace of the turn it starts
+            self._heard.append(at)
             return
         if self._speaking:
             return
@@ -651,6 +659,11 @@ class DeepgramSTT(Stage):
 
     async def _utterance_ended(self, cut_index: int, cut_pts: int, speech_end_pts: int) -> None:
         pending = PendingFinal(cut_index, cut_pts, speech_end_pts)
+        cut = cut_pts / self._rate
+        heard = [at for at in self._heard if at < cut]
+        self._heard = [at for at in self._heard if at >= cut]  # the next utterance's
+        if heard:  # Deepgram may also have heard a noise, or a pause inside the utterance: take the nearest
+            pending.heard_at = min(heard, key=lambda at: abs(at - self._vad_started_at))
         self._pending.append(pending)
         self._unanswered.append(pending)
         self._no_pending.clear()
