@@ -109,6 +109,18 @@ def test_a_slow_tool_gets_a_filler_line_and_its_result_and_audit(tmp_path):
     assert [m.tool.name for m in tool_messages] == ["book_table"]
 
 
+def test_what_the_model_says_before_a_tool_call_is_spoken_while_the_tool_runs(tmp_path):
+    arguments = {"name": "Rossi", "people": 2, "time": "20:00"}
+    reply = ScriptedReply("Done: {result}.", tool="book_table", arguments=arguments, preamble="Let me book that.")
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools={"book_table": Tool.of(book_table)})
+    first = result.turns[0]
+    assert first.marks["out.first_play"] < first.marks["tool.end:call_1"], "the caller hears it during the 3 s tool"
+    assert first.data["bot_text"].startswith("Let me book that. Done: {'booked': True")
+    assert first.heard[:5] == ["Let", "me", "book", "that.", "Done:"], "two rounds, two sentences, no glued word"
+    [bot, *_] = [line["heard"] for line in result.transcript if line["speaker"] == "bot"]
+    assert bot.startswith("Let me book that. Done:")
+
+
 BARGE_IN = [
     Say("Book a table for two at eight, name Rossi.", pause=0.4),
     Say("Actually wait, make it nine.", barge_in=0.9),

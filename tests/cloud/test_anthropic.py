@@ -301,7 +301,7 @@ def test_the_tool_loop_runs_the_tool_and_sends_its_result_back(serve, tmp_path):
     assert block["type"] == "tool_result" and block["tool_use_id"] == "toolu_01" and "is_error" not in block
     assert json.loads(block["content"]) == {"city": "Paris", "celsius": 18, "sky": "sunny"}
     turn = result.turns[0]
-    assert turn.data["bot_text"] == "Let me check.It is 18 degrees and sunny in Paris."
+    assert turn.data["bot_text"] == "Let me check. It is 18 degrees and sunny in Paris."
     assert "18" in turn.heard and turn.heard[-1] == "Paris."
     assert any(name.startswith("tool.start:toolu_01") for name in turn.marks)
     assert llm_usage(result) == sent_usage(served.fake)

@@ -83,10 +83,19 @@ class LLMStage(QueuedStage):
             # aclosing: a cancellation landing outside the generator (in a push) still closes it here, now,
             # instead of leaving it to the garbage collector and an unowned task.
             async with contextlib.aclosing(self.generate(turn)) as stream:
+                after_tool = False
                 async for item in stream:
                     if isinstance(item, ToolCall):
+                        # What the model said before the call is spoken now, while the tool runs, not after it.
+                        rest = chunker.flush()
+                        if rest:
+                            await self._speak(epoch, rest)
                         await self._run_tool(item)
+                        after_tool = True
                         continue
+                    if after_tool and text and not text[-1][-1:].isspace() and not item[:1].isspace():
+                        item = " " + item  # the next round's text starts a new sentence, not a new word
+                    after_tool = False
                     if not text:
                         self.mark("llm.first_token", epoch)
                     text.append(item)

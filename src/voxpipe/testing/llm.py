@@ -19,11 +19,13 @@ _TOKEN = re.compile(r"\s*\S+")
 
 @dataclass(frozen=True)
 class ScriptedReply:
-    """A reply; with ``tool`` set, the tool is called first and ``text`` may use ``{result}``."""
+    """A reply; with ``tool`` set, the tool is called first (after ``preamble``, if any: what a model says
+    before it calls a tool) and ``text`` may use ``{result}``."""
 
     text: str
     tool: str | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
+    preamble: str = ""
 
 
 Replies = Sequence[str | ScriptedReply] | Callable[[EndOfTurn], str | ScriptedReply]
@@ -37,6 +39,7 @@ class ScriptedToolReply(BaseModel):
     text: str
     tool: str
     arguments: dict[str, Any] = Field(default_factory=dict)
+    preamble: str = ""
 
 
 class ScriptedLLMSettings(BaseModel):
@@ -60,7 +63,9 @@ class ScriptedLLM(LLMStage):
     @classmethod
     def from_settings(cls, settings: ScriptedLLMSettings, context: Any, name: str) -> ScriptedLLM:
         replies: list[str | ScriptedReply] = [
-            r if isinstance(r, str) else ScriptedReply(r.text, tool=r.tool, arguments=dict(r.arguments))
+            r
+            if isinstance(r, str)
+            else ScriptedReply(r.text, tool=r.tool, arguments=dict(r.arguments), preamble=r.preamble)
             for r in settings.replies
         ]
         return cls(
@@ -101,11 +106,17 @@ class ScriptedLLM(LLMStage):
         await self.clock.sleep(self.ttft_s)
         text = reply.text
         if reply.tool is not None:
+            async for token in self._stream(reply.preamble):
+                yield token
             call_id = f"call_{next(self._call_ids)}"
             yield ToolCall(epoch=turn.epoch, call_id=call_id, name=reply.tool, arguments=reply.arguments)
             result = self.results[call_id]
             text = text.format(result=result.result if result.error is None else f"an error ({result.error})")
             await self.clock.sleep(self.ttft_s)
+        async for token in self._stream(text):
+            yield token
+
+    async def _stream(self, text: str) -> AsyncIterator[str]:
         interval = 1.0 / self.tokens_per_s
         for i, token in enumerate(_TOKEN.findall(text)):
             if i:
