@@ -275,6 +275,21 @@ async def test_a_drop_mid_utterance_reconnects_and_replays_the_turns_audio(tmp_p
     assert not error.fatal and "Deepgram: connection lost" in error.error and "replaying" in error.error
 
 
+@pytest.mark.timeout(30)
+async def test_a_server_that_drops_every_connection_ends_the_session_after_max_reconnects(tmp_path):
+    line = "I would like to book a table for four tonight."
+    # Every connection answers (SpeechStarted, an interim result), then drops: answering is not "recovered".
+    async with FakeDeepgram(utterances=[line], faults=Faults(drop_after=2), drop_connections=100) as fake:
+        stages = Stages()
+        with pytest.raises(ProviderError, match="4 times within 60 s; gave up after 3 reconnects"):
+            await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
+    assert len(fake.of("connect")) == 4 and len(fake.of("dropped")) == 4
+    assert stages.stt.stats.reconnects == 3 and stages.stt.stats.messages >= 4
+    *reported, fatal = stages.stt.pipeline.errors
+    assert [e.fatal for e in reported] == [False] * 3 and all("reconnecting" in e.error for e in reported)
+    assert fatal.fatal and "Deepgram: connection lost" in fatal.error
+
+
 # --------------------------------------------------------------------------- pipelines built in code
 
 

@@ -56,6 +56,7 @@ PROVIDER = "Deepgram"
 PRODUCTION_URL = "wss://api.deepgram.com"
 _REFUSALS = {401: "API key rejected", 402: "account out of credit", 403: "API key not allowed to use this model"}
 _PRE_ROLL_S = 0.5  # audio kept while nobody speaks: a drop at a speech onset must not cut the first word
+RECONNECT_WINDOW_S = 60.0  # more than max_reconnects drops within this long end the session
 
 # ------------------------------------------------------------------------------------------------ settings
 
@@ -101,7 +102,9 @@ class DeepgramSTTSettings(BaseModel):
         default=5.0, gt=0, le=60, description="a Finalize unanswered (no message at all) this long: reconnect"
     )
     keepalive_s: float = Field(default=4.0, gt=0, le=9, description="KeepAlive period while no audio flows")
-    max_reconnects: int = Field(default=3, ge=0, le=20, description="reconnects in a row before the stage fails")
+    max_reconnects: int = Field(
+        default=3, ge=0, le=20, description=f"reconnects within {RECONNECT_WINDOW_S:g} s before the stage fails"
+    )
     retry_after_s: float = Field(
         default=5.0, gt=0, le=600, description="after a failure (skip policies), reconnect no sooner than this"
     )
@@ -242,15 +245,10 @@ class _Socket:
     timeline: StreamTimeline
     cursor: int
     finalizes: deque[PendingFinal] = field(default_factory=deque)
-    received: int = 0
 
 
 class _ConnectionLost(Exception):
-    """The socket dropped or stalled; the session reconnects (``useful``: it delivered something first)."""
-
-    def __init__(self, reason: str, *, useful: bool) -> None:
-        super().__init__(reason)
-        self.useful = useful
+    """The socket dropped or stalled; the session reconnects."""
 
 
 @dataclass
@@ -370,19 +368,28 @@ class DeepgramSTT(Stage):
         return query
 
     async def _run_session(self) -> None:
-        """Connect, serve, reconnect after a drop (up to ``max_reconnects`` in a row); a refusal is final."""
+        """Connect, serve, reconnect after a drop (up to ``max_reconnects`` within a minute); a refusal is final."""
         client = self._client()
-        failures = 0
+        loop = asyncio.get_running_loop()
+        # When recent connections were lost. Counting drops in a window, not failures in a row, also ends a session
+        # whose server answers a little and then drops every connection, instead of reconnecting forever.
+        drops: deque[float] = deque()
+        limit = self.settings.max_reconnects
         try:
             while not self._closing:
                 try:
                     await self._connect_and_serve(client)
                     return
                 except _ConnectionLost as lost:
-                    failures = 0 if lost.useful else failures + 1
-                    if failures > self.settings.max_reconnects:
+                    now = loop.time()
+                    drops.append(now)
+                    while now - drops[0] > RECONNECT_WINDOW_S:
+                        drops.popleft()
+                    if len(drops) > limit:
                         raise ProviderError(
-                            PROVIDER, f"connection lost ({lost}) and {self.settings.max_reconnects} reconnects failed"
+                            PROVIDER,
+                            f"connection lost ({lost}), {len(drops)} times within {RECONNECT_WINDOW_S:g} s; "
+                            f"gave up after {limit} reconnects",
                         ) from lost
                     if self._closing:
                         return
@@ -390,10 +397,10 @@ class DeepgramSTT(Stage):
                     replay_s = (self._audio.end_pts - self._audio.first_pts) / self._rate
                     self.mark("stt.reconnect", self.pipeline.epoch, reason=str(lost))
                     await self.report(
-                        f"{PROVIDER}: connection lost ({lost}); reconnecting ({failures or 1} of "
-                        f"{self.settings.max_reconnects}) and replaying {replay_s:.1f} s of the caller's audio"
+                        f"{PROVIDER}: connection lost ({lost}); reconnecting ({len(drops)} of {limit} within "
+                        f"{RECONNECT_WINDOW_S:g} s) and replaying {replay_s:.1f} s of the caller's audio"
                     )
-                    await asyncio.sleep(0.05 * failures)  # a server that refuses connections is not hammered
+                    await asyncio.sleep(0.05 * (len(drops) - 1))  # the first at once; then the server is not hammered
         except BaseException:
             self._session_failed_at = self.clock.now()
             raise
@@ -409,9 +416,9 @@ class DeepgramSTT(Stage):
             except ApiError as exc:
                 raise self._refusal(exc) from None
             except TimeoutError:
-                raise _ConnectionLost(f"no handshake within {limit:g} s", useful=False) from None
+                raise _ConnectionLost(f"no handshake within {limit:g} s") from None
             except OSError as exc:
-                raise _ConnectionLost(f"cannot connect to {self.settings.base_url}: {exc}", useful=False) from None
+                raise _ConnectionLost(f"cannot connect to {self.settings.base_url}: {exc}") from None
             self.stats.connects += 1
             socket = _Socket(sdk_socket, StreamTimeline(self._rate), cursor=self._audio.first_index)
             # A Finalize lost with the old socket is sent again after the replay, unless its final is already out.
@@ -523,7 +530,7 @@ class DeepgramSTT(Stage):
                     self.stats.keepalives += 1
                     await socket.sdk.send_keep_alive()
         except ConnectionClosed as exc:
-            raise _ConnectionLost(f"closed while sending (code {exc.code})", useful=socket.received > 0) from None
+            raise _ConnectionLost(f"closed while sending (code {exc.code})") from None
 
     async def _send_finalizes(self, socket: _Socket) -> None:
         for pending in list(self._unanswered):
@@ -554,22 +561,18 @@ class DeepgramSTT(Stage):
                 async with asyncio.timeout(limit):
                     message = await socket.sdk.recv()
             except TimeoutError:
-                raise _ConnectionLost(
-                    f"no message within {limit:g} s of a Finalize (stalled)", useful=socket.received > 0
-                ) from None
+                raise _ConnectionLost(f"no message within {limit:g} s of a Finalize (stalled)") from None
             except json.JSONDecodeError as exc:
-                socket.received += 1
                 await self.report(f"{PROVIDER} sent malformed JSON ({exc}); skipped it")
                 continue
             except ConnectionClosedOK:
                 if self._closing:
                     return
-                raise _ConnectionLost("closed by Deepgram", useful=socket.received > 0) from None
+                raise _ConnectionLost("closed by Deepgram") from None
             except ConnectionClosed as exc:
                 reason = f"code {exc.rcvd.code}: {exc.rcvd.reason}" if exc.rcvd else "no close frame"
-                raise _ConnectionLost(f"closed abruptly ({reason})", useful=socket.received > 0) from None
+                raise _ConnectionLost(f"closed abruptly ({reason})") from None
             received_at = self.clock.now()  # the SDK boundary: it has parsed the message
-            socket.received += 1
             self.stats.messages += 1
             await self._on_message(socket, message, received_at)
 
