@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from voxpipe.pipeline import JsonlTraceWriter, Tracer
 from voxpipe.pipeline.trace import CRITICAL_PATH, SEGMENTS, breakdown, percentile
+from voxpipe.pipeline.usage import UsageMeter, cost
 
 MARKS = ["user.speech_end", *(m for m, _ in CRITICAL_PATH)]
 
@@ -73,3 +74,22 @@ def test_summary_percentiles():
     assert stat.p50 == pytest.approx(10.5)
     assert stat.max == pytest.approx(20.0)
     assert percentile([1, 2, 3, 4], 50) == 2.5
+
+
+def test_usage_counted_for_the_next_turn_is_that_turns_once_it_opens():
+    tracer = Tracer()
+    meter = UsageMeter(tracer)
+    meter.add_for_next_turn("stt", audio_seconds=2.5)  # the caller speaking before turn 1 opens
+    meter.open_turn(1)
+    meter.add("llm", 1, input_tokens=100, output_tokens=20)
+    meter.add_for_next_turn("stt", audio_seconds=1.5)  # after turn 1 opened: turn 2's, which never opens
+    tracer.mark(1, "turn.end_detected", 0.0)
+    record = tracer.finish(1)
+    assert record is not None
+    assert record.data["usage"] == {"stt": {"audio_seconds": 2.5}, "llm": {"input_tokens": 100, "output_tokens": 20}}
+    assert meter.unassigned == {"stt": {"audio_seconds": 1.5}}
+    assert meter.totals["stt"] == {"audio_seconds": 4.0}
+    prices = {"stt": {"audio_seconds": 0.01}, "llm": {"input_tokens": 1e-6}}
+    assert cost(record.data["usage"], prices) == pytest.approx({"stt": 0.025, "llm": 1e-4, "total": 0.0251})
+    with pytest.raises(ValueError, match="stage 'tts' counted a negative characters"):
+        meter.add("tts", 1, characters=-3)

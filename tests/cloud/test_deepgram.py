@@ -136,6 +136,41 @@ async def test_a_turn_is_transcribed_with_partials_before_the_final(tmp_path):
     assert not stages.errors
 
 
+@pytest.mark.timeout(30)
+async def test_each_turn_is_billed_for_the_audio_of_its_utterance_and_the_turns_add_up(tmp_path):
+    lines = ["A table for four tonight.", "At eight, please."]
+    async with FakeDeepgram(utterances=lines) as fake:
+        stages = Stages()
+        parsed, settings = parse_config(
+            {
+                "audio": {"sample_rate": RATE},
+                "vad": {"provider": "scripted"},
+                "stt": {"provider": "deepgram", "api_key": fake.api_key, "base_url": fake.ws_url},
+                "llm": {"provider": "scripted", "replies": ["Sure.", "Done."]},
+                "tts": {"provider": "scripted"},
+                "pricing": {"stt": {"audio_seconds": 0.01}},
+            }
+        )
+        script = [Say(line, pause=0.3) for line in lines]
+        result = await asyncio.to_thread(
+            run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), registry=stages.registry
+        )
+    assert user_texts(result) == lines
+    written = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [t["turn"] for t in written] == [t.turn for t in result.turns]
+    billed = [t["data"]["usage"]["stt"]["audio_seconds"] for t in written]
+    for turn, seconds, record in zip(result.turns, billed, written, strict=True):
+        assert record["data"]["usage"] == turn.data["usage"], "the trace file has the turn's whole usage"
+        assert record["data"]["cost_usd"]["stt"] == pytest.approx(seconds * 0.01), "priced by the config's table"
+        spoken = turn.marks["user.speech_end"] - turn.marks["user.speech_start"]
+        assert seconds > spoken, "the turn is billed for the audio of its own utterance"
+    meter = stages.stt.pipeline.usage
+    after_last_turn = meter.unassigned["stt"]["audio_seconds"]
+    assert sum(billed) + after_last_turn == pytest.approx(meter.totals["stt"]["audio_seconds"])
+    assert sum(billed) + after_last_turn == pytest.approx(stages.stt.stats.audio_s)
+    assert result.cost_usd["stt"] == pytest.approx(stages.stt.stats.audio_s * 0.01)
+
+
 class _Later:
     """A placeholder word source; ``Stages`` hands the fake the call's caller once the call builds it."""
 

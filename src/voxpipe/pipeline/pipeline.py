@@ -210,11 +210,13 @@ class Pipeline:
     def next_epoch(self) -> int:
         """Open a new turn generation without interrupting (nothing is in flight)."""
         self.epoch += 1
+        self.usage.open_turn(self.epoch)
         return self.epoch
 
     async def interrupt(self, origin: Stage, reason: str = "barge-in") -> Interrupt:
         """Open a new epoch and send :class:`Interrupt` both ways from ``origin``."""
         self.epoch += 1
+        self.usage.open_turn(self.epoch)
         interrupt = Interrupt(epoch=self.epoch, at=self.clock.now(), reason=reason)
         await origin._take_interrupt(interrupt, DOWNSTREAM)
         if origin._prev is not None:

@@ -148,6 +148,10 @@ class Stage:
         """Count usage of a metered service (``input_tokens=…``, ``characters=…``) for the turn ``epoch``."""
         self.pipeline.usage.add(self.name, epoch, **amounts)
 
+    def count_for_next_turn(self, **amounts: float) -> None:
+        """Count usage that belongs to the next turn to open (a streaming STT's audio: the caller's next words)."""
+        self.pipeline.usage.add_for_next_turn(self.name, **amounts)
+
     async def report(self, problem: str) -> None:
         """Report a problem this stage handled without failing: a non-fatal :class:`ErrorFrame` upstream."""
         await self.pipeline.report(self, f"{self.name}: {problem}")

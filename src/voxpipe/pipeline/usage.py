@@ -3,6 +3,11 @@ and per call, and priced by a table of unit prices.
 
 A provider stage counts with ``self.count(epoch, input_tokens=120, output_tokens=31)``. Each turn's record in the
 trace carries that turn's usage (``data["usage"]``, by stage name); :attr:`UsageMeter.totals` holds the call's.
+
+A streaming STT is billed for all the audio it is sent, which belongs to no reply: it counts with
+``self.count_for_next_turn(audio_seconds=…)``, and that usage goes to the next turn to open — the turn whose words
+the audio carries (the caller's utterance, and the pause before it). What is counted after the last turn opened is
+in :attr:`UsageMeter.unassigned` (and the totals) only.
 """
 
 from __future__ import annotations
@@ -28,18 +33,41 @@ class UsageMeter:
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
         self.totals: dict[str, Counts] = {}
+        self.unassigned: dict[str, Counts] = {}  # counted for the next turn, which has not opened yet
         self._turns: dict[int, dict[str, Counts]] = {}
 
     def add(self, stage: str, turn: int, **amounts: float) -> None:
-        for counts in (self.totals.setdefault(stage, {}), self._turns.setdefault(turn, {}).setdefault(stage, {})):
-            for counter, amount in amounts.items():
-                if amount < 0:
-                    raise ValueError(f"stage {stage!r} counted a negative {counter}: {amount}")
-                counts[counter] = counts.get(counter, 0) + amount
+        _accumulate(self.totals, stage, amounts)
+        _accumulate(self._turns.setdefault(turn, {}), stage, amounts)
+        self._annotate(turn)
+
+    def add_for_next_turn(self, stage: str, **amounts: float) -> None:
+        _accumulate(self.totals, stage, amounts)
+        _accumulate(self.unassigned, stage, amounts)
+
+    def open_turn(self, turn: int) -> None:
+        """``turn`` opened (the pipeline's epoch moved to it): the usage counted for it so far becomes its own."""
+        if not self.unassigned:
+            return
+        counts = self._turns.setdefault(turn, {})
+        for stage, amounts in self.unassigned.items():
+            _accumulate(counts, stage, amounts)
+        self.unassigned = {}
+        self._annotate(turn)
+
+    def _annotate(self, turn: int) -> None:
         self._tracer.annotate(turn, usage={name: dict(counts) for name, counts in self._turns[turn].items()})
 
     def of_turn(self, turn: int) -> dict[str, Counts]:
         return {name: dict(counts) for name, counts in self._turns.get(turn, {}).items()}
+
+
+def _accumulate(usage: dict[str, Counts], stage: str, amounts: Mapping[str, float]) -> None:
+    counts = usage.setdefault(stage, {})
+    for counter, amount in amounts.items():
+        if amount < 0:
+            raise ValueError(f"stage {stage!r} counted a negative {counter}: {amount}")
+        counts[counter] = counts.get(counter, 0) + amount
 
 
 def cost(usage: Mapping[str, Mapping[str, float]], prices: Prices) -> dict[str, float]:

@@ -515,7 +515,7 @@ class DeepgramSTT(Stage):
                     socket.cursor += 1
                     seconds = chunk.samples / self._rate
                     self.stats.audio_s += seconds
-                    self.count(self.pipeline.epoch, audio_seconds=seconds)
+                    self.count_for_next_turn(audio_seconds=seconds)  # the caller's next turn's audio
                     await self._send_finalizes(socket)
                     continue
                 await self._send_finalizes(socket)
