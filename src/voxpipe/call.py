@@ -227,9 +227,10 @@ def run_pipeline_call(
     """Run ``pipeline`` to the end on its clock and write the four artefacts; ``prices`` (USD per unit, by stage)
     put a cost on each turn's usage and on the call's.
 
-    The trace is written turn by turn as the call goes. If the call fails, the recording, transcript and report of
-    what happened so far are still written, ``transcript.json`` says ``"status": "failed"`` with the error, and the
-    exception is re-raised — the directory is never silently half-written.
+    The trace is written turn by turn as the call goes, and rewritten with the settled records at its end. If the
+    call fails, the recording, transcript and report of what happened so far are still written, ``transcript.json``
+    says ``"status": "failed"`` with the error, and the exception is re-raised — the directory is never silently
+    half-written.
     """
     from voxpipe.report import write_report  # the report pulls in more than a call needs to run
 
@@ -255,9 +256,11 @@ def run_pipeline_call(
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        writer.close()
         recorder.write(out / "recording.wav")
         turns = sorted(tracer.turns, key=lambda r: r.turn)
+        for record in turns:
+            price_turn(record)  # again: usage counted after a turn finished (a cut reply's stream closing)
+        writer.rewrite(turns)
         transcript = transcript_of(turns)
         status = {"status": "failed", "error": error} if error else {"status": outcome}
         usage = {stage: dict(counts) for stage, counts in pipeline.usage.totals.items()}

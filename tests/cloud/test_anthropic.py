@@ -339,6 +339,12 @@ def test_a_barge_in_closes_the_stream_and_keeps_only_heard_words(serve, tmp_path
         bot = np.frombuffer(recording.readframes(recording.getnframes()), dtype=np.int16).reshape(-1, 2)[:, 1]
     cut, resumed = first.marks["out.interrupted"], result.turns[1].marks["out.first_play"]
     assert not np.any(bot[round(cut * 16000) : round(resumed * 16000)])
+    # The cut reply's usage, counted as its stream closed after the turn's record was written, is in the trace file.
+    written = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert written[0]["data"]["usage"]["llm"]["input_tokens"] > 0
+    assert [w["data"]["usage"] for w in written] == [t.data["usage"] for t in result.turns]
+    assert [w["data"]["cost_usd"] for w in written] == [t.data["cost_usd"] for t in result.turns]
+    assert written[0]["data"]["cost_usd"]["llm"] > 0
 
 
 @pytest.mark.timeout(30)

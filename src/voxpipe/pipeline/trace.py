@@ -220,15 +220,31 @@ class Summary:
 
 
 class JsonlTraceWriter:
-    """A turn observer that appends one JSON line per finished turn and flushes it at once."""
+    """A turn observer that appends one JSON line per finished turn and flushes it at once.
+
+    A turn's record can still gain data after it finished: a reply cancelled by a barge-in counts its usage as its
+    stream closes, after the playout cut ended the turn. :meth:`rewrite` replaces the lines with the settled records
+    at the end of the call.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file: IO[str] = self.path.open("w", encoding="utf-8")
 
     def __call__(self, record: TurnRecord) -> None:
-        self._file.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+    def rewrite(self, records: Iterable[TurnRecord]) -> None:
+        """Close, and replace the file with ``records`` (atomically: a reader sees the old lines or the new)."""
+        self.close()
+        settled = self.path.with_name(self.path.name + ".settled")
+        settled.write_text("".join(_json_line(record) for record in records), encoding="utf-8")
+        settled.replace(self.path)
+
+
+def _json_line(record: TurnRecord) -> str:
+    return json.dumps(record.to_json(), separators=(",", ":")) + "\n"
