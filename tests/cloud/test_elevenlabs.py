@@ -226,6 +226,17 @@ async def test_a_stall_before_the_first_audio_times_out(tmp_path):
 
 
 @pytest.mark.timeout(30)
+async def test_a_stall_mid_reply_times_out_instead_of_waiting_for_the_next_message(tmp_path):
+    # All the text and EOS go out before the first audio (1 s); after it, the next message comes 4 s later.
+    async with FakeElevenLabs(ttfa_s=1.0, rtf=40) as fake:
+        with pytest.raises(ProviderError, match=r"ElevenLabs: stalled: no message for 0\.5 s while audio was due"):
+            await call(fake, [Say(QUESTION, pause=0.3)], tmp_path, replies=["Sure."], read_timeout_s=0.5)
+        await fake.wait_for("close")  # the socket was closed, not left hanging
+    assert len(fake.of("audio")) == 1
+    assert "read_timeout_s" in errors(tmp_path)[0]["error"]
+
+
+@pytest.mark.timeout(30)
 async def test_a_drop_mid_stream_is_a_clear_error_and_the_next_reply_connects_again(tmp_path):
     script = [Say(QUESTION, pause=0.3), Say("Hello, are you there?", pause=0.3)]
     async with FakeElevenLabs(faults=Faults(drop_after=8), drop_connections=1) as fake:

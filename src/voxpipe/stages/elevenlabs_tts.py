@@ -423,7 +423,7 @@ class ElevenLabsTTS(StreamingTTSStage):
 
         while True:
             try:
-                async with asyncio.timeout(reply.deadline()) as reply.timer:
+                async with asyncio.timeout_at(reply.deadline()) as reply.timer:  # a loop time, not a delay
                     raw = await socket.recv()
             except TimeoutError:
                 if reply.final:
