@@ -37,13 +37,15 @@ REPLY = "Yes, for four at eight. Shall I book it?"
 SECOND = "Of course, red or white?"
 
 
-def config(fake: FakeElevenLabs, replies: list[str], on_error: str = "stop", **tts: Any) -> tuple[Any, Any]:
+def config(
+    fake: FakeElevenLabs, replies: list[str], on_error: str = "stop", ttft_s: float = 0.1, **tts: Any
+) -> tuple[Any, Any]:
     return parse_config(
         {
             "audio": {"sample_rate": RATE},
             "vad": {"provider": "scripted", "stop_ms": 300},
             "stt": {"provider": "scripted"},
-            "llm": {"provider": "scripted", "replies": replies, "ttft_s": 0.1},
+            "llm": {"provider": "scripted", "replies": replies, "ttft_s": ttft_s},
             "tts": {
                 "provider": "elevenlabs",
                 "on_error": on_error,
@@ -60,10 +62,11 @@ async def call(
     out: Path,
     replies: list[str] | None = None,
     on_error: str = "stop",
+    ttft_s: float = 0.1,
     **tts: Any,
 ) -> CallResult:
     """Run a configured call against ``fake`` in a worker thread (its own loop, real time)."""
-    parsed, settings = config(fake, replies or [REPLY], on_error, **tts)
+    parsed, settings = config(fake, replies or [REPLY], on_error, ttft_s, **tts)
     return await asyncio.to_thread(run_configured_call, parsed, settings, script, out, clock=RealClock())
 
 
@@ -223,6 +226,17 @@ async def test_a_stall_before_the_first_audio_times_out(tmp_path):
         await fake.wait_for("close")  # the socket was closed, not left hanging
     assert fake.of("stall") and not fake.of("audio")
     assert "first_audio_timeout_s" in errors(tmp_path)[0]["error"]
+
+
+@pytest.mark.timeout(30)
+async def test_keepalives_hold_the_socket_open_while_the_reasoner_is_slower_than_the_inactivity_timeout(tmp_path):
+    # The socket opens when the reasoner is asked; its first text comes 6 s later, past the 5 s inactivity timeout.
+    async with FakeElevenLabs() as fake:
+        result = await call(fake, [Say(QUESTION, pause=0.3)], tmp_path, ttft_s=6.0, inactivity_timeout_s=5)
+    assert result.outcome == "ended" and not errors(tmp_path)
+    assert not fake.of("idle-timeout") and fake.of("keepalive")
+    assert len(fake.of("connect")) == 1
+    assert list(result.turns[0].heard) == REPLY.split(), "the reply after the keepalives is whole"
 
 
 @pytest.mark.timeout(30)

@@ -221,6 +221,7 @@ class _Reply:
         self.final = False
         self.samples = 0  # audio received so far, in samples from the reply's start
         self.timer: asyncio.Timeout | None = None  # the receiver's current read deadline
+        self.sent_at = 0.0  # loop time of the last message sent: ElevenLabs closes a socket idle for its timeout
 
     def deadline(self) -> float | None:
         """When the receiver's current read must have returned (loop time), or None while no audio is due."""
@@ -235,11 +236,17 @@ class _Reply:
             return now + self.settings.read_timeout_s
         return None
 
+    def wake_at(self) -> float:
+        """When the receiver's read gives up: its deadline, or while nothing is due, when a keepalive is due."""
+        deadline = self.deadline()
+        return deadline if deadline is not None else self.sent_at + self.settings.inactivity_timeout_s / 2
+
     def rearm(self) -> None:
-        """Text or EOS went out: audio is due now, so a read that was waiting without a deadline gets one."""
+        """Text or EOS went out: audio is due now, so a read that was waiting for the keepalive gets a deadline."""
+        self.sent_at = asyncio.get_running_loop().time()
         timer = self.timer
         if timer is not None and not timer.expired():
-            timer.reschedule(self.deadline())
+            timer.reschedule(self.wake_at())
 
     def timeout_problem(self) -> str:
         if not self.audio_started:
@@ -347,6 +354,7 @@ class ElevenLabsTTS(StreamingTTSStage):
             socket = await self._connect()
             async with socket:
                 await self._send(socket, self._bos())
+                reply.sent_at = asyncio.get_running_loop().time()
                 reply.socket = socket
                 reply.opened.set()
                 await self._receive(reply, socket)
@@ -423,11 +431,14 @@ class ElevenLabsTTS(StreamingTTSStage):
 
         while True:
             try:
-                async with asyncio.timeout_at(reply.deadline()) as reply.timer:  # a loop time, not a delay
+                async with asyncio.timeout_at(reply.wake_at()) as reply.timer:  # a loop time, not a delay
                     raw = await socket.recv()
             except TimeoutError:
                 if reply.final:
                     return  # the reply is complete; the server was slow to close, so we close
+                if reply.deadline() is None:  # nothing is due: the reasoner (or its tool) is slow, not ElevenLabs
+                    await self._keep_alive(reply, socket)
+                    continue
                 raise ProviderError(PROVIDER, reply.timeout_problem()) from None
             except ConnectionClosedOK:
                 if reply.eos_sent or reply.final:
@@ -447,6 +458,15 @@ class ElevenLabsTTS(StreamingTTSStage):
                 reply.ended.set()  # finish_reply may go on; the receiver waits for the server's close
             elif message.get("audio"):
                 await self._on_audio(reply, message, received_at)
+
+    async def _keep_alive(self, reply: _Reply, socket: ClientConnection) -> None:
+        """A single space: ElevenLabs' way to keep a socket open that has no text yet (an empty text would be EOS)."""
+        from elevenlabs.types import SendText
+        from websockets.exceptions import ConnectionClosed
+
+        reply.sent_at = asyncio.get_running_loop().time()
+        with contextlib.suppress(ConnectionClosed):  # the next read reports a closed socket
+            await self._send(socket, json.dumps(SendText(text=" ").model_dump(exclude_none=True)))
 
     async def _on_audio(self, reply: _Reply, message: dict[str, Any], received_at: float) -> None:
         from elevenlabs.types import AudioOutput

@@ -3,10 +3,11 @@
 It speaks the protocol of ``providers-wire.md`` §3.3: ``GET /v1/text-to-speech/{voice_id}/stream-input?model_id=…
 &output_format=pcm_<rate>`` with the key in the ``xi-api-key`` header (401 with ElevenLabs' error body when it is
 wrong; without the header, the BOS message must carry it, else a 1008 close). The client sends BOS
-(``{"text": " ", "voice_settings", "generation_config"}``), text messages (``try_trigger_generation`` or ``flush``)
-and EOS (``{"text": ""}``). Text is buffered as ElevenLabs does: a generation starts on ``flush``, on
-``try_trigger_generation`` with at least ``trigger_chars`` buffered, when the buffer reaches the next step of the
-BOS's ``chunk_length_schedule`` (default 120, 160, 250, 290), and at EOS. Each generation is speech-like audio
+(``{"text": " ", "voice_settings", "generation_config"}``), text messages (``try_trigger_generation`` or ``flush``),
+keepalives (``{"text": " "}``: they only reset the inactivity timer) and EOS (``{"text": ""}``). Text is buffered as
+ElevenLabs does: a generation starts on ``flush``, on ``try_trigger_generation`` with at least ``trigger_chars``
+buffered, when the buffer reaches the next step of the BOS's ``chunk_length_schedule`` (default 120, 160, 250,
+290), and at EOS. Each generation is speech-like audio
 (:func:`voxpipe.testing.signals.speechlike`) in the asked PCM format, sent as ``{"audio": base64, "alignment":
 {chars, charStartTimesMs, charDurationsMs}, "normalizedAlignment": {…}}`` messages of ``chunk_s`` of audio each,
 times relative to each message's audio: the first after ``ttfa_s``, then one every ``chunk_s * rtf``. After EOS and
@@ -28,7 +29,7 @@ Records: ``connect`` (path, query, headers), ``refused`` (status), ``message`` (
 message), ``generation`` (connection, text), ``audio`` (connection, bytes), ``final`` (connection), ``close``
 (the client closed the socket before its reply was complete — the barge-in signal), ``end`` (the socket closed
 after the reply was complete), ``disconnect`` (the client went away without a close frame), ``dropped``,
-``corrupted``, ``stall``, ``idle-timeout``.
+``corrupted``, ``stall``, ``idle-timeout``, ``keepalive``.
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ class FakeElevenLabs(FakeServer):
             if schedule:
                 conn.schedule = [int(n) for n in schedule]
             conn.started = True
+            return True
+        if text.isspace():  # a keepalive: ElevenLabs' "send a single space to keep the socket open"
+            self.record("keepalive", connection=conn.number)
             return True
         if text == "":  # EOS: speak what is buffered, then isFinal and close
             if conn.buffer.strip():
