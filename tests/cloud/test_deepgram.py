@@ -436,3 +436,34 @@ async def test_speech_events_turn_deepgrams_events_into_the_callers_turns(tmp_pa
     first_voiced = int(np.flatnonzero(np.abs(pcm[:, 0].astype(np.int32)) > 327)[0]) / RATE
     assert abs(start - first_voiced) <= 0.011 and speech.data["start"] >= 0
     assert len(sent(fake, "Finalize")) == 1
+
+
+@pytest.mark.timeout(30)
+async def test_with_speech_events_deepgrams_speech_started_barges_in(tmp_path):
+    lines = ["What is on the menu?", "A table for two please."]
+    async with FakeDeepgram(utterances=lines) as fake:
+        stages = Stages()
+        parsed, settings = parse_config(
+            {
+                "vad": {"provider": "none"},  # no local VAD: only Deepgram can say the caller started speaking
+                "stt": {
+                    "provider": "deepgram",
+                    "api_key": fake.api_key,
+                    "base_url": fake.ws_url,
+                    "speech_events": True,
+                },
+                "llm": {"provider": "scripted", "replies": [LONG_REPLY, REPLY]},
+                "tts": {"provider": "scripted"},
+            }
+        )
+        script = [Say(lines[0], pause=0.3), Say(lines[1], pause=0.3, barge_in=1.0)]
+        result = await asyncio.to_thread(
+            run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), registry=stages.registry
+        )
+    assert user_texts(result) == lines
+    first, second = [t for t in result.turns if "user_text" in t.data]
+    assert first.interrupted and 0 < len(first.heard) < len(LONG_REPLY.split())
+    assert second.data["barge_in"] and list(second.heard) == REPLY.split()
+    # The cut came from Deepgram hearing the second line: after it started and before it ended.
+    assert len(fake.of("speech")) == 2
+    assert second.marks["user.speech_start"] < first.marks["out.interrupted"] < second.marks["user.speech_end"]
