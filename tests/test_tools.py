@@ -109,6 +109,20 @@ def test_a_slow_tool_gets_a_filler_line_and_its_result_and_audit(tmp_path):
     assert [m.tool.name for m in tool_messages] == ["book_table"]
 
 
+def test_each_invocation_is_in_the_audit_log_as_soon_as_it_ends(tmp_path):
+    def audited_so_far() -> int:
+        """How many tool invocations the audit log holds."""
+        return len((tmp_path / "tools.jsonl").read_text().splitlines())
+
+    replies = [_booking_reply(), ScriptedReply("{result} so far.", tool="audited_so_far")]
+    tools = {"book_table": Tool.of(book_table), "audited_so_far": Tool.of(audited_so_far)}
+    result = run_call(BOOKING, tmp_path, replies=replies, tools=tools)
+    booking, count = _audit(tmp_path)
+    assert booking["tool"] == "book_table" and count["tool"] == "audited_so_far"
+    assert count["result"] == 1, "the booking was on disk while the call went on"
+    assert result.turns[1].data["bot_text"] == "1 so far."
+
+
 def test_what_the_model_says_before_a_tool_call_is_spoken_while_the_tool_runs(tmp_path):
     arguments = {"name": "Rossi", "people": 2, "time": "20:00"}
     reply = ScriptedReply("Done: {result}.", tool="book_table", arguments=arguments, preamble="Let me book that.")
