@@ -42,10 +42,12 @@ VOICE = "a0e99841-438c-4a64-b679-ae501e7d6091"
 
 
 class Built:
-    """A registry whose tts.cartesia is CartesiaTTS, keeping the built stage for inspection."""
+    """A registry whose tts.cartesia is CartesiaTTS, keeping the built stage and its replies' receiver tasks for
+    inspection."""
 
     def __init__(self) -> None:
         self.stages: list[CartesiaTTS] = []
+        self.receivers: list[asyncio.Task[None]] = []
         built = self
 
         class KeptCartesia(CartesiaTTS):
@@ -54,6 +56,12 @@ class Built:
                 stage = super().from_settings(settings, context, name)
                 built.stages.append(stage)
                 return stage
+
+            def spawn(self, coro: Any, name: str = "") -> asyncio.Task[None]:
+                task = super().spawn(coro, name)
+                if "-receive-" in name:
+                    built.receivers.append(task)
+                return task
 
         self.registry = Registry.discover()
         self.registry.register("tts", "cartesia", KeptCartesia)
@@ -190,6 +198,9 @@ async def test_a_barge_in_cancels_the_context_and_nothing_stale_plays(tmp_path):
     interrupted = [m for m in result.conversation.messages if m.role == "assistant" and m.interrupted]
     assert [m.text for m in interrupted] == [" ".join(cut.heard)]
     assert answer.heard == SECOND.split(), "the next reply, in a new context, is whole"
+    cut_receiver, answer_receiver = built.receivers
+    assert cut_receiver.cancelled(), "the interrupted reply's consumer task was cancelled, not left to drain"
+    assert not answer_receiver.cancelled() and answer_receiver.exception() is None
 
     bot = bot_channel(result)
     cut_at, next_at = cut.marks["out.interrupted"], answer.marks["out.first_play"]
