@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import wave
 from typing import Any
 
@@ -169,6 +171,30 @@ async def test_each_turn_is_billed_for_the_audio_of_its_utterance_and_the_turns_
     assert sum(billed) + after_last_turn == pytest.approx(meter.totals["stt"]["audio_seconds"])
     assert sum(billed) + after_last_turn == pytest.approx(stages.stt.stats.audio_s)
     assert result.cost_usd["stt"] == pytest.approx(stages.stt.stats.audio_s * 0.01)
+
+
+def test_settings_are_checked_with_their_key_paths():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"stt": {"provider": "deepgram", "endpointing": 5, "base_url": "http://x", "volume": 11}})
+    text = str(caught.value)
+    for path in ("stt.endpointing", "stt.base_url", "stt.volume"):
+        assert path in text
+    with pytest.raises(ConfigError, match="speech_events needs endpointing or utterance_end_ms"):
+        parse_config(
+            {"stt": {"provider": "deepgram", "speech_events": True, "endpointing": None, "utterance_end_ms": None}}
+        )
+    with pytest.raises(ConfigError, match="utterance_end_ms needs interim_results"):
+        parse_config({"stt": {"provider": "deepgram", "interim_results": False}})
+
+
+def test_the_module_imports_without_the_sdk_and_a_missing_sdk_names_the_extra():
+    code = (
+        "import sys; sys.modules['deepgram'] = None\n"
+        "import voxpipe.stages.deepgram_stt as m\n"
+        "try:\n    m.DeepgramSTT(api_key='k')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True).stdout
+    assert out.startswith("ProviderError") and "pip install 'voxpipe[deepgram]'" in out, out
 
 
 class _Later:
