@@ -274,6 +274,22 @@ async def test_rate_limits_and_server_errors_stop_the_call_naming_the_status(tmp
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.timeout(30)
+async def test_under_skip_turn_a_refusal_is_reported_and_the_stage_connects_again_after_retry_after_s(tmp_path):
+    lines = ["Hello there.", "Is the terrace open tonight?"]
+    script = [Say(lines[0], pause=0.3), Silence(1.5), Say(lines[1], pause=0.3)]
+    async with FakeDeepgram(utterances=lines[1:], faults=Faults(refuse=503)) as fake:
+        stages = Stages(ErrorPolicy.SKIP_TURN)
+        running = asyncio.create_task(call(fake, script, tmp_path, stages, retry_after_s=0.5))
+        await fake.wait_for("refused")
+        fake.faults = Faults()  # the outage is over
+        result = await running
+    assert result.outcome == "ended", "the call went on"
+    assert user_texts(result) == [lines[1]], "the first line was lost to the outage; the second was heard"
+    assert [s.data["status"] for s in fake.of("refused")] == [503] and len(fake.of("connect")) == 2
+    assert not any(e.fatal for e in stages.stt.pipeline.errors) and "HTTP 503" in stages.errors[0]
+
+
 def test_a_missing_api_key_is_a_config_error_before_any_connection(tmp_path, monkeypatch):
     monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
 
