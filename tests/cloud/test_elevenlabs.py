@@ -251,6 +251,23 @@ async def test_a_stall_mid_reply_times_out_instead_of_waiting_for_the_next_messa
 
 
 @pytest.mark.timeout(30)
+async def test_malformed_json_mid_reply_keeps_what_was_said_and_the_next_reply_connects_again(tmp_path):
+    script = [Say(QUESTION, pause=0.3), Say("Hello, are you there?", pause=0.3)]
+    # Real time: 1.5 s of the reply is played before the broken message comes.
+    async with FakeElevenLabs(faults=Faults(corrupt="malformed-json"), corrupt_after=15, rtf=1.0) as fake:
+        result = await call(fake, script, tmp_path, replies=[REPLY, SECOND], on_error="skip-turn")
+    assert result.outcome == "ended"
+    (error,) = errors(tmp_path)
+    assert not error["fatal"] and "ElevenLabs: sent a message that is not JSON" in error["error"]
+    failed, following = result.turns
+    assert failed.interrupted and 0 < len(failed.heard) < len(REPLY.split())
+    assert list(failed.heard) == REPLY.split()[: len(failed.heard)], "what was said before it stays said"
+    said = [m for m in result.conversation.messages if m.role == "assistant"]
+    assert said[0].text == " ".join(failed.heard) and said[0].interrupted
+    assert list(following.heard) == SECOND.split() and len(fake.of("connect")) == 2
+
+
+@pytest.mark.timeout(30)
 async def test_a_drop_mid_stream_is_a_clear_error_and_the_next_reply_connects_again(tmp_path):
     script = [Say(QUESTION, pause=0.3), Say("Hello, are you there?", pause=0.3)]
     async with FakeElevenLabs(faults=Faults(drop_after=8), drop_connections=1) as fake:

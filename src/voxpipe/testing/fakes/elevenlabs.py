@@ -20,10 +20,10 @@ the last audio: ``{"isFinal": true}`` and a 1000 close. A socket that gets no me
 
 Faults (:class:`Faults`): ``refuse`` answers the handshake with that status; ``stall_s`` holds the first audio of
 each connection that much longer; ``drop_after`` aborts a connection after that many audio messages (only the first
-``drop_connections`` connections, when that is set);
-``corrupt`` sends, in place of the first audio message, JSON that does not parse (``malformed-json``), a message of
-no known shape (``unknown-event``), or bad audio (``bad-audio``: ``bad_audio="base64"`` does not decode,
-``"odd-bytes"`` decodes to an odd byte count, ``"mp3"`` is an MP3 frame where PCM was asked).
+``drop_connections`` connections, when that is set); ``corrupt`` sends, in place of the first audio message (or
+the one after ``corrupt_after`` good ones), JSON that does not parse (``malformed-json``), a message of no known
+shape (``unknown-event``), or bad audio (``bad-audio``: ``bad_audio="base64"`` does not decode, ``"odd-bytes"``
+decodes to an odd byte count, ``"mp3"`` is an MP3 frame where PCM was asked).
 
 Records: ``connect`` (path, query, headers), ``refused`` (status), ``message`` (connection and the parsed client
 message), ``generation`` (connection, text), ``audio`` (connection, bytes), ``final`` (connection), ``close``
@@ -94,6 +94,7 @@ class FakeElevenLabs(FakeServer):
         trigger_chars: int = 20,
         bad_audio: BadAudio = "base64",
         drop_connections: int | None = None,
+        corrupt_after: int = 0,
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
         self.ttfa_s = ttfa_s
@@ -104,6 +105,7 @@ class FakeElevenLabs(FakeServer):
         self.trigger_chars = trigger_chars
         self.bad_audio = bad_audio
         self.drop_connections = drop_connections
+        self.corrupt_after = corrupt_after
         self._numbers = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -234,7 +236,7 @@ class FakeElevenLabs(FakeServer):
                 if self.should_drop(sent) and (self.drop_connections is None or conn.number <= self.drop_connections):
                     await self.drop(conn.request)
                     return
-                corrupt = self.take_corruption()
+                corrupt = self.take_corruption() if sent >= self.corrupt_after else None
                 if corrupt is not None:
                     await conn.ws.send_str(self._corrupted(corrupt, message))
                 else:
