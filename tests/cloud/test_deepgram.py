@@ -481,6 +481,42 @@ async def test_speech_events_turn_deepgrams_events_into_the_callers_turns(tmp_pa
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize(("endpointing", "utterance_end_ms"), [(300, None), (None, 1000)])
+async def test_with_speech_events_either_speech_final_or_utterance_end_ends_the_turn(
+    tmp_path, endpointing, utterance_end_ms
+):
+    line = "Is the terrace open?"
+    stt = {"endpointing": endpointing, "utterance_end_ms": utterance_end_ms, "speech_events": True}
+    async with FakeDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        parsed, settings = parse_config(
+            {
+                "vad": {"provider": "none"},
+                "stt": {"provider": "deepgram", "api_key": fake.api_key, "base_url": fake.ws_url, **stt},
+                "llm": {"provider": "scripted", "replies": [REPLY]},
+                "tts": {"provider": "scripted"},
+            }
+        )
+        result = await asyncio.to_thread(
+            run_configured_call,
+            parsed,
+            settings,
+            [Say(line, pause=0.3)],
+            tmp_path,
+            clock=RealClock(),
+            registry=stages.registry,
+        )
+    assert user_texts(result) == [line]
+    [turn] = [t for t in result.turns if "user_text" in t.data]
+    silence = turn.marks["turn.end_detected"] - turn.marks["user.speech_end"]
+    # The turn ends on the event the settings allow, after its silence: 0.3 s of endpointing, or 1 s without words.
+    if endpointing is not None:
+        assert 0.3 <= silence < 1.0
+    else:
+        assert silence >= 1.0
+
+
+@pytest.mark.timeout(30)
 async def test_with_speech_events_deepgrams_speech_started_barges_in(tmp_path):
     lines = ["What is on the menu?", "A table for two please."]
     async with FakeDeepgram(utterances=lines) as fake:

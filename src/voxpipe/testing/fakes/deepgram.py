@@ -4,7 +4,8 @@ It speaks the protocol of ``providers-wire.md`` ยง1.3: ``GET /v1/listen?model=โ€
 with ``Authorization: Token <key>`` (401 otherwise); binary linear16 audio and the JSON control messages
 ``KeepAlive``, ``Finalize``, ``CloseStream`` (and ``Configure``) from the client; ``SpeechStarted`` (with
 ``vad_events=true``), interim and ``is_final`` ``Results``, ``speech_final`` after ``endpointing`` ms of silence,
-``UtteranceEnd`` after ``utterance_end_ms``, a ``from_finalize`` result answering each ``Finalize``, and
+``UtteranceEnd`` after ``utterance_end_ms`` without words (with ``endpointing=false`` the utterance's is_final result
+comes then too), a ``from_finalize`` result answering each ``Finalize``, and
 ``Metadata`` then a normal close on ``CloseStream``. After ``idle_timeout_s`` without audio or a message it closes
 with 1011 and Deepgram's NET-0001 reason.
 
@@ -300,6 +301,14 @@ class FakeDeepgram(FakeServer):
             return
         if stream.endpointing_s is not None and now - utterance.last_voiced >= stream.endpointing_s:
             self._finalize(stream, speech_final=True)
+        elif (
+            stream.endpointing_s is None
+            and stream.utterance_end_s is not None
+            and now - utterance.last_voiced >= stream.utterance_end_s
+        ):
+            # Without endpointing Deepgram still finalizes its segments (never speech_final); the UtteranceEnd for
+            # the words follows at the next window.
+            self._finalize(stream)
         elif stream.interim_results and now - stream.last_interim >= self.interim_every_s:
             stream.last_interim = now
             words = self._words(stream, utterance, final=False)
