@@ -59,3 +59,19 @@ def test_the_cloud_configs_run_against_the_fakes(tmp_path, monkeypatch, capsys, 
     assert transcript["cost_usd"]["llm"] > 0
     printed = capsys.readouterr().out
     assert "usage and cost" in printed and "cloud providers faked on 127.0.0.1" in printed
+
+
+def test_without_keys_the_call_names_every_missing_one_before_anything_connects(tmp_path, monkeypatch, capsys):
+    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(textwrap.dedent(SCENARIO))
+    out = tmp_path / "out"
+    args = ["call", "--config", "examples/configs/cloud.yaml", "--scenario", str(scenario), "--out", str(out)]
+    code = main(args)
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert code != 0
+    for path, variable in (("stt", "DEEPGRAM"), ("llm", "ANTHROPIC"), ("tts", "CARTESIA")):
+        assert f"{path}.api_key" in text and f"{variable}_API_KEY" in text, text
+    assert not (out / "transcript.json").exists(), "no call was started"

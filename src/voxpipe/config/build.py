@@ -88,13 +88,20 @@ def build_pipeline(
     tools = {**config_tools(config), **tools_by_name(context.tools)}
     context = dataclasses.replace(context, tools=tools, system_prompt=config.system_prompt)
     cascade: dict[str, Stage] = {}
+    problems: list[tuple[str, str, str]] = []
     for kind in KINDS:
         stage_config = config.stage(kind)
         provider = registry.get(kind, stage_config.provider).load()
-        stage = construct(provider, settings[kind], context, kind)
+        try:
+            stage = construct(provider, settings[kind], context, kind)
+        except ConfigError as exc:
+            problems += exc.problems  # the other stages are still built: every missing API key is named at once
+            continue
         if stage_config.on_error is not None:
             stage.error_policy = ErrorPolicy(stage_config.on_error)
         cascade[kind] = stage
+    if problems:
+        raise ConfigError.many(problems)
     _give_tools(cascade["llm"], context, config.stage("llm").provider)
     stages = [
         input_stage,
