@@ -42,6 +42,7 @@ class UsageMeter:
         self._annotate(turn)
 
     def add_for_next_turn(self, stage: str, **amounts: float) -> None:
+        """Count usage for the turn that opens next (:meth:`open_turn`); the call's totals have it at once."""
         _accumulate(self.totals, stage, amounts)
         _accumulate(self.unassigned, stage, amounts)
 
