@@ -353,6 +353,22 @@ async def test_a_drop_mid_utterance_reconnects_and_replays_the_turns_audio(tmp_p
 
 
 @pytest.mark.timeout(30)
+async def test_a_socket_gone_quiet_after_a_finalize_is_reconnected_after_result_timeout_s(tmp_path):
+    line = "I would like to book a table for four tonight."
+    async with FakeDeepgram(utterances=[line], deaf_connections=1) as fake:
+        stages = Stages()
+        # The Finalize goes out while the receiver is already waiting for a message: that wait gets the deadline.
+        result = await call(
+            fake, [Say(line, pause=0.3)], tmp_path, stages, endpointing=None, result_timeout_s=0.5, finalize_timeout_s=5
+        )
+    assert fake.of("unanswered") and len(fake.of("connect")) == 2, "the quiet socket was replaced"
+    assert user_texts(result) == [line], "the new socket heard the replayed utterance and answered its Finalize"
+    assert stages.stt.stats.reconnects == 1 and stages.stt.stats.finalize_timeouts == 0
+    [error] = stages.stt.pipeline.errors
+    assert not error.fatal and "no message within 0.5 s of a Finalize (stalled)" in error.error
+
+
+@pytest.mark.timeout(30)
 async def test_a_server_that_drops_every_connection_ends_the_session_after_max_reconnects(tmp_path):
     line = "I would like to book a table for four tonight."
     # Every connection answers (SpeechStarted, an interim result), then drops: answering is not "recovered".

@@ -245,6 +245,7 @@ class _Socket:
     timeline: StreamTimeline
     cursor: int
     finalizes: deque[PendingFinal] = field(default_factory=deque)
+    reading: asyncio.Timeout | None = None  # the receiver's wait for the next message
 
 
 class _ConnectionLost(Exception):
@@ -542,6 +543,9 @@ class DeepgramSTT(Stage):
                 if pending.sdk_call_at is None:
                     pending.sdk_call_at = self.clock.now()
                 await socket.sdk.send_finalize()
+                reading = socket.reading
+                if reading is not None and reading.when() is None:  # a read begun with nothing due gets a deadline
+                    reading.reschedule(asyncio.get_running_loop().time() + self.settings.result_timeout_s)
 
     def _handing_over(self, index: int) -> None:
         """Audio chunk ``index`` is about to go to the SDK: an utterance that already ended with it unsent starts
@@ -555,10 +559,10 @@ class DeepgramSTT(Stage):
         stalled socket; a message that cannot be used is reported and skipped."""
         from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
+        limit = self.settings.result_timeout_s
         while True:
-            limit = self.settings.result_timeout_s if socket.finalizes else None
             try:
-                async with asyncio.timeout(limit):
+                async with asyncio.timeout(limit if socket.finalizes else None) as socket.reading:
                     message = await socket.sdk.recv()
             except TimeoutError:
                 raise _ConnectionLost(f"no message within {limit:g} s of a Finalize (stalled)") from None
@@ -572,6 +576,8 @@ class DeepgramSTT(Stage):
             except ConnectionClosed as exc:
                 reason = f"code {exc.rcvd.code}: {exc.rcvd.reason}" if exc.rcvd else "no close frame"
                 raise _ConnectionLost(f"closed abruptly ({reason})") from None
+            finally:
+                socket.reading = None
             received_at = self.clock.now()  # the SDK boundary: it has parsed the message
             self.stats.messages += 1
             await self._on_message(socket, message, received_at)

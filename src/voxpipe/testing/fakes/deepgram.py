@@ -30,7 +30,8 @@ What it "recognises", detected by an energy threshold on the PCM it receives (on
 Faults (``Faults``): ``refuse`` answers the handshake with that status; ``stall_s`` holds every message of a
 connection until that long after it opened; ``drop_after`` aborts the first ``drop_connections`` connections after
 that many messages sent on each; ``corrupt`` sends one broken message (malformed JSON, an event type Deepgram does
-not have, or a binary frame — Listen v1 never sends binary) in place of the first normal one.
+not have, or a binary frame — Listen v1 never sends binary) in place of the first normal one. The first
+``deaf_connections`` connections send nothing more once a ``Finalize`` arrives (recorded as ``unanswered``).
 
 Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
@@ -110,6 +111,7 @@ class _Stream:
     # (due, payload, for the result answering a Finalize: when that Finalize arrived)
     outbox: asyncio.Queue[tuple[float, str | None, float | None]] = field(default_factory=asyncio.Queue)
     closing: bool = False
+    quiet: bool = False  # deaf_connections: it stopped sending anything at a Finalize
     offset: float | None = None  # words mode: caller clock minus stream time, found at the first speech onset
 
     @property
@@ -134,6 +136,7 @@ class FakeDeepgram(FakeServer):
         idle_timeout_s: float = 10.0,
         match_margin_s: float = 0.3,
         drop_connections: int = 1,
+        deaf_connections: int = 0,
         faults: Faults | None = None,
         api_key: str = "test-key",
     ) -> None:
@@ -149,6 +152,7 @@ class FakeDeepgram(FakeServer):
         self.idle_timeout_s = idle_timeout_s
         self.match_margin_s = match_margin_s
         self._drops_left = drop_connections
+        self.deaf_connections = deaf_connections
         self._connections = 0
         self._completed = 0  # utterances finalized, across connections: the index of the next one
         self._words_done = 0  # words of utterance ``_completed`` already sent in an is_final result
@@ -247,7 +251,10 @@ class FakeDeepgram(FakeServer):
             self._send(stream, self._error("SchemaError", "could not parse the message", text))
             return False
         seen = self.record("message", connection=stream.number, **parsed)
-        if kind == "Finalize":
+        if kind == "Finalize" and stream.number <= self.deaf_connections:
+            stream.quiet = True  # a socket gone quiet: the client must notice it
+            self.record("unanswered", connection=stream.number)
+        elif kind == "Finalize":
             self._finalize(stream, answering=seen.at)
         elif kind == "CloseStream":
             stream.closing = True
@@ -281,6 +288,8 @@ class FakeDeepgram(FakeServer):
 
     def _step(self, stream: _Stream, start: float, voiced: bool) -> None:
         """One analysis window: speech start, interim results, endpointing, utterance end."""
+        if stream.quiet:
+            return  # gone quiet: it recognises nothing more either
         now = stream.now
         utterance = stream.utterance
         if voiced:
@@ -472,6 +481,8 @@ class FakeDeepgram(FakeServer):
                 self.record("close", connection=stream.number)
                 await socket.close()
                 return
+            if stream.quiet:
+                continue  # not even what was already due
             if dropping and self.should_drop(sent):
                 stream.closing = True  # not a client disconnect
                 await self.drop(request)
