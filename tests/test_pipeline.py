@@ -187,6 +187,45 @@ def test_cancel_aborts_without_waiting_and_leaves_no_task():
     assert left == set()
 
 
+class _FlushesOnStop(Stage):
+    """Emits what it still holds when stopped, as an STT delivers a pending final."""
+
+    async def stop(self) -> None:
+        await self.push(TextDelta(text="late"))
+
+
+class _RefusesOnceStopped(Stage):
+    """Cannot take work once stopped, as a reasoner whose client is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(name="refuses")
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def process(self, frame, direction) -> None:
+        if self.stopped:
+            raise RuntimeError("the stage is not started")
+        await self.push(frame, direction)
+
+
+def test_work_meeting_a_stopped_stage_while_the_pipeline_stops_does_not_turn_a_cancel_into_a_failure():
+    clock = VirtualClock()
+    refuses = _RefusesOnceStopped()
+    pipeline = Pipeline([Stage(name="head"), _FlushesOnStop(name="flushes"), refuses, Collect()], clock=clock)
+
+    async def main() -> str:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        pipeline.cancel()
+        return await run
+
+    assert clock.run(main()) == "cancelled"
+    [error] = pipeline.errors
+    assert error.stage == "refuses" and not error.fatal and "not started" in error.error
+
+
 def test_interrupt_overtakes_queued_data_and_cancels_stale_work():
     clock = VirtualClock()
     slow = Slow(1.0)

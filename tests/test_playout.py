@@ -15,13 +15,18 @@ from voxpipe.pipeline import (
     AudioFormat,
     BotStartedSpeaking,
     BotStoppedSpeaking,
+    End,
     Pipeline,
     Stage,
     TTSAudioFrame,
     TTSDone,
     VirtualClock,
 )
+from voxpipe.testing import ScriptedCaller
+from voxpipe.testing.caller import Silence
+from voxpipe.transports.paced import PacedStage
 from voxpipe.transports.playout import PlayoutOutput
+from voxpipe.transports.simulated import SimulatedInput
 
 AUDIO = AudioFormat(16000)
 RATE = AUDIO.sample_rate
@@ -179,3 +184,38 @@ def test_frames_never_overlap_and_each_reply_reports_what_was_played(events: lis
             stopped = entry[1]
             cut = max(0.0, last[0] + last[1] / RATE - stopped.at) if stopped.interrupted else 0.0
             assert abs(stopped.played * RATE - (handed - cut * RATE)) <= 1
+
+
+class _DrainsSlowly(Stage):
+    """Holds End for half a second, as an STT waiting for its last final does."""
+
+    async def process(self, frame, direction):
+        if isinstance(frame, End):
+            await self.clock.sleep(0.5)
+        await self.push(frame, direction)
+
+
+class _TickTimes(PacedStage):
+    """Records how late each of its ticks ran."""
+
+    def __init__(self) -> None:
+        super().__init__(name="ticks")
+        self.lateness: list[float] = []
+
+    async def tick(self, now: float) -> None:
+        self.lateness.append(self.clock.now() - now)
+
+
+def test_a_hang_up_drains_the_call_without_holding_up_the_metronome():
+    clock = VirtualClock()
+    ticks = _TickTimes()
+    caller = ScriptedCaller([Silence(0.2)], 16000)
+    pipeline = Pipeline([SimulatedInput(caller, AudioFormat(16000)), _DrainsSlowly(), ticks], clock=clock)
+
+    async def main() -> float:
+        await pipeline.run()
+        return clock.now()
+
+    assert clock.run(main()) >= 0.7, "the drain took its half second"
+    assert len(ticks.lateness) >= 30, "the call's other transport kept ticking through the drain"
+    assert max(ticks.lateness) < 0.02, "no tick waited for the drain"

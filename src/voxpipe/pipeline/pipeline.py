@@ -179,9 +179,16 @@ class Pipeline:
             await self._stage_failed(stage, exc, None)
 
     async def _stage_failed(self, stage: Stage, exc: Exception, frame: Frame | None) -> None:
+        problem = f"{type(exc).__name__}: {exc}"
+        if self._done is not None and self._done.done():
+            # The run is over and its stages are stopping: work still in flight (a final an STT delivers as it
+            # stops) may meet a stage already stopped. Recorded; it does not change how the run ended.
+            self.errors.append(ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=False))
+            log.warning("stage %r failed while pipeline %r was stopping: %s", stage.name, self.name, problem)
+            return
         policy = stage.error_policy
         fatal = policy is ErrorPolicy.STOP
-        error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=f"{type(exc).__name__}: {exc}", fatal=fatal)
+        error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=fatal)
         self.errors.append(error)
         self.trace.annotate(self.epoch, error=error.error, error_stage=stage.name)
         if fatal:

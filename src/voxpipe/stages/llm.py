@@ -137,7 +137,8 @@ class LLMStage(QueuedStage):
         try:
             await self._await_tool(call.epoch, tool, invocation)
         finally:
-            invocation.cancel()  # a barge-in landed in the wait: the tool goes with the reply
+            invocation.cancel()  # a barge-in landed in the wait: the tool goes with the reply,
+            await asyncio.wait({invocation})  # and has ended (its audit entry written) before the reply has
 
     async def _await_tool(self, epoch: int, tool: Tool, outcome: Awaitable[None]) -> None:
         if tool.filler:

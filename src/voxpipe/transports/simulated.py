@@ -73,7 +73,8 @@ class SimulatedInput(PacedStage):
         start = now - self.period
         if self.caller.finished or now - self._origin > self.max_duration_s:
             self._ended = True
-            await self.push(End(epoch=self.pipeline.epoch))
+            # The drain may wait on stages (an STT's last final): from a task of its own, not the metronome's tick.
+            self.spawn(self.push(End(epoch=self.pipeline.epoch)), name=f"{self.name}-hang-up")
             return
         pcm = self.caller.audio(start, self._samples)
         if self.recorder is not None:
