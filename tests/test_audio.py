@@ -75,6 +75,8 @@ def test_resample_converts_rate_and_channels_and_keeps_the_signal():
     assert all(f.sample_rate == 16000 and f.channels == 1 for f in frames)
     out = np.concatenate([np.frombuffer(f.pcm, dtype=np.int16) for f in frames]).astype(np.float32)
     assert abs(len(out) - 16000) < 20  # nothing lost: the filter's tail is flushed at End
+    ends = [f.pts + len(f.pcm) // 2 for f in frames]
+    assert [f.pts for f in frames[1:]] == ends[:-1], "every frame, the flushed tail too, follows the one before"
     spectrum = np.abs(np.fft.rfft(out[2000:14000]))
     peak_hz = np.argmax(spectrum) * 16000 / len(out[2000:14000])
     assert abs(peak_hz - 440) < 5

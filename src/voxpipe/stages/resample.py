@@ -54,13 +54,22 @@ class Resample(Stage):
         await self.push(frame, direction)
 
     async def _flush(self) -> None:
+        """The caller audio the filters still hold, stamped where its stream left off (a reply's tail is dropped: the
+        call is over)."""
         target = self.produces
         assert target is not None
-        for stream in self._streams.values():
-            tail = stream.resample_chunk(np.zeros((0, target.channels), dtype=np.int16), last=True)
-            if len(tail):
+        for (rate, channels, bot_audio), stream in self._streams.items():
+            if bot_audio:
+                continue
+            tail = stream.resample_chunk(np.zeros((0, channels), dtype=np.int16), last=True)
+            source = next((key for key in self._emitted if key[0] == rate), None)
+            if len(tail) and source is not None:
+                pts = self._emitted[source]
+                self._emitted[source] += len(tail)
                 pcm = np.ascontiguousarray(tail, dtype=np.int16).tobytes()
-                await self.push(AudioFrame(pcm=pcm, sample_rate=target.sample_rate, channels=target.channels))
+                await self.push(
+                    AudioFrame(epoch=self.epoch, pcm=pcm, sample_rate=target.sample_rate, channels=channels, pts=pts)
+                )
 
     def convert(self, frame: AudioFrame) -> AudioFrame | None:
         target = self.produces
