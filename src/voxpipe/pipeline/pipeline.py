@@ -122,9 +122,11 @@ class Pipeline:
                     await self.stages[0].receive(Start(epoch=self.epoch), DOWNSTREAM)
                     self.outcome = await self._done
                 finally:
-                    await self._shutdown()
-                    if holding:
-                        HEAP.release()
+                    try:
+                        await self._shutdown()
+                    finally:
+                        if holding:
+                            HEAP.release()  # also when the shutdown is cancelled: the heap is never left frozen
         except BaseExceptionGroup as group_error:
             # A task escaped its guard (a bug) — surface the first real error, not the group.
             raise group_error.exceptions[0] from group_error

@@ -192,10 +192,11 @@ class FakeDeepgram(FakeServer):
             await self._read(socket, stream)
         finally:
             await stream.outbox.put((0.0, None, None))  # flush what is due, then stop
-            try:
-                await asyncio.wait_for(writer, timeout=2.0)
-            except TimeoutError:
-                writer.cancel()
+            await asyncio.wait({writer}, timeout=2.0)
+            writer.cancel()
+            await asyncio.wait({writer})
+            if not writer.cancelled():
+                writer.exception()  # retrieved: a client that vanished mid-write is not the fake's failure
             self.untrack(socket)
         if not socket.closed:
             await socket.close()
