@@ -86,14 +86,17 @@ class Stages:
         return [e.error for e in self.stt.pipeline.errors]
 
 
-def config(fake: FakeDeepgram, replies: list[str] | None = None, **stt: Any) -> tuple[Any, Any]:
+def config(
+    fake: FakeDeepgram, replies: list[str] | None = None, vad: str = "scripted", pricing: Any = None, **stt: Any
+) -> tuple[Any, Any]:
     return parse_config(
         {
             "audio": {"sample_rate": RATE},
-            "vad": {"provider": "scripted"},
+            "vad": {"provider": vad},
             "stt": {"provider": "deepgram", "api_key": fake.api_key, "base_url": fake.ws_url, **stt},
             "llm": {"provider": "scripted", "replies": replies or [REPLY]},
             "tts": {"provider": "scripted"},
+            **({"pricing": pricing} if pricing else {}),
         }
     )
 
@@ -143,20 +146,9 @@ async def test_each_turn_is_billed_for_the_audio_of_its_utterance_and_the_turns_
     lines = ["A table for four tonight.", "At eight, please."]
     async with FakeDeepgram(utterances=lines) as fake:
         stages = Stages()
-        parsed, settings = parse_config(
-            {
-                "audio": {"sample_rate": RATE},
-                "vad": {"provider": "scripted"},
-                "stt": {"provider": "deepgram", "api_key": fake.api_key, "base_url": fake.ws_url},
-                "llm": {"provider": "scripted", "replies": ["Sure.", "Done."]},
-                "tts": {"provider": "scripted"},
-                "pricing": {"stt": {"audio_seconds": 0.01}},
-            }
-        )
         script = [Say(line, pause=0.3) for line in lines]
-        result = await asyncio.to_thread(
-            run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), registry=stages.registry
-        )
+        pricing = {"stt": {"audio_seconds": 0.01}}
+        result = await call(fake, script, tmp_path, stages, replies=["Sure.", "Done."], pricing=pricing)
     assert user_texts(result) == lines
     written = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
     assert [t["turn"] for t in written] == [t.turn for t in result.turns]
@@ -460,29 +452,7 @@ async def test_keepalive_flows_while_audio_pauses_and_closestream_ends_the_sessi
 async def test_speech_events_turn_deepgrams_events_into_the_callers_turns(tmp_path):
     line = "Is the terrace open?"
     async with FakeDeepgram(utterances=[line]) as fake:
-        stages = Stages()
-        parsed, settings = parse_config(
-            {
-                "vad": {"provider": "none"},
-                "stt": {
-                    "provider": "deepgram",
-                    "api_key": fake.api_key,
-                    "base_url": fake.ws_url,
-                    "speech_events": True,
-                },
-                "llm": {"provider": "scripted", "replies": [REPLY]},
-                "tts": {"provider": "scripted"},
-            }
-        )
-        result = await asyncio.to_thread(
-            run_configured_call,
-            parsed,
-            settings,
-            [Say(line, pause=0.3)],
-            tmp_path,
-            clock=RealClock(),
-            registry=stages.registry,
-        )
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, Stages(), vad="none", speech_events=True)
     assert user_texts(result) == [line]
     [turn] = [t for t in result.turns if "user_text" in t.data]
     [speech] = fake.of("speech")
@@ -504,24 +474,7 @@ async def test_with_speech_events_either_speech_final_or_utterance_end_ends_the_
     line = "Is the terrace open?"
     stt = {"endpointing": endpointing, "utterance_end_ms": utterance_end_ms, "speech_events": True}
     async with FakeDeepgram(utterances=[line]) as fake:
-        stages = Stages()
-        parsed, settings = parse_config(
-            {
-                "vad": {"provider": "none"},
-                "stt": {"provider": "deepgram", "api_key": fake.api_key, "base_url": fake.ws_url, **stt},
-                "llm": {"provider": "scripted", "replies": [REPLY]},
-                "tts": {"provider": "scripted"},
-            }
-        )
-        result = await asyncio.to_thread(
-            run_configured_call,
-            parsed,
-            settings,
-            [Say(line, pause=0.3)],
-            tmp_path,
-            clock=RealClock(),
-            registry=stages.registry,
-        )
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, Stages(), vad="none", **stt)
     assert user_texts(result) == [line]
     [turn] = [t for t in result.turns if "user_text" in t.data]
     silence = turn.marks["turn.end_detected"] - turn.marks["user.speech_end"]
@@ -536,23 +489,10 @@ async def test_with_speech_events_either_speech_final_or_utterance_end_ends_the_
 async def test_with_speech_events_deepgrams_speech_started_barges_in(tmp_path):
     lines = ["What is on the menu?", "A table for two please."]
     async with FakeDeepgram(utterances=lines) as fake:
-        stages = Stages()
-        parsed, settings = parse_config(
-            {
-                "vad": {"provider": "none"},  # no local VAD: only Deepgram can say the caller started speaking
-                "stt": {
-                    "provider": "deepgram",
-                    "api_key": fake.api_key,
-                    "base_url": fake.ws_url,
-                    "speech_events": True,
-                },
-                "llm": {"provider": "scripted", "replies": [LONG_REPLY, REPLY]},
-                "tts": {"provider": "scripted"},
-            }
-        )
         script = [Say(lines[0], pause=0.3), Say(lines[1], pause=0.3, barge_in=1.0)]
-        result = await asyncio.to_thread(
-            run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), registry=stages.registry
+        # No local VAD: only Deepgram can say the caller started speaking.
+        result = await call(
+            fake, script, tmp_path, Stages(), replies=[LONG_REPLY, REPLY], vad="none", speech_events=True
         )
     assert user_texts(result) == lines
     first, second = [t for t in result.turns if "user_text" in t.data]
