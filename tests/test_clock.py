@@ -49,6 +49,40 @@ def test_metronome_ticks_on_schedule_without_drift():
     assert metronome.max_lateness == 0.0 and metronome.late_ticks == 0, "virtual time is never late"
 
 
+def test_virtual_time_holds_still_while_a_worker_thread_computes():
+    clock = VirtualClock()
+
+    async def main() -> list[tuple[str, float]]:
+        seen: list[tuple[str, float]] = []
+
+        async def timer() -> None:
+            await clock.sleep(10.0)
+            seen.append(("timer", clock.now()))
+
+        async def thread_job() -> None:
+            await asyncio.to_thread(time.sleep, 0.05)  # real work: 50 ms of wall time, no virtual time
+            seen.append(("thread", clock.now()))
+
+        await asyncio.gather(timer(), thread_job())
+        return seen
+
+    assert clock.run(main()) == [("thread", 0.0), ("timer", 10.0)]
+
+
+def test_a_thread_slower_than_the_hold_lets_time_pass_at_real_speed():
+    clock = VirtualClock(thread_hold_s=0.05)
+
+    async def main() -> tuple[float, float]:
+        wall = time.perf_counter()
+        with pytest.raises(TimeoutError):  # the timeout around a stuck job fires, neither at once nor never
+            await asyncio.wait_for(asyncio.to_thread(time.sleep, 0.5), timeout=0.1)
+        return clock.now(), time.perf_counter() - wall
+
+    virtual, wall = clock.run(main())
+    assert virtual == pytest.approx(0.1)
+    assert wall >= 0.1, "virtual time ran ahead of real time while the thread was busy"
+
+
 async def test_real_clock_sleeps_for_real():
     clock = RealClock()
     start = clock.now()

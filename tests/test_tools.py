@@ -110,7 +110,7 @@ def test_a_slow_tool_gets_a_filler_line_and_its_result_and_audit(tmp_path):
 
 
 def test_each_invocation_is_in_the_audit_log_as_soon_as_it_ends(tmp_path):
-    async def audited_so_far() -> int:  # async: a sync tool's thread would race the virtual clock to its timeout
+    def audited_so_far() -> int:
         """How many tool invocations the audit log holds."""
         return len((tmp_path / "tools.jsonl").read_text().splitlines())
 
@@ -121,6 +121,23 @@ def test_each_invocation_is_in_the_audit_log_as_soon_as_it_ends(tmp_path):
     assert booking["tool"] == "book_table" and count["tool"] == "audited_so_far"
     assert count["result"] == 1, "the booking was on disk while the call went on"
     assert result.turns[1].data["bot_text"] == "1 so far."
+
+
+def test_a_sync_tool_doing_real_work_takes_no_virtual_time(tmp_path):
+    import time
+
+    def check_availability(time_: str) -> str:
+        """Whether a table is free at that time."""
+        time.sleep(0.3)  # real work in the tool's thread: 0.3 s of wall time, many times the virtual ticks in 1 s
+        return "free"
+
+    tool = Tool.of(check_availability, timeout_s=1.0)
+    reply = ScriptedReply("It is {result}.", tool="check_availability", arguments={"time_": "20:00"})
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools=[tool])
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "ok", "virtual time ran past the tool's timeout while its thread worked"
+    assert entry["duration_s"] == 0.0, "computation takes no virtual time"
+    assert result.turns[0].data["bot_text"] == "It is free."
 
 
 def test_what_the_model_says_before_a_tool_call_is_spoken_while_the_tool_runs(tmp_path):

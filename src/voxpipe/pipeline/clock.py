@@ -3,7 +3,9 @@
 * :class:`RealClock` reads the event loop's monotonic time.
 * :class:`VirtualClock` runs a coroutine on an event loop whose time only moves when every task is waiting on a
   timer: it then jumps straight to the next deadline. A five-minute scripted call runs in a fraction of a second,
-  and because nothing depends on wall time, its trace is bit-identical on every run.
+  and because nothing depends on wall time, its trace is bit-identical on every run. Work handed to a thread with
+  ``loop.run_in_executor`` (``asyncio.to_thread`` included) holds time still until it returns: computation takes
+  no virtual time, as on the loop itself.
 
 Both expose the same three things to the runtime: ``now()``, ``sleep_until()`` and a shared :class:`Metronome`
 per frame period, which paces every transport in the process from one timer (see ``pacing.py``).
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
+from typing import Any, TypeVar, TypeVarTuple
 
 from voxpipe.pipeline.pacing import Metronome
 
 T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 
 class Clock:
@@ -70,12 +75,24 @@ def default_clock() -> RealClock:
 
 
 class _VirtualSelector(selectors.BaseSelector):
-    """Wraps the loop's selector: when nothing is ready, time jumps by the loop's timeout instead of waiting."""
+    """Wraps the loop's selector: when nothing is ready, time jumps by the loop's timeout instead of waiting - unless
+    a worker thread's job is pending (see :meth:`_wait_for_threads`)."""
 
-    def __init__(self, inner: selectors.BaseSelector) -> None:
+    def __init__(self, inner: selectors.BaseSelector, thread_hold_s: float) -> None:
         self._inner = inner
         self.now = 0.0
         self.next_deadline: Any = None  # set by the loop: returns its earliest timer's deadline, or None
+        self.thread_hold_s = thread_hold_s
+        self.thread_jobs = 0  # jobs handed to worker threads whose results the loop has not received yet
+        self._held_since = 0.0  # the real time at which the first of them started
+
+    def hold(self) -> None:
+        if not self.thread_jobs:
+            self._held_since = time.monotonic()
+        self.thread_jobs += 1
+
+    def release(self, _job: object = None) -> None:
+        self.thread_jobs -= 1
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout <= 0:
@@ -86,10 +103,26 @@ class _VirtualSelector(selectors.BaseSelector):
         if ready or timeout is None:
             # Real I/O is ready (or there is no timer at all: wait for I/O, e.g. a worker thread finishing).
             return ready or self._inner.select(None)
+        if self.thread_jobs:
+            ready = self._wait_for_threads(timeout)
+            if ready:
+                return ready
         # Jump exactly onto the earliest timer: ``now + timeout`` can land an ulp short and cost a second wake-up.
         deadline = self.next_deadline() if self.next_deadline is not None else None
         self.now = deadline if deadline is not None and deadline > self.now else self.now + timeout
         return []
+
+    def _wait_for_threads(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """A thread is computing: wait for its result (its wake-up is I/O on the loop's self-pipe) with time held
+        still, for up to ``thread_hold_s`` of real time. A job that takes longer is stuck or deliberately slow (a
+        tool that sleeps): from then on time passes at real speed until it returns, so the timeouts around it fire
+        as they would live, instead of never (held forever) or at once (jumping past it)."""
+        held_for = self.thread_hold_s - (time.monotonic() - self._held_since)
+        if held_for > 0:
+            ready = self._inner.select(held_for)
+            if ready:
+                return ready
+        return self._inner.select(timeout)
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._inner.register(fileobj, events, data)
@@ -113,8 +146,8 @@ class _VirtualSelector(selectors.BaseSelector):
 class _VirtualTimeLoop(asyncio.SelectorEventLoop):
     """An event loop whose ``time()`` is virtual and advances only when the loop would otherwise sleep."""
 
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector(selectors.DefaultSelector())
+    def __init__(self, thread_hold_s: float) -> None:
+        self._virtual = _VirtualSelector(selectors.DefaultSelector(), thread_hold_s)
         super().__init__(self._virtual)
         self._virtual.next_deadline = self._earliest_timer
 
@@ -126,18 +159,39 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._virtual.now
 
+    def run_in_executor(self, executor: Executor | None, func: Callable[[*Args], T], *args: *Args) -> asyncio.Future[T]:
+        """As asyncio's, and time holds still until the job's result is back on the loop (or nobody waits for it
+        any more: the future was cancelled). Released by a callback the result schedules, so the release and the
+        waiter's wake-up run in the same loop iteration, with no chance for time to jump between them."""
+        job = super().run_in_executor(executor, func, *args)
+        self._virtual.hold()
+        job.add_done_callback(self._virtual.release)
+        return job
+
 
 class VirtualClock(Clock):
     """Simulated time. Use :meth:`run` (not ``asyncio.run``) to run a coroutine under it.
 
-    Only work that lives on the event loop is simulated: a thread or process doing real computation still takes
-    real time, and the virtual clock does not wait for it unless nothing else is scheduled. Scripted providers are
-    pure event-loop code, so scripted calls are exact and reproducible.
+    Computation takes no virtual time. On the loop that is automatic; a job handed to a worker thread with
+    ``loop.run_in_executor`` (``asyncio.to_thread`` included) holds time still until its result is back - so a
+    model's answer lands on the same tick however fast the machine, and a sync tool cannot race virtual time to its
+    own timeout. A job still running after ``thread_hold_s`` of real time is stuck or deliberately slow: time then
+    passes at real speed until it returns, so the timeouts around it still fire.
+
+    Thread work started any other way (``executor.submit``, a thread of its own) is not waited for. Tools and
+    Smart-Turn go through ``run_in_executor``; Whisper, Piper and llama.cpp submit to their model's thread directly
+    (they keep the thread's own future, to stop a job or wait for it at shutdown), so run them on a RealClock.
     """
+
+    def __init__(self, thread_hold_s: float = 2.0) -> None:
+        super().__init__()
+        if thread_hold_s < 0:
+            raise ValueError(f"VirtualClock: thread_hold_s must be >= 0, got {thread_hold_s}")
+        self.thread_hold_s = thread_hold_s
 
     def _loop_origin(self) -> float:
         return 0.0  # a virtual loop's time starts at zero
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
-        with asyncio.Runner(loop_factory=_VirtualTimeLoop) as runner:
+        with asyncio.Runner(loop_factory=lambda: _VirtualTimeLoop(self.thread_hold_s)) as runner:
             return runner.run(main)

@@ -40,10 +40,9 @@ pay with cloud STT/LLM/TTS and local VAD at hundreds of calls per core (~340 cal
 verdict one metronome tick after its frame. The figures are printed by ``benchmarks/vad.py``.
 
 Smart-Turn. With ``end_of_turn`` set, the stage asks Smart-Turn v3 (``smart_turn.py``) once the caller has been
-silent ``silence_ms``; a "complete" answer ends the turn then, otherwise ``stop_ms`` does. Under a
-:class:`~voxpipe.pipeline.VirtualClock` the model runs inline instead of on its thread: virtual time does not wait
-for threads, so a threaded answer would land after an arbitrary number of virtual ticks; inline, the simulated
-call stays reproducible (and the inference takes no virtual time, as all computation there).
+silent ``silence_ms``; a "complete" answer ends the turn then, otherwise ``stop_ms`` does. The model answers on its
+own thread; under a :class:`~voxpipe.pipeline.VirtualClock` virtual time holds still until the answer is back, so a
+simulated call stays reproducible (the inference takes no virtual time, as all computation there).
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ from voxpipe.pipeline import (
     AudioFrame,
     Direction,
     Frame,
-    VirtualClock,
 )
 from voxpipe.stages.smart_turn import SmartTurn, SmartTurnSettings, UtteranceAudio
 from voxpipe.stages.vad import VADStage, Voicing
@@ -349,19 +347,15 @@ class SileroVAD(VADStage):
             return
         self._asked_about = last_voiced
         audio = self._utterance.since(utterance_start - round(model.settings.pre_speech_ms / 1000 * SAMPLE_RATE))
-        if isinstance(self.clock, VirtualClock):
-            await self._ask(model, audio, last_voiced, inline=True)  # see the module doc
-        else:
-            self._question = self.spawn(self._ask(model, audio, last_voiced), name=f"{self.name}-smart-turn")
+        self._question = self.spawn(self._ask(model, audio, last_voiced), name=f"{self.name}-smart-turn")
 
-    async def _ask(self, model: SmartTurn, audio: np.ndarray, last_voiced: int, *, inline: bool = False) -> None:
-        """Ask the model about the silence after sample ``last_voiced`` (on its thread unless ``inline``), then act
-        on it.
+    async def _ask(self, model: SmartTurn, audio: np.ndarray, last_voiced: int) -> None:
+        """Ask the model about the silence after sample ``last_voiced`` (on its thread), then act on it.
 
         The model is an optimisation: when it fails or is slow, the turn still ends, at ``stop_ms``.
         """
         try:
-            probability = model.probability(audio) if inline else await model.probability_async(audio)
+            probability = await model.probability_async(audio)
         except TimeoutError:
             timeout = model.settings.timeout_s
             log.warning("%s: Smart-Turn gave no answer in %.1f s; stop_ms will end the turn", self.name, timeout)
