@@ -14,6 +14,7 @@ from voxpipe.pipeline import (
     Interrupt,
     Pipeline,
     TTSAudioFrame,
+    TTSDone,
     UserSpeechStopped,
     VirtualClock,
     WordMark,
@@ -122,6 +123,35 @@ def test_resample_drops_bot_audio_filter_state_on_interrupt():
     assert any(key[2] for key in resample._streams)
     asyncio.run(resample.on_interrupt(Interrupt(epoch=1, at=0.0)))
     assert not any(key[2] for key in resample._streams)
+
+
+def test_a_replys_resampler_tail_ends_that_reply_and_not_the_next():
+    clock = VirtualClock()
+    sink = Collect()
+    resample = Resample(48000)
+    pipeline = Pipeline([resample, sink], clock=clock)
+    reply = tone(24000, 0.2)  # 10 frames of 20 ms at 24 kHz
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for epoch in (0, 1):  # two replies, one after the other
+            for pts in range(0, len(reply), 480):
+                pcm = reply[pts : pts + 480].tobytes()
+                await resample.receive(TTSAudioFrame(epoch=epoch, pcm=pcm, sample_rate=24000, pts=pts), DOWNSTREAM)
+            await resample.receive(TTSDone(epoch=epoch), DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    for epoch in (0, 1):
+        frames = [f for f in sink.frames if isinstance(f, TTSAudioFrame) and f.epoch == epoch]
+        assert frames[0].pts == 0
+        assert sum(f.samples for f in frames) == 2 * len(reply), f"reply {epoch}: every sample, the tail too"
+        ends = [f.pts + f.samples for f in frames]
+        assert [f.pts for f in frames[1:]] == ends[:-1], "the tail follows the reply's last frame"
+        done = next(i for i, f in enumerate(sink.frames) if isinstance(f, TTSDone) and f.epoch == epoch)
+        assert sink.frames.index(frames[-1]) < done, "the tail is played before the reply ends"
 
 
 def test_the_vad_ends_speech_at_the_frame_that_completes_stop_ms_exactly():

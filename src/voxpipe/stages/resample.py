@@ -14,6 +14,7 @@ from voxpipe.pipeline import (
     Interrupt,
     Stage,
     TTSAudioFrame,
+    TTSDone,
     WordMark,
 )
 
@@ -26,7 +27,8 @@ class Resample(Stage):
     "LQ", "MQ" and "HQ" hold output back and release it in bursts every 60 to 120 ms (measured 8→16 kHz and
     22.05→16 kHz with 20 ms frames) — on a voice path that is added to voice-to-voice and makes frames late. Use a
     higher quality for offline work. ``pts`` counts the samples emitted for each source stream, so bursts or
-    filter delay never stamp audio late; no empty frame is emitted. The held tail is flushed at ``End``.
+    filter delay never stamp audio late; no empty frame is emitted. The held tail is flushed at ``End`` (caller
+    audio) and at each reply's ``TTSDone`` (bot audio: the tail ends its own reply instead of opening the next).
     """
 
     def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = "QQ", name: str | None = None):
@@ -37,10 +39,12 @@ class Resample(Stage):
         # sample of a cut reply can leak into the next one.
         self._streams: dict[tuple[int, int, bool], soxr.ResampleStream] = {}
         self._emitted: dict[tuple[int, int], int] = {}  # caller audio: samples emitted per source, the output pts
+        self._reply_end: dict[tuple[int, int, bool], int] = {}  # bot audio: where the reply's output ends so far
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
         for key in [key for key in self._streams if key[2]]:
             del self._streams[key]
+        self._reply_end.clear()
 
     async def process(self, frame: Frame, direction: Direction) -> None:
         if direction is Direction.DOWNSTREAM:
@@ -49,9 +53,25 @@ class Resample(Stage):
                 if converted is None:
                     return  # the filter is still filling: nothing to emit yet
                 frame = converted
+            elif isinstance(frame, TTSDone):
+                await self._end_reply(frame.epoch)
             elif isinstance(frame, End):
                 await self._flush()
         await self.push(frame, direction)
+
+    async def _end_reply(self, epoch: int) -> None:
+        """The reply's last samples, still in its filter, as its last frame; the next reply starts a fresh filter."""
+        target = self.produces
+        assert target is not None
+        for key in [key for key in self._streams if key[2]]:
+            stream, end = self._streams.pop(key), self._reply_end.pop(key, None)
+            tail = stream.resample_chunk(np.zeros((0, key[1]), dtype=np.int16), last=True)
+            if len(tail) and end is not None:
+                pcm = np.ascontiguousarray(tail, dtype=np.int16).tobytes()
+                await self.push(
+                    TTSAudioFrame(epoch=epoch, pcm=pcm, sample_rate=target.sample_rate, channels=key[1], pts=end)
+                )
+        self._reply_end.clear()
 
     async def _flush(self) -> None:
         """The caller audio the filters still hold, stamped where its stream left off (a reply's tail is dropped: the
@@ -96,7 +116,12 @@ class Resample(Stage):
         ratio = target.sample_rate / frame.sample_rate
         pcm = np.ascontiguousarray(samples, dtype=np.int16).tobytes()
         if isinstance(frame, TTSAudioFrame):
-            pts = round(frame.pts * ratio)  # bot audio: pts is the sample index in its reply
+            # Bot audio: pts is the sample index in its reply, counted as emitted (as for caller audio) so that the
+            # filter's delay leaves no gap after the first frame and the tail flushed at TTSDone follows on.
+            key = (frame.sample_rate, target.channels, True)
+            first = frame.pts == 0 or key not in self._reply_end  # a reply's first frame
+            pts = round(frame.pts * ratio) if first else self._reply_end[key]
+            self._reply_end[key] = pts + len(samples)
             words = tuple(WordMark(w.word, round(w.start * ratio), round(w.end * ratio)) for w in frame.words)
             return TTSAudioFrame(
                 epoch=frame.epoch,
