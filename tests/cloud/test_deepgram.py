@@ -340,6 +340,8 @@ async def test_a_drop_mid_utterance_reconnects_and_replays_the_turns_audio(tmp_p
     audio, _ = speechlike(line, RATE)
     assert utterance.data["end"] - utterance.data["start"] >= 0.95 * len(audio) / RATE
     assert stages.stt.stats.reconnects == 1
+    [turn] = result.turns
+    assert turn.marks["stt.reconnect"] < turn.marks["stt.final"], "the reconnect is marked on the turn it hit"
     [error] = stages.stt.pipeline.errors
     assert not error.fatal and "Deepgram: connection lost" in error.error and "replaying" in error.error
 

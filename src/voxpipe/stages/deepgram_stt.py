@@ -323,6 +323,7 @@ class DeepgramSTT(Stage):
         self._last_partial = ""
         self._emit_lock = asyncio.Lock()  # finals leave in order, whichever task settles them
         self._warned_vad = False
+        self._reconnected_at: float | None = None  # a reconnect not marked yet: it goes on the next final's turn
         self.stats = DeepgramStats()
 
     # ------------------------------------------------------------------------------------------ connect
@@ -396,7 +397,8 @@ class DeepgramSTT(Stage):
                         return
                     self.stats.reconnects += 1
                     replay_s = (self._audio.end_pts - self._audio.first_pts) / self._rate
-                    self.mark("stt.reconnect", self.pipeline.epoch, reason=str(lost))
+                    if self._reconnected_at is None:
+                        self._reconnected_at = self.clock.now()
                     await self.report(
                         f"{PROVIDER}: connection lost ({lost}); reconnecting ({len(drops)} of {limit} within "
                         f"{RECONNECT_WINDOW_S:g} s) and replaying {replay_s:.1f} s of the caller's audio"
@@ -715,7 +717,10 @@ class DeepgramSTT(Stage):
                 self._given_until = max(self._given_until, pending.cut_pts)
                 self._finalized_until = max(self._finalized_until, pending.cut_pts)
                 self._last_partial = ""
-                await self._emit(words, final=True, marks=pending.trace_marks())
+                marks = pending.trace_marks()
+                if self._reconnected_at is not None:  # the turn whose audio the new socket was given again
+                    marks, self._reconnected_at = (*marks, ("stt.reconnect", self._reconnected_at)), None
+                await self._emit(words, final=True, marks=marks)
 
     async def _partial(self) -> None:
         words = [w for w in (*self._final_words, *self._interim_words) if w.start >= self._given_until]
