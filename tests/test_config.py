@@ -118,6 +118,24 @@ def test_validate_command(tmp_path, capsys):
     assert "unknown vad provider 'nope'" in capsys.readouterr().out
 
 
+def test_validate_names_the_api_keys_a_call_would_miss(capsys, monkeypatch):
+    keys = ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    assert main(["validate", "examples/configs/cloud.yaml"]) == 0, "a config is valid without its keys"
+    out = capsys.readouterr().out
+    assert "no API key for Deepgram: a call needs $DEEPGRAM_API_KEY (or stt.api_key)" in out
+    assert "no API key for Cartesia: a call needs $CARTESIA_API_KEY (or tts.api_key)" in out
+    assert "Anthropic" not in out.replace("llm: anthropic", ""), "the key in the environment counts"
+    assert main(["validate", "--require-keys", "examples/configs/cloud.yaml"]) == 1
+    capsys.readouterr()
+    for key in keys:
+        monkeypatch.setenv(key, "k")
+    assert main(["validate", "--require-keys", "examples/configs/cloud.yaml"]) == 0
+    assert "no API key" not in capsys.readouterr().out
+
+
 def test_scenarios_load_and_bad_ones_are_clear(tmp_path):
     for name in ("booking", "two-barge-ins", "pauses-and-cough"):
         assert load_scenario(f"examples/scenarios/{name}.yaml").steps

@@ -160,15 +160,21 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from voxpipe.config import ConfigError, load_config
+    from voxpipe.stages.cloud import CloudSettings
 
     try:
-        config, _ = load_config(args.file)
+        config, settings = load_config(args.file)
     except ConfigError as exc:
         console.print(f"[red]{exc}[/]")
         return 1
     stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
     console.print(f"[green]ok[/] {args.file} — {stack}")
-    return 0
+    # Keys are read when a call builds its pipeline; a config checked where the keys are not (CI) is still valid.
+    keyless = {k: s for k, s in settings.items() if isinstance(s, CloudSettings) and s.api_key_or_none() is None}
+    for kind, missing in keyless.items():
+        env = missing.api_key_env
+        console.print(f"[yellow]no API key[/] for {missing.service_name}: a call needs ${env} (or {kind}.api_key)")
+    return 1 if keyless and args.require_keys else 0
 
 
 SCRIPTED_CONFIG = {kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}
@@ -193,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate = sub.add_parser("validate", help="check a pipeline config without starting anything")
     validate.add_argument("file")
+    validate.add_argument(
+        "--require-keys",
+        action="store_true",
+        help="fail if a cloud provider's API key is in neither the config nor the environment",
+    )
     return parser
 
 

@@ -30,10 +30,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
-from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
+from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.llm import AuditSink, LLMStage
 from voxpipe.stages.tools import ToolsLike
 
@@ -49,10 +49,11 @@ _T = TypeVar("_T")
 # ------------------------------------------------------------------------------------------------ settings
 
 
-class AnthropicSettings(BaseModel):
+class AnthropicSettings(CloudSettings):
     """Settings of :class:`AnthropicLLM` (the ``llm:`` section of a config with ``provider: anthropic``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    service_name: ClassVar[str] = PROVIDER
+    api_key_env: ClassVar[str] = ENV_VAR
 
     model: str = Field("claude-opus-4-7", min_length=1, description="the Claude model to ask")
     max_tokens: int = Field(300, ge=1, le=64000, description="most tokens in one reply (voice replies are short)")
@@ -211,7 +212,7 @@ class AnthropicLLM(LLMStage):
     @classmethod
     def from_settings(cls, settings: AnthropicSettings, context: Any, name: str) -> AnthropicLLM:
         # The key is resolved here, so a missing one is a config error before anything connects.
-        key = api_key("llm", PROVIDER, _secret(settings.api_key), ENV_VAR)
+        key = settings.require_api_key("llm")
         tools = dict(getattr(context, "tools", None) or {})
         return cls(settings, api_key=key, tools=tools, audit=getattr(context, "tool_audit", None), name=name)
 
@@ -226,7 +227,7 @@ class AnthropicLLM(LLMStage):
     ) -> None:
         super().__init__(tools=tools, audit=audit, name=name)
         self.settings = settings or AnthropicSettings.model_validate({})
-        self._api_key = api_key or _resolve_key(self.settings)
+        self._api_key = api_key or self.settings.require_api_key("llm")
         _sdk()  # a missing SDK is a clear error when the pipeline is built, not on the first turn
         self._client: AsyncAnthropic | None = None
         self._open_streams = 0
@@ -504,14 +505,6 @@ def _error_detail(exc: Any) -> str:
     if isinstance(error, dict) and error.get("type"):
         return f"{error['type']}: {error.get('message', '')}".rstrip(": ")
     return str(exc.message)
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
-def _resolve_key(settings: AnthropicSettings) -> str:
-    return api_key("llm", PROVIDER, _secret(settings.api_key), ENV_VAR)
 
 
 def _content_block(block: Any) -> dict[str, Any]:

@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
-from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
+from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.tts import LEADING_SILENCE_LEVEL, StreamingTTSStage
 
 log = logging.getLogger("voxpipe.stages.cartesia_tts")
@@ -71,17 +71,18 @@ _IGNORED_EVENTS = frozenset({"flush_done", "phoneme_timestamps"})  # known, and 
 # ------------------------------------------------------------------------------------------------ settings
 
 
-class CartesiaTTSSettings(BaseModel):
+class CartesiaTTSSettings(CloudSettings):
     """Cartesia TTS settings; timeouts are seconds."""
 
-    model_config = ConfigDict(extra="forbid")
+    service_name: ClassVar[str] = PROVIDER
+    api_key_env: ClassVar[str] = "CARTESIA_API_KEY"
 
     voice: str = Field(
         min_length=1,
         description="Cartesia voice id (a UUID from play.cartesia.ai or GET /voices); required, there is no default "
         "voice",
     )
-    api_key: str | None = Field(
+    api_key: SecretStr | None = Field(
         default=None, description="Cartesia API key; default: $CARTESIA_API_KEY (read by voxpipe, not the SDK)"
     )
     model: str = Field(default="sonic-3", min_length=1, description="Cartesia model id")
@@ -336,7 +337,7 @@ class CartesiaTTS(StreamingTTSStage):
 
     @classmethod
     def from_settings(cls, settings: CartesiaTTSSettings, context: Any, name: str) -> CartesiaTTS:
-        key = api_key("tts", PROVIDER, settings.api_key, "CARTESIA_API_KEY")  # before anything connects
+        key = settings.require_api_key("tts")  # before anything connects
         return cls(settings, api_key=key, audio=context.audio, name=name)
 
     def __init__(

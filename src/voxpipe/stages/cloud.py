@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline.errors import VoxpipeError
@@ -20,16 +23,33 @@ class ProviderError(VoxpipeError):
         super().__init__(f"{provider}: {problem}")
 
 
-def api_key(kind: str, provider: str, given: str | None, env_var: str) -> str:
-    """The key from the config (``given``), else from ``$env_var``; a clear config error if neither has one."""
-    key = given or os.environ.get(env_var, "")
-    if not key:
-        raise ConfigError(
-            f"{kind}.api_key",
-            f"no API key for {provider}: set the environment variable {env_var} (or {kind}.api_key, e.g. "
-            f"api_key: ${{{env_var}}})",
-        )
-    return key
+class CloudSettings(BaseModel):
+    """What every cloud provider's settings have: an API key, given in the config or read from the environment.
+    Each provider's settings redeclare ``api_key`` with their own description and set the two class variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service_name: ClassVar[str]  # the provider as errors name it ("Deepgram")
+    api_key_env: ClassVar[str]  # the environment variable read when the config gives no key
+
+    api_key: SecretStr | None = None
+
+    def api_key_or_none(self) -> str | None:
+        """The key from the config, else from ``$api_key_env``; None if neither has one."""
+        given = self.api_key.get_secret_value() if self.api_key is not None else ""
+        return given or os.environ.get(self.api_key_env) or None
+
+    def require_api_key(self, kind: str) -> str:
+        """The key; a :class:`ConfigError` at ``kind.api_key`` naming both places to put one if there is none."""
+        key = self.api_key_or_none()
+        if key is None:
+            env = self.api_key_env
+            raise ConfigError(
+                f"{kind}.api_key",
+                f"no API key for {self.service_name}: set the environment variable {env} (or {kind}.api_key, e.g. "
+                f"api_key: ${{{env}}})",
+            )
+        return key
 
 
 def require_sdk(provider: str, extra: str, *modules: str) -> ModuleType:

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from voxpipe.pipeline import (
     AudioFormat,
@@ -48,7 +48,7 @@ from voxpipe.pipeline import (
     UserSpeechStarted,
     UserSpeechStopped,
 )
-from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
+from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 
 log = logging.getLogger("voxpipe.stages.deepgram_stt")
 
@@ -61,12 +61,13 @@ RECONNECT_WINDOW_S = 60.0  # more than max_reconnects drops within this long end
 # ------------------------------------------------------------------------------------------------ settings
 
 
-class DeepgramSTTSettings(BaseModel):
+class DeepgramSTTSettings(CloudSettings):
     """Deepgram live STT settings; timeouts are seconds, Deepgram's own options keep their names and units."""
 
-    model_config = ConfigDict(extra="forbid")
+    service_name: ClassVar[str] = PROVIDER
+    api_key_env: ClassVar[str] = "DEEPGRAM_API_KEY"
 
-    api_key: str | None = Field(default=None, description="Deepgram API key; default: $DEEPGRAM_API_KEY")
+    api_key: SecretStr | None = Field(default=None, description="Deepgram API key; default: $DEEPGRAM_API_KEY")
     base_url: str = Field(
         default=PRODUCTION_URL,
         pattern=r"^wss?://[^\s]+$",
@@ -279,7 +280,7 @@ class DeepgramSTT(Stage):
 
     @classmethod
     def from_settings(cls, settings: DeepgramSTTSettings, context: Any, name: str) -> DeepgramSTT:
-        key = api_key("stt", PROVIDER, settings.api_key, "DEEPGRAM_API_KEY")  # before anything connects
+        key = settings.require_api_key("stt")  # before anything connects
         return cls(settings, api_key=key, audio=context.audio, name=name)
 
     def __init__(

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
-from voxpipe.stages.cloud import ProviderError, api_key, require_sdk
+from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.tts import StreamingTTSStage
 
 if TYPE_CHECKING:
@@ -82,10 +82,11 @@ class ElevenLabsVoiceSettings(BaseModel):
     speed: float | None = Field(default=None, ge=0.7, le=1.2, description="speaking rate, 1.0 is normal")
 
 
-class ElevenLabsTTSSettings(BaseModel):
+class ElevenLabsTTSSettings(CloudSettings):
     """ElevenLabs streaming TTS settings. The output format is ``pcm_<the call's sample rate>``."""
 
-    model_config = ConfigDict(extra="forbid")
+    service_name: ClassVar[str] = PROVIDER
+    api_key_env: ClassVar[str] = "ELEVENLABS_API_KEY"
 
     api_key: SecretStr | None = Field(default=None, description="ElevenLabs API key; default: $ELEVENLABS_API_KEY")
     base_url: str | None = Field(
@@ -267,8 +268,7 @@ class ElevenLabsTTS(StreamingTTSStage):
 
     @classmethod
     def from_settings(cls, settings: ElevenLabsTTSSettings, context: Any, name: str) -> ElevenLabsTTS:
-        given = settings.api_key.get_secret_value() if settings.api_key else None
-        key = api_key("tts", PROVIDER, given, "ELEVENLABS_API_KEY")  # named before anything connects
+        key = settings.require_api_key("tts")  # named before anything connects
         return cls(settings, api_key=key, audio=context.audio, name=name)
 
     def __init__(
