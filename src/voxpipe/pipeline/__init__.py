@@ -4,7 +4,7 @@ Nothing here imports from ``voxpipe.stages`` or ``voxpipe.transports``.
 """
 
 from voxpipe.pipeline.audio import AudioFormat
-from voxpipe.pipeline.clock import Clock, RealClock, VirtualClock
+from voxpipe.pipeline.clock import Clock, RealClock, VirtualClock, wrap_thread_job
 from voxpipe.pipeline.context import Conversation, Message, ToolUse
 from voxpipe.pipeline.errors import AudioFormatError, PipelineBuildError, VoxpipeError
 from voxpipe.pipeline.frames import (
@@ -89,4 +89,5 @@ __all__ = [
     "VirtualClock",
     "VoxpipeError",
     "WordMark",
+    "wrap_thread_job",
 ]

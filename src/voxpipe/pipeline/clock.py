@@ -4,8 +4,8 @@
 * :class:`VirtualClock` runs a coroutine on an event loop whose time only moves when every task is waiting on a
   timer: it then jumps straight to the next deadline. A five-minute scripted call runs in a fraction of a second,
   and because nothing depends on wall time, its trace is bit-identical on every run. Work handed to a thread with
-  ``loop.run_in_executor`` (``asyncio.to_thread`` included) holds time still until it returns: computation takes
-  no virtual time, as on the loop itself.
+  ``loop.run_in_executor`` (``asyncio.to_thread`` included) or wrapped with :func:`wrap_thread_job` holds time
+  still until it returns: computation takes no virtual time, as on the loop itself.
 
 Both expose the same three things to the runtime: ``now()``, ``sleep_until()`` and a shared :class:`Metronome`
 per frame period, which paces every transport in the process from one timer (see ``pacing.py``).
@@ -14,6 +14,7 @@ per frame period, which paces every transport in the process from one timer (see
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import selectors
 import time
 from collections.abc import Callable, Coroutine
@@ -160,13 +161,26 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self._virtual.now
 
     def run_in_executor(self, executor: Executor | None, func: Callable[[*Args], T], *args: *Args) -> asyncio.Future[T]:
-        """As asyncio's, and time holds still until the job's result is back on the loop (or nobody waits for it
-        any more: the future was cancelled). Released by a callback the result schedules, so the release and the
-        waiter's wake-up run in the same loop iteration, with no chance for time to jump between them."""
-        job = super().run_in_executor(executor, func, *args)
+        """As asyncio's, and time holds still until the job's result is back on the loop."""
+        return self.hold_until_done(super().run_in_executor(executor, func, *args))
+
+    def hold_until_done(self, result: asyncio.Future[T]) -> asyncio.Future[T]:
+        """Hold time still until ``result`` (a thread job's, on this loop) is done - or cancelled: nobody waits for
+        it any more. Released by a callback the result schedules, so the release and the waiter's wake-up run in
+        the same loop iteration, with no chance for time to jump between them."""
         self._virtual.hold()
-        job.add_done_callback(self._virtual.release)
-        return job
+        result.add_done_callback(self._virtual.release)
+        return result
+
+
+def wrap_thread_job(job: concurrent.futures.Future[T]) -> asyncio.Future[T]:
+    """``asyncio.wrap_future(job)`` for a job just given to a worker thread with ``executor.submit``: under a
+    :class:`VirtualClock` time holds still until its result is back (as ``loop.run_in_executor`` does), so wrap it
+    when it is submitted, not later when it is awaited. Cancelling the wrapper cancels the job if it has not started.
+    """
+    result = asyncio.wrap_future(job)
+    loop = asyncio.get_running_loop()
+    return loop.hold_until_done(result) if isinstance(loop, _VirtualTimeLoop) else result
 
 
 class VirtualClock(Clock):
@@ -178,9 +192,9 @@ class VirtualClock(Clock):
     own timeout. A job still running after ``thread_hold_s`` of real time is stuck or deliberately slow: time then
     passes at real speed until it returns, so the timeouts around it still fire.
 
-    Thread work started any other way (``executor.submit``, a thread of its own) is not waited for. Tools and
-    Smart-Turn go through ``run_in_executor``; Whisper, Piper and llama.cpp submit to their model's thread directly
-    (they keep the thread's own future, to stop a job or wait for it at shutdown), so run them on a RealClock.
+    A job given with ``executor.submit`` is held when wrapped with :func:`wrap_thread_job` at once (Whisper, Piper
+    and llama.cpp do: they keep their thread's own future, to stop a job or wait for it at shutdown). Work on a
+    thread of one's own is not waited for.
     """
 
     def __init__(self, thread_hold_s: float = 2.0) -> None:

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from voxpipe.pipeline import EndOfTurn, Interrupt, Message, ToolCall
+from voxpipe.pipeline import EndOfTurn, Interrupt, Message, ToolCall, wrap_thread_job
 from voxpipe.stages.inference import inference_executor
 from voxpipe.stages.llm import LLMStage
 from voxpipe.stages.text import SpeakableChunker
@@ -494,6 +494,7 @@ class _Generation:
     stop_flag: threading.Event = field(default_factory=threading.Event)
     tokens_at_stop: int | None = None
     job: concurrent.futures.Future[None] | None = None
+    finished: asyncio.Future[None] | None = None  # the job's, on the event loop (wrap_thread_job)
 
     def stop(self) -> None:
         """Ask the thread to stop; it checks after every token. Safe to call from any thread, any number of times."""
@@ -567,7 +568,7 @@ class LlamaLLM(LLMStage):
         if self._loading is None:
             if self._executor is None:
                 self._executor = inference_executor(f"{self.name}-model")
-            self._loading = asyncio.wrap_future(self._executor.submit(self._load_in_thread))
+            self._loading = wrap_thread_job(self._executor.submit(self._load_in_thread))
         try:
             async with asyncio.timeout(self.settings.load_timeout_s):
                 await asyncio.shield(self._loading)
@@ -648,6 +649,7 @@ class LlamaLLM(LLMStage):
         self.history.append(generation.stats)
         self._current = generation
         generation.job = executor.submit(self._generate_in_thread, generation, turn.system, messages, deliver)
+        generation.finished = wrap_thread_job(generation.job)
         try:
             while True:
                 item = await self._next_item(inbox)
@@ -787,13 +789,11 @@ class LlamaLLM(LLMStage):
     async def _wait_for_previous(self) -> None:
         """Wait until the previous turn's thread work has finished: two generations never share the model."""
         previous = self._current
-        if previous is None or previous.job is None or previous.job.done():
+        if previous is None or previous.finished is None or previous.finished.done():
             return
         previous.stop()  # its consumer is gone (a new turn supersedes it)
-        waiting = asyncio.wrap_future(previous.job)
-        done, _ = await asyncio.wait({waiting}, timeout=self.settings.stop_timeout_s)
-        if not done:
-            waiting.cancel()
+        done, _ = await asyncio.wait({previous.finished}, timeout=self.settings.stop_timeout_s)
+        if not done:  # ``finished`` stays pending (nothing cancels it): the next turn waits for the thread again
             raise TimeoutError(
                 f"{self.name}: the previous generation did not stop within stop_timeout_s="
                 f"{self.settings.stop_timeout_s} s; the model thread is stuck"
@@ -818,7 +818,7 @@ class LlamaLLM(LLMStage):
             if self._loading is not None and not self._loading.done():
                 await asyncio.wait({self._loading}, timeout=self.settings.load_timeout_s)
             if llama is not None or self._llama is not None:
-                closing = asyncio.wrap_future(executor.submit(self._close_in_thread))
+                closing = wrap_thread_job(executor.submit(self._close_in_thread))
                 await asyncio.wait({closing}, timeout=self.settings.stop_timeout_s)
         finally:
             self._executor, self._loading, self._current = None, None, None

@@ -44,7 +44,7 @@ import numpy as np
 import soxr
 from pydantic import BaseModel, ConfigDict, Field
 
-from voxpipe.pipeline import AudioFormat, Direction, Frame, Interrupt, SpeakableChunk, WordMark
+from voxpipe.pipeline import AudioFormat, Direction, Frame, Interrupt, SpeakableChunk, WordMark, wrap_thread_job
 from voxpipe.stages.inference import inference_executor
 from voxpipe.stages.tts import TTSStage
 
@@ -275,7 +275,7 @@ class PiperTTS(TTSStage):
             )
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
+        return await wrap_thread_job(self._executor.submit(fn, *args, **kwargs))
 
     # ------------------------------------------------------------------------------------ stream
 
@@ -322,6 +322,7 @@ class PiperTTS(TTSStage):
 
         inference = _Inference(epoch, RunOptions(), self._inflight, self.settings.sentence_timeout_s)
         inference.future = self._executor.submit(chunk.render, index, inference.run_options)
+        inference.on_loop = wrap_thread_job(inference.future)
         self._inflight.add(inference)
         return inference
 
@@ -355,30 +356,31 @@ class _Inference:
     run_options: Any  # onnxruntime.RunOptions
     owner: set[_Inference]
     limit_s: float
-    future: Future[tuple[np.ndarray, list[WordMark]]] | None = None
+    future: Future[tuple[np.ndarray, list[WordMark]]] | None = None  # the job, in the stage's thread
+    on_loop: asyncio.Future[tuple[np.ndarray, list[WordMark]]] | None = None  # its result (wrap_thread_job)
     terminated: bool = False
 
     def cancel(self) -> None:
         """Stop it: dropped if still queued, abandoned by onnxruntime between graph nodes if running."""
         self.terminated = True
         self.run_options.terminate = True
-        if self.future is not None:
-            self.future.cancel()
+        if self.on_loop is not None:
+            self.on_loop.cancel()  # and the job with it, unless it is running (then the terminate flag stops it)
         self.owner.discard(self)
 
     async def result(self) -> tuple[np.ndarray, list[WordMark]] | None:
         """The sentence's audio and completed word marks; ``None`` if an interrupt stopped it."""
-        assert self.future is not None
+        assert self.on_loop is not None
         try:
             async with asyncio.timeout(self.limit_s):
-                return await asyncio.wrap_future(self.future)
+                return await self.on_loop
         except TimeoutError:
             self.cancel()
             raise TimeoutError(f"Piper took over {self.limit_s} s to synthesise one sentence") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self.terminated and task is not None and not task.cancelling():
-                return None  # the interrupt dropped it before it ran; this task itself carries on
+                return None  # an interrupt stopped it (its result was cancelled); this task itself carries on
             raise
         except Exception:
             if self.terminated:

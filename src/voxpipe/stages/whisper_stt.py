@@ -78,6 +78,7 @@ from voxpipe.pipeline import (
     TranscriptWord,
     UserSpeechStarted,
     UserSpeechStopped,
+    wrap_thread_job,
 )
 from voxpipe.stages.inference import inference_executor
 
@@ -536,7 +537,7 @@ class WhisperSTT(Stage):
             raise RuntimeError(f"stage {self.name!r} is not running")
         job = self._running_job = self._executor.submit(fn)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job), limit_s)
+            return await asyncio.wait_for(wrap_thread_job(job), limit_s)
         except TimeoutError as exc:
             raise TimeoutError(f"stage {self.name!r}: {what} took longer than {limit_s:g} s") from exc
 
@@ -732,6 +733,6 @@ class WhisperSTT(Stage):
             executor.shutdown(wait=False, cancel_futures=True)
         job, self._running_job = self._running_job, None
         if job is not None and not job.done():
-            await asyncio.wait({asyncio.wrap_future(job)}, timeout=self.settings.decode_timeout_s)
+            await asyncio.wait({wrap_thread_job(job)}, timeout=self.settings.decode_timeout_s)
         self._decoder = None
         await super().stop()
