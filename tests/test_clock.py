@@ -1,5 +1,6 @@
 import asyncio
 import itertools
+import threading
 import time
 
 import pytest
@@ -81,6 +82,49 @@ def test_a_thread_slower_than_the_hold_lets_time_pass_at_real_speed():
     virtual, wall = clock.run(main())
     assert virtual == pytest.approx(0.1)
     assert wall >= 0.1, "virtual time ran ahead of real time while the thread was busy"
+
+
+def test_past_the_hold_time_passes_at_real_speed_even_while_the_loop_is_woken():
+    clock = VirtualClock(thread_hold_s=0.05)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def waker() -> None:  # another thread (a model streaming tokens) waking the loop every 10 ms
+            while not stop.wait(0.01):
+                loop.call_soon_threadsafe(lambda: None)
+
+        threading.Thread(target=waker, daemon=True).start()
+        try:
+            with pytest.raises(TimeoutError):  # the wake-ups must not freeze time around the stuck job
+                await asyncio.wait_for(asyncio.to_thread(time.sleep, 1.0), timeout=0.1)
+        finally:
+            stop.set()
+        return clock.now()
+
+    assert clock.run(main()) == pytest.approx(0.1, abs=0.02)
+
+
+def test_each_thread_job_gets_its_own_hold():
+    clock = VirtualClock(thread_hold_s=0.5)
+
+    async def main() -> float:
+        async def ticker() -> None:  # timers keep coming, as a metronome's do
+            while True:
+                await clock.sleep(0.01)
+
+        ticking = asyncio.create_task(ticker())
+        long_job = asyncio.ensure_future(asyncio.to_thread(time.sleep, 1.5))  # a whole llama.cpp reply, say
+        await asyncio.to_thread(time.sleep, 0.6)  # outlasts its own hold
+        before = clock.now()
+        await asyncio.to_thread(time.sleep, 0.02)  # a short job beside the long one: held all the same
+        took = clock.now() - before
+        ticking.cancel()
+        await long_job
+        return took
+
+    assert clock.run(main()) == 0.0
 
 
 async def test_real_clock_sleeps_for_real():

@@ -84,16 +84,17 @@ class _VirtualSelector(selectors.BaseSelector):
         self.now = 0.0
         self.next_deadline: Any = None  # set by the loop: returns its earliest timer's deadline, or None
         self.thread_hold_s = thread_hold_s
-        self.thread_jobs = 0  # jobs handed to worker threads whose results the loop has not received yet
-        self._held_since = 0.0  # the real time at which the first of them started
+        self._held: dict[object, float] = {}  # each thread job whose result the loop awaits -> real time it began
 
-    def hold(self) -> None:
-        if not self.thread_jobs:
-            self._held_since = time.monotonic()
-        self.thread_jobs += 1
+    def hold(self, job: object) -> None:
+        self._held[job] = time.monotonic()
 
-    def release(self, _job: object = None) -> None:
-        self.thread_jobs -= 1
+    def release(self, job: object) -> None:
+        self._held.pop(job, None)
+
+    @property
+    def thread_jobs(self) -> int:
+        return len(self._held)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout <= 0:
@@ -104,7 +105,7 @@ class _VirtualSelector(selectors.BaseSelector):
         if ready or timeout is None:
             # Real I/O is ready (or there is no timer at all: wait for I/O, e.g. a worker thread finishing).
             return ready or self._inner.select(None)
-        if self.thread_jobs:
+        if self._held:
             ready = self._wait_for_threads(timeout)
             if ready:
                 return ready
@@ -115,15 +116,21 @@ class _VirtualSelector(selectors.BaseSelector):
 
     def _wait_for_threads(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
         """A thread is computing: wait for its result (its wake-up is I/O on the loop's self-pipe) with time held
-        still, for up to ``thread_hold_s`` of real time. A job that takes longer is stuck or deliberately slow (a
-        tool that sleeps): from then on time passes at real speed until it returns, so the timeouts around it fire
-        as they would live, instead of never (held forever) or at once (jumping past it)."""
-        held_for = self.thread_hold_s - (time.monotonic() - self._held_since)
+        still while any pending job is younger than ``thread_hold_s`` of real time (each job gets its own window, so
+        a long job - a whole llama.cpp reply - does not take the hold from the short ones beside it). Once every
+        pending job is older, they are stuck or deliberately slow (a tool that sleeps): time then passes at real
+        speed until they return - the real time waited counts even when I/O cut the wait short - so the timeouts
+        around them fire as they would live, instead of never (held forever) or at once (jumping past them)."""
+        held_for = max(self._held.values()) + self.thread_hold_s - time.monotonic()
         if held_for > 0:
             ready = self._inner.select(held_for)
             if ready:
                 return ready
-        return self._inner.select(timeout)
+        began = time.monotonic()
+        ready = self._inner.select(timeout)
+        if ready:  # cut short: time moves by the real time waited (a full wait jumps onto the deadline instead)
+            self.now += min(time.monotonic() - began, timeout)
+        return ready
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._inner.register(fileobj, events, data)
@@ -168,9 +175,19 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
         """Hold time still until ``result`` (a thread job's, on this loop) is done - or cancelled: nobody waits for
         it any more. Released by a callback the result schedules, so the release and the waiter's wake-up run in
         the same loop iteration, with no chance for time to jump between them."""
-        self._virtual.hold()
+        self._virtual.hold(result)
         result.add_done_callback(self._virtual.release)
         return result
+
+    async def shutdown_default_executor(self, *args: Any) -> None:
+        """As asyncio's, held like a thread job: from Python 3.13 it waits for the threads with a timeout (300 s),
+        which virtual time would otherwise jump past at once."""
+        waiting = self.create_future()
+        self.hold_until_done(waiting)
+        try:
+            await super().shutdown_default_executor(*args)
+        finally:
+            waiting.set_result(None)
 
 
 def wrap_thread_job(job: concurrent.futures.Future[T]) -> asyncio.Future[T]:

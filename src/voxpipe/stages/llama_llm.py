@@ -817,9 +817,11 @@ class LlamaLLM(LLMStage):
             await self._wait_for_previous()
             if self._loading is not None and not self._loading.done():
                 await asyncio.wait({self._loading}, timeout=self.settings.load_timeout_s)
+                self._loading.cancel()  # given up on, if still loading: a virtual clock no longer holds for it
             if llama is not None or self._llama is not None:
                 closing = wrap_thread_job(executor.submit(self._close_in_thread))
                 await asyncio.wait({closing}, timeout=self.settings.stop_timeout_s)
+                closing.cancel()
         finally:
             self._executor, self._loading, self._current = None, None, None
             executor.shutdown(wait=False, cancel_futures=True)

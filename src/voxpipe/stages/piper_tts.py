@@ -364,8 +364,10 @@ class _Inference:
         """Stop it: dropped if still queued, abandoned by onnxruntime between graph nodes if running."""
         self.terminated = True
         self.run_options.terminate = True
+        if self.future is not None:
+            self.future.cancel()  # dropped now if still queued (its result's cancel reaches it a loop turn later)
         if self.on_loop is not None:
-            self.on_loop.cancel()  # and the job with it, unless it is running (then the terminate flag stops it)
+            self.on_loop.cancel()
         self.owner.discard(self)
 
     async def result(self) -> tuple[np.ndarray, list[WordMark]] | None:

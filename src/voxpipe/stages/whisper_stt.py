@@ -733,6 +733,8 @@ class WhisperSTT(Stage):
             executor.shutdown(wait=False, cancel_futures=True)
         job, self._running_job = self._running_job, None
         if job is not None and not job.done():
-            await asyncio.wait({wrap_thread_job(job)}, timeout=self.settings.decode_timeout_s)
+            waiting = wrap_thread_job(job)
+            await asyncio.wait({waiting}, timeout=self.settings.decode_timeout_s)
+            waiting.cancel()  # given up on (the decode runs on, unwaited): a virtual clock no longer holds for it
         self._decoder = None
         await super().stop()
