@@ -71,7 +71,7 @@ class Built:
         return list(self.stages[0].pipeline.errors)
 
 
-def config(fake: FakeCartesia, replies: list[str] | None = None, **tts: Any) -> tuple[Any, Any]:
+def config(fake: FakeCartesia, replies: list[Any] | None = None, **tts: Any) -> tuple[Any, Any]:
     tts_config = {
         "provider": "cartesia",
         "api_key": fake.api_key,
@@ -206,6 +206,29 @@ async def test_a_barge_in_cancels_the_context_and_nothing_stale_plays(tmp_path):
     cut_at, next_at = cut.marks["out.interrupted"], answer.marks["out.first_play"]
     assert np.any(bot[round((cut_at - 0.1) * RATE) : round(cut_at * RATE)]), "the bot was speaking before"
     assert not np.any(bot[round(cut_at * RATE) : round(next_at * RATE)]), "silent from the interrupt on"
+
+
+@pytest.mark.timeout(30)
+async def test_words_heard_before_a_pause_in_the_reply_are_kept_when_the_caller_cuts_in(tmp_path):
+    # Cartesia sends a word's timestamps after the audio holding it: the preamble's last mark must not wait for the
+    # next audio, which the tool's pause holds back past the caller's barge-in.
+    preamble = "Let me check that for you."
+
+    async def lookup() -> str:
+        """Look up a free table."""
+        await asyncio.sleep(5)
+        return "eight"
+
+    async with FakeCartesia() as fake:
+        reply = {"text": "We have a table at {result}.", "tool": "lookup", "preamble": preamble}
+        parsed, settings = config(fake, [reply, "Fine."])
+        script = [Say("A table tonight?"), Say("Okay thanks.", barge_in=3.5)]
+        result = await asyncio.to_thread(
+            run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), tools={"lookup": lookup}
+        )
+    cut = result.turns[0]
+    assert cut.interrupted
+    assert list(cut.heard) == preamble.split(), "every word of the preamble was played before the cut"
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -448,16 +471,17 @@ async def test_the_fake_speaks_f32_when_asked_and_stamps_words_in_seconds():
 # ----------------------------------------------------------------------------------- the pieces, offline
 
 
-def test_marks_wait_for_the_audio_holding_their_start():
+def test_marks_wait_for_the_audio_holding_their_end():
     marks = PendingMarks()
     marks.add([WordMark("Hello", 100, 900), WordMark("there", 1000, 1800)])
-    assert marks.take(before=640) == (WordMark("Hello", 100, 900),)  # timestamps ahead of the audio
-    assert marks.take(before=960) == ()
-    assert marks.take(before=1280) == (WordMark("there", 1000, 1800),)
-    marks.add([WordMark("late", 1300, 1500)])  # timestamps behind the audio: the next frame carries it
-    assert marks.take(before=1920) == (WordMark("late", 1300, 1500),)
-    marks.add([WordMark("trailing", 2000, 2400)])
-    assert marks.drain() == (WordMark("trailing", 2000, 2400),) and len(marks) == 0
+    assert marks.take(640) == ()  # timestamps ahead of the audio
+    assert marks.take(960) == (WordMark("Hello", 100, 900),)
+    assert marks.take(1280) == ()
+    assert marks.take(1920) == (WordMark("there", 1000, 1800),)
+    marks.add([WordMark("late", 1300, 1500)])  # timestamps behind the audio: ready at once
+    assert marks.take(1920) == (WordMark("late", 1300, 1500),)
+    marks.add([WordMark("trailing", 2000, 2404)])  # rounded 4 samples past the last one
+    assert marks.drain(2400) == (WordMark("trailing", 2000, 2400),) and len(marks) == 0
 
 
 def test_audio_is_due_only_while_cartesia_owes_some():

@@ -11,9 +11,11 @@ reasoner is asked (no network), each speakable chunk is pushed as it comes (``co
 pieces as they are, so each chunk goes with a trailing space), and ``continue: false`` follows the last. A receiver
 task per reply reads the context's events: ``chunk`` → audio, checked (valid base64, whole samples, really
 ``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` → :class:`ProviderError` with
-Cartesia's message. Cartesia sends audio and timestamps as separate messages, so a word's mark waits until the audio
-holding its start has arrived and travels on the next frame emitted (:class:`PendingMarks`): the output counts a
-word as heard only if its mark reached it.
+Cartesia's message. Cartesia sends audio and timestamps as separate messages, in either order, so a word's mark
+waits until the audio holding its end has arrived (:class:`PendingMarks`), then travels on that audio's frame, or at
+once on an empty frame if the timestamps came after it: the output counts a word as heard only if its mark reached
+it before the cut, so a mark must not wait for audio that a pause in the reply holds back. At ``done`` the marks
+left are clamped to the audio received (timestamps rounded past the last sample must not cost the last word).
 
 Timeouts. Every network wait is bounded: the handshake (``connect_timeout_s``), the first audio after the first
 text was pushed (``first_audio_timeout_s``), and each read while audio is due (``read_timeout_s``: after the last
@@ -200,12 +202,8 @@ def word_marks(timestamps: Any, sample_rate: int) -> list[WordMark]:
 
 
 class PendingMarks:
-    """Word marks waiting for their audio.
-
-    Cartesia sends ``timestamps`` and ``chunk`` messages separately, in either order. A mark is handed out with the
-    first frame emitted once the audio holding its start has arrived — the frame holding its start, or, if the
-    mark came late, the next one — and whatever is left at the end goes out on an empty frame.
-    """
+    """Word marks waiting for their audio: a mark is ready once the audio holding its end has arrived (a mark handed
+    out earlier could promise audio that never comes, and a word is heard only once its end is played)."""
 
     def __init__(self) -> None:
         self._marks: list[WordMark] = []
@@ -216,16 +214,17 @@ class PendingMarks:
     def add(self, marks: Iterable[WordMark]) -> None:
         self._marks.extend(marks)
 
-    def take(self, before: int) -> tuple[WordMark, ...]:
-        """The marks starting before sample ``before`` (audio received so far), in order."""
-        ready = tuple(m for m in self._marks if m.start < before)
+    def take(self, received: int) -> tuple[WordMark, ...]:
+        """The marks ending within the first ``received`` samples (the audio received so far), in order."""
+        ready = tuple(m for m in self._marks if m.end <= received)
         if ready:
-            self._marks = [m for m in self._marks if m.start >= before]
+            self._marks = [m for m in self._marks if m.end > received]
         return ready
 
-    def drain(self) -> tuple[WordMark, ...]:
-        marks, self._marks = tuple(self._marks), []
-        return marks
+    def drain(self, received: int) -> tuple[WordMark, ...]:
+        """Every mark left, clamped to the ``received`` samples there are (the reply is complete)."""
+        marks, self._marks = self._marks, []
+        return tuple(WordMark(m.word, min(m.start, received), min(m.end, received)) for m in marks)
 
 
 # ---------------------------------------------------------------------------------- the socket and a reply
@@ -556,11 +555,10 @@ class CartesiaTTS(StreamingTTSStage):
             await self._play(reply, decode_audio(getattr(event, "data", None)))
         elif kind == "timestamps":
             reply.marks.add(word_marks(getattr(event, "word_timestamps", None), self.produces_rate))
+            await self._hand_out(reply, reply.marks.take(reply.received))  # marks that trailed their audio
         elif kind == "done":
             reply.settled = True
-            marks = reply.marks.drain()
-            if marks and reply.audible and reply.epoch >= self.epoch:
-                await self.emit_audio(reply.epoch, b"", marks, _words(marks))  # marks that trailed the last audio
+            await self._hand_out(reply, reply.marks.drain(reply.received))
             return True
         elif kind == "error":
             reply.settled = True
@@ -576,10 +574,15 @@ class CartesiaTTS(StreamingTTSStage):
         reply.received += len(pcm) // 2
         reply.audible = reply.audible or _audible(pcm)
         # Until a frame is emitted (leading silence is trimmed, frame and all), marks stay pending.
-        marks = reply.marks.take(before=reply.received) if reply.audible else ()
+        marks = reply.marks.take(reply.received) if reply.audible else ()
         if reply.epoch < self.epoch:
             return  # stale: never touch the timeline of the reply that replaced it
         await self.emit_audio(reply.epoch, pcm, marks, _words(marks))
+
+    async def _hand_out(self, reply: _Reply, marks: tuple[WordMark, ...]) -> None:
+        """Marks whose audio has already gone out, on an empty frame of their own."""
+        if marks and reply.audible and reply.epoch >= self.epoch:
+            await self.emit_audio(reply.epoch, b"", marks, _words(marks))
 
     # -------------------------------------------------------------------------------------------- cancel
 
