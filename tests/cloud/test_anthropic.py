@@ -532,6 +532,115 @@ async def test_an_interrupt_closes_the_stream_at_once_and_counts_the_usage_so_fa
         assert not fake.of("reply")
 
 
+@pytest.mark.timeout(10)
+async def test_a_tool_call_cut_by_max_tokens_is_not_run():
+    booked: list[dict[str, Any]] = []
+
+    def book(name: str, people: int, time: str = "19:00") -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+            people: how many
+            time: when
+        """
+        booked.append({"name": name, "people": people, "time": time})
+        return "booked"
+
+    # "Let me book that." is 4 tokens; the input (~12 tokens) is cut at max_tokens=8, after {"name": "Rossi", "peo.
+    cut = ToolUseReply("book", {"name": "Rossi", "people": 12, "time": "21:30"}, text="Let me book that.")
+    async with FakeAnthropic([cut, "Done."]) as fake:
+        turn = Turn(stage(fake, max_tokens=8, tools=[book]))
+        assert await turn.run() == "ended"
+        assert booked == [], "a call the token limit cut short ran on partial arguments"
+        assert len(fake.of("request")) == 1, "no follow-up carries the truncated tool_use"
+        assert turn.text() == "Let me book that."
+        (problem,) = turn.pipeline.errors
+        assert not problem.fatal
+        assert "Anthropic: the reply reached max_tokens=8 inside a call of 'book'; not run" in problem.error
+        [reply] = fake.of("reply")
+        assert reply.data["stop_reason"] == "max_tokens"
+        assert turn.pipeline.usage.of_turn(1)["llm"]["output_tokens"] == reply.data["output_tokens"]
+
+
+@pytest.mark.timeout(10)
+async def test_a_text_reply_cut_by_max_tokens_is_kept_and_reported():
+    async with FakeAnthropic(["one two three four five six"]) as fake:
+        turn = Turn(stage(fake, max_tokens=3))
+        assert await turn.run() == "ended"
+        assert turn.text() == "one two three"
+        (problem,) = turn.pipeline.errors
+        assert not problem.fatal and "the reply reached max_tokens=3 and was cut there" in problem.error
+
+
+@pytest.mark.timeout(10)
+@BOTH_TRANSPORTS
+async def test_a_stream_that_ends_before_message_stop_is_an_error_not_a_short_reply(http_client):
+    async with FakeAnthropic(["We are open until ten tonight."], eof_after=3) as fake:
+        turn = Turn(stage(fake, policy=ErrorPolicy.SKIP_TURN, http_client=http_client))
+        assert await turn.run() == "ended"
+        assert fake.of("eof")
+        (error,) = turn.pipeline.errors
+        assert "Anthropic: the stream ended before message_stop, after 11 characters" in error.error
+        assert turn.text() == "We are open", "what was streamed before stays"
+
+
+@pytest.mark.timeout(10)
+async def test_a_barge_in_during_a_tool_counts_the_whole_replys_usage():
+    started = asyncio.Event()
+
+    async def lookup(city: str) -> str:
+        """Look up the weather.
+
+        Args:
+            city: where
+        """
+        started.set()
+        await asyncio.sleep(5)
+        return "sunny"
+
+    replies = [ToolUseReply("lookup", {"city": "Paris"}, text="Let me check that for you."), "It is sunny."]
+    async with FakeAnthropic(replies) as fake:
+        turn = Turn(stage(fake, tools=[lookup]))
+        running = await turn.start("Weather in Paris?")
+        await started.wait()
+        await turn.pipeline.interrupt(turn.llm)
+        await turn.pipeline.end()
+        assert await running == "ended"
+        [reply] = fake.of("reply")
+        usage = turn.pipeline.usage.of_turn(1)["llm"]
+        assert usage["output_tokens"] == reply.data["output_tokens"] > 1, "the response was complete and billed"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("shape", ["no usage in message_start", "a block's end before message_start"])
+async def test_an_event_of_the_wrong_shape_is_a_clear_error_and_the_text_before_it_stays(shape):
+    text_delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello."}}
+    start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": []}}
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    stop = {"type": "content_block_stop", "index": 0}
+    # Valid JSON, not the API's shape: what an Anthropic-compatible gateway or proxy might send.
+    events = [start, block, text_delta, stop] if shape.startswith("no usage") else [stop, start, block, text_delta]
+    events += [{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}]
+
+    class Gateway(FakeAnthropic):
+        async def _stream(self, request, response, body, reply, sent, arrived):  # type: ignore[no-untyped-def]
+            for event in events:
+                await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            await response.write_eof()
+
+    async with Gateway() as fake:
+        turn = Turn(stage(fake, policy=ErrorPolicy.SKIP_TURN))
+        assert await turn.run() == "ended"
+        (error,) = turn.pipeline.errors
+        expected = {
+            "no usage in message_start": "Anthropic: unusable stream after 6 characters (AttributeError",  # the SDK's
+            "a block's end before message_start": "Anthropic: malformed 'content_block_stop' event after 0 characters",
+        }[shape]
+        assert error.error.startswith(f"ProviderError: {expected}"), error.error
+        assert turn.text() == ("Hello." if shape.startswith("no usage") else "")
+
+
 # ------------------------------------------------------------------------------------ the prompt
 
 

@@ -313,7 +313,13 @@ class AnthropicLLM(LLMStage):
     async def _stream_reply(
         self, turn: EndOfTurn, request: dict[str, Any], reply: _Reply
     ) -> AsyncGenerator[str | ToolCall, None]:
-        """One request: yields its text deltas and tool calls; fills ``reply`` with what the follow-up needs."""
+        """One request: yields its text deltas as they come and, once the response is complete, its tool calls;
+        fills ``reply`` with what the follow-up needs.
+
+        Tool calls wait for ``message_stop``: a tool must not run on a call the token limit cut short (the SDK
+        parses partial input leniently, and a booking for the wrong number of people is a real side effect), and
+        the usage is final by then, also when a barge-in cuts the tool. A response that ends without
+        ``message_stop`` is a failure, not a short reply."""
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.name}: the stage is not started")
@@ -330,34 +336,32 @@ class AnthropicLLM(LLMStage):
                     if event is None:
                         break
                     kind = event.type
-                    if kind == "text":
-                        if event.text:
-                            if not progress.chars:
-                                self.mark("llm.sdk_answer", turn.epoch)  # the SDK handed over the first text
-                            progress.chars += len(event.text)
-                            yield event.text
-                    elif kind == "content_block_stop" and event.content_block.type == "tool_use":
-                        block = event.content_block
-                        call = ToolCall(epoch=turn.epoch, call_id=block.id, name=block.name, arguments=block.input)
-                        reply.tool_calls.append(call)
-                        yield call
-                    elif kind == "message_start":
-                        progress.input_tokens = event.message.usage.input_tokens or 0
-                        progress.output_tokens = event.message.usage.output_tokens or 0
-                    elif kind == "message_delta":
-                        progress.output_tokens = event.usage.output_tokens or progress.output_tokens
-                        progress.input_tokens = event.usage.input_tokens or progress.input_tokens
+                    try:
+                        text = self._take_event(turn, event, kind, reply, progress)
+                    except (AttributeError, TypeError, ValueError) as exc:  # valid JSON, not the API's shape
+                        raise ProviderError(
+                            PROVIDER, f"malformed {kind!r} event after {progress.chars} characters ({exc})"
+                        ) from None
+                    if text:
+                        yield text
                     elif kind not in KNOWN_EVENTS and kind not in progress.skipped:
                         # The API may add event types; its documentation says to ignore unknown ones.
                         progress.skipped.add(kind)
                         await self.report(f"{PROVIDER}: skipped an unknown stream event {kind!r}")
                     if kind in CONTENT_EVENTS or progress.first_content:
-                        # Measured from now, i.e. after the yield: time spent speaking or running a tool is not
-                        # the API's.
+                        # Measured from now, i.e. after the yield: time spent speaking is not the API's.
                         progress.started(loop.time() + self.settings.read_timeout_s)
-                if reply.tool_calls:
+                if not progress.complete:
+                    raise ProviderError(
+                        PROVIDER, f"the stream ended before message_stop, after {progress.chars} characters"
+                    )
+                if progress.stop_reason == "max_tokens":
+                    await self._report_cut(reply)
+                elif reply.tool_calls:
                     final = await self._read(stream.get_final_message(), progress)
                     reply.content = [_content_block(block) for block in final.content if _worth_sending(block)]
+            for call in reply.tool_calls:
+                yield call
         finally:
             self._open_streams -= 1
             # Counted also when a barge-in cut the stream: whatever the API had reported by then.
@@ -365,6 +369,40 @@ class AnthropicLLM(LLMStage):
                 self.count(turn.epoch, input_tokens=progress.input_tokens, output_tokens=progress.output_tokens)
             if self._stopping and self._open_streams == 0:
                 await self._close()
+
+    def _take_event(self, turn: EndOfTurn, event: Any, kind: str, reply: _Reply, progress: _Progress) -> str:
+        """Note one SDK event in ``reply`` and ``progress``; returns its text, if it carries any."""
+        if kind == "text":
+            if event.text and not progress.chars:
+                self.mark("llm.sdk_answer", turn.epoch)  # the SDK handed over the first text
+            progress.chars += len(event.text or "")
+            return str(event.text or "")
+        if kind == "content_block_stop" and event.content_block.type == "tool_use":
+            block = event.content_block
+            call = ToolCall(epoch=turn.epoch, call_id=block.id, name=block.name, arguments=block.input)
+            reply.tool_calls.append(call)
+        elif kind == "message_start":
+            usage = getattr(event.message, "usage", None)  # some Anthropic-compatible gateways leave it out
+            progress.input_tokens = getattr(usage, "input_tokens", None) or 0
+            progress.output_tokens = getattr(usage, "output_tokens", None) or 0
+        elif kind == "message_delta":
+            usage = getattr(event, "usage", None)
+            progress.output_tokens = getattr(usage, "output_tokens", None) or progress.output_tokens
+            progress.input_tokens = getattr(usage, "input_tokens", None) or progress.input_tokens
+            progress.stop_reason = getattr(event.delta, "stop_reason", None) or progress.stop_reason
+        elif kind == "message_stop":
+            progress.complete = True
+        return ""
+
+    async def _report_cut(self, reply: _Reply) -> None:
+        """The reply reached ``max_tokens``: what was said stands; a tool call it cut is not run."""
+        limit = self.settings.max_tokens
+        if reply.tool_calls:
+            names = ", ".join(repr(call.name) for call in reply.tool_calls)
+            reply.tool_calls.clear()
+            await self.report(f"{PROVIDER}: the reply reached max_tokens={limit} inside a call of {names}; not run")
+        else:
+            await self.report(f"{PROVIDER}: the reply reached max_tokens={limit} and was cut there")
 
     async def _read(self, step: Awaitable[_T], progress: _Progress) -> _T:
         """Await one step of the SDK within the current deadline; every failure becomes a ProviderError."""
@@ -444,6 +482,8 @@ class _Progress:
     chars: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    stop_reason: str | None = None
+    complete: bool = False  # message_stop arrived
     skipped: set[str] = field(default_factory=set)
 
     def started(self, deadline: float) -> None:

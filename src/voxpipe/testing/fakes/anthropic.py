@@ -19,8 +19,11 @@ not obeyed.)
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
 (``arrived``, ``due``; recorded as the reply's first text delta is written: :meth:`waits`), ``reply`` (what was sent in
-full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``), and ``disconnect`` (``events`` and ``text`` sent) when
-the client goes away mid-stream — which is what a barge-in looks like from the provider's side.
+full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
+``disconnect`` (``events`` and ``text`` sent) when the client goes away mid-stream — which is what a barge-in looks like
+from the provider's side. Like the API, a reply longer than the request's ``max_tokens`` (a token per word, four
+characters of a tool's input per token) stops there with ``stop_reason: "max_tokens"``, inside the tool's input if
+that is where the limit falls.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class FakeAnthropic(FakeServer):
     * ``input_tokens`` — the input usage reported (default: a rough estimate from the request's size);
     * ``stream_error_after`` — after this many text deltas, send ``event: error`` (``overloaded_error``) and end
       the response, as the API does when it fails mid-stream;
+    * ``eof_after`` — after this many text deltas, end the response body cleanly with no ``message_delta`` or
+      ``message_stop`` (a proxy or gateway cutting the stream);
     * ``corrupt_after`` — how many text deltas go before an injected corruption (``faults.corrupt``): a data line
       that is not JSON, or an event type the API does not have (sent in addition to the reply's own events);
     * ``faults`` — from the base: ``refuse`` (status, with Anthropic's error body), ``stall_s`` (before the first
@@ -106,6 +111,7 @@ class FakeAnthropic(FakeServer):
         words_per_delta: int = 1,
         input_tokens: int | None = None,
         stream_error_after: int | None = None,
+        eof_after: int | None = None,
         corrupt_after: int = 1,
         faults: Faults | None = None,
         faulty_requests: int | None = None,
@@ -120,6 +126,7 @@ class FakeAnthropic(FakeServer):
         self.words_per_delta = words_per_delta
         self.input_tokens = input_tokens
         self.stream_error_after = stream_error_after
+        self.eof_after = eof_after
         self.corrupt_after = corrupt_after
         self.faulty_requests = faulty_requests
         self._served = 0  # requests answered, refused or not
@@ -238,7 +245,10 @@ class FakeAnthropic(FakeServer):
         response.headers["request-id"] = f"req_fake_{next(self._ids)}"
         sent = _Sent()
         try:
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except ConnectionResetError:  # the client left during the stall (a barge-in before the first byte)
+                raise _Disconnected from None
             await self._stream(request, response, body, reply, sent, arrived)
         except _Disconnected:
             self.record("disconnect", events=sent.events, text=sent.text)
@@ -259,8 +269,17 @@ class FakeAnthropic(FakeServer):
         text = reply if isinstance(reply, str) else reply.text
         tool = reply if isinstance(reply, ToolUseReply) else None
         input_tokens = self.input_tokens if self.input_tokens is not None else max(1, len(json.dumps(body)) // 4)
+        # One token per word, a tool's input ~4 characters a token; past the request's max_tokens the API stops,
+        # mid-word-list or mid-input, with stop_reason "max_tokens".
+        limit = int(body["max_tokens"])
         words = _WORD.findall(text)
-        output_tokens = len(words) + (len(json.dumps(tool.input)) // 4 + 1 if tool else 0)
+        arguments = json.dumps(tool.input) if tool else ""
+        cut = len(words) > limit or (tool is not None and len(words) + len(arguments) // 4 + 1 > limit)
+        words = words[:limit]
+        if tool is not None and cut:
+            arguments = arguments[: max(0, limit - len(words)) * 4]
+            tool = tool if arguments else None  # no room for any of it: the call never starts
+        output_tokens = min(limit, len(words) + (len(arguments) // 4 + 1 if tool else 0))
 
         async def send(event: str, data: dict[str, Any] | str) -> bool:
             """Send one event; False when the connection was dropped on purpose (stop streaming)."""
@@ -309,6 +328,10 @@ class FakeAnthropic(FakeServer):
                 if not await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}):
                     return
                 sent.text += piece
+                if n + 1 == self.eof_after:
+                    self.record("eof", after=n + 1)
+                    await response.write_eof()
+                    return
             if not await self._interject(send, len(words)):
                 return
             if not await send("content_block_stop", {"type": "content_block_stop", "index": 0}):
@@ -322,7 +345,6 @@ class FakeAnthropic(FakeServer):
                 "content_block_start", {"type": "content_block_start", "index": index, "content_block": start_block}
             ):
                 return
-            arguments = json.dumps(tool.input)
             half = len(arguments) // 2
             for part in (arguments[:half], arguments[half:]):  # fragments, as the API streams them
                 delta = {"type": "input_json_delta", "partial_json": part}
@@ -333,6 +355,8 @@ class FakeAnthropic(FakeServer):
             if not await send("content_block_stop", {"type": "content_block_stop", "index": index}):
                 return
             stop_reason = "tool_use"
+        if cut:
+            stop_reason = "max_tokens"
         finish: dict[str, Any] = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
@@ -346,10 +370,11 @@ class FakeAnthropic(FakeServer):
             raise _Disconnected from None
         self.record(
             "reply",
-            text=text,
+            text="".join(words),
             tool=tool.name if tool else None,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            stop_reason=stop_reason,
         )
 
     async def _interject(self, send: Callable[[str, Any], Any], deltas_sent: int) -> bool:
