@@ -179,6 +179,36 @@ def test_barge_in_cancels_or_finishes_the_tool_by_policy(tmp_path, policy):
     assert [m["role"] for m in transcript["conversation"]].count("tool") == (policy == "finish")
 
 
+def test_a_finish_tool_runs_to_its_end_when_the_call_ends_right_after_the_barge_in(tmp_path):
+    async def book_slowly(name: str, people: int, time: str) -> dict:
+        """Book a table, through a slow booking system."""
+        await asyncio.sleep(20.0)
+        return {"booked": True}
+
+    tool = Tool.of(book_slowly, timeout_s=30, filler="One moment.", filler_after_s=0.3, on_barge_in="finish")
+    reply = ScriptedReply("Done: {result}.", tool="book_slowly", arguments={"name": "R", "people": 2, "time": "20:00"})
+    script = [Say("Book a table for two at eight, name Rossi.", pause=0.4), Say("Thanks, bye.", barge_in=0.9)]
+    result = run_call(script, tmp_path, replies=[reply, "Bye."], tools=[tool])
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "finished-after-barge-in" and entry["result"]["booked"] is True
+    assert entry["duration_s"] == pytest.approx(20.0, abs=0.01), "the call ending did not cut the booking"
+    assert [m.tool.name for m in result.conversation.messages if m.role == "tool"] == ["book_slowly"]
+
+
+def test_a_tools_own_timeout_is_its_error_not_the_per_tool_timeout(tmp_path):
+    async def lookup() -> str:
+        """Look up a free table (over an HTTP client with its own 0.2 s deadline)."""
+        async with asyncio.timeout(0.2):
+            await asyncio.sleep(1.0)
+        return "free"
+
+    reply = ScriptedReply("Sorry, {result}.", tool="lookup")
+    run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools=[Tool.of(lookup, timeout_s=10)])
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "error" and entry["error"] == "tool 'lookup' raised TimeoutError: "
+    assert entry["duration_s"] == pytest.approx(0.2)
+
+
 def test_a_tool_that_times_out_gives_the_model_an_error_and_an_error_frame(tmp_path):
     tool = Tool.of(book_table, timeout_s=1.0)
     reply = ScriptedReply("Sorry, {result}.", tool="book_table", arguments={"name": "Rossi", "people": 2})

@@ -379,6 +379,24 @@ def test_with_skip_turn_a_failed_reply_is_reported_and_the_call_goes_on(serve, t
 
 
 @pytest.mark.timeout(30)
+def test_with_skip_frame_a_reply_failing_mid_stream_ends_as_far_as_it_was_spoken(serve, tmp_path):
+    reply = "Of course, we are open until ten tonight, and tomorrow from noon."
+    fake = FakeAnthropic([reply, "Yes, we do."], stream_error_after=4, faulty_requests=1, tokens_per_s=20)
+    served = serve(fake)
+    script = [Say("When are you open?", pause=0.3), Say("Do you take cards?", pause=0.3)]
+    result = call(served.fake, script, tmp_path, on_error="skip-frame")
+    first = result.turns[0]
+    assert "stream error" in first.data["error"]
+    # The reply ended where it failed: played out in full, not left open to be cut by the caller's next words.
+    assert not first.interrupted and "out.done" in first.marks and first.heard == ["Of", "course,"]
+    assert served.bodies()[1]["messages"][1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "Of course,"}],
+    }
+    assert result.turns[-1].heard == ["Yes,", "we", "do."]
+
+
+@pytest.mark.timeout(30)
 def test_a_drop_mid_stream_keeps_what_was_streamed_and_heard(serve, tmp_path):
     reply = "Of course, we are open until ten tonight, and tomorrow from noon until eleven."
     # message_start, content_block_start, ping, then a word per delta at 5 words/s: dropped after 10 words, by

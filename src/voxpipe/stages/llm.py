@@ -62,6 +62,7 @@ class LLMStage(QueuedStage):
         self.audit = audit
         self._new_chunker = chunker
         self.results: dict[str, ToolResult] = {}
+        self._finishing: set[asyncio.Task[None]] = set()  # tools whose policy is "finish", still running
 
     def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
         """Stream the reply to ``turn``: text deltas, and tool calls whose results appear in ``self.results``."""
@@ -106,10 +107,22 @@ class LLMStage(QueuedStage):
                 rest = chunker.flush()
                 if rest:
                     await self._speak(epoch, rest)
+        except Exception:
+            # The reply ends here, short: without its end the output would wait for more, and under a policy that
+            # goes on (skip-frame) count what it played in full as cut off by the caller's next words.
+            await self.push(ResponseEnd(epoch=epoch, text="".join(text).strip()))
+            raise
         finally:
             # Also when cancelled by a barge-in: the trace keeps what the model had produced by then.
             self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
         await self.push(ResponseEnd(epoch=epoch, text="".join(text).strip()))
+
+    async def stop(self) -> None:
+        """A tool whose policy is "finish" is waited for (its own timeout bounds the wait): the call ending right
+        after a barge-in must not cut a booking in half."""
+        if self._finishing:
+            await asyncio.wait(set(self._finishing))
+        await super().stop()
 
     async def _speak(self, epoch: int, chunk: str) -> None:
         self.mark("llm.first_chunk", epoch)  # first value wins: only the first chunk counts
@@ -130,7 +143,9 @@ class LLMStage(QueuedStage):
         if tool.on_barge_in == "finish":
             # Owned by the pipeline, not by this reply: a barge-in cancels the reply, and the tool runs on.
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
+            running = self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
+            self._finishing.add(running)
+            running.add_done_callback(self._finishing.discard)
             await self._await_tool(call.epoch, tool, asyncio.shield(done))
             return
         invocation = asyncio.create_task(self._invoke(tool, call, None), name=f"{self.name}-tool-{call.name}")
@@ -153,14 +168,20 @@ class LLMStage(QueuedStage):
     async def _invoke(self, tool: Tool, call: ToolCall, done: asyncio.Future[None] | None) -> None:
         started = self.clock.now()
         self.mark(f"tool.start:{call.call_id}", call.epoch, tool=call.name)
+        deadline = asyncio.timeout(tool.timeout_s)
         try:
-            result = await asyncio.wait_for(tool.invoke(call.arguments), tool.timeout_s)
+            async with deadline:
+                result = await tool.invoke(call.arguments)
         except asyncio.CancelledError:
-            self._audit(call, started, outcome="cancelled", error="cancelled by a barge-in")
+            why = "cancelled by a barge-in" if call.epoch < self.epoch else "cancelled: the call ended"
+            self._audit(call, started, outcome="cancelled", error=why)
             raise
-        except TimeoutError:
-            timed_out = f"tool {tool.name!r} timed out after {tool.timeout_s:g} s"
-            await self._finish_tool(call, started, error=timed_out, outcome="timeout")
+        except TimeoutError as exc:
+            if deadline.expired():
+                timed_out = f"tool {tool.name!r} timed out after {tool.timeout_s:g} s"
+                await self._finish_tool(call, started, error=timed_out, outcome="timeout")
+            else:  # the tool's own deadline (an HTTP client's, say) expired: its failure, not the per-tool timeout
+                await self._finish_tool(call, started, error=f"tool {tool.name!r} raised TimeoutError: {exc}")
         except ToolError as exc:
             await self._finish_tool(call, started, error=str(exc))
         except Exception as exc:
