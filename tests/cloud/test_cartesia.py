@@ -489,13 +489,16 @@ def test_audio_is_due_only_while_cartesia_owes_some():
 
     reply = _Reply(epoch=1, socket=None, context=None)  # type: ignore[arg-type]
     assert reply.deadline(5, 2) is None, "nothing pushed yet: the reasoner may take its time"
-    reply.first_input_at = reply.last_input_at = 10.0
+    reply.first_input_at = 10.0
+    reply.input_sent(10.0)
     assert reply.deadline(5, 2) == 15.0, "first audio"
-    reply.audio, reply.last_event_at = True, 11.0
+    reply.audio, reply.last_event_at, reply.unanswered_since = True, 11.0, None  # an event came
     assert reply.deadline(5, 2) is None, "all pushed text answered: waiting for the reasoner, not Cartesia"
-    reply.last_input_at = 12.0
+    reply.input_sent(12.0)
     assert reply.deadline(5, 2) == 14.0, "new text since the last event"
-    reply.last_event_at, reply.inputs_closed = 13.0, True
+    reply.input_sent(13.5)
+    assert reply.deadline(5, 2) == 14.0, "more text while Cartesia is silent does not move the deadline"
+    reply.last_event_at, reply.unanswered_since, reply.inputs_closed = 13.0, None, True
     assert reply.deadline(5, 2) == 15.0, "the end of the text was sent: done is due"
 
 

@@ -411,3 +411,25 @@ def test_a_mark_never_ends_after_the_audio_that_holds_it():
 def test_an_alignment_with_lists_of_different_lengths_is_an_error():
     with pytest.raises(ProviderError, match="alignment whose lists differ in length"):
         WordAligner(16000).add(["a", "b"], [0], [10, 10], offset=0, limit=100)
+
+
+async def test_audio_is_due_from_the_first_text_since_the_last_message():
+    from voxpipe.stages.elevenlabs_tts import _Reply
+
+    settings = ElevenLabsTTSSettings(api_key="k", first_audio_timeout_s=5, read_timeout_s=2)
+    reply = _Reply(1, settings, 16000)
+    loop = asyncio.get_running_loop()
+    assert reply.deadline() is None, "nothing sent yet: the reasoner may take its time"
+    reply.first_text_at = loop.time()
+    reply.words.expect("Sure, we have a table. ")
+    reply.rearm()
+    assert reply.deadline() == pytest.approx(reply.first_text_at + 5), "first audio"
+    reply.audio_started = True
+    reply.heard_at, reply.unanswered_since = loop.time(), None  # a message came; text is still pending
+    assert reply.deadline() == pytest.approx(reply.heard_at + 2)
+    await asyncio.sleep(0.05)
+    reply.rearm()  # more text while ElevenLabs is silent
+    first = reply.unanswered_since
+    await asyncio.sleep(0.05)
+    reply.rearm()
+    assert reply.deadline() == pytest.approx(first + 2), "more text does not move the deadline"

@@ -18,9 +18,10 @@ it before the cut, so a mark must not wait for audio that a pause in the reply h
 left are clamped to the audio received (timestamps rounded past the last sample must not cost the last word).
 
 Timeouts. Every network wait is bounded: the handshake (``connect_timeout_s``), the first audio after the first
-text was pushed (``first_audio_timeout_s``), and each read while audio is due (``read_timeout_s``: after the last
-input, or after text pushed since the last event). While the reasoner is slow and everything pushed has been
-spoken, nothing is due and nothing times out. A timeout also retires the connection: a stuck socket is not reused.
+text was pushed (``first_audio_timeout_s``), and each read while audio is due (``read_timeout_s`` from the first
+input sent since the last event, or from the last event once the end of the text was sent: more text pushed while
+Cartesia is silent does not move the deadline). While the reasoner is slow and everything pushed has been spoken,
+nothing is due and nothing times out. A timeout also retires the connection: a stuck socket is not reused.
 
 Cancel. On a barge-in the stage cancels the reply's receiver task at once and sends ``{"cancel": true,
 "context_id": …}`` (``ctx.cancel()``) from a task of its own, so the interrupt never waits on the network. Late
@@ -302,7 +303,7 @@ class _Reply:
     receiver: asyncio.Task[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # the receiver is finished, one way or another
     first_input_at: float | None = None  # loop time of the first text pushed
-    last_input_at: float = 0.0
+    unanswered_since: float | None = None  # loop time of the first input (text, or its end) since the last event
     last_event_at: float = 0.0
     inputs_closed: bool = False  # continue: false was sent
     settled: bool = False  # nothing is in flight at Cartesia: done, error, or cancelled
@@ -321,9 +322,16 @@ class _Reply:
             return None
         if not self.audio:
             return self.first_input_at + first_audio_s
-        if self.inputs_closed or self.last_input_at > self.last_event_at:
-            return max(self.last_input_at, self.last_event_at) + read_s
-        return None
+        # From the first input since the last event: more text pushed while Cartesia is silent does not move the
+        # deadline (a stall must not hide behind a reasoner that keeps streaming).
+        if self.unanswered_since is not None:
+            return self.unanswered_since + read_s
+        return self.last_event_at + read_s if self.inputs_closed else None
+
+    def input_sent(self, at: float) -> None:
+        if self.unanswered_since is None:
+            self.unanswered_since = at
+        self.poke()  # audio is due now: the receiver's deadline moved
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -449,8 +457,7 @@ class CartesiaTTS(StreamingTTSStage):
         now = asyncio.get_running_loop().time()
         if reply.first_input_at is None:
             reply.first_input_at = now
-        reply.last_input_at = now
-        reply.poke()  # audio is due now: the receiver's deadline moved
+        reply.input_sent(now)
 
     async def finish_reply(self, epoch: int) -> None:
         reply = self._reply
@@ -462,8 +469,7 @@ class CartesiaTTS(StreamingTTSStage):
             elif not reply.ended.is_set():
                 await self._send(reply, reply.context.no_more_inputs(), "the end of the text")
                 reply.inputs_closed = True
-                reply.last_input_at = asyncio.get_running_loop().time()
-                reply.poke()
+                reply.input_sent(asyncio.get_running_loop().time())
             await reply.ended.wait()  # the receiver enforces the timeouts, so this wait is bounded
         finally:
             if self._reply is reply:
@@ -525,7 +531,7 @@ class CartesiaTTS(StreamingTTSStage):
                         event = finished.result()
                     except StopAsyncIteration:
                         raise ProviderError(PROVIDER, "the SDK stopped delivering the reply's events") from None
-                    reply.last_event_at = loop.time()
+                    reply.last_event_at, reply.unanswered_since = loop.time(), None
                     if await self._on_event(reply, event):
                         return
                 elif socket.lost in done:

@@ -21,7 +21,8 @@ reply's last text the stage sends EOS (``{"text": ""}``); ElevenLabs answers ``i
 
 Timeouts (all in the settings): the handshake (``connect_timeout_s``), the first audio after the first text
 (``first_audio_timeout_s``) and each read while audio is due (``read_timeout_s``: text sent whose characters have
-not been aligned yet, or EOS sent). While the reasoner is thinking no audio is due, and nothing times out.
+not been aligned yet, or EOS sent; counted from the last message, or from the first text sent since it, so more
+text while ElevenLabs is silent does not move the deadline). While the reasoner is thinking no audio is due, and nothing times out.
 
 How it stops. The protocol has no cancel message: a barge-in cancels the reply's receiver, which closes the socket
 on its way out. Any failure (refused handshake, stall, disconnect, a message it cannot use) is a
@@ -223,6 +224,8 @@ class _Reply:
         self.samples = 0  # audio received so far, in samples from the reply's start
         self.timer: asyncio.Timeout | None = None  # the receiver's current read deadline
         self.sent_at = 0.0  # loop time of the last message sent: ElevenLabs closes a socket idle for its timeout
+        self.heard_at = 0.0  # loop time of the last message received
+        self.unanswered_since: float | None = None  # the first text or EOS sent since then
 
     def deadline(self) -> float | None:
         """When the receiver's current read must have returned (loop time), or None while no audio is due."""
@@ -234,7 +237,10 @@ class _Reply:
         if not self.audio_started:
             return self.first_text_at + self.settings.first_audio_timeout_s
         if self.eos_sent or self.words.pending_chars > 0:
-            return now + self.settings.read_timeout_s
+            # From the last message, or the first input sent since it: more text pushed while the server is silent
+            # does not move the deadline (a stall must not hide behind a reasoner that keeps streaming).
+            since = self.unanswered_since if self.unanswered_since is not None else self.heard_at
+            return since + self.settings.read_timeout_s
         return None
 
     def wake_at(self) -> float:
@@ -245,6 +251,8 @@ class _Reply:
     def rearm(self) -> None:
         """Text or EOS went out: audio is due now, so a read that was waiting for the keepalive gets a deadline."""
         self.sent_at = asyncio.get_running_loop().time()
+        if self.unanswered_since is None:
+            self.unanswered_since = self.sent_at
         timer = self.timer
         if timer is not None and not timer.expired():
             timer.reschedule(self.wake_at())
@@ -451,6 +459,7 @@ class ElevenLabsTTS(StreamingTTSStage):
             finally:
                 reply.timer = None
             received_at = self.clock.now()  # the client's boundary: the socket delivered the message
+            reply.heard_at, reply.unanswered_since = asyncio.get_running_loop().time(), None
             message = _parse(raw)
             if message.get("isFinal"):
                 await self._finish_words(reply)
