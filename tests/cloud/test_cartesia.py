@@ -231,6 +231,52 @@ async def test_words_heard_before_a_pause_in_the_reply_are_kept_when_the_caller_
     assert list(cut.heard) == preamble.split(), "every word of the preamble was played before the cut"
 
 
+@pytest.mark.timeout(30)
+async def test_only_the_text_that_reached_cartesia_is_counted():
+    from voxpipe.pipeline import (
+        DOWNSTREAM,
+        ErrorFrame,
+        ErrorPolicy,
+        LLMRequest,
+        Pipeline,
+        ResponseEnd,
+        SpeakableChunk,
+        Stage,
+    )
+
+    class Errors(Stage):  # before the TTS: its ErrorFrames travel upstream to here
+        def __init__(self) -> None:
+            super().__init__(name="errors")
+            self.seen = asyncio.Event()
+
+        async def process(self, frame: Any, direction: Any) -> None:
+            if isinstance(frame, ErrorFrame):
+                self.seen.set()
+            await self.push(frame, direction)
+
+    async with FakeCartesia(error_event=ErrorEvent(context=0, after_chunks=0)) as fake:
+        tts = CartesiaTTS(CartesiaTTSSettings(voice=VOICE, websocket_url=fake.ws_url), api_key=fake.api_key)
+        tts.error_policy = ErrorPolicy.SKIP_FRAME  # the reply's receiver fails; the call goes on
+        errors = Errors()
+        pipeline = Pipeline([errors, tts, Stage()], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0.05)
+        epoch = pipeline.next_epoch()
+        first = "Sure, four at eight tonight."
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text=first), DOWNSTREAM)
+        await asyncio.wait_for(errors.seen.wait(), 10)  # Cartesia's error event ended the reply
+        for text in ["Shall I book it for you?", "It is by the window."]:  # nowhere to go: the reply failed
+            await tts.receive(SpeakableChunk(epoch=epoch, text=text), DOWNSTREAM)
+        await tts.receive(ResponseEnd(epoch=epoch), DOWNSTREAM)
+        await pipeline.end()
+        await asyncio.wait_for(running, 10)
+    sent = [s.data["message"]["transcript"] for s in fake.of("message") if s.data["message"].get("transcript")]
+    assert sent == [first + " "]
+    assert "error event 500" in pipeline.errors[0].error
+    assert pipeline.usage.of_turn(epoch)["tts"] == {"characters": len(first)}
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 

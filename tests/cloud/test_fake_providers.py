@@ -75,3 +75,19 @@ def test_without_keys_the_call_names_every_missing_one_before_anything_connects(
     for path, variable in (("stt", "DEEPGRAM"), ("llm", "ANTHROPIC"), ("tts", "CARTESIA")):
         assert f"{path}.api_key" in text and f"{variable}_API_KEY" in text, text
     assert not (out / "transcript.json").exists(), "no call was started"
+
+
+@pytest.mark.timeout(10)
+async def test_a_fakes_records_wake_every_waiter_at_once():
+    import asyncio
+
+    from voxpipe.testing.fakes.anthropic import FakeAnthropic
+
+    fake = FakeAnthropic()  # not started: records alone
+    first = asyncio.ensure_future(fake.wait_for("request", within_s=5))
+    second = asyncio.ensure_future(fake.wait_for("disconnect", within_s=5))
+    await asyncio.sleep(0.01)  # both are waiting
+    fake.record("request")
+    fake.record("disconnect")
+    seen = await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert [s.kind for s in seen] == ["request", "disconnect"]

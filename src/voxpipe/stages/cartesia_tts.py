@@ -445,10 +445,10 @@ class CartesiaTTS(StreamingTTSStage):
         assert audio is not None
         return audio.sample_rate
 
-    async def send_text(self, epoch: int, text: str) -> None:
+    async def send_text(self, epoch: int, text: str) -> bool:
         reply = self._reply
         if reply is None or reply.epoch != epoch or reply.ended.is_set() or not text:
-            return  # the reply failed or was abandoned: its text has nowhere to go
+            return False  # the reply failed or was abandoned: its text has nowhere to go
         if not text[-1].isspace():
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
         if reply.first_input_at is None:
@@ -458,6 +458,7 @@ class CartesiaTTS(StreamingTTSStage):
         if reply.first_input_at is None:
             reply.first_input_at = now
         reply.input_sent(now)
+        return True
 
     async def finish_reply(self, epoch: int) -> None:
         reply = self._reply

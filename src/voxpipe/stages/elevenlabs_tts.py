@@ -22,7 +22,8 @@ reply's last text the stage sends EOS (``{"text": ""}``); ElevenLabs answers ``i
 Timeouts (all in the settings): the handshake (``connect_timeout_s``), the first audio after the first text
 (``first_audio_timeout_s``) and each read while audio is due (``read_timeout_s``: text sent whose characters have
 not been aligned yet, or EOS sent; counted from the last message, or from the first text sent since it, so more
-text while ElevenLabs is silent does not move the deadline). While the reasoner is thinking no audio is due, and nothing times out.
+text while ElevenLabs is silent does not move the deadline). While the reasoner is thinking no audio is due, and
+nothing times out.
 
 How it stops. The protocol has no cancel message: a barge-in cancels the reply's receiver, which closes the socket
 on its way out. Any failure (refused handshake, stall, disconnect, a message it cannot use) is a
@@ -388,20 +389,20 @@ class ElevenLabsTTS(StreamingTTSStage):
         reply = self._reply
         return reply if reply is not None and reply.epoch == epoch else None
 
-    async def send_text(self, epoch: int, text: str) -> None:
+    async def send_text(self, epoch: int, text: str) -> bool:
         from elevenlabs.types import SendText
         from websockets.exceptions import ConnectionClosed
 
         reply = self._current(epoch)
         words = text.split()
         if reply is None or not words:
-            return
+            return False
         if reply.first_text_at is None:
             self.mark("tts.sdk_call", epoch)  # the client's boundary: a socket still opening is the network's time
         await reply.opened.wait()  # bounded: the receiver's connect has its own timeout
         socket = reply.socket
         if socket is None:
-            return  # the receiver failed, and reported it
+            return False  # the receiver failed, and reported it
         text = " ".join(words) + " "  # ElevenLabs wants each text to end with a single space
         if self.settings.flush_each_chunk:
             message = SendText(text=text, flush=True)
@@ -411,8 +412,11 @@ class ElevenLabsTTS(StreamingTTSStage):
         if reply.first_text_at is None:
             reply.first_text_at = asyncio.get_running_loop().time()
         reply.rearm()
-        with contextlib.suppress(ConnectionClosed):  # the receiver reports a closed socket
+        try:
             await self._send(socket, json.dumps(message.model_dump(exclude_none=True)))
+        except ConnectionClosed:
+            return False  # the receiver reports a closed socket
+        return True
 
     async def finish_reply(self, epoch: int) -> None:
         from elevenlabs.types import CloseConnection

@@ -127,7 +127,8 @@ class StreamingTTSStage(TTSStage):
 
     * :meth:`open_reply` — open the context/connection for reply ``epoch`` and start receiving (called when the
       reasoner is asked, :class:`LLMRequest`, so the set-up overlaps its first token);
-    * :meth:`send_text` — push one speakable chunk of text;
+    * :meth:`send_text` — push one speakable chunk of text; True if it went to the provider (its characters are
+      then counted as usage: text a failed or cut reply never sent is not billed);
     * :meth:`finish_reply` — say no more text is coming, and wait until the reply's last audio was emitted;
     * :meth:`cancel_reply` — barge-in: stop the provider (its own cancel message or a close) and the receiver.
     """
@@ -139,7 +140,7 @@ class StreamingTTSStage(TTSStage):
     async def open_reply(self, epoch: int) -> None:
         raise NotImplementedError
 
-    async def send_text(self, epoch: int, text: str) -> None:
+    async def send_text(self, epoch: int, text: str) -> bool:
         raise NotImplementedError
 
     async def finish_reply(self, epoch: int) -> None:
@@ -154,8 +155,8 @@ class StreamingTTSStage(TTSStage):
             self._open_epoch = frame.epoch
             await self.open_reply(frame.epoch)
         if isinstance(frame, SpeakableChunk):
-            self.count(frame.epoch, characters=len(frame.text))
-            await self.send_text(frame.epoch, frame.text)
+            if await self.send_text(frame.epoch, frame.text):
+                self.count(frame.epoch, characters=len(frame.text))
         elif isinstance(frame, ResponseEnd):
             if self._open_epoch == frame.epoch:
                 await self.finish_reply(frame.epoch)

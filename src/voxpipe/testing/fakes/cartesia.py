@@ -160,7 +160,8 @@ class FakeCartesia(FakeServer):
         if refused is not None:
             return refused
         socket = self.track(web.WebSocketResponse())
-        await socket.prepare(request)
+        if not await self.accept(request, socket):
+            return socket
         connection = _Connection(next(self._connections), socket, request)
         try:
             async for message in socket:

@@ -183,7 +183,8 @@ class FakeDeepgram(FakeServer):
             return web.json_response(self.error_body(400) | {"err_code": "Bad Request"}, status=400)
         stream = self._open_stream(query)
         socket = self.track(web.WebSocketResponse(autoping=True))
-        await socket.prepare(request)
+        if not await self.accept(request, socket):
+            return socket
         dropping = self.faults.drop_after is not None and self._drops_left > 0
         if dropping:
             self._drops_left -= 1

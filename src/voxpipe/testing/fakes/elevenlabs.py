@@ -143,7 +143,8 @@ class FakeElevenLabs(FakeServer):
             body = {"detail": {"status": "invalid_output_format", "message": f"fake: no {output_format} here"}}
             return web.json_response(body, status=422)
         ws = self.track(web.WebSocketResponse(max_msg_size=2**22))
-        await ws.prepare(request)
+        if not await self.accept(request, ws):
+            return ws
         conn = _Connection(next(self._numbers), int(output_format[4:]), ws, request)
         idle_s = float(request.query.get("inactivity_timeout", "20"))
         speaker = asyncio.create_task(self._speak(conn))

@@ -79,8 +79,7 @@ class FakeServer:
         self.faults = faults or Faults()
         self.api_key = api_key
         self.seen: list[Seen] = []
-        self._changed: asyncio.Event | None = None
-        self._waiter_loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # wait_for()s, on any loop
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -103,7 +102,8 @@ class FakeServer:
 
     async def stop(self) -> None:
         for socket in list(self._sockets):
-            await socket.close()
+            if socket.prepared:  # one whose client left during the handshake never opened
+                await socket.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -133,9 +133,8 @@ class FakeServer:
     def record(self, kind: str, **data: Any) -> Seen:
         seen = Seen(kind, data, time.monotonic())
         self.seen.append(seen)
-        changed, loop = self._changed, self._waiter_loop
-        if changed is not None and loop is not None:
-            loop.call_soon_threadsafe(changed.set)  # the waiter may be on another thread's loop (see serving())
+        for loop, changed in list(self._waiters):  # a waiter may be on another thread's loop (see serving())
+            loop.call_soon_threadsafe(changed.set)
         return seen
 
     def waits(self) -> list[Wait]:
@@ -158,13 +157,17 @@ class FakeServer:
         def find() -> Seen | None:
             return next((s for s in self.seen if s.kind == kind and (predicate is None or predicate(s))), None)
 
-        async with asyncio.timeout(within_s):
-            while (found := find()) is None:
-                self._changed, self._waiter_loop = asyncio.Event(), asyncio.get_running_loop()
-                if (found := find()) is not None:
-                    break
-                await self._changed.wait()
-        return found
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self._waiters.add(waiter)
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    waiter[1].clear()  # before looking: a record made after the look sets it again
+                    if (found := find()) is not None:
+                        return found
+                    await waiter[1].wait()
+        finally:
+            self._waiters.discard(waiter)
 
     # ---------------------------------------------------------------------- failure injection
 
@@ -210,6 +213,17 @@ class FakeServer:
         """Remember an open websocket so :meth:`stop` can close it (an idle client would hold shutdown open)."""
         self._sockets.add(socket)
         return socket
+
+    async def accept(self, request: web.Request, socket: web.WebSocketResponse) -> bool:
+        """Complete the handshake of a tracked ``socket``; False (recorded ``gone``) if the client left during it
+        (a barge-in while the reply's socket opens)."""
+        try:
+            await socket.prepare(request)
+        except ConnectionResetError:
+            self.untrack(socket)
+            self.record("gone", during="handshake")
+            return False
+        return True
 
     def untrack(self, socket: web.WebSocketResponse) -> None:
         self._sockets.discard(socket)
