@@ -48,6 +48,7 @@ class Built:
     def __init__(self) -> None:
         self.stages: list[CartesiaTTS] = []
         self.receivers: list[asyncio.Task[None]] = []
+        self.context_queues_at_stop: list[int] = []  # the SDK's per-context queues left when the stage stopped
         built = self
 
         class KeptCartesia(CartesiaTTS):
@@ -62,6 +63,11 @@ class Built:
                 if "-receive-" in name:
                     built.receivers.append(task)
                 return task
+
+            async def stop(self) -> None:
+                if self._socket is not None:
+                    built.context_queues_at_stop.append(len(self._socket.sdk._context_queues))
+                await super().stop()
 
         self.registry = Registry.discover()
         self.registry.register("tts", "cartesia", KeptCartesia)
@@ -275,6 +281,18 @@ async def test_only_the_text_that_reached_cartesia_is_counted():
     assert sent == [first + " "]
     assert "error event 500" in pipeline.errors[0].error
     assert pipeline.usage.of_turn(epoch)["tts"] == {"characters": len(first)}
+
+
+@pytest.mark.timeout(30)
+async def test_no_context_outlives_its_reply(tmp_path):
+    # The SDK keeps a queue per context until its generator passes the context's done; a call's replies must not
+    # pile them up (read from the SDK's connection: the leak is only visible there).
+    async with FakeCartesia() as fake:
+        built = Built()
+        script = [Say("A table for four?"), Say("No wait, make it five.", barge_in=0.6), Say("Thanks.")]
+        result = await call(fake, script, tmp_path, built)
+    assert len(result.turns) == 3 and len(contexts(fake)) == 3
+    assert built.context_queues_at_stop == [0]
 
 
 # ------------------------------------------------------------------------------------------- refusals

@@ -6,8 +6,9 @@ for the whole call. If it is gone by the next reply (dropped, or the SDK's reade
 parse), that reply opens a new one. voxpipe reconnects itself: the SDK's own reconnect (4.2) asks its connection
 manager again, which hands back the same dead socket.
 
-Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: it is created when the
-reasoner is asked (no network), each speakable chunk is pushed as it comes (``continue: true``; Cartesia joins the
+Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: the socket is made ready
+when the reasoner is asked, the context is created at the reply's first text (no network; a reply cut before it
+says anything leaves no context, whose queue the SDK would keep for the rest of the call), each speakable chunk is pushed as it comes (``continue: true``; Cartesia joins the
 pieces as they are, so each chunk goes with a trailing space), and ``continue: false`` follows the last. A receiver
 task per reply reads the context's events: ``chunk`` → audio, checked (valid base64, whole samples, really
 ``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` → :class:`ProviderError` with
@@ -298,7 +299,7 @@ class _Reply:
 
     epoch: int
     socket: _Socket
-    context: Any  # the SDK's AsyncWebSocketContext
+    context: Any  # the SDK's AsyncWebSocketContext, from the reply's first text on
     marks: PendingMarks = field(default_factory=PendingMarks)
     receiver: asyncio.Task[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # the receiver is finished, one way or another
@@ -425,9 +426,13 @@ class CartesiaTTS(StreamingTTSStage):
     async def open_reply(self, epoch: int) -> None:
         if self._reply is not None:
             self._abandon(self._reply)  # a reply never finished (no ResponseEnd): it is over now
-        socket = await self._open_socket()
+        self._reply = _Reply(epoch, await self._open_socket(), context=None)
+
+    def _start_context(self, reply: _Reply) -> None:
+        """The reply's Cartesia context (no network) and its receiver, at its first text: a reply cut before it
+        says anything leaves no context behind (the SDK keeps a queue per context until its ``done``)."""
         settings = self.settings
-        context = socket.sdk.context(
+        reply.context = reply.socket.sdk.context(
             model_id=settings.model,
             voice=settings.voice,
             output_format={"container": "raw", "encoding": ENCODING, "sample_rate": self.produces_rate},
@@ -436,8 +441,7 @@ class CartesiaTTS(StreamingTTSStage):
             generation_config={"speed": settings.speed} if settings.speed is not None else None,
             max_buffer_delay_ms=settings.max_buffer_delay_ms,
         )
-        reply = self._reply = _Reply(epoch, socket, context)
-        reply.receiver = self.spawn(self._receive(reply), name=f"{self.name}-receive-{epoch}")
+        reply.receiver = self.spawn(self._receive(reply), name=f"{self.name}-receive-{reply.epoch}")
 
     @property
     def produces_rate(self) -> int:
@@ -451,6 +455,8 @@ class CartesiaTTS(StreamingTTSStage):
             return False  # the reply failed or was abandoned: its text has nowhere to go
         if not text[-1].isspace():
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
+        if reply.context is None:
+            self._start_context(reply)
         if reply.first_input_at is None:
             self.mark("tts.sdk_call", epoch)  # the SDK boundary: the context's first text goes to the SDK
         await self._send(reply, reply.context.push(text), "text")
@@ -515,6 +521,7 @@ class CartesiaTTS(StreamingTTSStage):
         socket = reply.socket
         events = reply.context.receive()
         pending: asyncio.Task[Any] | None = None
+        ending = False  # the last event was the context's last (done or error)
         try:
             while True:
                 if pending is None:
@@ -533,6 +540,7 @@ class CartesiaTTS(StreamingTTSStage):
                     except StopAsyncIteration:
                         raise ProviderError(PROVIDER, "the SDK stopped delivering the reply's events") from None
                     reply.last_event_at, reply.unanswered_since = loop.time(), None
+                    ending = getattr(event, "type", None) in ("done", "error")
                     if await self._on_event(reply, event):
                         return
                 elif socket.lost in done:
@@ -545,8 +553,11 @@ class CartesiaTTS(StreamingTTSStage):
             if pending is not None:
                 pending.cancel()
                 await asyncio.wait({pending})
-            with contextlib.suppress(RuntimeError):
-                await events.aclose()
+            with contextlib.suppress(RuntimeError, StopAsyncIteration):
+                if ending:  # resumed past its last event, the SDK's generator ends and forgets the context's queue
+                    await anext(events)  # (closed there instead, it keeps the queue for the rest of the call)
+                else:
+                    await events.aclose()
 
     def _timeout_problem(self, reply: _Reply) -> str:
         if not reply.audio:
