@@ -6,17 +6,17 @@ for the whole call. If it is gone by the next reply (dropped, or the SDK's reade
 parse), that reply opens a new one. voxpipe reconnects itself: the SDK's own reconnect (4.2) asks its connection
 manager again, which hands back the same dead socket.
 
-Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: the socket is made ready
-when the reasoner is asked, the context is created at the reply's first text (no network; a reply cut before it
-says anything leaves no context, whose queue the SDK would keep for the rest of the call), each speakable chunk is pushed as it comes (``continue: true``; Cartesia joins the
-pieces as they are, so each chunk goes with a trailing space), and ``continue: false`` follows the last. A receiver
-task per reply reads the context's events: ``chunk`` → audio, checked (valid base64, whole samples, really
-``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` → :class:`ProviderError` with
-Cartesia's message. Cartesia sends audio and timestamps as separate messages, in either order, so a word's mark
-waits until the audio holding its end has arrived (:class:`PendingMarks`), then travels on that audio's frame, or at
-once on an empty frame if the timestamps came after it: the output counts a word as heard only if its mark reached
-it before the cut, so a mark must not wait for audio that a pause in the reply holds back. At ``done`` the marks
-left are clamped to the audio received (timestamps rounded past the last sample must not cost the last word).
+Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: the socket is made ready when
+the reasoner is asked, the context is created at the reply's first text (no network; a reply cut before it says anything
+leaves no context, whose queue the SDK would keep for the rest of the call), each speakable chunk is pushed as it comes
+(``continue: true``; Cartesia joins the pieces as they are, so each chunk goes with a trailing space), and ``continue:
+false`` follows the last. A receiver task per reply reads the context's events: ``chunk`` → audio, checked (valid
+base64, whole samples, really ``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` →
+:class:`ProviderError` with Cartesia's message. Cartesia sends audio and timestamps as separate messages, in either
+order, so a word's mark waits until the audio holding its end has arrived (:class:`PendingMarks`), then travels on that
+audio's frame, or at once on an empty frame if the timestamps came after it: the output counts a word as heard only if
+its mark reached it before the cut, so a mark must not wait for audio that a pause in the reply holds back. At ``done``
+the marks left are clamped to the audio received (timestamps rounded past the last sample must not cost the last word).
 
 Timeouts. Every network wait is bounded: the handshake (``connect_timeout_s``), the first audio after the first
 text was pushed (``first_audio_timeout_s``), and each read while audio is due (``read_timeout_s`` from the first
