@@ -240,6 +240,28 @@ async def test_keepalives_hold_the_socket_open_while_the_reasoner_is_slower_than
 
 
 @pytest.mark.timeout(30)
+async def test_with_buffering_on_a_pause_in_the_reply_asks_for_the_held_text_instead_of_failing(tmp_path):
+    # flush_each_chunk off: ElevenLabs holds "Let me check." (below its schedule) while the tool runs; past
+    # first_audio_timeout_s the stage asks it once to speak what it has, instead of calling that a stall.
+    async def lookup() -> str:
+        """Look up a free table."""
+        await asyncio.sleep(2.5)
+        return "eight"
+
+    reply = {"text": "We have a table at {result}.", "tool": "lookup", "preamble": "Let me check."}
+    async with FakeElevenLabs() as fake:
+        parsed, settings = config(fake, [reply, "Fine."], flush_each_chunk=False, first_audio_timeout_s=1.0)
+        script = [Say(QUESTION, pause=0.3)]
+        result = await asyncio.to_thread(
+            run_configured_call, parsed, settings, script, tmp_path, clock=RealClock(), tools={"lookup": lookup}
+        )
+    assert errors(tmp_path) == []
+    assert [s.data["flush"] for s in fake.of("keepalive")] == [True]
+    assert [s.data["text"] for s in fake.of("generation")][:2] == ["Let me check. ", "We have a table at eight. "]
+    assert result.turns[0].heard == ["Let", "me", "check.", "We", "have", "a", "table", "at", "eight."]
+
+
+@pytest.mark.timeout(30)
 async def test_a_stall_mid_reply_times_out_instead_of_waiting_for_the_next_message(tmp_path):
     # All the text and EOS go out before the first audio (1 s); after it, the next message comes 4 s later.
     async with FakeElevenLabs(ttfa_s=1.0, rtf=40) as fake:

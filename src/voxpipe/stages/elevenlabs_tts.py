@@ -227,6 +227,7 @@ class _Reply:
         self.sent_at = 0.0  # loop time of the last message sent: ElevenLabs closes a socket idle for its timeout
         self.heard_at = 0.0  # loop time of the last message received
         self.unanswered_since: float | None = None  # the first text or EOS sent since then
+        self.flushed_at: float | None = None  # a flush asked for what ElevenLabs buffered, no message since
 
     def deadline(self) -> float | None:
         """When the receiver's current read must have returned (loop time), or None while no audio is due."""
@@ -236,7 +237,7 @@ class _Reply:
         if self.first_text_at is None:
             return None
         if not self.audio_started:
-            return self.first_text_at + self.settings.first_audio_timeout_s
+            return (self.flushed_at or self.first_text_at) + self.settings.first_audio_timeout_s
         if self.eos_sent or self.words.pending_chars > 0:
             # From the last message, or the first input sent since it: more text pushed while the server is silent
             # does not move the deadline (a stall must not hide behind a reasoner that keeps streaming).
@@ -248,6 +249,16 @@ class _Reply:
         """When the receiver's read gives up: its deadline, or while nothing is due, when a keepalive is due."""
         deadline = self.deadline()
         return deadline if deadline is not None else self.sent_at + self.settings.inactivity_timeout_s / 2
+
+    def may_flush(self) -> bool:
+        """Whether a deadline that ran out may be ElevenLabs holding text by design: with ``flush_each_chunk`` off
+        it buffers text below its ``chunk_length_schedule`` until more comes, so a reasoner pausing (a tool call
+        after "Let me check.") leaves it silent. Then it is asked once to speak what it has, before it is a stall."""
+        return not self.settings.flush_each_chunk and not self.eos_sent and self.flushed_at is None
+
+    def flushed(self) -> None:
+        self.flushed_at = self.unanswered_since = asyncio.get_running_loop().time()
+        self.rearm()
 
     def rearm(self) -> None:
         """Text or EOS went out: audio is due now, so a read that was waiting for the keepalive gets a deadline."""
@@ -451,6 +462,10 @@ class ElevenLabsTTS(StreamingTTSStage):
                 if reply.deadline() is None:  # nothing is due: the reasoner (or its tool) is slow, not ElevenLabs
                     await self._keep_alive(reply, socket)
                     continue
+                if reply.may_flush():
+                    await self._keep_alive(reply, socket, flush=True)
+                    reply.flushed()
+                    continue
                 raise ProviderError(PROVIDER, reply.timeout_problem()) from None
             except ConnectionClosedOK:
                 if reply.eos_sent or reply.final:
@@ -463,7 +478,7 @@ class ElevenLabsTTS(StreamingTTSStage):
             finally:
                 reply.timer = None
             received_at = self.clock.now()  # the client's boundary: the socket delivered the message
-            reply.heard_at, reply.unanswered_since = asyncio.get_running_loop().time(), None
+            reply.heard_at, reply.unanswered_since, reply.flushed_at = asyncio.get_running_loop().time(), None, None
             message = _parse(raw)
             if message.get("isFinal"):
                 await self._finish_words(reply)
@@ -472,14 +487,16 @@ class ElevenLabsTTS(StreamingTTSStage):
             elif message.get("audio"):
                 await self._on_audio(reply, message, received_at)
 
-    async def _keep_alive(self, reply: _Reply, socket: ClientConnection) -> None:
-        """A single space: ElevenLabs' way to keep a socket open that has no text yet (an empty text would be EOS)."""
+    async def _keep_alive(self, reply: _Reply, socket: ClientConnection, *, flush: bool = False) -> None:
+        """A single space: ElevenLabs' way to keep a socket open that has no text yet (an empty text would be EOS);
+        with ``flush``, it also asks for the audio of the text ElevenLabs holds."""
         from elevenlabs.types import SendText
         from websockets.exceptions import ConnectionClosed
 
         reply.sent_at = asyncio.get_running_loop().time()
+        message = SendText(text=" ", flush=True) if flush else SendText(text=" ")
         with contextlib.suppress(ConnectionClosed):  # the next read reports a closed socket
-            await self._send(socket, json.dumps(SendText(text=" ").model_dump(exclude_none=True)))
+            await self._send(socket, json.dumps(message.model_dump(exclude_none=True)))
 
     async def _on_audio(self, reply: _Reply, message: dict[str, Any], received_at: float) -> None:
         from elevenlabs.types import AudioOutput

@@ -4,7 +4,8 @@ It speaks the protocol of ``providers-wire.md`` §3.3: ``GET /v1/text-to-speech/
 &output_format=pcm_<rate>`` with the key in the ``xi-api-key`` header (401 with ElevenLabs' error body when it is
 wrong; without the header, the BOS message must carry it, else a 1008 close). The client sends BOS
 (``{"text": " ", "voice_settings", "generation_config"}``), text messages (``try_trigger_generation`` or ``flush``),
-keepalives (``{"text": " "}``: they only reset the inactivity timer) and EOS (``{"text": ""}``). Text is buffered as
+keepalives (``{"text": " "}``: they only reset the inactivity timer; with ``"flush": true`` the buffered text is
+spoken too) and EOS (``{"text": ""}``). Text is buffered as
 ElevenLabs does: a generation starts on ``flush``, on ``try_trigger_generation`` with at least ``trigger_chars``
 buffered, when the buffer reaches the next step of the BOS's ``chunk_length_schedule`` (default 120, 160, 250,
 290), and at EOS. Each generation is speech-like audio
@@ -205,7 +206,9 @@ class FakeElevenLabs(FakeServer):
             conn.started = True
             return True
         if text.isspace():  # a keepalive: ElevenLabs' "send a single space to keep the socket open"
-            self.record("keepalive", connection=conn.number)
+            self.record("keepalive", connection=conn.number, flush=bool(message.get("flush")))
+            if message.get("flush") and conn.buffer.strip():  # ... which may also ask for the buffered text's audio
+                await conn.queue.put(conn.take())
             return True
         if text == "":  # EOS: speak what is buffered, then isFinal and close
             if conn.buffer.strip():
