@@ -92,10 +92,6 @@ class _VirtualSelector(selectors.BaseSelector):
     def release(self, job: object) -> None:
         self._held.pop(job, None)
 
-    @property
-    def thread_jobs(self) -> int:
-        return len(self._held)
-
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout <= 0:
             # Callbacks are ready, so time stands still. Real I/O (sockets, a worker thread's wake-up) is picked up
