@@ -18,7 +18,6 @@ import concurrent.futures
 import selectors
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Executor
 from typing import Any, TypeVar, TypeVarTuple
 
 from voxpipe.pipeline.pacing import Metronome
@@ -163,7 +162,9 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._virtual.now
 
-    def run_in_executor(self, executor: Executor | None, func: Callable[[*Args], T], *args: *Args) -> asyncio.Future[T]:
+    def run_in_executor(
+        self, executor: concurrent.futures.Executor | None, func: Callable[[*Args], T], *args: *Args
+    ) -> asyncio.Future[T]:
         """As asyncio's, and time holds still until the job's result is back on the loop."""
         return self.hold_until_done(super().run_in_executor(executor, func, *args))
 

@@ -64,7 +64,7 @@ class Resample(Stage):
         target = self.produces
         assert target is not None
         for key in [key for key in self._streams if key[2]]:
-            stream, end = self._streams.pop(key), self._reply_end.pop(key, None)
+            stream, end = self._streams.pop(key), self._reply_end.get(key)
             tail = stream.resample_chunk(np.zeros((0, key[1]), dtype=np.int16), last=True)
             if len(tail) and end is not None:
                 pcm = np.ascontiguousarray(tail, dtype=np.int16).tobytes()
