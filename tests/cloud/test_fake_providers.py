@@ -1,12 +1,22 @@
 """`voxpipe call --fake-providers`: the cloud example configs run end to end — official SDKs, loopback fakes, tools,
 usage and cost — with no keys and no network."""
 
+import asyncio
+import base64
 import json
+import logging
+import os
+import socket
+import struct
 import textwrap
 
 import pytest
 
 from voxpipe.cli import main
+from voxpipe.testing.fakes.anthropic import FakeAnthropic
+from voxpipe.testing.fakes.cartesia import FakeCartesia
+from voxpipe.testing.fakes.deepgram import FakeDeepgram
+from voxpipe.testing.fakes.elevenlabs import FakeElevenLabs
 
 SCENARIO = """
 caller:
@@ -79,10 +89,6 @@ def test_without_keys_the_call_names_every_missing_one_before_anything_connects(
 
 @pytest.mark.timeout(10)
 async def test_a_fakes_records_wake_every_waiter_at_once():
-    import asyncio
-
-    from voxpipe.testing.fakes.anthropic import FakeAnthropic
-
     fake = FakeAnthropic()  # not started: records alone
     first = asyncio.ensure_future(fake.wait_for("request", within_s=5))
     second = asyncio.ensure_future(fake.wait_for("disconnect", within_s=5))
@@ -91,3 +97,50 @@ async def test_a_fakes_records_wake_every_waiter_at_once():
     fake.record("disconnect")
     seen = await asyncio.wait_for(asyncio.gather(first, second), 1)
     assert [s.kind for s in seen] == ["request", "disconnect"]
+
+
+async def _leave_during_handshake(port: int, path: str, headers: dict[str, str]) -> None:
+    """Send a websocket upgrade request and reset the connection at once: a client cancelled while connecting."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    writer.transport.abort()  # an RST, as from a connect task cancelled by a barge-in
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("provider", ["deepgram", "cartesia", "elevenlabs"])
+async def test_a_client_leaving_during_the_websocket_handshake_is_recorded_as_gone(provider, caplog):
+    fake, path, headers = {
+        "deepgram": (
+            FakeDeepgram(utterances=["hello"]),
+            "/v1/listen?model=nova-3",
+            {"Authorization": "Token test-key"},
+        ),
+        "cartesia": (
+            FakeCartesia(),
+            "/tts/websocket",
+            {"Authorization": "Bearer test-key", "cartesia-version": "2025-04-16"},
+        ),
+        "elevenlabs": (
+            FakeElevenLabs(),
+            "/v1/text-to-speech/voice/stream-input?output_format=pcm_16000",
+            {"xi-api-key": "test-key"},
+        ),
+    }[provider]
+    caplog.set_level(logging.ERROR)
+    async with fake:
+        for left in range(1, 4):
+            await _leave_during_handshake(fake.port, path, headers)
+            await fake.wait_for("gone", lambda _, left=left: len(fake.of("gone")) == left)
+    assert [seen.data for seen in fake.of("gone")] == [{"during": "handshake"}] * 3
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")], "the server logged an error"

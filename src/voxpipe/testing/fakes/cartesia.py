@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait, client_left
 from voxpipe.testing.signals import WordSpan, speechlike
 
 API_VERSION = "2026-08-14"
@@ -161,7 +161,7 @@ class FakeCartesia(FakeServer):
             return refused
         socket = self.track(web.WebSocketResponse())
         if not await self.accept(request, socket):
-            return socket
+            return client_left()
         connection = _Connection(next(self._connections), socket, request)
         try:
             async for message in socket:

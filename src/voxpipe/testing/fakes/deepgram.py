@@ -54,7 +54,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from voxpipe.pipeline import TranscriptWord
-from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait, client_left
 
 NET_0001 = (
     "Deepgram did not receive audio data or a text message within the timeout window. See https://dpgr.am/net0001"
@@ -184,7 +184,7 @@ class FakeDeepgram(FakeServer):
         stream = self._open_stream(query)
         socket = self.track(web.WebSocketResponse(autoping=True))
         if not await self.accept(request, socket):
-            return socket
+            return client_left()
         dropping = self.faults.drop_after is not None and self._drops_left > 0
         if dropping:
             self._drops_left -= 1

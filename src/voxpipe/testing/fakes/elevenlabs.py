@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait, client_left
 from voxpipe.testing.signals import speechlike
 
 BadAudio = Literal["base64", "odd-bytes", "mp3"]
@@ -145,7 +145,7 @@ class FakeElevenLabs(FakeServer):
             return web.json_response(body, status=422)
         ws = self.track(web.WebSocketResponse(max_msg_size=2**22))
         if not await self.accept(request, ws):
-            return ws
+            return client_left()
         conn = _Connection(next(self._numbers), int(output_format[4:]), ws, request)
         idle_s = float(request.query.get("inactivity_timeout", "20"))
         speaker = asyncio.create_task(self._speak(conn))

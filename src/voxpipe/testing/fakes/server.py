@@ -216,7 +216,8 @@ class FakeServer:
 
     async def accept(self, request: web.Request, socket: web.WebSocketResponse) -> bool:
         """Complete the handshake of a tracked ``socket``; False (recorded ``gone``) if the client left during it
-        (a barge-in while the reply's socket opens)."""
+        (a barge-in while the reply's socket opens). The handler then returns :func:`client_left`, not the unopened
+        ``socket``: aiohttp would try to close that one and log an error."""
         try:
             await socket.prepare(request)
         except ConnectionResetError:
@@ -234,6 +235,11 @@ class FakeServer:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+
+def client_left() -> web.Response:
+    """What a handler returns for a client that has gone: aiohttp finds the connection closed and writes nothing."""
+    return web.Response(status=499, reason="Client Closed Request")
 
 
 @contextlib.contextmanager
