@@ -443,12 +443,15 @@ BOTH_TRANSPORTS = pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
 @pytest.mark.timeout(10)
 @BOTH_TRANSPORTS
 async def test_a_stall_before_the_first_byte_is_a_timeout_not_a_hang(http_client):
-    async with FakeAnthropic(faults=Faults(stall_s=5)) as fake:
+    async with FakeAnthropic(faults=Faults(stall_s=1.5)) as fake:
         turn = Turn(stage(fake, first_token_timeout_s=0.3, http_client=http_client))
         with pytest.raises(ProviderError, match=r"Anthropic: no first token within 0.3 s"):
             await turn.run()
         assert fake.of("stall") and not fake.of("reply")
         assert turn.pipeline.errors[0].fatal
+        # The client gave up and closed the request: the fake finds it gone when its stall ends.
+        gone = await fake.wait_for("disconnect", within_s=5)
+        assert gone.data == {"events": 0, "text": ""}
 
 
 @pytest.mark.timeout(10)
