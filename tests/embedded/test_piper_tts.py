@@ -9,6 +9,7 @@ the noise off to compare two renderings exactly.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from voxpipe.pipeline import (
     VirtualClock,
     WordMark,
 )
-from voxpipe.stages.piper_tts import PiperTTS, PiperTTSSettings, alignments_supported, default_voice_path
+from voxpipe.stages.piper_tts import (
+    PiperTTS,
+    PiperTTSSettings,
+    _ChunkSynthesis,
+    alignments_supported,
+    default_voice_path,
+)
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 # Numbers, symbols, merged function words ("of the"), a silent dash, two sentences: the hard cases for word marks.
@@ -279,6 +286,25 @@ async def test_an_interrupt_stops_synthesis_at_once_and_frees_the_thread():
     finally:
         await pipeline.end()
         await asyncio.wait_for(run, 30)
+
+
+async def test_a_cancelled_sentence_still_queued_behind_another_job_is_dropped_without_running(tts: PiperTTS):
+    """A stale sentence waiting for the stage's one thread is taken off its queue by the cancel itself, not a loop
+    turn later, when the running job could already have finished and let it start."""
+    assert tts._voice is not None and tts.produces is not None
+    chunk = _ChunkSynthesis(tts._voice, SENTENCE, SENTENCE.split(), tts.settings, tts.produces.sample_rate)
+    release = threading.Event()
+    running = tts._executor.submit(release.wait, 10)  # the thread is busy with another job
+    try:
+        queued = tts._submit(chunk, 0, epoch=0)
+        assert queued.future is not None and not queued.future.running()
+        queued.cancel()
+        assert queued.future.cancelled(), "still queued: it would run once the busy job ends"
+        assert not tts._inflight
+    finally:
+        release.set()
+    running.result(timeout=10)
+    assert await queued.result() is None  # its waiter learns it was stopped, as after an interrupt
 
 
 class Stamp(Tap):
