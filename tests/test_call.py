@@ -1,21 +1,15 @@
 """A scripted call end to end: artefacts, trace against audio, barge-in, cough, CLI."""
 
-import asyncio
 import json
 import wave
 
 import numpy as np
 import pytest
 
-from tests.helpers import Collect
 from voxpipe import demo
 from voxpipe.call import ARTEFACTS, run_call
 from voxpipe.cli import main
 from voxpipe.measure import measure_voice_to_voice
-from voxpipe.pipeline import DOWNSTREAM, Conversation, EndOfTurn, Frame, Pipeline, Transcript, VirtualClock
-from voxpipe.pipeline import UserSpeechStarted as Started
-from voxpipe.pipeline import UserSpeechStopped as Stopped
-from voxpipe.stages.turn import TurnTaker
 from voxpipe.testing import Noise, Say
 
 
@@ -118,51 +112,15 @@ def test_empty_script_is_a_clear_error(tmp_path):
         run_call([], tmp_path, replies=["hi"])
 
 
-def _through_turn_taker(*frames: Frame) -> tuple[list[EndOfTurn], Pipeline]:
-    """Feed ``frames`` to a lone TurnTaker in virtual time; its EndOfTurn frames and its pipeline."""
-    clock = VirtualClock()
-    turn_taker = TurnTaker(Conversation())
-    sink = Collect()
-    pipeline = Pipeline([turn_taker, sink], clock=clock)
-
-    async def main() -> None:
-        run = asyncio.create_task(pipeline.run())
-        await asyncio.sleep(0)
-        for frame in frames:
-            await turn_taker.receive(frame, DOWNSTREAM)
-        await pipeline.end()
-        await run
-
-    clock.run(main())
-    return [f for f in sink.frames if isinstance(f, EndOfTurn)], pipeline
-
-
-def test_a_final_that_arrives_after_the_next_utterance_started_is_not_lost():
-    """The STT's final for utterance 1 lands after utterance 2 began: both turns keep their own words."""
-    ends, _ = _through_turn_taker(
-        Started(at=0.0),
-        Stopped(at=1.5, last_voiced_at=1.0),
-        Started(at=1.6),  # the caller speaks again before the first final arrives
-        Transcript(text="a table for two", final=True),
-        Stopped(at=3.0, last_voiced_at=2.5),
-        Transcript(text="at eight please", final=True),
-    )
-    assert [f.text for f in ends] == ["a table for two", "at eight please"]
-
-
-def test_a_finals_marks_are_recorded_on_the_turn_it_ends():
-    """An STT cannot key marks by epoch (the turn's epoch opens when the turn ends): the turn-taker records the marks
-    a final Transcript carries on the turn it ends — whether the final came after its stop or before it."""
-    ends, pipeline = _through_turn_taker(
-        Started(at=0.0),
-        Stopped(at=1.5, last_voiced_at=1.0),
-        Transcript(text="a table for two", final=True, marks=(("stt.sdk_call", 1.51), ("stt.sdk_answer", 1.6))),
-        Started(at=2.0),
-        Transcript(text="at eight please", final=True, marks=(("stt.sdk_answer", 2.9),)),  # before its stop
-        Stopped(at=3.0, last_voiced_at=2.5),
-    )
-    epochs = [f.epoch for f in ends]
-    assert len(epochs) == 2
-    turns = {t.turn: t.marks for t in pipeline.trace.turns}
-    assert (turns[epochs[0]]["stt.sdk_call"], turns[epochs[0]]["stt.sdk_answer"]) == (1.51, 1.6)
-    assert turns[epochs[1]]["stt.sdk_answer"] == 2.9 and "stt.sdk_call" not in turns[epochs[1]]
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--scripted", "--config", "examples/configs/cloud.yaml"], "--scripted and --config: give one"),
+        (["--scripted", "--realtime", "--virtual-time"], "--realtime and --virtual-time: give one"),
+        (["--config", "examples/configs/cloud.yaml", "--virtual-time"], "stt.provider: Deepgram is a network service"),
+    ],
+)
+def test_cli_call_refuses_flags_that_cannot_go_together(tmp_path, capsys, flags, says):
+    assert main(["call", *flags, "--out", str(tmp_path / "out")]) == 2
+    assert says in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "out" / "transcript.json").exists()

@@ -60,6 +60,12 @@ def test_bad_values_and_unknown_keys_are_named_by_key_path(tmp_path):
     assert "turn.min_words" in message
 
 
+def test_a_backchannel_of_more_than_one_word_is_named(tmp_path):
+    path = write(tmp_path, "turn: {backchannels: [yeah, got it]}")
+    with pytest.raises(ConfigError, match=r"turn.backchannels: .*backchannel 'got it' is not one word"):
+        load_config(path)
+
+
 def test_provider_settings_errors_name_the_stage_key(tmp_path):
     path = write(
         tmp_path,

@@ -3,6 +3,8 @@ import dataclasses
 import pytest
 
 from voxpipe.pipeline import (
+    AudioFormat,
+    AudioFormatError,
     AudioFrame,
     Cancel,
     End,
@@ -45,3 +47,10 @@ def test_interrupt_and_cancel_overtake_but_end_drains_in_order():
     assert Interrupt(epoch=1, at=0.0).urgent
     assert Cancel().urgent
     assert not End().urgent
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(16000, 3), (16000, 0), (0, 1), (-8000, 1)])
+def test_a_frame_with_an_impossible_format_is_named_by_the_stage_that_got_it(rate, channels):
+    frame = AudioFrame(pcm=bytes(640), sample_rate=rate, channels=channels)
+    with pytest.raises(AudioFormatError, match=rf"stage 'vad' got a malformed audio frame: sample_rate={rate}, "):
+        AudioFormat(16000).check(frame, "vad")

@@ -126,6 +126,44 @@ async def test_skip_frame_policy_reports_and_carries_on():
     assert len(head.errors) == 1 and "bad delta" in head.errors[0].error and not head.errors[0].fatal
 
 
+def test_a_skip_turn_failure_in_a_queued_stage_sends_its_interrupt_all_the_way():
+    """The failing worker raises the skip-turn interrupt itself; it is done with its frame by then, so the interrupt
+    does not cancel the very task carrying it at the first await of a stage's cancel."""
+
+    class FailingTTS(QueuedStage):
+        error_policy = ErrorPolicy.SKIP_TURN
+
+        def __init__(self) -> None:
+            super().__init__(name="tts")
+            self.cancel_sent = False
+
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, SpeakableChunk):
+                raise ConnectionError("provider said 500")
+            await self.push(frame, direction)
+
+        async def on_interrupt(self, interrupt: Interrupt) -> None:
+            await asyncio.sleep(0)  # as a provider's cancel message would: the task yields here
+            self.cancel_sent = True
+
+    clock = VirtualClock()
+    head, tts, sink = Collect("head"), FailingTTS(), Collect("out")
+    pipeline = Pipeline([head, tts, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await head.receive(SpeakableChunk(epoch=0, text="hello"), DOWNSTREAM)
+        await clock.sleep(0.1)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    assert tts.cancel_sent
+    assert [f.reason for f in sink.frames if isinstance(f, Interrupt)] == ["error in tts"]
+    assert [f.reason for f in head.frames if isinstance(f, Interrupt)] == ["error in tts"]
+
+
 class Slow(QueuedStage):
     """Takes `delay` of clock time per data frame."""
 

@@ -29,3 +29,10 @@ def test_bad_settings_are_rejected():
         TurnPolicy(min_speech_ms=-1)
     with pytest.raises(ValueError, match="min_words"):
         TurnPolicy(min_words=-2)
+
+
+def test_backchannels_are_matched_whatever_their_case_and_must_be_single_words():
+    policy = TurnPolicy(min_speech_ms=0, backchannels=frozenset({"Yeah", "OK"}))
+    assert not policy.is_barge_in(1.0, "yeah, ok")
+    with pytest.raises(ValueError, match="backchannel 'got it' is not one word"):
+        TurnPolicy(backchannels=frozenset({"got it"}))

@@ -103,6 +103,10 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
     if out.exists() and not out.is_dir():
         console.print(f"[red]error:[/] --out {out}: exists and is not a directory")
         return 2
+    clash = _clashing_flags(args)
+    if clash is not None:
+        console.print(f"[red]error:[/] {clash}")
+        return 2
     turns_done: list[TurnRecord] = []
 
     def progress(record: TurnRecord) -> None:
@@ -120,11 +124,13 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
             else:
                 config, settings = parse_config(SCRIPTED_CONFIG if args.scripted else {})
             scripted = all(config.stage(kind).provider == "scripted" for kind in ("vad", "stt", "llm", "tts"))
+            if args.virtual_time:
+                _check_no_network(settings)
             # Fakes recognise the scripted caller's words, so speech-like tones do unless a local VAD must hear speech.
             tones = scripted or (args.fake_providers and config.vad.provider != "silero")
             script, voice = _script_and_voice(args, tones)
-            virtual = scripted and not args.realtime
-            clock = VirtualClock() if virtual else RealClock()
+            virtual = (scripted and not args.realtime) or args.virtual_time
+            clock = VirtualClock(thread_hold_s=VIRTUAL_THREAD_HOLD_S) if virtual else RealClock()
             stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
             where = "; cloud providers faked on 127.0.0.1" if args.fake_providers else ""
             console.print(f"[bold]voxpipe call[/] — {stack}; {'virtual' if virtual else 'real'} time{where}")
@@ -179,6 +185,38 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 SCRIPTED_CONFIG = {kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}
 
+# On virtual time a model's job holds the clock still for up to this long of real time (VirtualClock): longer than
+# a slow machine's longest reply, so model work never shows as time passing; a stuck job still times out after it.
+VIRTUAL_THREAD_HOLD_S = 60.0
+
+
+def _clashing_flags(args: argparse.Namespace) -> str | None:
+    """Why these ``voxpipe call`` flags cannot go together, or None."""
+    if args.scripted and args.config:
+        return (
+            "--scripted and --config: give one (--scripted replaces every provider; a config's providers are used "
+            "as written, and --fake-providers runs its cloud providers against local fakes)"
+        )
+    if args.realtime and args.virtual_time:
+        return "--realtime and --virtual-time: give one"
+    if args.virtual_time and args.fake_providers:
+        return "--virtual-time and --fake-providers: cloud providers, faked or not, run on the real clock"
+    return None
+
+
+def _check_no_network(settings: dict[str, Any]) -> None:
+    """Virtual time jumps over every wait, a network read's too: a cloud provider's timeouts would fire at once."""
+    from voxpipe.config import ConfigError
+    from voxpipe.stages.cloud import CloudSettings
+
+    for kind, stage in settings.items():
+        if isinstance(stage, CloudSettings):
+            raise ConfigError(
+                f"{kind}.provider",
+                f"{stage.service_name} is a network service, and --virtual-time would race its timeouts",
+                "scripted and embedded providers on virtual time; run this config without --virtual-time",
+            )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxpipe", description="Real-time cascaded voice agents.")
@@ -192,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="directory for recording.wav, trace.jsonl, transcript.json, report.html"
     )
     call.add_argument("--realtime", action="store_true", help="run a scripted call on the wall clock")
+    call.add_argument(
+        "--virtual-time",
+        action="store_true",
+        help="run an embedded stack on virtual time: silences and model work take no time, so the call runs "
+        "faster than real time (its latencies then show the pipeline's own waits, not the models')",
+    )
     call.add_argument(
         "--fake-providers",
         action="store_true",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from voxpipe.call import run_configured_call
+from voxpipe.cli import main
 from voxpipe.config import load_config
 from voxpipe.measure import measure_voice_to_voice
 from voxpipe.pipeline import RealClock
@@ -96,3 +97,22 @@ def test_media_timing_holds_while_the_models_run(call):
     assert metronome.late_ticks <= 0.05 * ticks, (
         f"{metronome.late_ticks} of {ticks:.0f} ticks were ≥ 20 ms late (worst {metronome.max_lateness * 1000:.0f} ms)"
     )
+
+
+def test_the_cli_runs_the_embedded_stack_on_virtual_time(tmp_path, capsys):
+    """``voxpipe call --virtual-time``: the same models, but their work takes no time on the call's clock, so every
+    answer starts on the tick the turn ended (after the VAD's 500 ms of silence)."""
+    out = tmp_path / "out"
+    args = ["call", "--virtual-time", "--scenario", "examples/scenarios/two-barge-ins.yaml", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().out
+    assert "virtual time" in capsys.readouterr().out
+    assert json.loads((out / "transcript.json").read_text())["status"] == "ended"
+    answered = [
+        t for t in map(json.loads, (out / "trace.jsonl").read_text().splitlines()) if "tts.first_audio" in t["marks"]
+    ]
+    assert len(answered) >= 3
+    for turn in answered:
+        marks = turn["marks"]
+        assert marks["stt.final"] == marks["turn.end_detected"]  # Whisper's decode took no virtual time
+        assert marks["tts.first_audio"] == marks["stt.final"]  # nor did the reply's tokens and its first audio
+        assert turn["voice_to_voice_ms"] < 500 + 40

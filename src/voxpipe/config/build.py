@@ -83,7 +83,7 @@ def build_pipeline(
     policy = TurnPolicy(
         min_speech_ms=config.turn.min_speech_ms,
         min_words=config.turn.min_words,
-        backchannels=frozenset(word.lower() for word in config.turn.backchannels),
+        backchannels=frozenset(config.turn.backchannels),
     )
     tools = {**config_tools(config), **tools_by_name(context.tools)}
     context = dataclasses.replace(context, tools=tools, system_prompt=config.system_prompt)

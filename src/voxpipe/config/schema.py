@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from voxpipe.config.env import interpolate
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
-from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS
+from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS, backchannel_word
 from voxpipe.stages.tools import ToolError
 
 
@@ -41,6 +41,11 @@ class TurnConfig(Strict):
     backchannels: list[str] = Field(
         default_factory=lambda: sorted(DEFAULT_BACKCHANNELS), description="words that alone never interrupt"
     )
+
+    @field_validator("backchannels")
+    @classmethod
+    def _one_word_each(cls, entries: list[str]) -> list[str]:
+        return [backchannel_word(entry) for entry in entries]
 
 
 OnError = Literal["stop", "skip-turn", "skip-frame"]

@@ -43,11 +43,15 @@ class AudioFormat:
 
     def check(self, frame: AudioFrame, stage: str) -> None:
         """Raise :class:`AudioFormatError` unless ``frame`` is well-formed audio in this format."""
-        if frame.sample_rate != self.sample_rate or frame.channels != self.channels:
-            got = AudioFormat(frame.sample_rate, frame.channels) if frame.sample_rate > 0 else None
+        if frame.sample_rate <= 0 or frame.channels not in (1, 2):
             raise AudioFormatError(
-                f"stage {stage!r} expects {self} audio but got {got or f'sample_rate={frame.sample_rate}'}; "
-                "add a Resample stage before it"
+                f"stage {stage!r} got a malformed audio frame: sample_rate={frame.sample_rate}, "
+                f"channels={frame.channels} (a rate must be positive, channels 1 or 2)"
+            )
+        if frame.sample_rate != self.sample_rate or frame.channels != self.channels:
+            got = AudioFormat(frame.sample_rate, frame.channels)
+            raise AudioFormatError(
+                f"stage {stage!r} expects {self} audio but got {got}; add a Resample stage before it"
             )
         if len(frame.pcm) % self.sample_bytes:
             raise AudioFormatError(

@@ -97,6 +97,15 @@ class UserSpeechStarted(Frame):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UserSpeechProgress(Frame):
+    """The caller is still speaking: the VAD has heard voice up to ``voiced_until`` (the clock time just after the
+    last voiced sample so far). Sent with every frame that holds speech, from :class:`UserSpeechStarted` on, so
+    the turn-taker measures how long the caller has spoken without the silence that may yet end the utterance."""
+
+    voiced_until: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UserSpeechStopped(Frame):
     """The VAD decided the caller stopped. ``last_voiced_at`` is the clock time of the last voiced sample,
     ``at`` the time of the decision (``last_voiced_at`` + the VAD's hang-over)."""

@@ -214,7 +214,8 @@ class QueuedStage(Stage):
             busy = self._busy_with
             if busy is not None and busy.interruptible and busy.epoch < epoch and self._worker is not None:
                 stale_worker, self._busy_with = self._worker, None
-                stale_worker.cancel()
+                if stale_worker is not asyncio.current_task():  # raised by its own work: that returns on its own
+                    stale_worker.cancel()
                 self._start_worker()
         await super()._take_interrupt(interrupt, direction)
 
@@ -241,6 +242,10 @@ class QueuedStage(Stage):
             try:
                 await self.process(frame, DOWNSTREAM)
             except Exception as exc:
+                # Done with the frame before the failure is handled: a skip-turn interrupt raised from here must
+                # not find this worker busy with stale work and cancel it, the task carrying that interrupt.
+                if self._worker is me:
+                    self._busy_with = None
                 await self.pipeline._stage_failed(self, exc, frame)
             finally:
                 if self._worker is me:

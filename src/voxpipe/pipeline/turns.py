@@ -17,6 +17,17 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def backchannel_word(entry: str) -> str:
+    """``entry`` as the one word a backchannel is matched as; ValueError unless it is exactly one word."""
+    words = words_of(entry)
+    if len(words) != 1:
+        raise ValueError(
+            f"backchannel {entry!r} is not one word: backchannels are single words, matched one at a time "
+            "(list 'got it' as 'got' and 'it' only if each alone should never interrupt)"
+        )
+    return words[0]
+
+
 @dataclass(frozen=True, slots=True)
 class TurnPolicy:
     """Decides whether caller speech while the bot is talking is a barge-in.
@@ -37,6 +48,8 @@ class TurnPolicy:
             raise ValueError(f"TurnPolicy.min_speech_ms must be >= 0, got {self.min_speech_ms}")
         if self.min_words < 0:
             raise ValueError(f"TurnPolicy.min_words must be >= 0, got {self.min_words}")
+        # Matched against words_of(transcript): each entry must be one such word ("Yeah" is "yeah").
+        object.__setattr__(self, "backchannels", frozenset(backchannel_word(entry) for entry in self.backchannels))
 
     def content_words(self, text: str) -> list[str]:
         """The words of ``text`` that are not backchannels."""

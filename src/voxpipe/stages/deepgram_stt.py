@@ -45,6 +45,7 @@ from voxpipe.pipeline import (
     Stage,
     Transcript,
     TranscriptWord,
+    UserSpeechProgress,
     UserSpeechStarted,
     UserSpeechStopped,
 )
@@ -456,7 +457,7 @@ class DeepgramSTT(Stage):
                 self._format.check(frame, self.name)  # raises, naming the problem
             await self.push(frame)
             self._take_audio(frame)
-        elif isinstance(frame, UserSpeechStarted | UserSpeechStopped):
+        elif isinstance(frame, UserSpeechStarted | UserSpeechProgress | UserSpeechStopped):
             if self.settings.speech_events:
                 if not self._warned_vad:
                     self._warned_vad = True
@@ -466,7 +467,7 @@ class DeepgramSTT(Stage):
             if isinstance(frame, UserSpeechStarted):
                 self._speaking = True
                 self._vad_started_at = frame.at
-            else:
+            elif isinstance(frame, UserSpeechStopped):
                 self._speaking = False
                 await self._utterance_ended(
                     self._audio.end_index, self._audio.end_pts, round(frame.last_voiced_at * self._rate)

@@ -24,6 +24,7 @@ from voxpipe.pipeline import (
     ToolUse,
     Transcript,
     TurnPolicy,
+    UserSpeechProgress,
     UserSpeechStarted,
     UserSpeechStopped,
 )
@@ -53,6 +54,8 @@ class TurnTaker(Stage):
         self.policy = policy or TurnPolicy()
         self.bot_speaking = False
         self._started: UserSpeechStarted | None = None  # the utterance being spoken now
+        self._voiced_until: float | None = None  # how far the VAD has heard it voiced (UserSpeechProgress)
+        self._heard_until = 0.0  # the end of the caller audio received
         self._partial = ""
         self._over_bot = False
         self._barged_epoch: int | None = None
@@ -74,11 +77,17 @@ class TurnTaker(Stage):
                 return  # recorded: the reasoner's tool results go no further upstream
             await self.push(frame, direction)
             return
-        if isinstance(frame, AudioFrame):
-            await self._on_audio(frame)  # caller audio ends here: the reasoner works on text
+        if isinstance(frame, AudioFrame):  # caller audio ends here: the reasoner works on text
+            self._heard_until = (frame.pts + frame.samples) / frame.sample_rate
+            if self._voiced_until is None:
+                await self._consider_barge_in()  # a speech-event source that reports no progress
         elif isinstance(frame, UserSpeechStarted):
-            self._started, self._partial = frame, ""
+            self._started, self._partial, self._voiced_until = frame, "", None
             self._over_bot, self._barged_epoch = self.bot_speaking, None
+        elif isinstance(frame, UserSpeechProgress):
+            if self._started is not None:
+                self._voiced_until = frame.voiced_until
+                await self._consider_barge_in()
         elif isinstance(frame, UserSpeechStopped):
             if self._started is None:
                 return  # a stop without a start (the VAD was reset): nothing to end
@@ -92,6 +101,7 @@ class TurnTaker(Stage):
         elif isinstance(frame, Transcript):
             if not frame.final:
                 self._partial = frame.text
+                await self._consider_barge_in()  # its words may be what the policy waited for: act now
             elif self._awaiting_final:
                 await self._end_turn(self._awaiting_final.popleft(), frame, self.clock.now())
             else:
@@ -99,12 +109,15 @@ class TurnTaker(Stage):
         else:
             await self.push(frame, direction)
 
-    async def _on_audio(self, frame: AudioFrame) -> None:
+    async def _consider_barge_in(self) -> None:
+        """Cut the bot off if the utterance being spoken over it now passes the policy. Its length runs to the last
+        voiced sample the VAD reported — the silence after a cough is not speech — or, from a speech-event source
+        that reports no progress (Deepgram's ``SpeechStarted``), to the end of the caller audio received."""
         started = self._started
         if started is None or self._barged_epoch is not None or not self.bot_speaking:
             return
-        speech_s = (frame.pts + frame.samples) / frame.sample_rate - started.at
-        if self.policy.is_barge_in(speech_s, self._partial):
+        until = self._voiced_until if self._voiced_until is not None else self._heard_until
+        if self.policy.is_barge_in(until - started.at, self._partial):
             self._barged_epoch = (await self.interrupt("barge-in")).epoch
 
     async def _end_turn(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
@@ -112,7 +125,9 @@ class TurnTaker(Stage):
         if not self.policy.is_turn(text, utterance.over_bot and utterance.barged_epoch is None):
             return  # a cough, a click, a backchannel over the bot: not a turn
         epoch = utterance.barged_epoch
-        if epoch is None:
+        if epoch != self.epoch:
+            # Not a barge-in, or one whose epoch a later interrupt has closed (an earlier utterance ended as a turn
+            # after it, a turn skipped on an error): an EndOfTurn of a closed epoch would be dropped unanswered.
             epoch = (await self.interrupt("new-turn")).epoch
         trace = self.pipeline.trace
         trace.mark(epoch, "user.speech_start", utterance.started.at)

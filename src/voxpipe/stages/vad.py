@@ -1,9 +1,10 @@
 """Voice activity detection: the speaking/silent state machine every VAD provider shares.
 
 A provider only says, per audio frame, whether it holds speech and where the first and last voiced samples are
-(:class:`Voicing`). This stage turns that into :class:`UserSpeechStarted` (after ``start_ms`` of speech) and
-:class:`UserSpeechStopped` (after ``stop_ms`` of silence), stamped with the time of the *audio* — the first and last
-voiced samples — not the time of the decision, so that latency is measured from what the caller really did.
+(:class:`Voicing`). This stage turns that into :class:`UserSpeechStarted` (after ``start_ms`` of speech),
+:class:`UserSpeechProgress` (with every frame of speech after that) and :class:`UserSpeechStopped` (after
+``stop_ms`` of silence), stamped with the time of the *audio* — the first and last voiced samples — not the time
+of the decision, so that latency is measured from what the caller really did.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from voxpipe.pipeline import (
     Direction,
     Frame,
     Stage,
+    UserSpeechProgress,
     UserSpeechStarted,
     UserSpeechStopped,
 )
@@ -67,20 +69,23 @@ class VADStage(Stage):
         if voicing is None and self._run_start is None:
             return  # silence while silent: the common case, nothing to decide
         rate = frame.sample_rate
-        frame_end = frame.pts + frame.samples
         if voicing is not None:
             if self._run_start is None:
                 self._run_start = frame.pts + voicing.first
             self._last_voiced = frame.pts + voicing.last + 1
-            if not self.speaking and frame_end - self._run_start >= self._start_samples:
+            # Speech is counted to its last voiced sample, not to the frame's end: 41 ms of voice at the head of a
+            # 60 ms frame is not 60 ms of speech.
+            if not self.speaking and self._last_voiced - self._run_start >= self._start_samples:
                 self.speaking = True
                 await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=self._run_start / rate))
+            if self.speaking:
+                await self.push(UserSpeechProgress(epoch=self.pipeline.epoch, voiced_until=self._last_voiced / rate))
             return
         if not self.speaking:
             self._run_start = None  # a blip shorter than start_ms
             return
         assert self._last_voiced is not None
-        if frame_end - self._last_voiced >= self._stop_samples:
+        if frame.pts + frame.samples - self._last_voiced >= self._stop_samples:
             await self.stop_speaking(self._last_voiced)
 
     async def stop_speaking(self, last_voiced: int) -> None:

@@ -1,0 +1,258 @@
+"""The turn-taker and the VAD events it works from: when a barge-in fires, and that every turn gets its answer.
+
+Most tests drive a lone TurnTaker with the frames a VAD, an STT and the output would send, on a virtual clock; the
+last ones run whole scripted calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import pytest
+
+from tests.helpers import Collect
+from voxpipe.call import run_call
+from voxpipe.pipeline import (
+    DOWNSTREAM,
+    UPSTREAM,
+    AudioFormat,
+    AudioFrame,
+    BotStartedSpeaking,
+    Conversation,
+    EndOfTurn,
+    Interrupt,
+    Pipeline,
+    Transcript,
+    TurnPolicy,
+    UserSpeechProgress,
+    UserSpeechStarted,
+    UserSpeechStopped,
+    VirtualClock,
+)
+from voxpipe.stages.turn import TurnTaker
+from voxpipe.testing import Noise, Say, ScriptedVAD
+from voxpipe.testing.signals import word_duration
+
+RATE = 16000
+
+
+class Harness:
+    """A TurnTaker between a test and a sink, on a virtual clock. ``run(script)`` runs ``script(harness)`` inside
+    the running pipeline."""
+
+    def __init__(self, policy: TurnPolicy | None = None) -> None:
+        self.clock = VirtualClock()
+        self.turn = TurnTaker(Conversation("test"), policy or TurnPolicy())
+        self.sink = Collect()
+        self.pipeline = Pipeline([self.turn, self.sink], clock=self.clock)
+
+    def run(self, script: Callable[[Harness], Awaitable[None]]) -> None:
+        async def main() -> None:
+            run = asyncio.create_task(self.pipeline.run())
+            await asyncio.sleep(0)
+            await script(self)
+            await self.pipeline.end()
+            await run
+
+        self.clock.run(main())
+
+    async def send(self, *frames: object) -> None:
+        for frame in frames:
+            await self.turn.receive(frame, DOWNSTREAM)  # type: ignore[arg-type]
+
+    async def bot_starts(self) -> None:
+        await self.turn.receive(BotStartedSpeaking(epoch=self.pipeline.epoch, at=self.clock.now()), UPSTREAM)
+
+    async def audio(self, start_s: float, end_s: float) -> None:
+        """Caller audio in 20 ms frames from ``start_s`` to ``end_s``."""
+        for pts in range(round(start_s * RATE), round(end_s * RATE), 320):
+            await self.send(AudioFrame(pcm=bytes(640), sample_rate=RATE, pts=pts))
+
+    @property
+    def interrupts(self) -> list[Interrupt]:
+        return [f for f in self.sink.frames if isinstance(f, Interrupt)]
+
+    @property
+    def turns(self) -> list[EndOfTurn]:
+        return [f for f in self.sink.frames if isinstance(f, EndOfTurn)]
+
+
+# ------------------------------------------------------------------------------------------- barge-in
+
+
+def test_the_silence_after_a_short_sound_does_not_count_as_speech():
+    """A 100 ms click over the bot, then the VAD's hang-over: the caller stopped speaking at 100 ms, however long
+    the VAD waits before saying so. ``min_speech_ms`` counts to the last voiced sample."""
+    harness = Harness(TurnPolicy(min_speech_ms=300, min_words=0))
+
+    async def script(h: Harness) -> None:
+        await h.bot_starts()
+        await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.1))
+        await h.audio(1.0, 1.6)  # 500 ms of silence follow; no more progress
+        assert not h.interrupts
+        await h.send(UserSpeechProgress(voiced_until=1.35))  # the caller goes on: 350 ms of speech
+        assert [i.reason for i in h.interrupts] == ["barge-in"]
+
+    harness.run(script)
+
+
+def test_without_progress_events_speech_is_measured_to_the_audio_received():
+    """A speech-event source with no per-frame progress (Deepgram's SpeechStarted) still gets its barge-in."""
+    harness = Harness(TurnPolicy(min_speech_ms=300, min_words=0))
+
+    async def script(h: Harness) -> None:
+        await h.bot_starts()
+        await h.send(UserSpeechStarted(at=1.0))
+        await h.audio(1.0, 1.28)
+        assert not h.interrupts
+        await h.audio(1.28, 1.32)
+        assert len(h.interrupts) == 1
+
+    harness.run(script)
+
+
+def test_a_partial_that_brings_the_missing_word_interrupts_at_once():
+    """Long enough already, no words yet: the partial with the first content word cuts the bot off itself, not at
+    the next audio frame (which may never come before the caller stops)."""
+    harness = Harness(TurnPolicy(min_speech_ms=300, min_words=1))
+
+    async def script(h: Harness) -> None:
+        await h.bot_starts()
+        await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.5))
+        assert not h.interrupts
+        await h.send(Transcript(text="wait stop", final=False))
+        assert len(h.interrupts) == 1
+
+    harness.run(script)
+
+
+def test_a_barged_in_utterance_is_answered_after_an_earlier_one_ends_as_a_turn():
+    """Utterance A ("no", too short to barge in) and B (which barges in) over the bot; A's final comes late and
+    ends A as a turn with a new epoch. B's turn then needs an epoch of its own: the one its barge-in opened is
+    closed, and an EndOfTurn in it would be dropped unanswered."""
+    harness = Harness(TurnPolicy(min_speech_ms=300, min_words=1))
+
+    async def script(h: Harness) -> None:
+        await h.bot_starts()
+        await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.24))
+        await h.send(UserSpeechStopped(at=1.74, last_voiced_at=1.24))
+        await h.send(UserSpeechStarted(at=1.9), Transcript(text="wait friday for four", final=False))
+        await h.send(UserSpeechProgress(voiced_until=2.3))
+        assert [i.reason for i in h.interrupts] == ["barge-in"]
+        await h.send(Transcript(text="no", final=True))  # A's final, after B's barge-in
+        await h.send(UserSpeechStopped(at=3.0, last_voiced_at=2.5), Transcript(text="wait friday for four", final=True))
+
+    harness.run(script)
+    assert [t.text for t in harness.turns] == ["no", "wait friday for four"]
+    assert harness.turns[-1].epoch == harness.pipeline.epoch, "the last turn is answered in the open epoch"
+
+
+def test_a_final_that_arrives_after_the_next_utterance_started_is_not_lost():
+    """The STT's final for utterance 1 lands after utterance 2 began: both turns keep their own words."""
+    harness = Harness()
+
+    async def script(h: Harness) -> None:
+        await h.send(
+            UserSpeechStarted(at=0.0),
+            UserSpeechStopped(at=1.5, last_voiced_at=1.0),
+            UserSpeechStarted(at=1.6),  # the caller speaks again before the first final arrives
+            Transcript(text="a table for two", final=True),
+            UserSpeechStopped(at=3.0, last_voiced_at=2.5),
+            Transcript(text="at eight please", final=True),
+        )
+
+    harness.run(script)
+    assert [t.text for t in harness.turns] == ["a table for two", "at eight please"]
+
+
+def test_a_finals_marks_are_recorded_on_the_turn_it_ends():
+    """An STT cannot key marks by epoch (the turn's epoch opens when the turn ends): the turn-taker records the marks
+    a final Transcript carries on the turn it ends — whether the final came after its stop or before it."""
+    harness = Harness()
+
+    async def script(h: Harness) -> None:
+        await h.send(
+            UserSpeechStarted(at=0.0),
+            UserSpeechStopped(at=1.5, last_voiced_at=1.0),
+            Transcript(text="a table for two", final=True, marks=(("stt.sdk_call", 1.51), ("stt.sdk_answer", 1.6))),
+            UserSpeechStarted(at=2.0),
+            Transcript(text="at eight please", final=True, marks=(("stt.sdk_answer", 2.9),)),  # before its stop
+            UserSpeechStopped(at=3.0, last_voiced_at=2.5),
+        )
+
+    harness.run(script)
+    epochs = [t.epoch for t in harness.turns]
+    assert len(epochs) == 2
+    turns = {t.turn: t.marks for t in harness.pipeline.trace.turns}
+    assert (turns[epochs[0]]["stt.sdk_call"], turns[epochs[0]]["stt.sdk_answer"]) == (1.51, 1.6)
+    assert turns[epochs[1]]["stt.sdk_answer"] == 2.9 and "stt.sdk_call" not in turns[epochs[1]]
+
+
+# ------------------------------------------------------------------------------------------- the VAD
+
+
+def _vad_events(pcm: np.ndarray, *, start_ms: float) -> list[object]:
+    """What a VADStage emits besides audio for ``pcm`` fed in 20 ms frames."""
+    clock = VirtualClock()
+    vad = ScriptedVAD(AudioFormat(RATE), start_ms=start_ms, stop_ms=300)
+    sink = Collect()
+    pipeline = Pipeline([vad, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for pts in range(0, pcm.size, 320):
+            await vad.receive(AudioFrame(pcm=pcm[pts : pts + 320].tobytes(), sample_rate=RATE, pts=pts), DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    return [f for f in sink.frames if isinstance(f, UserSpeechStarted | UserSpeechProgress | UserSpeechStopped)]
+
+
+def test_the_vad_counts_start_ms_to_the_last_voiced_sample():
+    pcm = np.zeros(RATE, dtype=np.int16)
+    pcm[1280 : 1280 + 657] = 10000  # 41 ms of sound from a frame edge: its third frame ends 60 ms after it began
+    assert _vad_events(pcm, start_ms=60) == []
+    pcm[1280 : 1280 + 960] = 10000  # 60 ms
+    assert [type(e) for e in _vad_events(pcm, start_ms=60)] == [
+        UserSpeechStarted,
+        UserSpeechProgress,
+        UserSpeechStopped,
+    ]
+
+
+def test_the_vad_reports_progress_with_every_voiced_frame_after_the_start():
+    pcm = np.zeros(RATE, dtype=np.int16)
+    pcm[3200:6400] = 10000  # 200 ms of sound from 0.2 s
+    events = _vad_events(pcm, start_ms=60)
+    assert isinstance(events[0], UserSpeechStarted) and events[0].at == 0.2
+    progress = [e.voiced_until for e in events if isinstance(e, UserSpeechProgress)]
+    assert progress == pytest.approx([0.26, 0.28, 0.30, 0.32, 0.34, 0.36, 0.38, 0.40])
+    assert isinstance(events[-1], UserSpeechStopped) and events[-1].last_voiced_at == 0.4
+
+
+# --------------------------------------------------------------------------------------- whole calls
+
+OPENING_HOURS = "We are open every day from noon until eleven at night, and on Sundays we close at ten."
+
+
+def test_a_short_noise_over_the_bot_does_not_cut_it_off_on_duration_alone(tmp_path):
+    """``min_words: 0`` interrupts on duration alone; a 100 ms noise is not 300 ms of speech, however long the VAD's
+    hang-over (500 ms) keeps the utterance open."""
+    script = [
+        Say("Tell me about your opening hours."),
+        Noise(duration=0.1, during_reply=0.8),
+        Say("Thanks.", pause=0.5),
+    ]
+    result = run_call(script, tmp_path, replies=[OPENING_HOURS, "You're welcome."], policy=TurnPolicy(min_words=0))
+    assert not any(t.interrupted for t in result.turns)
+
+
+def test_a_word_shorter_than_min_speech_ms_does_not_barge_in(tmp_path):
+    assert word_duration("no") < 0.3
+    script = [Say("Tell me about your opening hours."), Say("no", barge_in=0.8), Say("Thanks.", pause=0.5)]
+    result = run_call(script, tmp_path, replies=[OPENING_HOURS, "OK.", "You're welcome."])
+    assert not [t for t in result.turns if t.data.get("barge_in")]
