@@ -158,3 +158,5 @@ def test_settings_are_validated():
         SileroVADSettings(stop_ms=0)
     with pytest.raises(ValidationError, match="extra"):
         SileroVADSettings(treshold=0.5)
+    with pytest.raises(ValidationError, match=r"end_of_turn.silence_ms \(500.0\) must be < stop_ms \(400.0\)"):
+        SileroVADSettings(stop_ms=400, end_of_turn={"silence_ms": 500})

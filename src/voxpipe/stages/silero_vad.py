@@ -121,6 +121,11 @@ class SileroVADSettings(BaseModel):
             raise ValueError(
                 f"stop_threshold ({self.stop_threshold}) must be <= start_threshold ({self.start_threshold})"
             )
+        if self.end_of_turn is not None and self.end_of_turn.silence_ms >= self.stop_ms:
+            raise ValueError(
+                f"end_of_turn.silence_ms ({self.end_of_turn.silence_ms}) must be < stop_ms ({self.stop_ms}): "
+                "stop_ms would end every turn before Smart-Turn is asked"
+            )
         return self
 
 
