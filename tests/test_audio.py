@@ -1,6 +1,7 @@
 import asyncio
 import itertools
 import wave
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from voxpipe.pipeline import (
     AudioFormat,
     AudioFormatError,
     AudioFrame,
+    Frame,
     Interrupt,
     Pipeline,
+    SpeakableChunk,
     TTSAudioFrame,
     TTSDone,
     UserSpeechStopped,
@@ -20,6 +23,7 @@ from voxpipe.pipeline import (
     WordMark,
 )
 from voxpipe.stages.resample import Resample
+from voxpipe.stages.tts import TTSStage
 from voxpipe.testing import ScriptedVAD, load_wav
 
 
@@ -179,3 +183,120 @@ def test_the_vad_ends_speech_at_the_frame_that_completes_stop_ms_exactly():
     (stopped,) = [f for f in sink.frames if isinstance(f, UserSpeechStopped)]
     assert stopped.last_voiced_at == 14 * 320 / 16000
     assert last_frame == 14 + 15 - 1, "the 15th silent frame completes 300 ms"
+
+
+def run_resample(resample: Resample, frames: list[AudioFrame], *, reply_done: bool = False) -> list[Frame]:
+    """Feeds ``frames`` through ``resample`` (then the reply's ``TTSDone`` if ``reply_done``) and ends the call."""
+    clock = VirtualClock()
+    sink = Collect()
+    pipeline = Pipeline([resample, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for frame in frames:
+            await resample.receive(frame, DOWNSTREAM)
+        if reply_done:
+            await resample.receive(TTSDone(epoch=0), DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    return sink.frames
+
+
+def spoken_reply(rate: int, pieces: list[int]) -> list[TTSAudioFrame]:
+    """A reply streamed in pieces of the given sample counts, a word starting in each piece."""
+    frames, pts = [], 0
+    for k, n in enumerate(pieces):
+        pcm = tone(rate, n / rate).tobytes()
+        frames.append(TTSAudioFrame(pcm=pcm, sample_rate=rate, pts=pts, words=(WordMark(f"w{k}", pts, pts + n),)))
+        pts += n
+    return frames
+
+
+@pytest.mark.parametrize(
+    "quality,rate,pieces",
+    [
+        ("HQ", 22050, [441] * 12),  # HQ yields nothing for many 20 ms frames (12 words came out as 6)
+        ("QQ", 22050, [441, 1, 1, 441]),  # a network chunk of a sample or two yields nothing even at QQ
+        ("QQ", 44100, [882, 882, 0]),  # marks-only (ElevenLabs' last marks), and this filter's tail is empty
+    ],
+)
+def test_resample_passes_on_the_word_marks_of_a_frame_that_yields_no_samples(quality, rate, pieces):
+    reply = spoken_reply(rate, pieces)
+    out = [
+        f
+        for f in run_resample(Resample(16000, quality=quality), reply, reply_done=True)
+        if isinstance(f, TTSAudioFrame)
+    ]
+    ratio = 16000 / rate
+    words = [w for f in out for w in f.words]
+    assert words == [WordMark(w.word, round(w.start * ratio), round(w.end * ratio)) for f in reply for w in f.words]
+    assert out[0].pts == 0
+    ends = [f.pts + f.samples for f in out]
+    assert [f.pts for f in out[1:]] == ends[:-1], "every frame, the tail too, follows the one before"
+
+
+def test_a_short_hq_reply_the_filter_holds_whole_is_played_at_its_tail():
+    out = run_resample(Resample(16000, quality="HQ"), spoken_reply(22050, [441, 441]), reply_done=True)
+    frames = [f for f in out if isinstance(f, TTSAudioFrame)]
+    assert frames and frames[0].pts == 0
+    assert abs(sum(f.samples for f in frames) - 640) <= 2, "40 ms in, 40 ms out"
+    assert [w.word for f in frames for w in f.words] == ["w0", "w1"]
+
+
+def test_hq_caller_audio_is_stamped_from_the_streams_first_frame_not_its_first_output():
+    caller = tone(8000, 0.4)
+    frames = [
+        AudioFrame(pcm=caller[i : i + 160].tobytes(), sample_rate=8000, pts=i) for i in range(0, len(caller), 160)
+    ]
+    out = [f for f in run_resample(Resample(16000, quality="HQ"), frames) if isinstance(f, AudioFrame)]
+    assert out[0].pts == 0, "the HQ filter's first output is the stream's first sample, not 100 ms in"
+    ends = [f.pts + f.samples for f in out]
+    assert [f.pts for f in out[1:]] == ends[:-1]
+    assert abs(ends[-1] - 6400) <= 2
+
+
+@pytest.mark.parametrize("rate,channels", [(0, 1), (-8000, 1), (8000, 0), (8000, 3)])
+def test_resample_names_itself_for_a_frame_of_no_real_format(rate, channels):
+    clock = VirtualClock()
+    resample = Resample(16000, name="resample-in")
+    pipeline = Pipeline([resample, Collect()], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await resample.receive(AudioFrame(pcm=bytes(1920), sample_rate=rate, channels=channels), DOWNSTREAM)
+        await run
+
+    with pytest.raises(AudioFormatError, match=rf"stage 'resample-in' got a malformed audio frame: sample_rate={rate}"):
+        clock.run(main())
+
+
+class SilentFirstPieceTTS(TTSStage):
+    """The first piece is 20 ms of leading silence and brings the first word's mark (alignment often comes with
+    the first audio); the speech follows, after 20 ms more silence."""
+
+    async def synthesize(self, text: str) -> AsyncIterator[tuple[bytes, tuple[WordMark, ...]]]:
+        yield bytes(640), (WordMark("hello", 640, 4000),)
+        yield bytes(640) + np.full(8000, 3000, dtype=np.int16).tobytes(), (WordMark("world", 4800, 8000),)
+
+
+def test_a_word_mark_that_came_with_trimmed_leading_silence_goes_out_with_the_first_sound():
+    clock = VirtualClock()
+    sink = Collect()
+    tts = SilentFirstPieceTTS(AudioFormat(16000))
+    pipeline = Pipeline([tts, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await tts.receive(SpeakableChunk(epoch=0, text="hello world"), DOWNSTREAM)
+        await pipeline.end()
+        await run
+
+    clock.run(main())
+    (frame,) = [f for f in sink.frames if isinstance(f, TTSAudioFrame)]
+    assert frame.pts == 0 and frame.samples == 8000, "the 640 samples of leading silence are trimmed"
+    assert frame.words == (WordMark("hello", 0, 3360), WordMark("world", 4160, 7360)), "shifted by the trim"

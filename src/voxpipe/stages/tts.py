@@ -41,6 +41,7 @@ class TTSStage(QueuedStage):
         self._reply_samples = 0  # emitted so far in the current reply
         self._trimmed = 0  # leading silence dropped from the current reply
         self._carry = b""  # an odd byte left over from the last piece
+        self._held: tuple[tuple[WordMark, ...], str] = ((), "")  # marks and text of pieces trimmed whole
         self._silence_level = int(LEADING_SILENCE_LEVEL * 32767)
 
     def _trim_leading_silence(self, pcm: bytes, channels: int) -> tuple[bytes, int]:
@@ -86,12 +87,14 @@ class TTSStage(QueuedStage):
 
         ``marks`` count samples from the start of the reply's audio as the provider produced it; this places the
         frame on the reply's timeline (``pts``), drops the reply's leading silence, marks ``tts.first_audio``, and
-        carries an odd byte over to the next piece (network chunks need not end on a sample boundary).
+        carries an odd byte over to the next piece (network chunks need not end on a sample boundary). The marks of
+        a piece that is all leading silence go out with the reply's first audible frame.
         """
         audio = self.produces
         assert audio is not None
         if epoch != self._reply_epoch:
             self._reply_epoch, self._reply_samples, self._trimmed, self._carry = epoch, 0, 0, b""
+            self._held = ((), "")
         if self._carry:
             pcm = self._carry + pcm
         frame_bytes = audio.sample_bytes
@@ -100,8 +103,13 @@ class TTSStage(QueuedStage):
         if self._reply_samples == 0:
             pcm, dropped = self._trim_leading_silence(pcm, audio.channels)
             self._trimmed += dropped
+            held_marks, held_text = self._held
+            marks = held_marks + marks  # marks that came with silence trimmed whole: their words are still to come
+            text = held_text + text if text != held_text else text  # a chunk's pieces share its text
             if not pcm:
+                self._held = (marks, text)
                 return
+            self._held = ((), "")
             self.mark("tts.first_audio", epoch)
         trimmed = self._trimmed
         words = tuple(WordMark(m.word, max(0, m.start - trimmed), max(0, m.end - trimmed)) for m in marks)
