@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import wave
 from typing import Any
 
@@ -28,12 +29,14 @@ from voxpipe.pipeline import (
     Stage,
     Tracer,
     Transcript,
+    UserSpeechStarted,
+    UserSpeechStopped,
 )
 from voxpipe.stages.cloud import ProviderError
 from voxpipe.stages.deepgram_stt import DeepgramSTT, DeepgramSTTSettings
 from voxpipe.stages.turn import TurnTaker
 from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedTTS, ScriptedVAD
-from voxpipe.testing.caller import Say, Silence
+from voxpipe.testing.caller import Noise, Say, Silence
 from voxpipe.testing.fakes.deepgram import FakeDeepgram
 from voxpipe.testing.fakes.server import Faults
 from voxpipe.testing.signals import speechlike
@@ -381,15 +384,18 @@ async def test_a_server_that_drops_every_connection_ends_the_session_after_max_r
 
 
 class Observed(DeepgramSTT):
-    """DeepgramSTT keeping the transcripts it emits."""
+    """DeepgramSTT keeping the transcripts and the speech events it emits."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.transcripts: list[Transcript] = []
+        self.speech_events: list[UserSpeechStarted | UserSpeechStopped] = []
 
     async def push(self, frame: Frame, direction: Any = None) -> None:
         if isinstance(frame, Transcript):
             self.transcripts.append(frame)
+        elif isinstance(frame, UserSpeechStarted | UserSpeechStopped):
+            self.speech_events.append(frame)
         await (super().push(frame) if direction is None else super().push(frame, direction))
 
 
@@ -503,3 +509,255 @@ async def test_with_speech_events_deepgrams_speech_started_barges_in(tmp_path):
     # The cut came from Deepgram hearing the second line: after it started and before it ended.
     assert len(fake.of("speech")) == 2
     assert second.marks["user.speech_start"] < first.marks["out.interrupted"] < second.marks["user.speech_end"]
+
+
+# ----------------------------------------------------------------------------------- audit fixes (2026-11)
+
+
+@pytest.mark.timeout(40)
+async def test_a_barge_in_turn_is_billed_for_all_the_audio_of_its_utterance(tmp_path):
+    first = "Can I book a table for two?"
+    barge = "Actually make it four people at the window table please."
+    script = [Say(first, pause=0.3), Say(barge, barge_in=0.5)]
+    async with FakeDeepgram(utterances=[first, barge]) as fake:
+        stages = Stages()
+        result = await call(fake, script, tmp_path, stages, replies=[LONG_REPLY, "Four it is."])
+    assert user_texts(result) == [first, barge]
+    [barge_turn] = [t for t in result.turns if t.data.get("barge_in")]
+    billed = barge_turn.data["usage"]["stt"]["audio_seconds"]
+    spoken = barge_turn.marks["user.speech_end"] - barge_turn.marks["user.speech_start"]
+    # The interrupt opened the turn's epoch mid-utterance; the audio after it is the turn's all the same.
+    assert billed > spoken, f"the barge-in turn was billed {billed:.2f} s for {spoken:.2f} s of its own speech"
+    meter = stages.stt.pipeline.usage
+    turns_billed = sum(t.data.get("usage", {}).get("stt", {}).get("audio_seconds", 0.0) for t in result.turns)
+    after_last_turn = meter.unassigned.get("stt", {}).get("audio_seconds", 0.0)
+    assert after_last_turn < 2.0, "only the audio after the last utterance is left to no turn"
+    assert turns_billed + after_last_turn == pytest.approx(meter.totals["stt"]["audio_seconds"])
+    assert meter.totals["stt"]["audio_seconds"] == pytest.approx(stages.stt.stats.audio_s)
+
+
+class CutHandshakeDeepgram(FakeDeepgram):
+    """Closes the first connection's TCP stream before answering its handshake (a proxy hiccup)."""
+
+    async def _listen(self, request: Any) -> Any:
+        if not self.of("aborted-handshake"):
+            self.record("aborted-handshake")
+            request.transport.abort()
+            raise asyncio.CancelledError  # the connection is gone: nothing to answer
+        return await super()._listen(request)
+
+
+@pytest.mark.timeout(30)
+async def test_a_handshake_cut_short_is_reported_and_retried():
+    async with CutHandshakeDeepgram(utterances=["Hello."]) as fake:
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, keepalive_s=0.2), api_key=fake.api_key)
+        pipeline = Pipeline([Silent(), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await fake.wait_for("message", lambda s: s.data.get("type") == "KeepAlive", within_s=10)
+        finally:
+            pipeline.cancel()
+            await run  # the stage did not fail
+    assert fake.of("aborted-handshake") and len(fake.of("connect")) == 1, "the second handshake got through"
+    assert stt.stats.reconnects == 1
+    [error] = pipeline.errors
+    assert not error.fatal and "Deepgram: connection lost (handshake failed: " in error.error
+
+
+@pytest.mark.timeout(40)
+async def test_with_speech_events_a_speech_started_that_no_words_follow_is_closed(tmp_path):
+    lines = ["Is the terrace open?", "", "And for four people?"]  # the fake hears the noise, with no words
+    script = [Say(lines[0], pause=0.3), Noise(duration=0.4, pause=0.5), Silence(2.0), Say(lines[2], pause=0.3)]
+    async with FakeDeepgram(utterances=lines) as fake:
+        stages = Stages()
+        result = await call(fake, script, tmp_path, stages, replies=["Yes.", "Sure."], vad="none", speech_events=True)
+    assert user_texts(result) == [lines[0], lines[2]], "the noise was no turn"
+    assert len(fake.of("speech")) == 3
+    events = stages.stt.speech_events
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["UserSpeechStarted", "UserSpeechStopped"] * 3, "the noise's start was closed"
+    noise_started, line_started = events[2].at, events[4].at
+    second = [t for t in result.turns if "user_text" in t.data][1]
+    assert second.marks["user.speech_start"] == line_started >= noise_started + 2.0, "the turn starts at its line"
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize(
+    ("event", "field", "stt"),
+    [
+        ("SpeechStarted", "timestamp", {}),
+        ("UtteranceEnd", "last_word_end", {"speech_events": True, "endpointing": None, "utterance_end_ms": 1000}),
+    ],
+)
+async def test_an_event_missing_its_time_is_reported_and_skipped(tmp_path, event, field, stt):
+    line = "When do you open?"
+
+    class IncompleteDeepgram(FakeDeepgram):
+        def _send(self, stream: Any, message: Any, *, answering: float | None = None) -> None:
+            if isinstance(message, dict) and message.get("type") == event:
+                message = {k: v for k, v in message.items() if k != field}
+            super()._send(stream, message, answering=answering)
+
+    async with IncompleteDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        parsed, settings = config(fake, vad="none" if stt else "scripted", **stt)
+        result = await asyncio.to_thread(
+            run_configured_call,
+            parsed,
+            settings,
+            [Say(line, pause=0.3)],
+            tmp_path,
+            clock=RealClock(),
+            registry=stages.registry,
+            reply_timeout_s=1.5,
+        )
+    assert result.outcome == "ended", "the call went on"
+    assert fake.of("result")
+    problem = f"Deepgram sent {event} without a usable {field} (None); skipped it"
+    assert any(problem in e for e in stages.errors), stages.errors
+    assert all(not e.fatal and "Deepgram" in e.error for e in stages.stt.pipeline.errors)
+    if event == "SpeechStarted":
+        assert user_texts(result) == [line], "nothing the caller said is lost"
+
+
+def _with_hum(line: str, path: Any) -> Any:
+    """``line`` spoken, then 0.6 s of a hum the fake hears (level 0.005) and the VAD does not (0.01): the VAD ends
+    the utterance before Deepgram's endpointing, so its final waits for the Finalize's answer."""
+    audio, _ = speechlike(line, RATE)
+    t = np.arange(round(0.6 * RATE)) / RATE
+    hum = (0.007 * 32767 * np.sin(2 * np.pi * 120 * t)).astype(np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(RATE)
+        out.writeframes(np.concatenate([audio, hum]).tobytes())
+    return path
+
+
+@pytest.mark.timeout(40)
+async def test_a_finalize_deepgram_never_answers_neither_stalls_the_socket_nor_takes_a_later_answer(tmp_path):
+    lines = ["A table for four tonight.", "At eight, please."]
+    hummed = _with_hum(lines[1], tmp_path / "hummed.wav")
+    script = [Say(lines[0], pause=0.3), Silence(2.5), Say(lines[1], wav=hummed, pause=0.3)]
+    async with FakeDeepgram(utterances=lines, answer_empty_finalize=False, level=0.005) as fake:
+        stages = Stages()
+        result = await call(fake, script, tmp_path, stages, replies=["Sure.", "Done."], result_timeout_s=1.0)
+    # Endpointing finalized the first line before its Finalize arrived: nothing was buffered, nothing answered it.
+    assert [s.data for s in fake.of("unanswered")] == [{"connection": 1, "buffered": False}]
+    assert user_texts(result) == lines
+    assert stages.stt.stats.reconnects == 0 and not stages.errors, "the quiet 2.5 s after it is no stall"
+    first, second = [t for t in result.turns if "user_text" in t.data]
+    assert "stt.sdk_answer" not in first.marks, "the first final went out on endpointing"
+    assert second.marks["stt.sdk_call"] < second.marks["stt.sdk_answer"], "the second answer is the second turn's"
+    finalizes = [s for s in fake.of("message") if s.data.get("type") == "Finalize"]
+    assert [w.arrived for w in fake.waits()] == [finalizes[1].at], "only the second Finalize was answered"
+
+
+class BlackholeDeepgram(FakeDeepgram):
+    """The first connection stops answering, and reading, at its first Finalize: a hung server."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = asyncio.Event()
+
+    async def _control(self, socket: Any, stream: Any, text: str) -> bool:
+        if stream.number == 1 and '"Finalize"' in text:
+            self.record("blackholed", connection=stream.number)
+            stream.quiet = True
+            await self.release.wait()  # reads nothing more: no close frame ever comes back
+        return await super()._control(socket, stream, text)
+
+
+@pytest.mark.timeout(40)
+async def test_a_stalled_socket_is_replaced_at_once_without_a_closing_handshake(tmp_path):
+    line = "I would like to book a table for four tonight."
+    async with BlackholeDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        running = asyncio.create_task(
+            call(fake, [Say(line, pause=0.3)], tmp_path, stages, endpointing=None, result_timeout_s=0.5)
+        )
+        try:
+            hole = await fake.wait_for("blackholed", within_s=15)
+            second = await fake.wait_for("connect", lambda s: s.data is not fake.of("connect")[0].data, within_s=10)
+        finally:
+            result = await running
+            fake.release.set()  # the hung handler may now end (its Finalize would be answered on a dead socket)
+    # websockets' closing handshake with the silent peer took 20 s (close_timeout, twice) before the fix.
+    assert second.at - hole.at < 3.0, f"replaced {second.at - hole.at:.1f} s after the Finalize went unanswered"
+    assert user_texts(result) == [line], "the new socket heard the replayed utterance"
+    [error] = stages.stt.pipeline.errors
+    assert not error.fatal and "stalled" in error.error
+
+
+class SlowReconnectDeepgram(FakeDeepgram):
+    """Every handshake after the first takes 1 s: a far region, or a later backoff plus latency."""
+
+    async def _listen(self, request: Any) -> Any:
+        if self._connections >= 1:
+            await asyncio.sleep(1.0)
+        return await super()._listen(request)
+
+
+@pytest.mark.timeout(40)
+async def test_with_speech_events_a_slow_reconnect_keeps_the_start_of_the_utterance(tmp_path):
+    line = "I would like to book a table for four tonight."
+    # The first connection drops at its first message (SpeechStarted); the caller goes on speaking meanwhile.
+    async with SlowReconnectDeepgram(utterances=[line], faults=Faults(drop_after=0)) as fake:
+        stages = Stages()
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, stages, vad="none", speech_events=True)
+    assert fake.of("dropped") and len(fake.of("connect")) == 2
+    assert user_texts(result) == [line]
+    [utterance] = [u.data for u in fake.of("utterance")]
+    audio, _ = speechlike(line, RATE)
+    heard = utterance["end"] - utterance["start"]
+    assert utterance["connection"] == 2 and heard >= 0.95 * len(audio) / RATE, f"the new socket heard {heard:.2f} s"
+
+
+@pytest.mark.timeout(30)
+async def test_the_fake_sends_utterance_end_only_after_a_word():
+    from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
+
+    noise = (np.random.default_rng(0).uniform(-0.3, 0.3, RATE // 2) * 32767).astype(np.int16).tobytes()
+    silence = bytes(2 * RATE * 2)
+    got: list[str | None] = []
+    async with FakeDeepgram(utterances=[""]) as fake:
+        env = DeepgramClientEnvironment(base=fake.url, production=fake.ws_url, agent=fake.ws_url, agent_rest=fake.url)
+        client = AsyncDeepgramClient(api_key=fake.api_key, environment=env)
+        query = {"interim_results": True, "utterance_end_ms": 1000, "vad_events": True, "endpointing": 300}
+        async with client.listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=RATE, channels=1, **query
+        ) as socket:
+            for pcm in (noise, silence):
+                for i in range(0, len(pcm), 640):
+                    await socket.send_media(pcm[i : i + 640])
+            await socket.send_close_stream()
+            while (kind := getattr(await asyncio.wait_for(socket.recv(), 5), "type", None)) != "Metadata":
+                got.append(kind)
+    assert "SpeechStarted" in got and "Results" in got
+    assert "UtteranceEnd" not in got, "Deepgram's UtteranceEnd follows a word; the noise had none"
+
+
+@pytest.mark.timeout(30)
+async def test_the_sdk_client_is_built_off_the_event_loop_once_for_every_reconnect(monkeypatch):
+    import deepgram
+
+    built: list[threading.Thread] = []
+
+    class Counted(deepgram.AsyncDeepgramClient):  # the real client, counted
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(threading.current_thread())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(deepgram, "AsyncDeepgramClient", Counted)
+    # No audio and no KeepAlive within the fake's 0.3 s idle timeout: each connection is closed (1011), and replaced.
+    async with FakeDeepgram(utterances=["Hello."], idle_timeout_s=0.3) as fake:
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, keepalive_s=5), api_key=fake.api_key)
+        pipeline = Pipeline([Silent(), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await fake.wait_for("connect", lambda s: len(fake.of("connect")) >= 3, within_s=10)
+        finally:
+            pipeline.cancel()
+            await run
+    assert stt.stats.reconnects >= 2
+    assert len(built) == 1 and built[0] is not threading.main_thread(), "one client, built on a worker thread"

@@ -144,12 +144,15 @@ class Transcript(Frame):
 
     ``marks``: trace marks (name, clock time) of the turn a final ends, which the STT measured but cannot key by
     epoch — the turn's epoch opens only when the turn-taker ends it, and the turn-taker records them then.
+    ``usage``: for the same reason, the metered usage of the utterance a final ends, as (stage name, counter, amount)
+    — a streaming STT's audio seconds — which the turn-taker counts for that turn (or, not a turn, the next one).
     """
 
     text: str
     final: bool
     words: tuple[TranscriptWord, ...] = ()
     marks: tuple[tuple[str, float], ...] = ()
+    usage: tuple[tuple[str, str, float], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------- LLM

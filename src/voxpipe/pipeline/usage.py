@@ -4,10 +4,12 @@ and per call, and priced by a table of unit prices.
 A provider stage counts with ``self.count(epoch, input_tokens=120, output_tokens=31)``. Each turn's record in the
 trace carries that turn's usage (``data["usage"]``, by stage name); :attr:`UsageMeter.totals` holds the call's.
 
-A streaming STT is billed for all the audio it is sent, which belongs to no reply: it counts with
-``self.count_for_next_turn(audio_seconds=…)``, and that usage goes to the next turn to open — the turn whose words
-the audio carries (the caller's utterance, and the pause before it). What is counted after the last turn opened is
-in :attr:`UsageMeter.unassigned` (and the totals) only.
+A streaming STT is billed for all the audio it is sent, which belongs to no reply, and a barge-in opens its turn's
+epoch in mid-utterance: so the STT sums each utterance's audio (with the pause before it) and hands the sum over on
+the utterance's final ``Transcript`` (``usage``), which the turn-taker counts on the turn that final ends, or with
+:meth:`UsageMeter.add_for_next_turn` for a final that is no turn. That goes to the next turn to open; what no turn
+took (the audio after the last utterance, counted at the STT's stop) is in :attr:`UsageMeter.unassigned` (and the
+totals) only.
 """
 
 from __future__ import annotations

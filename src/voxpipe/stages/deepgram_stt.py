@@ -49,6 +49,7 @@ from voxpipe.pipeline import (
     UserSpeechStarted,
     UserSpeechStopped,
 )
+from voxpipe.pipeline.usage import AUDIO_SECONDS
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 
 log = logging.getLogger("voxpipe.stages.deepgram_stt")
@@ -208,7 +209,7 @@ class PendingFinal:
     cut_index: int  # audio chunks before this index belong to it: Finalize goes after them
     cut_pts: int  # words starting before this sample are its words
     speech_end_pts: int  # its last voiced sample: is_final results reaching it complete the utterance
-    finalize_on: object | None = None  # the socket its Finalize was sent on
+    finalize_on: _Socket | None = None  # the socket its Finalize was sent on
     heard_at: float | None = None  # with a local VAD: where Deepgram's SpeechStarted put its start, if one came
     # Clock times, also the SDK boundary for the trace (stt.sdk_call / stt.sdk_answer): its end first handed to the
     # SDK — the first of its audio still unsent when it ended, else its Finalize, which goes out right after that
@@ -217,6 +218,7 @@ class PendingFinal:
     answered_at: float | None = None
     timed_out_at: float | None = None  # when finalize_timeout_s ran out, if it did
     settled: bool = False  # its final transcript went out
+    audio_s: float = 0.0  # seconds of its audio sent to Deepgram (replays included): billed to its turn
     timer: asyncio.Task[None] | None = None
 
     @property
@@ -246,7 +248,8 @@ class _Socket:
     sdk: Any
     timeline: StreamTimeline
     cursor: int
-    finalizes: deque[PendingFinal] = field(default_factory=deque)
+    finalizes: deque[PendingFinal] = field(default_factory=deque)  # answers awaited (finals not out yet), in order
+    unheard: bool = False  # such a Finalize went out and no message came since: the stall deadline runs
     reading: asyncio.Timeout | None = None  # the receiver's wait for the next message
 
 
@@ -268,6 +271,15 @@ class DeepgramStats:
 
 def _sdk() -> Any:
     return require_sdk(PROVIDER, "deepgram", "deepgram")
+
+
+def _abort(sdk_socket: Any) -> None:
+    """Drop the connection under the SDK socket at once. Leaving the SDK's ``async with`` runs websockets' closing
+    handshake, which waits up to its ``close_timeout`` (10 s), twice over, for a peer that may have stopped reading;
+    after an abort it returns at once."""
+    transport = getattr(getattr(sdk_socket, "_websocket", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -326,6 +338,9 @@ class DeepgramSTT(Stage):
         self._emit_lock = asyncio.Lock()  # finals leave in order, whichever task settles them
         self._warned_vad = False
         self._reconnected_at: float | None = None  # a reconnect not marked yet: it goes on the next final's turn
+        self._speech_start_pts = 0  # speech_events: where the open utterance started
+        self._unbilled_s = 0.0  # audio sent that no ended utterance holds yet: the next one to end takes it
+        self._sdk_client: Any = None  # built once, off the event loop, and kept for every session and reconnect
         self.stats = DeepgramStats()
 
     # ------------------------------------------------------------------------------------------ connect
@@ -351,6 +366,13 @@ class DeepgramSTT(Stage):
         )
         return deepgram.AsyncDeepgramClient(api_key=self._api_key, environment=environment)
 
+    async def _shared_client(self) -> Any:
+        """The SDK client, built on a worker thread the first time (its HTTP client loads a CA bundle: tens of ms
+        that would hold up every other stage on the loop) and reused by every session and reconnect."""
+        if self._sdk_client is None:
+            self._sdk_client = await asyncio.to_thread(self._client)
+        return self._sdk_client
+
     def _query(self) -> dict[str, Any]:
         s = self.settings
         query: dict[str, Any] = {
@@ -373,13 +395,13 @@ class DeepgramSTT(Stage):
 
     async def _run_session(self) -> None:
         """Connect, serve, reconnect after a drop (up to ``max_reconnects`` within a minute); a refusal is final."""
-        client = self._client()
         loop = asyncio.get_running_loop()
         # When recent connections were lost. Counting drops in a window, not failures in a row, also ends a session
         # whose server answers a little and then drops every connection, instead of reconnecting forever.
         drops: deque[float] = deque()
         limit = self.settings.max_reconnects
         try:
+            client = await self._shared_client()
             while not self._closing:
                 try:
                     await self._connect_and_serve(client)
@@ -412,27 +434,40 @@ class DeepgramSTT(Stage):
 
     async def _connect_and_serve(self, client: Any) -> None:
         from deepgram.core.api_error import ApiError
+        from websockets.exceptions import ConnectionClosed, WebSocketException
 
         limit = self.settings.connect_timeout_s
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                async with asyncio.timeout(limit):
-                    sdk_socket = await stack.enter_async_context(client.listen.v1.connect(**self._query()))
-            except ApiError as exc:
-                raise self._refusal(exc) from None
-            except TimeoutError:
-                raise _ConnectionLost(f"no handshake within {limit:g} s") from None
-            except OSError as exc:
-                raise _ConnectionLost(f"cannot connect to {self.settings.base_url}: {exc}") from None
-            self.stats.connects += 1
-            socket = _Socket(sdk_socket, StreamTimeline(self._rate), cursor=self._audio.first_index)
-            # A Finalize lost with the old socket is sent again after the replay, unless its final is already out.
-            self._unanswered = deque(p for p in self._unanswered if not (p.settled and p.finalize_on is not None))
-            self._socket = socket
-            try:
-                await self._serve(socket)
-            finally:
-                self._socket = None
+        ended: BaseException | None = None  # why serving ended, when the socket did not simply close
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    async with asyncio.timeout(limit):
+                        sdk_socket = await stack.enter_async_context(client.listen.v1.connect(**self._query()))
+                except ApiError as exc:
+                    raise self._refusal(exc) from None
+                except TimeoutError:
+                    raise _ConnectionLost(f"no handshake within {limit:g} s") from None
+                except OSError as exc:
+                    raise _ConnectionLost(f"cannot connect to {self.settings.base_url}: {exc}") from None
+                except WebSocketException as exc:  # e.g. the connection closed before the handshake's answer
+                    raise _ConnectionLost(f"handshake failed: {exc}") from None
+                self.stats.connects += 1
+                socket = _Socket(sdk_socket, StreamTimeline(self._rate), cursor=self._audio.first_index)
+                # A Finalize lost with the old socket is sent again after the replay, unless its final is out.
+                self._unanswered = deque(p for p in self._unanswered if not p.settled)
+                self._socket = socket
+                try:
+                    await self._serve(socket)
+                except BaseException as exc:
+                    ended = exc
+                    _abort(sdk_socket)  # lost, stalled, cancelled: no closing handshake with a silent peer
+                    raise
+                finally:
+                    self._socket = None
+        except ConnectionClosed:
+            if ended is None:
+                raise
+            raise ended from ended.__cause__  # the aborted socket's `async with` failed to close it: it was gone
 
     def _refusal(self, exc: Any) -> ProviderError:
         status = getattr(exc, "status_code", None)
@@ -482,7 +517,15 @@ class DeepgramSTT(Stage):
         self._audio.append(frame.pts, frame.pcm, frame.samples)
         keep_from = self._finalized_until
         if not self._speaking and not self._pending:
-            keep_from = max(keep_from, self._audio.end_pts - round(_PRE_ROLL_S * self._rate))
+            # Only a pre-roll while nobody speaks — but never audio the open socket has not been sent yet, nor, with
+            # speech_events, while no socket is open: then nothing can tell that the caller started speaking.
+            pre_roll = self._audio.end_pts - round(_PRE_ROLL_S * self._rate)
+            socket = self._socket
+            if socket is not None:
+                unsent = self._audio.get(socket.cursor)
+                keep_from = max(keep_from, min(pre_roll, unsent.pts) if unsent is not None else pre_roll)
+            elif not self.settings.speech_events:
+                keep_from = max(keep_from, pre_roll)
         self._audio.forget_before(max(keep_from, self._audio.end_pts - round(self.settings.replay_max_s * self._rate)))
         self._wake.set()
         failed_at, session = self._session_failed_at, self._session
@@ -520,7 +563,7 @@ class DeepgramSTT(Stage):
                     socket.cursor += 1
                     seconds = chunk.samples / self._rate
                     self.stats.audio_s += seconds
-                    self.count_for_next_turn(audio_seconds=seconds)  # the caller's next turn's audio
+                    self._bill(socket.cursor - 1, seconds)
                     await self._send_finalizes(socket)
                     continue
                 await self._send_finalizes(socket)
@@ -537,19 +580,35 @@ class DeepgramSTT(Stage):
         except ConnectionClosed as exc:
             raise _ConnectionLost(f"closed while sending (code {exc.code})") from None
 
+    def _bill(self, index: int, seconds: float) -> None:
+        """Audio chunk ``index`` went to Deepgram: its seconds belong to the utterance whose audio it is (the oldest
+        still waiting for its final that ends after it), else to the next utterance to end — the pause before an
+        utterance is billed with it. A final carries its utterance's seconds to the turn-taker (``usage``)."""
+        for pending in self._pending:
+            if index < pending.cut_index:
+                pending.audio_s += seconds
+                return
+        self._unbilled_s += seconds
+
     async def _send_finalizes(self, socket: _Socket) -> None:
         for pending in list(self._unanswered):
             if pending.cut_index > socket.cursor:
                 return
-            if pending.finalize_on is not socket:
-                pending.finalize_on = socket
+            if pending.finalize_on is socket:
+                continue
+            pending.finalize_on = socket
+            awaited = not pending.settled
+            if awaited:
                 socket.finalizes.append(pending)
-                if pending.sdk_call_at is None:
-                    pending.sdk_call_at = self.clock.now()
-                await socket.sdk.send_finalize()
-                reading = socket.reading
-                if reading is not None and reading.when() is None:  # a read begun with nothing due gets a deadline
-                    reading.reschedule(asyncio.get_running_loop().time() + self.settings.result_timeout_s)
+                socket.unheard = True
+            else:  # its final is out already: the Finalize only flushes Deepgram, which may not answer it
+                self._unanswered.remove(pending)
+            if pending.sdk_call_at is None:
+                pending.sdk_call_at = self.clock.now()
+            await socket.sdk.send_finalize()
+            reading = socket.reading
+            if awaited and reading is not None and reading.when() is None:  # a read begun with nothing due
+                reading.reschedule(asyncio.get_running_loop().time() + self.settings.result_timeout_s)
 
     def _handing_over(self, index: int) -> None:
         """Audio chunk ``index`` is about to go to the SDK: an utterance that already ended with it unsent starts
@@ -559,14 +618,14 @@ class DeepgramSTT(Stage):
                 pending.sdk_call_at = self.clock.now()
 
     async def _receive_loop(self, socket: _Socket) -> None:
-        """Read until the socket closes. While a Finalize is unanswered, a silence of ``result_timeout_s`` is a
-        stalled socket; a message that cannot be used is reported and skipped."""
+        """Read until the socket closes. After a Finalize whose answer is awaited, ``result_timeout_s`` without any
+        message is a stalled socket; a message that cannot be used is reported and skipped."""
         from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
         limit = self.settings.result_timeout_s
         while True:
             try:
-                async with asyncio.timeout(limit if socket.finalizes else None) as socket.reading:
+                async with asyncio.timeout(limit if socket.unheard else None) as socket.reading:
                     message = await socket.sdk.recv()
             except TimeoutError:
                 raise _ConnectionLost(f"no message within {limit:g} s of a Finalize (stalled)") from None
@@ -583,6 +642,7 @@ class DeepgramSTT(Stage):
             finally:
                 socket.reading = None
             received_at = self.clock.now()  # the SDK boundary: it has parsed the message
+            socket.unheard = False
             self.stats.messages += 1
             await self._on_message(socket, message, received_at)
 
@@ -598,10 +658,13 @@ class DeepgramSTT(Stage):
         if isinstance(message, ListenV1Results):
             await self._on_results(socket, message, received_at)
         elif isinstance(message, ListenV1SpeechStarted):
-            await self._on_speech_started(socket, message.timestamp)
+            timestamp = await self._seconds(message, "timestamp")
+            if timestamp is not None:
+                await self._on_speech_started(socket.timeline.to_pts(timestamp))
         elif isinstance(message, ListenV1UtteranceEnd):
-            if self.settings.speech_events and self._speaking:
-                end = socket.timeline.to_pts(message.last_word_end)
+            last_word_end = await self._seconds(message, "last_word_end")
+            if last_word_end is not None and self.settings.speech_events and self._speaking:
+                end = socket.timeline.to_pts(last_word_end)
                 await self._speech_stopped(socket, end + 1, end)
         elif isinstance(message, ListenV1Metadata):
             log.debug("%s: Deepgram metadata: %s", self.name, message)
@@ -613,6 +676,14 @@ class DeepgramSTT(Stage):
             kind = message.get("type") if isinstance(message, dict) else None
             await self.report(f"{PROVIDER} sent a message of unknown type {kind or '(not in this SDK)'}; skipped it")
         # ConfigureSuccess / ConfigureFailure: this stage does not reconfigure a live socket
+
+    async def _seconds(self, message: Any, name: str) -> float | None:
+        """An event's time field, or None — reported, the event skipped — when it is missing or not a number."""
+        value = getattr(message, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        await self.report(f"{PROVIDER} sent {message.type} without a usable {name} ({value!r}); skipped it")
+        return None
 
     async def _on_results(self, socket: _Socket, results: Any, received_at: float) -> None:
         try:
@@ -633,7 +704,7 @@ class DeepgramSTT(Stage):
         words = [w for w in words if w.start >= self._given_until]  # a late result of a finished utterance
         end_pts = socket.timeline.to_pts(end)
         if self.settings.speech_events and words and not self._speaking:
-            await self._on_speech_started(socket, None, words[0].start)  # a SpeechStarted may not come: use words
+            await self._on_speech_started(words[0].start)  # a SpeechStarted may not come: use words
         if results.is_final:
             self._final_words.extend(words)
             self._interim_words = []
@@ -643,15 +714,21 @@ class DeepgramSTT(Stage):
                 answered.answered_at = received_at
                 if answered in self._unanswered:
                     self._unanswered.remove(answered)
-            if self.settings.speech_events and results.speech_final and self._speaking and words:
-                await self._speech_stopped(socket, end_pts, words[-1].end)
+            if self.settings.speech_events and results.speech_final and self._speaking:
+                # Deepgram's endpointing: the utterance is over. Without words of its own it is a noise Deepgram
+                # took for speech (or its last segment was silence): the stop closes it all the same, and its
+                # final is empty, or has the words of its earlier segments.
+                mine = [w for w in self._final_words if w.start >= self._speech_start_pts]
+                if mine:
+                    await self._speech_stopped(socket, end_pts, mine[-1].end)
+                elif end_pts > self._speech_start_pts:
+                    await self._speech_stopped(socket, end_pts, self._speech_start_pts)
         else:
             self._interim_words = words
         await self._settle()
         await self._partial()
 
-    async def _on_speech_started(self, socket: _Socket, timestamp: float | None, pts: int | None = None) -> None:
-        at_pts = socket.timeline.to_pts(timestamp) if pts is None else pts
+    async def _on_speech_started(self, at_pts: int) -> None:
         at = at_pts / self._rate
         if not self.settings.speech_events:  # the local VAD decides; this goes to the trace of the turn it starts
             self._heard.append(at)
@@ -659,6 +736,7 @@ class DeepgramSTT(Stage):
         if self._speaking:
             return
         self._speaking = True
+        self._speech_start_pts = at_pts
         await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=at))
 
     async def _speech_stopped(self, socket: _Socket, cut_pts: int, last_voiced_pts: int) -> None:
@@ -671,7 +749,8 @@ class DeepgramSTT(Stage):
         await self._utterance_ended(socket.cursor, cut_pts, last_voiced_pts)
 
     async def _utterance_ended(self, cut_index: int, cut_pts: int, speech_end_pts: int) -> None:
-        pending = PendingFinal(cut_index, cut_pts, speech_end_pts)
+        pending = PendingFinal(cut_index, cut_pts, speech_end_pts, audio_s=self._unbilled_s)
+        self._unbilled_s = 0.0
         cut = cut_pts / self._rate
         heard = [at for at in self._heard if at < cut]
         self._heard = [at for at in self._heard if at >= cut]  # the next utterance's
@@ -703,6 +782,8 @@ class DeepgramSTT(Stage):
                     return
                 self._pending.popleft()
                 pending.settled = True  # its deadline task, if any, wakes and finds nothing to do
+                if not pending.answered:
+                    self._stop_awaiting(pending)
                 if not self._pending:
                     self._no_pending.set()
                 words = [w for w in self._final_words if w.start < pending.cut_pts]
@@ -722,7 +803,21 @@ class DeepgramSTT(Stage):
                 marks = pending.trace_marks()
                 if self._reconnected_at is not None:  # the turn whose audio the new socket was given again
                     marks, self._reconnected_at = (*marks, ("stt.reconnect", self._reconnected_at)), None
-                await self._emit(words, final=True, marks=marks)
+                usage = ((self.name, AUDIO_SECONDS, pending.audio_s),) if pending.audio_s else ()
+                await self._emit(words, final=True, marks=marks, usage=usage)
+
+    def _stop_awaiting(self, pending: PendingFinal) -> None:
+        """``pending`` settled unanswered (is_final results covered it, or its deadline passed): its Finalize's
+        answer is no longer awaited. Deepgram may never send one (it need not answer when little audio is
+        buffered), so the answer to a later Finalize must not be taken for it. A Finalize not sent yet still goes
+        out, as a flush (:meth:`_send_finalizes`)."""
+        socket = pending.finalize_on
+        if socket is None:
+            return
+        with contextlib.suppress(ValueError):
+            self._unanswered.remove(pending)
+        with contextlib.suppress(ValueError):
+            socket.finalizes.remove(pending)
 
     async def _partial(self) -> None:
         words = [w for w in (*self._final_words, *self._interim_words) if w.start >= self._given_until]
@@ -731,7 +826,14 @@ class DeepgramSTT(Stage):
             self._last_partial = text
             await self._emit(words, final=False)
 
-    async def _emit(self, words: list[_Word], *, final: bool, marks: tuple[tuple[str, float], ...] = ()) -> None:
+    async def _emit(
+        self,
+        words: list[_Word],
+        *,
+        final: bool,
+        marks: tuple[tuple[str, float], ...] = (),
+        usage: tuple[tuple[str, str, float], ...] = (),
+    ) -> None:
         rate = self._rate
         timed = tuple(TranscriptWord(w.text, w.start / rate, w.end / rate) for w in words)
         if final:
@@ -739,7 +841,10 @@ class DeepgramSTT(Stage):
         else:
             self.stats.partials += 1
         text = " ".join(w.text for w in words)
-        await self.push(Transcript(epoch=self.pipeline.epoch, text=text, final=final, words=timed, marks=marks))
+        transcript = Transcript(
+            epoch=self.pipeline.epoch, text=text, final=final, words=timed, marks=marks, usage=usage
+        )
+        await self.push(transcript)
 
     async def _wait_for_finals(self) -> None:
         # Each pending final has its own deadline; this bound only guards against a bug leaving one behind.
@@ -770,4 +875,9 @@ class DeepgramSTT(Stage):
         for pending in self._pending:
             if pending.timer is not None:
                 pending.timer.cancel()
+        # Audio no final carried to a turn (after the last utterance, or of one whose final never went out).
+        unbilled = self._unbilled_s + sum(p.audio_s for p in self._pending)
+        self._unbilled_s = 0.0
+        if unbilled:
+            self.count_for_next_turn(audio_seconds=unbilled)
         await super().stop()

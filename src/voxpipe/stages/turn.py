@@ -123,12 +123,14 @@ class TurnTaker(Stage):
     async def _end_turn(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
         text = final.text
         if not self.policy.is_turn(text, utterance.over_bot and utterance.barged_epoch is None):
+            self._count(final, None)
             return  # a cough, a click, a backchannel over the bot: not a turn
         epoch = utterance.barged_epoch
         if epoch != self.epoch:
             # Not a barge-in, or one whose epoch a later interrupt has closed (an earlier utterance ended as a turn
             # after it, a turn skipped on an error): an EndOfTurn of a closed epoch would be dropped unanswered.
             epoch = (await self.interrupt("new-turn")).epoch
+        self._count(final, epoch)
         trace = self.pipeline.trace
         trace.mark(epoch, "user.speech_start", utterance.started.at)
         trace.mark(epoch, "user.speech_end", utterance.stopped.last_voiced_at)
@@ -141,3 +143,13 @@ class TurnTaker(Stage):
         context = self.conversation.snapshot()
         now = self.clock.now()
         await self.push(EndOfTurn(epoch=epoch, text=text, at=now, system=self.conversation.system, context=context))
+
+    def _count(self, final: Transcript, epoch: int | None) -> None:
+        """Count the usage the STT measured for the utterance ``final`` ends (:attr:`Transcript.usage`) for the turn
+        it ends, or, when it is no turn (``epoch`` None), for the next turn to open."""
+        usage = self.pipeline.usage
+        for stage, counter, amount in final.usage:
+            if epoch is None:
+                usage.add_for_next_turn(stage, **{counter: amount})
+            else:
+                usage.add(stage, epoch, **{counter: amount})

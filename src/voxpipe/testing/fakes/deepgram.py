@@ -4,10 +4,11 @@ It speaks the protocol of ``providers-wire.md`` §1.3: ``GET /v1/listen?model=�
 with ``Authorization: Token <key>`` (401 otherwise); binary linear16 audio and the JSON control messages
 ``KeepAlive``, ``Finalize``, ``CloseStream`` (and ``Configure``) from the client; ``SpeechStarted`` (with
 ``vad_events=true``), interim and ``is_final`` ``Results``, ``speech_final`` after ``endpointing`` ms of silence,
-``UtteranceEnd`` after ``utterance_end_ms`` without words (with ``endpointing=false`` the utterance's is_final result
-comes then too), a ``from_finalize`` result answering each ``Finalize``, and
-``Metadata`` then a normal close on ``CloseStream``. After ``idle_timeout_s`` without audio or a message it closes
-with 1011 and Deepgram's NET-0001 reason.
+``UtteranceEnd`` ``utterance_end_ms`` after the last finalized word (none after an utterance without words; with
+``endpointing=false`` the utterance's is_final result comes then too), a ``from_finalize`` result answering each
+``Finalize`` (with ``answer_empty_finalize=False``, only one arriving while speech is being heard: real Deepgram may
+not answer when little audio is buffered), and ``Metadata`` then a normal close on ``CloseStream``. After
+``idle_timeout_s`` without audio or a message it closes with 1011 and Deepgram's NET-0001 reason.
 
 What it "recognises", detected by an energy threshold on the PCM it receives (one utterance = speech up to
 ``endpointing`` ms of silence, or up to a ``Finalize`` in silence):
@@ -17,10 +18,10 @@ What it "recognises", detected by an energy threshold on the PCM it receives (on
   advances only when an utterance is finalized, so audio replayed after a reconnect is recognised as the same
   utterance;
 * ``words=<object with words_between(start_s, end_s)>`` (the :class:`~voxpipe.testing.ScriptedCaller`) — the words
-  spoken in the utterance's time span. A client need not stream the silence before the first speech (voxpipe's
-  keeps only a short pre-roll until its socket is open), so the fake finds where the stream sits on the caller's
-  clock at the connection's first speech onset — the first word starting there — and keeps that offset while one
-  connection carries the call.
+  spoken in the utterance's time span. A client need not stream the silence before the first speech (voxpipe's,
+  with a local VAD, keeps only a short pre-roll until its socket is open), so the fake finds where the stream sits
+  on the caller's clock at the connection's first speech onset — the first word starting there — and keeps that
+  offset while one connection carries the call.
 
     async with FakeDeepgram(utterances=["Hello there."]) as fake:
         env = DeepgramClientEnvironment(base=fake.url, production=fake.ws_url, agent=fake.ws_url, agent_rest=fake.url)
@@ -31,7 +32,8 @@ Faults (``Faults``): ``refuse`` answers the handshake with that status; ``stall_
 connection until that long after it opened; ``drop_after`` aborts the first ``drop_connections`` connections after
 that many messages sent on each; ``corrupt`` sends one broken message (malformed JSON, an event type Deepgram does
 not have, or a binary frame — Listen v1 never sends binary) in place of the first normal one. The first
-``deaf_connections`` connections send nothing more once a ``Finalize`` arrives (recorded as ``unanswered``).
+``deaf_connections`` connections send nothing more once a ``Finalize`` arrives (recorded as ``unanswered``; a
+``Finalize`` left unanswered by ``answer_empty_finalize=False`` is recorded as ``unanswered`` with ``buffered=False``).
 
 Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
@@ -88,6 +90,7 @@ class _Utterance:
     start: float  # stream seconds of the first voiced window
     last_voiced: float
     script: list[str]  # utterances mode: the words of the line
+    last_word_end: float | None = None  # the end of its last word sent in an is_final result
 
 
 @dataclass
@@ -137,6 +140,7 @@ class FakeDeepgram(FakeServer):
         match_margin_s: float = 0.3,
         drop_connections: int = 1,
         deaf_connections: int = 0,
+        answer_empty_finalize: bool = True,
         faults: Faults | None = None,
         api_key: str = "test-key",
     ) -> None:
@@ -153,6 +157,7 @@ class FakeDeepgram(FakeServer):
         self.match_margin_s = match_margin_s
         self._drops_left = drop_connections
         self.deaf_connections = deaf_connections
+        self.answer_empty_finalize = answer_empty_finalize
         self._connections = 0
         self._completed = 0  # utterances finalized, across connections: the index of the next one
         self._words_done = 0  # words of utterance ``_completed`` already sent in an is_final result
@@ -256,6 +261,8 @@ class FakeDeepgram(FakeServer):
         if kind == "Finalize" and stream.number <= self.deaf_connections:
             stream.quiet = True  # a socket gone quiet: the client must notice it
             self.record("unanswered", connection=stream.number)
+        elif kind == "Finalize" and stream.utterance is None and not self.answer_empty_finalize:
+            self.record("unanswered", connection=stream.number, buffered=False)  # nothing heard since the last result
         elif kind == "Finalize":
             self._finalize(stream, answering=seen.at)
         elif kind == "CloseStream":
@@ -380,10 +387,13 @@ class FakeDeepgram(FakeServer):
                     end=utterance.last_voiced,
                 )
                 stream.utterance = None
-                stream.last_word_end = words[-1].end if words else utterance.last_voiced
+                # UtteranceEnd follows the last finalized word; an utterance without words (a noise) has none.
+                stream.last_word_end = words[-1].end if words else utterance.last_word_end
                 self._completed, self._words_done = utterance.index + 1, 0
             else:
                 self._words_done += len(words)
+                if words:
+                    utterance.last_word_end = words[-1].end
         result = self._results(
             stream,
             words,
