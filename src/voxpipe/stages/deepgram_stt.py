@@ -554,6 +554,7 @@ class DeepgramSTT(Stage):
 
         try:
             while True:
+                self._wake.clear()  # before looking: audio arriving during a send below sets it again
                 socket.cursor = max(socket.cursor, self._audio.first_index)
                 chunk = self._audio.get(socket.cursor)
                 if chunk is not None:
@@ -570,7 +571,6 @@ class DeepgramSTT(Stage):
                 if self._closing:
                     await socket.sdk.send_close_stream()
                     return
-                self._wake.clear()
                 try:
                     async with asyncio.timeout(self.settings.keepalive_s):
                         await self._wake.wait()
