@@ -4,9 +4,11 @@ two frames handed to the sink ever overlap, whatever the arrival times and inter
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pytest import approx
 
@@ -15,17 +17,25 @@ from voxpipe.pipeline import (
     AudioFormat,
     BotStartedSpeaking,
     BotStoppedSpeaking,
+    Conversation,
     End,
+    LLMRequest,
     Pipeline,
     Stage,
+    Tracer,
+    Transcript,
     TTSAudioFrame,
     TTSDone,
+    UserSpeechStarted,
+    UserSpeechStopped,
     VirtualClock,
 )
-from voxpipe.testing import ScriptedCaller
+from voxpipe.stages.turn import TurnTaker
+from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedTTS
 from voxpipe.testing.caller import Silence
 from voxpipe.transports.paced import PacedStage
 from voxpipe.transports.playout import PlayoutOutput
+from voxpipe.transports.recorder import StereoRecorder
 from voxpipe.transports.simulated import SimulatedInput
 
 AUDIO = AudioFormat(16000)
@@ -120,9 +130,10 @@ def test_a_reply_that_starts_while_idle_plays_at_once_up_to_the_next_tick():
     arrival = 0.001 + 0.0363
     next_tick = tick0 + 0.02 * (int((arrival - tick0) / 0.02) + 1)
     first_at, first_samples = sink.plays[0]
-    assert first_at == arrival  # not at the next tick
+    assert arrival <= first_at < arrival + 1 / RATE  # not at the next tick: within a sample of the arrival
     assert first_samples == int((next_tick - arrival) * RATE)
-    assert marks["out.first_play"] == [arrival]
+    assert first_at + first_samples / RATE == approx(next_tick)  # the samples that end on the tick, no hole
+    assert marks["out.first_play"] == [first_at]
     # then one frame per tick from that tick on, and every sample played once
     assert [at for at, _ in sink.plays[1:]] == [next_tick + 0.02 * k for k in range(len(sink.plays) - 1)]
     assert sum(samples for _, samples in sink.plays) == round(0.1 * RATE)
@@ -219,3 +230,177 @@ def test_a_hang_up_drains_the_call_without_holding_up_the_metronome():
     assert clock.run(main()) >= 0.7, "the drain took its half second"
     assert len(ticks.lateness) >= 30, "the call's other transport kept ticking through the drain"
     assert max(ticks.lateness) < 0.02, "no tick waited for the drain"
+
+
+# --------------------------------------------------------------------------- a reply's end, whenever it comes
+
+
+def test_a_reply_cut_before_any_of_it_played_ends_its_turn_at_the_cut():
+    # Turn 1's reply is still being generated (0.5 s to first token) when turn 2 ends: its record must close then,
+    # interrupted with nothing heard — not at the end of the call, as not interrupted.
+    clock = VirtualClock()
+    tracer = Tracer()
+    audio = AudioFormat(16000)
+    turns = TurnTaker(Conversation())
+    llm = ScriptedLLM(["one two three four five six"], ttft_s=0.5)
+    pipeline = Pipeline([turns, llm, ScriptedTTS(audio), PlayoutOutput(audio)], clock=clock, tracer=tracer)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.1)
+        for text in ("first question", "actually something else"):
+            await turns.receive(UserSpeechStarted(at=clock.now()), DOWNSTREAM)
+            await clock.sleep(0.5)
+            await turns.receive(UserSpeechStopped(at=clock.now(), last_voiced_at=clock.now() - 0.2), DOWNSTREAM)
+            await turns.receive(Transcript(text=text, final=True), DOWNSTREAM)
+            await clock.sleep(0.2)  # turn 2 ends 0.7 s after turn 1: before turn 1's reply had any audio
+        await clock.sleep(5)
+        pipeline.cancel()
+        await running
+
+    clock.run(main())
+    first, second = sorted(tracer.turns, key=lambda record: record.turn)
+    assert "out.first_play" not in first.marks
+    assert first.interrupted and first.heard == [] and first.played_s == 0
+    assert first.marks["out.interrupted"] == second.marks["turn.end_detected"]  # closed by the cut, at the cut
+    assert not second.interrupted and "out.done" in second.marks
+
+
+def test_a_reply_without_audio_is_done_when_its_synthesis_ends():
+    clock = VirtualClock()
+    tracer = Tracer()
+    origin = Origin([])
+    pipeline = Pipeline([origin, PlayoutOutput(AUDIO)], clock=clock, tracer=tracer)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        epoch = (await origin.interrupt("new-turn")).epoch
+        await origin.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await clock.sleep(0.3)
+        await origin.receive(TTSDone(epoch=epoch), DOWNSTREAM)  # the reply had nothing to say
+        await clock.sleep(0.2)
+        await origin.interrupt("new-turn")  # the next turn does not cut it: it was over
+        pipeline.cancel()
+        await running
+
+    clock.run(main())
+    [record] = tracer.turns
+    assert not record.interrupted and record.marks["out.done"] == approx(0.3) and record.heard == []
+
+
+def test_a_reply_fully_played_before_the_barge_in_is_not_reported_cut():
+    # 0.1 s from 0.001: a 304-sample lead-in, frames at 0.02 … 0.08, the last 16 samples at 0.1 (ends 0.101). The
+    # caller barges in at 0.105, before the tick at 0.12 that would report the reply done: nothing was unplayed.
+    sink, origin, _tick0, marks = run([(0.0, "audio", 0.1), (0.0, "done", 0), (0.104, "interrupt", 0)])
+
+    assert sum(samples for _, samples in sink.plays) == 1600 and sink.cuts == []
+    [stopped] = [frame for frame in origin.upstream if isinstance(frame, BotStoppedSpeaking)]
+    assert not stopped.interrupted and stopped.at == approx(0.101) and round(stopped.played * RATE) == 1600
+    assert marks["out.done"] == [approx(0.101)] and "out.interrupted" not in marks
+
+
+def test_a_hang_up_while_the_last_frame_plays_still_reports_the_reply():
+    clock = VirtualClock()
+    log: list[tuple] = []
+    sink, origin = Sink(log), Origin(log)
+    output = PlayoutOutput(AUDIO, sink)
+    pipeline = Pipeline([origin, output], clock=clock)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.001)
+        await origin.receive(audio(0, 0.1), DOWNSTREAM)
+        await origin.receive(TTSDone(epoch=0), DOWNSTREAM)
+        await clock.sleep(0.1005 - clock.now())  # the last 16 samples (0.100 to 0.101) play; the buffer is empty
+        await origin.receive(End(epoch=0), DOWNSTREAM)
+        await running
+
+    clock.run(main())
+    assert sum(samples for _, samples in sink.plays) == 1600
+    [stopped] = [frame for frame in origin.upstream if isinstance(frame, BotStoppedSpeaking)]
+    assert not stopped.interrupted and stopped.at == approx(0.101)
+
+
+# ------------------------------------------------------------------------------ no hole, in the air or on disk
+
+
+def test_audio_arriving_while_a_short_lead_in_plays_follows_it_without_a_hole():
+    # A streaming TTS's first chunk can be tiny (what the leading-silence trim left): 2 ms, and the next chunk at
+    # once. The second must follow the first, not wait for the tick at 0.02.
+    clock = VirtualClock()
+    log: list[tuple] = []
+    sink, origin = Sink(log), Origin(log)
+    pipeline = Pipeline([origin, PlayoutOutput(AUDIO, sink)], clock=clock)
+
+    def chunk(samples: int) -> TTSAudioFrame:
+        return TTSAudioFrame(epoch=0, pcm=np.full(samples, 3000, np.int16).tobytes(), sample_rate=RATE, pts=0)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.001)
+        await origin.receive(chunk(32), DOWNSTREAM)
+        await origin.receive(chunk(1600), DOWNSTREAM)
+        await origin.receive(TTSDone(epoch=0), DOWNSTREAM)
+        await clock.sleep(0.5)
+        pipeline.cancel()
+        await running
+
+    clock.run(main())
+    plays = sink.plays
+    assert plays[0] == (approx(0.001), 32) and plays[1] == (approx(0.003), 272) and plays[2][0] == approx(0.02)
+    for (at, samples), (next_at, _) in itertools.pairwise(plays):
+        assert next_at == approx(at + samples / RATE), f"a hole from {at + samples / RATE} to {next_at}"
+    assert sum(samples for _, samples in plays) == 1632
+
+
+def _recorded(arrival: float, seconds: float, cut_after: float | None, fmt: AudioFormat = AUDIO):
+    """One reply of ``seconds`` arriving at ``arrival``, cut ``cut_after`` later (or not); the recording's bot
+    channel and the seconds the output reported played."""
+    clock = VirtualClock()
+    origin = Origin([])
+    recorder = StereoRecorder(RATE, channels=fmt.channels)
+    pipeline = Pipeline([origin, PlayoutOutput(fmt, recorder)], clock=clock)
+    pcm = np.full((round(seconds * RATE), fmt.channels), [3000, 1000][: fmt.channels], dtype=np.int16).tobytes()
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(arrival)
+        frame = TTSAudioFrame(epoch=0, pcm=pcm, sample_rate=RATE, channels=fmt.channels, pts=0)
+        await origin.receive(frame, DOWNSTREAM)
+        await origin.receive(TTSDone(epoch=0), DOWNSTREAM)
+        if cut_after is not None:
+            await clock.sleep(cut_after)
+            await origin.interrupt()
+        await clock.sleep(1.0)
+        pipeline.cancel()
+        await running
+
+    clock.run(main())
+    stopped = [frame for frame in origin.upstream if isinstance(frame, BotStoppedSpeaking)]
+    return recorder.render()[:, 1], (stopped[0].played if stopped else 0.0)  # cut before it started: none
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.0005, 0.1), st.floats(0.01, 0.3), st.one_of(st.none(), st.floats(0.0, 0.3)))
+@example(0.00103, 0.1, None)  # the lead-in starts 0.48 sample into a sample: a 1-sample hole before the tick
+@example(0.00103, 0.1, 0.0497)  # cut inside a tick frame: the recording one sample short of what was reported
+@example(0.0390625, 0.25, 0.0)  # cut before it started: nothing played, nothing recorded
+def test_the_recording_holds_exactly_the_samples_reported_played(arrival, seconds, cut_after):
+    bot, played = _recorded(arrival, seconds, cut_after)
+
+    voiced = np.flatnonzero(bot)
+    assert len(voiced) == round(played * RATE)
+    if len(voiced):
+        assert voiced[-1] - voiced[0] + 1 == len(voiced), "a silent sample inside the reply"
+
+
+def test_the_recorder_mixes_stereo_bot_audio_down_at_its_length():
+    bot, played = _recorded(0.001, 0.1, None, AudioFormat(RATE, 2))
+
+    assert len(np.flatnonzero(bot)) == 1600 == round(played * RATE)
+    assert set(bot[np.flatnonzero(bot)]) == {2000}  # (3000 + 1000) / 2
+
+
+def test_a_stereo_output_refuses_a_mono_recorder():
+    with pytest.raises(ValueError, match="takes 1-channel audio"):
+        PlayoutOutput(AudioFormat(RATE, 2), StereoRecorder(RATE))

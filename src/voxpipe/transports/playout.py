@@ -1,10 +1,12 @@
 """The output side of a transport: a playout buffer paced by the metronome.
 
-Bot audio is appended to the buffer as it arrives and one frame is played per tick. A reply that starts while
-nothing is playing does not wait for the next tick (10 ms on average): its first samples, up to that tick, play at
-once — a short lead-in frame — and the ticks carry on from there. On an interrupt the buffer is flushed, the frame
-playing at that instant is cut at that instant, and the output reports exactly which samples (and so which words)
-the caller heard. A late frame of the interrupted reply never reaches the buffer: the stage's epoch gate drops it.
+Bot audio is appended to the buffer as it arrives and one frame is played per tick. Audio need not wait for the
+next tick (10 ms on average): arriving while nothing plays (a reply starting, or one whose audio ran out), its
+samples up to that tick play at once — a short lead-in frame; arriving while the reply's last frame plays, they
+follow it without a gap, up to the tick. Either way the ticks carry on from there. On an interrupt the buffer is
+flushed, the frame playing at that instant is cut at that instant, and the output reports exactly which samples (and
+so which words) the caller heard. A late frame of the interrupted reply never reaches the buffer: the stage's epoch
+gate drops it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from voxpipe.pipeline import (
     End,
     Frame,
     Interrupt,
+    LLMRequest,
     TTSAudioFrame,
     TTSDone,
     WordMark,
@@ -30,9 +33,14 @@ _MIN_LEAD_IN_S = 0.001  # a lead-in shorter than this is not worth a frame of it
 
 
 class AudioSink(Protocol):
-    """Where played audio goes: a device, a socket, a recording."""
+    """Where played audio goes: a device, a socket, a recording.
 
-    def play(self, at: float, pcm: bytes) -> None: ...
+    A sink that takes one channel count only (a :class:`~voxpipe.transports.recorder.StereoRecorder`) says so in a
+    ``channels`` attribute; the output refuses one that does not match its format.
+    """
+
+    def play(self, at: float, pcm: bytes) -> None:
+        """Play ``pcm`` from clock time ``at`` (now, or right after the audio handed over before it)."""
 
     def cut(self, at: float) -> None:
         """Stop anything handed over at or after ``at`` (e.g. send Twilio ``clear``)."""
@@ -45,16 +53,19 @@ class PlayoutOutput(PacedStage):
         self, audio: AudioFormat, sink: AudioSink | None = None, *, period: float = 0.02, name: str = "output"
     ) -> None:
         super().__init__(period=period, name=name)
+        takes = getattr(sink, "channels", audio.channels)
+        if takes != audio.channels:
+            raise ValueError(f"{name}: plays {audio} audio, but its sink {sink!r} takes {takes}-channel audio")
         self.consumes = audio
         self.sink = sink
         self._frame_bytes = audio.frame_bytes(period)
         self._buffer = bytearray()
         self._marks: list[WordMark] = []
-        self._reply_epoch: int | None = None
+        self._reply_epoch: int | None = None  # the reply requested, arriving or playing; None once reported
         self._started = False
         self._tts_done = False
         self._played = 0  # reply samples handed to the sink
-        self._last: tuple[float, int] | None = None  # (start time, samples) of the frame playing now
+        self._last: tuple[float, int] | None = None  # (start time, samples) of the reply's audio playing now
         self._next_tick: float | None = None  # when the next tick is due, once ticking
         self._playing_until = float("-inf")  # when the last frame handed to the sink ends (or was cut)
         self._drained: asyncio.Future[None] | None = None
@@ -69,32 +80,38 @@ class PlayoutOutput(PacedStage):
             await self.push(frame, direction)
         elif isinstance(frame, TTSAudioFrame):
             self._enqueue(frame)
-            if not self._started:
-                await self._lead_in()
+            await self._lead_in()
+        elif isinstance(frame, LLMRequest):
+            # A reply is owed from now on: cut before any of it plays, it is still reported (interrupted).
+            if frame.epoch != self._reply_epoch:
+                self._begin(frame.epoch)
+            await self.push(frame, direction)
         elif isinstance(frame, TTSDone):
             if frame.epoch == self._reply_epoch:
-                self._tts_done = True
+                if self._started or self._buffer:
+                    self._tts_done = True
+                else:  # a reply without audio: over now, nothing heard
+                    self.mark("out.done", frame.epoch, heard=[], played_s=0.0)
+                    self._reply_epoch = None
         elif isinstance(frame, End):
-            if self._buffer:
+            # Also while the last frame plays (buffer empty): the tick after it reports the reply done.
+            if self._buffer or self._started:
                 self._drained = asyncio.get_running_loop().create_future()
                 await self._drained
             await self.push(frame)
         else:
             await self.push(frame, direction)
 
+    def _begin(self, epoch: int) -> None:
+        self._reply_epoch, self._started, self._tts_done, self._played, self._last = epoch, False, False, 0, None
+        self._marks = []
+
     def _enqueue(self, frame: TTSAudioFrame) -> None:
         audio = self.consumes
         assert audio is not None
         audio.check(frame, self.name)
         if frame.epoch != self._reply_epoch:
-            self._reply_epoch, self._started, self._tts_done, self._played, self._last = (
-                frame.epoch,
-                False,
-                False,
-                0,
-                None,
-            )
-            self._marks = []
+            self._begin(frame.epoch)
         self._buffer += frame.pcm
         self._marks.extend(frame.words)
 
@@ -111,19 +128,28 @@ class PlayoutOutput(PacedStage):
         await self._play(now, n)
 
     async def _lead_in(self) -> None:
-        """Play the start of a new reply now, up to the next tick, if the output is idle: nothing playing and that
-        tick not overdue (a late tick must not play on top of it)."""
+        """Play the buffer up to the next tick, unless that tick is due (a late tick must not play on top of it):
+        right after the reply's audio playing now, so a short first frame leaves no hole, or at once if nothing
+        plays. A frame of another reply still playing holds it back."""
         due = self._next_tick
         now = self.clock.now()
-        if due is None or now >= due or now < self._playing_until:
+        if due is None or now >= due:
             return
-        # Whole samples that end by the tick, so the two never overlap (the nudge: float error must not lose one).
-        samples = int((due - now) * self._rate + 1e-6)
-        if samples >= round(_MIN_LEAD_IN_S * self._rate):
-            await self._play(now, min(len(self._buffer), samples * self._sample_bytes))
+        follows = now < self._playing_until
+        if follows and self._last is None:
+            return
+        start = self._playing_until if follows else now
+        # Whole samples that end on the tick, so the two never overlap and a recording's sample grid has no hole
+        # between them (the nudge: float error must not lose one).
+        samples = int((due - start) * self._rate + 1e-6)
+        if samples > 0 and (follows or samples >= round(_MIN_LEAD_IN_S * self._rate)):
+            n = min(len(self._buffer), samples * self._sample_bytes)
+            if n:
+                await self._play(due - samples / self._rate, n, follows=follows)
 
-    async def _play(self, now: float, n: int) -> None:
-        """Hand the buffer's first ``n`` bytes to the sink, starting at ``now``."""
+    async def _play(self, at: float, n: int, *, follows: bool = False) -> None:
+        """Hand the buffer's first ``n`` bytes to the sink, to play from ``at``; ``follows``: right after the
+        reply's audio playing now, which an interrupt then cuts as one with them."""
         pcm = bytes(self._buffer[:n])
         del self._buffer[:n]
         samples = n // self._sample_bytes
@@ -131,12 +157,15 @@ class PlayoutOutput(PacedStage):
         assert epoch is not None
         if not self._started:
             self._started = True
-            self.mark("out.first_play", epoch, at=now)
-            await self.push(BotStartedSpeaking(epoch=self.epoch, at=now), Direction.UPSTREAM)
+            self.mark("out.first_play", epoch, at=at)
+            await self.push(BotStartedSpeaking(epoch=self.epoch, at=at), Direction.UPSTREAM)
         if self.sink is not None:
-            self.sink.play(now, pcm)
-        self._last = (now, samples)
-        self._playing_until = now + samples / self._rate
+            self.sink.play(at, pcm)
+        if follows and self._last is not None:
+            self._last = (self._last[0], self._last[1] + samples)
+        else:
+            self._last = (at, samples)
+        self._playing_until = at + samples / self._rate
         self._played += samples
         self.played_frames += 1
 
@@ -155,9 +184,13 @@ class PlayoutOutput(PacedStage):
     # ------------------------------------------------------------------------------ interrupts
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
-        if self._reply_epoch is None or self._reply_epoch >= interrupt.epoch:
+        epoch = self._reply_epoch
+        if epoch is None or epoch >= interrupt.epoch:
             return
         now = self.clock.now()
+        if self._started and self._tts_done and not self._buffer and now >= self._playing_until:
+            # Played in full: the tick that reports it is just not due yet. Nothing was cut.
+            await self._finish(self._playing_until, interrupted=False)
         self._buffer.clear()
         if self._last is not None:
             at, samples = self._last
@@ -169,6 +202,10 @@ class PlayoutOutput(PacedStage):
             self._playing_until = min(self._playing_until, now)
         if self._started:
             await self._finish(now, interrupted=True)
+        elif self._reply_epoch is not None:
+            # Cut before its first sample played (still being generated, or waiting for the tick): the turn ends
+            # here, with nothing heard, not at the end of the call.
+            self.mark("out.interrupted", epoch, at=now, heard=[], played_s=0.0)
         self._reply_epoch = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -179,6 +216,7 @@ class PlayoutOutput(PacedStage):
         heard = tuple(m.word for m in self._marks if m.end <= self._played)
         played_s = self._played / self._rate
         self._started, self._tts_done, self._last, self._marks = False, False, None, []
+        self._reply_epoch = None
         self.mark("out.interrupted" if interrupted else "out.done", epoch, at=at, heard=list(heard), played_s=played_s)
         stopped = BotStoppedSpeaking(epoch=self.epoch, at=at, interrupted=interrupted, heard=heard, played=played_s)
         await self.push(stopped, Direction.UPSTREAM)
