@@ -8,6 +8,7 @@ reply has: several streamed pieces, plain text on one line, no speaker labels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 
@@ -169,6 +170,36 @@ async def test_an_interrupt_stops_the_model_thread_within_a_token_and_nothing_st
     second = next(f for f in after if isinstance(f, ResponseEnd) and f.epoch == 2)
     assert_speakable(second.text)
     assert answered.stopped_by in ("end of line", "eos", "max_tokens"), answered
+
+
+async def test_an_interrupt_during_a_long_prompt_evaluation_stops_it_before_any_token():
+    """An uncached prompt of some 1,300 tokens takes seconds to evaluate, and llama.cpp cannot be stopped inside one
+    decode: the stage evaluates it in batches with a stop check between them, so an interrupt landing meanwhile stops
+    the thread there (not after the whole prompt and a first token), and the next turn finds the model free."""
+    lines: list[tuple[str, str]] = []
+    for day in range(20):
+        lines.append(
+            ("user", f"Could you tell me whether the table by the window is free on day {day} at half past seven?")
+        )
+        lines.append(
+            ("assistant", f"Yes, on day {day} the table by the window is free at half past seven; shall I book it?")
+        )
+    lines.append(("user", "Please book the first one."))
+    async with LlamaLLM(settings(n_ctx=2048, max_tokens=20)) as llm:
+        stream = llm.generate(turn(1, *lines))
+        first = asyncio.ensure_future(anext(stream))  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)  # the model thread is evaluating the prompt
+        assert not first.done()
+        await llm.on_interrupt(Interrupt(epoch=2, at=0.0))
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await first
+        await stream.aclose()  # type: ignore[attr-defined]
+        answer = await reply_to(llm, turn(2, *lines, ("user", "Sorry, the second one.")))
+    interrupted = llm.history[0]
+    assert interrupted.stopped_by == "stop requested" and interrupted.tokens_generated == 0, interrupted
+    assert interrupted.prompt_tokens > 1000, interrupted
+    assert_speakable("".join(answer))
 
 
 class CancelOnFirstDelta(Collect):

@@ -252,18 +252,22 @@ def test_final_reuses_a_decode_made_in_the_pause():
     assert stt.stats.finals_reused == 1 and stt.stats.decodes == len(partials)
 
 
-def test_pre_roll_keeps_the_words_before_a_late_start():
-    """A VAD reports a start only after some speech (start_ms): the first word, spoken before the start event
-    arrived, is still transcribed, because the stage keeps audio from before it."""
-    clip = speech(SHORT)
+@pytest.mark.parametrize(
+    ("text", "late_s"),
+    [(SHORT, 0.3), (LONG, 1.9)],  # the VADs take a start_ms of up to 2 s
+)
+def test_pre_roll_keeps_the_words_before_a_late_start(text: str, late_s: float):
+    """A VAD reports a start only after some speech (start_ms): the first words, spoken before the start event
+    arrived, are still transcribed, because the stage keeps audio from before it."""
+    clip = speech(text)
     first, last = voiced_span(clip, offset=0.5)
     onset = round((first - 0.5) * RATE)
-    late = onset + round(0.3 * RATE)  # the start event arrives 300 ms into the speech, stamped with its true start
+    late = onset + round(late_s * RATE)  # the start event arrives late_s into the speech, stamped with its true start
     feeder = Feeder([silence(0.5), clip[:late], started_at(first), clip[late:], silence(0.6), stopped(last)])
     stt, sink = WhisperSTT(), Collect()
     assert run([feeder, stt, sink]) == "ended"
     (final,) = transcripts(sink.frames, final=True)
-    assert words(final.text)[:2] == ["book", "a"], final.text
+    assert words(final.text)[:2] == words(text)[:2], final.text
 
 
 def test_word_timestamps_are_on_the_clock_timeline():
@@ -393,6 +397,19 @@ def test_missing_model_directory_is_named(tmp_path):
     (tmp_path / "half" / "model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"lacks config\.json, tokenizer\.json"):
         WhisperSTT(WhisperSTTSettings(model=str(tmp_path / "half")))
+
+
+def test_a_broken_model_file_is_named_with_the_stage_and_the_setting(tmp_path):
+    broken = tmp_path / "whisper-broken"
+    broken.mkdir()
+    (broken / "model.bin").write_bytes(b"not a model" * 10)
+    (broken / "config.json").write_text("{}")
+    (broken / "tokenizer.json").write_text("{}")
+    stt = WhisperSTT(WhisperSTTSettings(model=str(broken)), name="stt")
+    with pytest.raises(
+        ValueError, match=rf"stage 'stt': the Whisper model {re.escape(str(broken))} \(setting 'model'\)"
+    ):
+        run([stt, Collect()])
 
 
 def test_model_names_are_never_downloaded():

@@ -58,6 +58,11 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
 
 _SPEAKER_NAME = r"^[^\n:]+$"
 
+# Prompt tokens evaluated between two stop checks: an interrupt waits for at most one such batch, 0.45 s on this
+# CPU (one thread), for a prompt evaluation 2.4 % slower than in llama.cpp's batches of 512; 64 costs 10 %
+# (benchmarks/llm_prompt_batch.py, docs/benchmarks.md). A turn's new lines are mostly one batch anyway.
+PROMPT_BATCH_TOKENS = 128
+
 
 class LlamaSettings(BaseModel):
     """Settings of :class:`LlamaLLM`."""
@@ -743,6 +748,15 @@ class LlamaLLM(LLMStage):
         reply = ReplyFilter(self.dialogue.stops, strip_prefixes=(f"{settings.bot_name}:",))
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         started = time.perf_counter()
+        # The new prompt tokens first, a few at a time with a stop check between: llama.cpp cannot be stopped inside
+        # a decode, and an uncached prompt (the first turn, or one whose old messages were trimmed) takes seconds.
+        # generate() then evaluates the last one and samples.
+        unevaluated = prompt[llama.n_tokens : -1]
+        for start in range(0, len(unevaluated), PROMPT_BATCH_TOKENS):
+            if generation.stop_flag.is_set():
+                stats.stopped_by = "stop requested"
+                return
+            llama.eval(unevaluated[start : start + PROMPT_BATCH_TOKENS])
         tokens = llama.generate(
             prompt[llama.n_tokens :],
             reset=False,  # the prefix is already in the KV cache (see _reuse_cached_prefix)

@@ -93,7 +93,9 @@ WHISPER_RATE = 16000  # Whisper hears 16 kHz; other rates are resampled per deco
 _FRAMES_PER_S = 100  # log-mel frames per second (hop of 160 samples)
 _WINDOW_FRAMES = 3000  # Whisper's 30 s window
 _CONTEXT_PAD_S = 1.0  # at least this much padding after the audio in a short-context encode (see the module doc)
-_START_LOOKBACK_S = 1.0  # audio kept besides the pre-roll while silent: the VAD reports a start after start_ms
+# Audio kept besides the pre-roll while silent: the VAD reports a start after start_ms, which the VADs accept up to
+# 2 s, and a window (Silero's is 32 ms) may add to it. Shorter, a slow VAD's utterance began with zeros (80 KB at most).
+_START_LOOKBACK_S = 2.5
 _SPEECH_END_MARGIN_S = 0.05  # a decode covers an utterance when it holds this much audio after the last voiced sample
 _FINAL_TAIL_S = 0.3  # audio after the last voiced sample given to a final decode (the rest of stop_ms is silence)
 _QUIET_RATIO = 10 ** (-30 / 20)  # a frame is quiet 30 dB (RMS) below the loudest frame of the utterance
@@ -527,7 +529,15 @@ class WhisperSTT(Stage):
         self.spawn(self._decode_loop(), name=f"{self.name}-decoder")
 
     def _load(self) -> WhisperDecoder:
-        decoder = load_decoder(self.model_path, self.settings.cpu_threads)
+        try:
+            decoder = load_decoder(self.model_path, self.settings.cpu_threads)
+        except ModuleNotFoundError:
+            raise
+        except Exception as exc:  # CTranslate2's own message names neither the file nor the setting
+            raise ValueError(
+                f"stage {self.name!r}: the Whisper model {self.model_path} (setting 'model') cannot be loaded: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         decoder.check_language(self.settings.language)
         return decoder
 
