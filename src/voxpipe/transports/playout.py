@@ -71,8 +71,6 @@ class PlayoutOutput(PacedStage):
         self._drained: asyncio.Future[None] | None = None
         self.played_frames = 0
 
-    # --------------------------------------------------------------------------------- lifecycle
-
     # ----------------------------------------------------------------------------------- frames
 
     async def process(self, frame: Frame, direction: Direction) -> None:
@@ -191,6 +189,20 @@ class PlayoutOutput(PacedStage):
         if self._started and self._tts_done and not self._buffer and now >= self._playing_until:
             # Played in full: the tick that reports it is just not due yet. Nothing was cut.
             await self._finish(self._playing_until, interrupted=False)
+        elif self._started:
+            self._cut(now)
+            await self._finish(now, interrupted=True)
+        else:
+            # Cut before its first sample played (still being generated, or waiting for the tick): the turn ends
+            # here, with nothing heard, not at the end of the call.
+            self._buffer.clear()
+            self._reply_epoch = None
+            self.mark("out.interrupted", epoch, at=now, heard=[], played_s=0.0)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _cut(self, now: float) -> None:
+        """Drop what is queued, and stop the audio playing now at ``now``: only what played counts as heard."""
         self._buffer.clear()
         if self._last is not None:
             at, samples = self._last
@@ -200,15 +212,6 @@ class PlayoutOutput(PacedStage):
                 if self.sink is not None:
                     self.sink.cut(now)
             self._playing_until = min(self._playing_until, now)
-        if self._started:
-            await self._finish(now, interrupted=True)
-        elif self._reply_epoch is not None:
-            # Cut before its first sample played (still being generated, or waiting for the tick): the turn ends
-            # here, with nothing heard, not at the end of the call.
-            self.mark("out.interrupted", epoch, at=now, heard=[], played_s=0.0)
-        self._reply_epoch = None
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
 
     async def _finish(self, at: float, *, interrupted: bool) -> None:
         epoch = self._reply_epoch
