@@ -16,7 +16,6 @@ from voxpipe.pipeline import (
     TTSAudioFrame,
     VirtualClock,
 )
-from voxpipe.stages.text import SpeakableChunker
 from voxpipe.testing import ScriptedLLM, ScriptedReply, ScriptedTTS
 
 
@@ -97,25 +96,3 @@ def test_scripted_llm_calls_tools_and_reports_errors():
     assert results[1].error == "tool 'broken' raised RuntimeError: service down"
     text = "".join(f.text for f in frames if isinstance(f, TextDelta))
     assert "It is sunny in Rome." in text and "service down" in text
-
-
-def test_chunker_cuts_the_first_clause_early_and_loses_nothing():
-    chunker = SpeakableChunker()
-    text = "Sure, I can do that. Your table is booked for eight! Anything else? Bye"
-    chunks = []
-    for token in text.split(" "):
-        chunks += chunker.feed(token + " ")
-    chunks.append(chunker.flush())
-    assert chunks[0] == "Sure, I can do that."
-    assert " ".join(chunks) == text
-
-
-def test_chunker_does_not_wait_forever_for_a_first_clause():
-    chunker = SpeakableChunker(first_max_words=8)
-    text = "I would be very happy to help you book a table for your family tonight"
-    chunks = []
-    for token in text.split(" "):
-        chunks += chunker.feed(token + " ")
-    chunks.append(chunker.flush())
-    assert chunks[0] == "I would be very happy to help you"
-    assert " ".join(chunks) == text
