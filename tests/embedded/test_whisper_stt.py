@@ -10,6 +10,7 @@ import asyncio
 import functools
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from voxpipe.pipeline import (
     AudioFormatError,
     AudioFrame,
     Direction,
+    ErrorPolicy,
     Frame,
     Pipeline,
     RealClock,
@@ -373,6 +375,44 @@ def test_stopping_mid_decode_leaves_no_thread_behind():
     for thread in threads:
         thread.join(timeout=5)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_a_decode_left_running_by_its_timeout_is_waited_for_at_stop(monkeypatch):
+    """CTranslate2 cannot be interrupted: a decode that timed out runs on, and the next one queues behind it. When
+    the call ends, stop() cancels the queued one and must wait for the one still running (not only the newest), so
+    that no decode of the call outlives run()."""
+    real_decode = whisper_stt.WhisperDecoder.decode
+    lock, running, decodes = threading.Lock(), [0], [0]
+    armed = threading.Event()  # set once the call's audio flows: the model's warm-up decode at start is not held
+
+    def held_first(self, *args, **kwargs):  # the real decode; the call's first held past its timeout
+        with lock:
+            running[0] += 1
+            decodes[0] += armed.is_set()
+            first = armed.is_set() and decodes[0] == 1
+        try:
+            if first:
+                time.sleep(2.5)
+            return real_decode(self, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(whisper_stt.WhisperDecoder, "decode", held_first)
+
+    async def arm(feeder: Feeder, pts: int) -> None:
+        armed.set()
+
+    async def past_the_timeout(feeder: Feeder, pts: int) -> None:
+        await asyncio.sleep(2.3)  # the first decode timed out at 2 s; the next partial is queued behind it
+
+    stt = WhisperSTT(WhisperSTTSettings(decode_timeout_s=2.0), name="stt-held")
+    stt.error_policy = ErrorPolicy.SKIP_FRAME  # the call goes on after the timeout, as it would in production
+    feeder = Feeder([arm, started_at(0.0), speech(LONG), past_the_timeout])
+    assert run([feeder, stt, Collect()]) == "ended"
+    with lock:
+        assert decodes[0] >= 1, "the call's audio was never decoded"
+        assert running[0] == 0, "a decode of the call was still running when run() returned"
 
 
 # ------------------------------------------------------------------------------------------ bad input

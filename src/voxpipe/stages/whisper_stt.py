@@ -508,7 +508,8 @@ class WhisperSTT(Stage):
         self._pause_samples = round(pause * self._rate) if pause is not None else None
         self._decoder: WhisperDecoder | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._running_job: Future[Any] | None = None  # the newest job given to the thread
+        # Jobs given to the thread and maybe unfinished: a decode that timed out runs on, and the next queues behind it.
+        self._jobs: list[Future[Any]] = []
         self._audio = CallerAudio()
         self._utterance: Utterance | None = None
         self._finals: deque[PendingFinal] = deque()
@@ -545,7 +546,8 @@ class WhisperSTT(Stage):
         """Run ``fn`` on the stage's thread, off the event loop; a wait longer than ``limit_s`` is an error."""
         if self._executor is None:
             raise RuntimeError(f"stage {self.name!r} is not running")
-        job = self._running_job = self._executor.submit(fn)
+        job = self._executor.submit(fn)
+        self._jobs = [*(earlier for earlier in self._jobs if not earlier.done()), job]
         try:
             return await asyncio.wait_for(wrap_thread_job(job), limit_s)
         except TimeoutError as exc:
@@ -741,9 +743,9 @@ class WhisperSTT(Stage):
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-        job, self._running_job = self._running_job, None
-        if job is not None and not job.done():
-            waiting = wrap_thread_job(job)
+        running, self._jobs = [job for job in self._jobs if not job.done()], []  # the queued ones are cancelled
+        if running:
+            waiting = asyncio.gather(*(wrap_thread_job(job) for job in running), return_exceptions=True)
             await asyncio.wait({waiting}, timeout=self.settings.decode_timeout_s)
             waiting.cancel()  # given up on (the decode runs on, unwaited): a virtual clock no longer holds for it
         self._decoder = None
