@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket as socket_module
 import subprocess
 import sys
 import threading
@@ -21,12 +22,14 @@ from voxpipe.call import CallResult, run_configured_call, run_pipeline_call
 from voxpipe.config import ConfigError, Registry, parse_config
 from voxpipe.pipeline import (
     AudioFormat,
+    AudioFrame,
     Conversation,
     ErrorPolicy,
     Frame,
     Pipeline,
     RealClock,
     Stage,
+    Start,
     Tracer,
     Transcript,
     UserSpeechStarted,
@@ -751,3 +754,66 @@ async def test_the_sdk_client_is_built_off_the_event_loop_once_for_every_reconne
             await run
     assert stt.stats.reconnects >= 2
     assert len(built) == 1 and built[0] is not threading.main_thread(), "one client, built on a worker thread"
+
+
+class UnreadDeepgram(FakeDeepgram):
+    """The first connection stops reading after its first audio: a server whose socket is no longer read, so the
+    client's sends back up once the TCP buffers are full. Its receive buffer is small, or the kernel would take in
+    megabytes first."""
+
+    async def start(self) -> UnreadDeepgram:
+        await super().start()
+        assert self._runner is not None
+        for site in self._runner.sites:
+            for listening in site._server.sockets:  # type: ignore[attr-defined]
+                listening.setsockopt(
+                    socket_module.SOL_SOCKET, socket_module.SO_RCVBUF, 4096
+                )  # accepted ones inherit it
+        return self
+
+    async def _read(self, socket: Any, stream: Any) -> None:
+        if stream.number > 1:
+            return await super()._read(socket, stream)
+        message = await socket.receive()
+        self.record("stopped-reading", connection=stream.number, first=message.type.name)
+        await asyncio.sleep(30)  # cancelled at shutdown; the client aborts long before
+
+
+class Flood(Stage):
+    """A head stage that sends the caller's audio about 200 times faster than real time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(name="flood")
+        self.seconds = seconds
+
+    async def process(self, frame: Frame, direction: Any) -> None:
+        await self.push(frame, direction)
+        if isinstance(frame, Start):
+            self.spawn(self._flood(), name="flood-audio")
+
+    async def _flood(self) -> None:
+        # Loud noise, repeating only every 10 s: the SDK's socket deflates what it sends, over a 32 KiB window.
+        noise = np.random.default_rng(7).integers(-8000, 8000, 320 * 500, dtype=np.int16)
+        for index in range(round(self.seconds / 0.02)):
+            pcm = noise[(index % 500) * 320 : (index % 500 + 1) * 320].tobytes()
+            await self.push(AudioFrame(pcm=pcm, sample_rate=RATE, pts=index * 320))
+            if index % 50 == 0:
+                await asyncio.sleep(0.005)  # a second of audio every 5 ms
+
+
+@pytest.mark.timeout(60)
+async def test_a_server_that_stops_reading_is_replaced_after_send_timeout_s():
+    async with UnreadDeepgram(utterances=["Hello."]) as fake:
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, send_timeout_s=0.5), api_key=fake.api_key)
+        stt.error_policy = ErrorPolicy.SKIP_FRAME
+        pipeline = Pipeline([Flood(seconds=600), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await fake.wait_for("stopped-reading", within_s=10)
+            second = await fake.wait_for("audio", lambda s: s.data["connection"] == 2, within_s=30)
+        finally:
+            pipeline.cancel()
+            await run
+    assert second and stt.stats.reconnects == 1
+    [error] = pipeline.errors
+    assert not error.fatal and "audio not taken within 0.5 s (the server stopped reading)" in error.error

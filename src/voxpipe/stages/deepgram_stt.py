@@ -16,7 +16,8 @@ results (→ partial :class:`Transcript` frames: the utterance's finalized segme
 
 Words are assigned to utterances by their position in the audio, so a late result of a finished utterance is
 dropped instead of leaking into the next one. The stage keeps the audio since the last finalized segment: if the
-socket drops (or stalls with a ``Finalize`` unanswered for ``result_timeout_s``) it reconnects, replays that audio
+socket drops (or stalls: a ``Finalize`` unanswered for ``result_timeout_s``, or a message the socket cannot take
+for ``send_timeout_s``) it reconnects, replays that audio
 and any unanswered ``Finalize``, then carries on live; a refused handshake (401/429/5xx) is never retried in a loop
 but is a :class:`ProviderError` naming the status. ``KeepAlive`` goes out every ``keepalive_s`` while no audio flows.
 
@@ -30,6 +31,7 @@ import contextlib
 import json
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -103,6 +105,12 @@ class DeepgramSTTSettings(CloudSettings):
     )
     result_timeout_s: float = Field(
         default=5.0, gt=0, le=60, description="a Finalize unanswered (no message at all) this long: reconnect"
+    )
+    send_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="a message the socket cannot take this long (a server that stopped reading): reconnect",
     )
     keepalive_s: float = Field(default=4.0, gt=0, le=9, description="KeepAlive period while no audio flows")
     max_reconnects: int = Field(
@@ -559,7 +567,7 @@ class DeepgramSTT(Stage):
                 chunk = self._audio.get(socket.cursor)
                 if chunk is not None:
                     self._handing_over(socket.cursor)
-                    await socket.sdk.send_media(chunk.pcm)
+                    await self._send(socket.sdk.send_media(chunk.pcm), "audio")
                     socket.timeline.add(chunk.pts, chunk.samples)
                     socket.cursor += 1
                     seconds = chunk.samples / self._rate
@@ -569,16 +577,26 @@ class DeepgramSTT(Stage):
                     continue
                 await self._send_finalizes(socket)
                 if self._closing:
-                    await socket.sdk.send_close_stream()
+                    await self._send(socket.sdk.send_close_stream(), "CloseStream")
                     return
                 try:
                     async with asyncio.timeout(self.settings.keepalive_s):
                         await self._wake.wait()
                 except TimeoutError:
                     self.stats.keepalives += 1
-                    await socket.sdk.send_keep_alive()
+                    await self._send(socket.sdk.send_keep_alive(), "KeepAlive")
         except ConnectionClosed as exc:
             raise _ConnectionLost(f"closed while sending (code {exc.code})") from None
+
+    async def _send(self, sending: Awaitable[None], what: str) -> None:
+        """One message to the socket. A server that stops reading fills the TCP buffers, and then a send waits until
+        websockets' ping timeout (20 s or more) notices: a wait past ``send_timeout_s`` is a stalled socket."""
+        limit = self.settings.send_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await sending
+        except TimeoutError:
+            raise _ConnectionLost(f"{what} not taken within {limit:g} s (the server stopped reading)") from None
 
     def _bill(self, index: int, seconds: float) -> None:
         """Audio chunk ``index`` went to Deepgram: its seconds belong to the utterance whose audio it is (the oldest
@@ -605,7 +623,7 @@ class DeepgramSTT(Stage):
                 self._unanswered.remove(pending)
             if pending.sdk_call_at is None:
                 pending.sdk_call_at = self.clock.now()
-            await socket.sdk.send_finalize()
+            await self._send(socket.sdk.send_finalize(), "Finalize")
             reading = socket.reading
             if awaited and reading is not None and reading.when() is None:  # a read begun with nothing due
                 reading.reschedule(asyncio.get_running_loop().time() + self.settings.result_timeout_s)
