@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+# Letters and digits of any script ("Здравствуйте", "Café", "你好"), joined by inner apostrophes and hyphens
+# ("don't", "uh-huh"); ``[^\W_]`` is \w without the underscore.
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 DEFAULT_BACKCHANNELS: frozenset[str] = frozenset(
     {"uh-huh", "mm-hmm", "mhm", "mm", "hmm", "yeah", "yep", "yes", "right", "okay", "ok", "sure", "uh", "um", "ah"}
@@ -13,8 +15,9 @@ DEFAULT_BACKCHANNELS: frozenset[str] = frozenset(
 
 
 def words_of(text: str) -> list[str]:
-    """Lower-case words of ``text``, punctuation dropped (hyphenated backchannels such as uh-huh kept whole)."""
-    return _WORD.findall(text.lower())
+    """Lower-case words of ``text`` in any script, punctuation dropped (hyphenated backchannels such as uh-huh kept
+    whole; a typographic apostrophe is read as ``'``)."""
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
 def backchannel_word(entry: str) -> str:
