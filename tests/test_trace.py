@@ -1,10 +1,21 @@
+import asyncio
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxpipe.pipeline import JsonlTraceWriter, Tracer
+from voxpipe.pipeline import (
+    Direction,
+    ErrorPolicy,
+    Frame,
+    JsonlTraceWriter,
+    Pipeline,
+    Stage,
+    TextDelta,
+    Tracer,
+    VirtualClock,
+)
 from voxpipe.pipeline.trace import CRITICAL_PATH, SEGMENTS, breakdown, percentile
 from voxpipe.pipeline.usage import UsageMeter, cost
 
@@ -93,3 +104,41 @@ def test_usage_counted_for_the_next_turn_is_that_turns_once_it_opens():
     assert cost(record.data["usage"], prices) == pytest.approx({"stt": 0.025, "llm": 1e-4, "total": 0.0251})
     with pytest.raises(ValueError, match="stage 'tts' counted a negative characters"):
         meter.add("tts", 1, characters=-3)
+
+
+def test_usage_for_the_next_turn_taken_by_an_epoch_that_is_no_turn_goes_back_to_unassigned():
+    """A cough's STT audio is counted for the next turn; the next epoch to open is a skip-turn error's, which has
+    no marks and is no turn. At the end of the call that usage is in `unassigned`, not lost."""
+    clock = VirtualClock()
+
+    class FailsOnBad(Stage):
+        error_policy = ErrorPolicy.SKIP_TURN
+
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, TextDelta) and frame.text == "bad":
+                raise RuntimeError("provider said 500")
+            await self.push(frame, direction)
+
+    head = Stage(name="turn")
+    pipeline = Pipeline([head, FailsOnBad(name="tts"), Stage(name="out")], clock=clock, freeze_heap=False)
+
+    def a_turn(epoch: int, audio_seconds: float) -> None:
+        pipeline.usage.add("stt", epoch, audio_seconds=audio_seconds)
+        for mark in ("user.speech_end", "out.first_play", "out.done"):
+            head.mark(mark, epoch)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        a_turn(pipeline.next_epoch(), 1.0)
+        pipeline.usage.add_for_next_turn("stt", audio_seconds=2.0)  # a cough over the bot: no turn
+        await head.push(TextDelta(epoch=pipeline.epoch, text="bad"))  # skip-turn: opens an epoch with no marks
+        a_turn(pipeline.next_epoch(), 3.0)
+        await pipeline.end()
+        await asyncio.wait_for(run, 5)
+
+    clock.run(main())
+    per_turn = [t.data["usage"]["stt"]["audio_seconds"] for t in pipeline.trace.turns]
+    assert per_turn == [1.0, 3.0]
+    assert pipeline.usage.unassigned == {"stt": {"audio_seconds": 2.0}}
+    assert pipeline.usage.totals == {"stt": {"audio_seconds": 6.0}}

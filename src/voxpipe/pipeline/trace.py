@@ -140,6 +140,13 @@ class Tracer:
             return
         self._open.setdefault(turn, ({}, {}))[1].update(data)
 
+    def has_marks(self, turn: int) -> bool:
+        """True when ``turn`` has at least one mark (finished, or still open): it is a turn, not just data."""
+        if turn in self._finished:
+            return True
+        opened = self._open.get(turn)
+        return opened is not None and bool(opened[0])
+
     def finish(self, turn: int) -> TurnRecord | None:
         """Close ``turn`` now (done automatically at ``out.done``/``out.interrupted``)."""
         opened = self._open.pop(turn, None)
@@ -166,7 +173,8 @@ class Tracer:
 
     def close(self) -> None:
         """Finish every turn still open (end of call). One with data but no marks is not a turn — say, usage
-        counted before the caller first spoke — and is dropped (the call's totals keep its usage)."""
+        counted before the caller first spoke — and is dropped (a pipeline's :class:`UsageMeter` gives its usage
+        back to ``unassigned`` first)."""
         for turn in sorted(self._open):
             if self._open[turn][0]:
                 self.finish(turn)

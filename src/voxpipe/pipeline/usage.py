@@ -9,7 +9,9 @@ epoch in mid-utterance: so the STT sums each utterance's audio (with the pause b
 the utterance's final ``Transcript`` (``usage``), which the turn-taker counts on the turn that final ends, or with
 :meth:`UsageMeter.add_for_next_turn` for a final that is no turn. That goes to the next turn to open; what no turn
 took (the audio after the last utterance, counted at the STT's stop) is in :attr:`UsageMeter.unassigned` (and the
-totals) only.
+totals) only. An epoch that never became a turn (one a skip-turn error opened: no marks, so the tracer drops it)
+gives its usage back to :attr:`UsageMeter.unassigned` at the end of the call (:meth:`UsageMeter.close`), so the
+turns' usage always adds up to the totals less ``unassigned``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class UsageMeter:
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
         self.totals: dict[str, Counts] = {}
-        self.unassigned: dict[str, Counts] = {}  # counted for the next turn, which has not opened yet
+        # Counted for the next turn, which has not opened yet; after close(), also what epochs that were no turn held.
+        self.unassigned: dict[str, Counts] = {}
         self._turns: dict[int, dict[str, Counts]] = {}
 
     def add(self, stage: str, turn: int, **amounts: float) -> None:
@@ -57,6 +60,13 @@ class UsageMeter:
             _accumulate(counts, stage, amounts)
         self.unassigned = {}
         self._annotate(turn)
+
+    def close(self) -> None:
+        """End of the call: the usage of every epoch that is no turn (it has no marks; the tracer drops it) goes
+        back to :attr:`unassigned`, so no usage is lost from the per-turn view."""
+        for turn in [turn for turn in self._turns if not self._tracer.has_marks(turn)]:
+            for stage, amounts in self._turns.pop(turn).items():
+                _accumulate(self.unassigned, stage, amounts)
 
     def _annotate(self, turn: int) -> None:
         self._tracer.annotate(turn, usage={name: dict(counts) for name, counts in self._turns[turn].items()})
