@@ -1,5 +1,6 @@
 import asyncio
 import itertools
+import socket
 import threading
 import time
 
@@ -199,3 +200,58 @@ def test_metronome_spreads_calls_over_phase_slots_and_keeps_a_call_together():
     offsets = {name: round((ticks[0] % 0.02) * 1000, 6) for name, ticks in seen.items()}
     assert offsets == {"a-in": 0.0, "a-out": 0.0, "b-in": 2.0, "c-in": 4.0}
     assert all(round(b - a, 9) == 0.02 for ticks in seen.values() for a, b in itertools.pairwise(ticks))
+
+
+def test_the_virtual_loop_polls_sockets_while_callbacks_are_ready():
+    """A task that keeps callbacks ready (sleep(0) in a loop) while it waits for a socket: asyncio's loop polls I/O
+    every iteration, and so must the virtual one, or the data never arrives."""
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            got: asyncio.Future[bytes] = loop.create_future()
+            loop.add_reader(ours, lambda: got.done() or got.set_result(ours.recv(10)))
+            theirs.send(b"hi")
+            for _ in range(1000):
+                if got.done():
+                    break
+                await asyncio.sleep(0)
+            loop.remove_reader(ours)
+            return got.done() and got.result() == b"hi"
+
+    assert VirtualClock().run(main())
+
+
+def test_a_failing_subscriber_and_its_failing_error_handler_leave_the_metronome_ticking():
+    clock = VirtualClock()
+    failures: list[str] = []
+
+    async def main() -> list[float]:
+        metronome = clock.metronome(0.02)
+        ticks: list[float] = []
+
+        async def fails(due: float) -> None:
+            raise ConnectionError("the caller hung up")
+
+        async def raises_a_stray_cancel(due: float) -> None:
+            raise asyncio.CancelledError  # as awaiting a task someone else cancelled does
+
+        async def counts(due: float) -> None:
+            ticks.append(due)
+
+        def broken_handler(exc: Exception) -> None:
+            raise RuntimeError("the error handler itself fails")
+
+        metronome.subscribe(fails, broken_handler)
+        metronome.subscribe(raises_a_stray_cancel, lambda exc: failures.append(type(exc).__name__))
+        counting = metronome.subscribe(counts, lambda exc: None)
+        await clock.sleep(1.0)
+        await metronome.unsubscribe(counting)  # the last one out: stops the metronome, raises nothing
+        return ticks
+
+    ticks = clock.run(main())
+    assert len(ticks) == 50
+    assert failures == ["StrayCancellation"]
+    assert clock.metronome(0.02).subscribers == 0

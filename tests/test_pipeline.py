@@ -8,8 +8,10 @@ from voxpipe.pipeline import (
     DOWNSTREAM,
     AudioFormat,
     AudioFrame,
+    Cancel,
     Direction,
     End,
+    EndOfTurn,
     ErrorFrame,
     ErrorPolicy,
     Frame,
@@ -22,7 +24,9 @@ from voxpipe.pipeline import (
     TextDelta,
     VirtualClock,
 )
+from voxpipe.pipeline.errors import StrayCancellation
 from voxpipe.pipeline.heap import HEAP
+from voxpipe.transports.paced import PacedStage
 
 
 def frame(i: int = 0) -> AudioFrame:
@@ -363,3 +367,344 @@ async def test_a_pipeline_can_leave_the_heap_alone():
     assert gc.get_freeze_count() == 0
     await pipeline.end()
     await run
+
+
+# ------------------------------------------------------------------------------ the metronome and back-pressure
+
+
+class Ticker(PacedStage):
+    """A real-time source: one audio frame per tick."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self.ticks = 0
+
+    async def tick(self, now: float) -> None:
+        self.ticks += 1
+        await self.push(frame(self.ticks))
+
+
+class Stuck(QueuedStage):
+    """A queued stage whose provider never answers."""
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, AudioFrame):
+            await asyncio.get_running_loop().create_future()
+        await self.push(frame, direction)
+
+
+def test_a_tick_never_waits_on_back_pressure_and_the_stage_behind_is_reported_once():
+    """A stuck stage of one call fills its inbox from the metronome's tick: the tick queues beyond max_queued
+    instead of waiting, so the metronome every call shares keeps ticking, also after that call is cancelled."""
+    clock = VirtualClock()
+    a_in, b_in = Ticker("a-in"), Ticker("b-in")
+    stuck = Stuck(name="stt", max_queued=4)
+    a = Pipeline([a_in, stuck, Collect()], clock=clock, name="a", freeze_heap=False)
+    b = Pipeline([b_in, Collect()], clock=clock, name="b", freeze_heap=False)
+
+    async def main() -> tuple[int, int, int]:
+        runs = asyncio.create_task(a.run()), asyncio.create_task(b.run())
+        await clock.sleep(1.0)
+        a_ticks, queued = a_in.ticks, stuck.queued
+        a.cancel()
+        await asyncio.wait_for(runs[0], 5)
+        ticks_after_a = b_in.ticks
+        await clock.sleep(1.0)
+        b.cancel()
+        await asyncio.wait_for(runs[1], 5)
+        return a_ticks, queued, b_in.ticks - ticks_after_a
+
+    a_ticks, queued, b_ticks_after_a = clock.run(main())
+    assert a_ticks == b_in.ticks - b_ticks_after_a >= 49, "both calls ticked every 20 ms"
+    assert queued == a_ticks - 1, "every frame queued: one is with the stuck worker"
+    assert b_ticks_after_a >= 49
+    [behind] = a.errors
+    assert behind.stage == "stt" and not behind.fatal
+    assert "behind real time: 5 frames queued (max_queued=4)" in behind.error
+
+
+def test_a_sender_waiting_on_back_pressure_is_released_when_the_run_is_over():
+    clock = VirtualClock()
+    head = Stage(name="head")
+    slow = Slow(100.0)
+    slow.max_queued = 2
+    pipeline = Pipeline([head, slow, Collect()], clock=clock, freeze_heap=False)
+
+    async def main() -> bool:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(3):  # one with the worker, two queued: full
+            await head.push(TextDelta(text=str(i)))
+        ending = asyncio.create_task(pipeline.end())  # waits for room
+        await clock.sleep(1.0)
+        assert not ending.done()
+        pipeline.cancel()
+        assert await asyncio.wait_for(run, 5) == "cancelled"
+        await asyncio.wait_for(ending, 5)
+        return ending.done()
+
+    assert clock.run(main())
+
+
+# ------------------------------------------------------------------------------ stray cancellations
+
+
+class AwaitsACancelledTask(Stage):
+    """Awaits its connection task, which a reconnect cancelled: CancelledError, though nobody cancelled this task."""
+
+    def __init__(self, name: str, policy: ErrorPolicy, fail_on: str = "bad") -> None:
+        super().__init__(name=name)
+        self.error_policy = policy
+        self.fail_on = fail_on
+        self.handled: list[str] = []
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, TextDelta):
+            if frame.text == self.fail_on:
+                connection = asyncio.create_task(asyncio.sleep(10))
+                connection.cancel()
+                await connection
+            self.handled.append(frame.text)
+        await self.push(frame, direction)
+
+
+class QueuedAwaitsACancelledTask(QueuedStage):
+    error_policy = ErrorPolicy.SKIP_FRAME
+    process = AwaitsACancelledTask.process
+
+    def __init__(self) -> None:
+        super().__init__(name="provider")
+        self.fail_on = "bad"
+        self.handled: list[str] = []
+
+
+def test_a_stray_cancelled_error_in_a_worker_is_the_stages_failure_not_the_workers_end():
+    clock = VirtualClock()
+    head, provider, sink = Stage(name="head"), QueuedAwaitsACancelledTask(), Collect()
+    pipeline = Pipeline([head, provider, sink], clock=clock, freeze_heap=False)
+
+    async def main() -> str:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for text in ("a", "bad", "b"):
+            await head.push(TextDelta(text=text))
+        await pipeline.end()
+        return await asyncio.wait_for(run, 30)
+
+    assert clock.run(main()) == "ended"
+    assert provider.handled == ["a", "b"]
+    [error] = pipeline.errors
+    assert error.stage == "provider" and error.error.startswith("StrayCancellation")
+
+
+def test_a_stray_cancelled_error_in_a_tick_fails_its_own_call_and_the_metronome_ticks_on():
+    clock = VirtualClock()
+    a_in, b_in = Ticker("a-in"), Ticker("b-in")
+
+    class FailsAtTick(AwaitsACancelledTask):
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, AudioFrame) and a_in.ticks == 10:
+                frame = TextDelta(text="bad")
+            await super().process(frame, direction)
+
+    a = Pipeline([a_in, FailsAtTick("stt", ErrorPolicy.STOP), Collect()], clock=clock, name="a", freeze_heap=False)
+    b = Pipeline([b_in, Collect()], clock=clock, name="b", freeze_heap=False)
+
+    async def main() -> None:
+        run_a, run_b = asyncio.create_task(a.run()), asyncio.create_task(b.run())
+        with pytest.raises(StrayCancellation):
+            await asyncio.wait_for(run_a, 5)
+        ticks = b_in.ticks
+        await clock.sleep(1.0)
+        assert b_in.ticks - ticks >= 49, "the other call kept ticking"
+        b.cancel()
+        assert await asyncio.wait_for(run_b, 5) == "cancelled"
+
+    clock.run(main())
+    assert a_in.ticks == 10
+    assert [e.stage for e in a.errors] == ["stt"] and a.errors[0].fatal
+
+
+# ------------------------------------------------------------------------------ failures at shutdown
+
+
+class FailsToTick(PacedStage):
+    def __init__(self, name: str, fail_from: float | None = None) -> None:
+        super().__init__(name=name)
+        self.fail_from = fail_from
+        self.ticks = 0
+
+    async def tick(self, now: float) -> None:
+        self.ticks += 1
+        if self.fail_from is not None and now >= self.fail_from:
+            raise ConnectionError("the caller's socket is closed")
+
+
+def test_a_tick_failing_while_its_call_is_cancelled_is_recorded_and_the_metronome_ticks_on():
+    """The tick fails in the loop iteration that cancels its call: the failure cannot start a task of a run that is
+    stopping, and must not take down the metronome the other calls share."""
+    clock = VirtualClock()
+    a_in, b_in = FailsToTick("a-in", fail_from=0.5), FailsToTick("b-in")
+    a = Pipeline([a_in, Stage(name="a-x")], clock=clock, name="a", freeze_heap=False)
+    b = Pipeline([b_in, Stage(name="b-x")], clock=clock, name="b", freeze_heap=False)
+
+    async def main() -> None:
+        run_a = asyncio.create_task(a.run())
+        await asyncio.sleep(0)
+        run_b = asyncio.create_task(b.run())
+        asyncio.get_running_loop().call_at(0.5, run_a.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run_a, 5)
+        ticks = b_in.ticks
+        await clock.sleep(1.0)
+        assert b_in.ticks - ticks >= 49, "the other call kept ticking"
+        b.cancel()
+        assert await asyncio.wait_for(run_b, 5) == "cancelled"
+
+    clock.run(main())
+    [error] = a.errors
+    assert error.stage == "a-in" and not error.fatal and "socket is closed" in error.error
+    assert b.errors == []
+
+
+def test_a_task_spawned_during_teardown_is_cancelled_before_it_starts():
+    clock = VirtualClock()
+    started: list[str] = []
+
+    class Provider(QueuedStage):
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, TextDelta):
+                try:
+                    await self.clock.sleep(100)
+                finally:  # a provider's cancel message, sent from a task of its own
+                    self.spawn(self._send_cancel(), name="provider-cancel")
+            await self.push(frame, direction)
+
+        async def _send_cancel(self) -> None:
+            started.append("cancel")
+            await asyncio.get_running_loop().create_future()  # a stuck socket: never answers
+
+    head = Stage(name="head")
+    pipeline = Pipeline([head, Provider(name="provider"), Collect()], clock=clock, freeze_heap=False)
+
+    async def main() -> tuple[str, set[asyncio.Task]]:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await head.push(TextDelta(text="x"))
+        await clock.sleep(1.0)
+        pipeline.cancel()
+        outcome = await asyncio.wait_for(run, 3600)
+        return outcome, asyncio.all_tasks() - {asyncio.current_task()}
+
+    outcome, left = clock.run(main())
+    assert outcome == "cancelled"
+    assert left == set()
+    assert started == []
+
+
+def test_cancelling_run_while_one_stage_stops_still_stops_the_others():
+    clock = VirtualClock()
+    stopped: list[str] = []
+
+    class SlowToStop(Stage):
+        def __init__(self, name: str, takes: float) -> None:
+            super().__init__(name=name)
+            self.takes = takes
+
+        async def stop(self) -> None:
+            try:
+                await self.clock.sleep(self.takes)
+            finally:
+                stopped.append(self.name)
+
+    pipeline = Pipeline(
+        [SlowToStop("input", 0.0), SlowToStop("llm", 0.0), SlowToStop("tts", 2.0)], clock=clock, freeze_heap=False
+    )
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.1)
+        pipeline.cancel()  # the stages stop from the output back: tts takes 2 s
+        await clock.sleep(0.5)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 5)
+
+    clock.run(main())
+    assert stopped == ["tts", "llm", "input"]
+
+
+# ------------------------------------------------------------------------------ interrupts and Cancel
+
+
+def test_an_interrupt_raised_through_stale_work_cancels_that_work_once_it_has_been_passed_on():
+    """A stage after a queued LLM fails (skip-turn) on a delta the LLM's worker pushed: the interrupt is raised in
+    that worker's own call stack. The stale generation must stop, but only after the interrupt reached every stage
+    (the head's on_interrupt awaits, as a provider's cancel would)."""
+    clock = VirtualClock()
+
+    class LLM(QueuedStage):
+        def __init__(self) -> None:
+            super().__init__(name="llm")
+            self.generated: list[tuple[int, float]] = []
+
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, EndOfTurn):
+                for i in range(50):
+                    await self.clock.sleep(0.1)
+                    self.generated.append((frame.epoch, self.clock.now()))
+                    await self.push(TextDelta(epoch=frame.epoch, text=f"{frame.text}{i}"))
+            else:
+                await self.push(frame, direction)
+
+    class Picky(Stage):
+        error_policy = ErrorPolicy.SKIP_TURN
+
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, TextDelta) and frame.text == "a2":
+                raise ValueError("cannot handle this delta")
+            await self.push(frame, direction)
+
+    class Head(Collect):
+        async def on_interrupt(self, interrupt: Interrupt) -> None:
+            await asyncio.sleep(0)
+            await super().on_interrupt(interrupt)
+
+    head, llm = Head("head"), LLM()
+    pipeline = Pipeline([head, llm, Picky(name="picky"), Collect()], clock=clock, freeze_heap=False)
+
+    async def main() -> list[str]:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await head.push(EndOfTurn(epoch=0, text="a", at=0.0))
+        await clock.sleep(1.0)
+        await head.push(EndOfTurn(epoch=pipeline.epoch, text="b", at=clock.now()))
+        await clock.sleep(0.5)
+        workers = [t.get_name() for t in asyncio.all_tasks() if t.get_name() == "llm-worker"]
+        pipeline.cancel()
+        await asyncio.wait_for(run, 5)
+        return workers
+
+    workers = clock.run(main())
+    assert pipeline.epoch == 1
+    assert [f.reason for f in head.frames if isinstance(f, Interrupt)] == ["error in picky"]
+    assert [at for epoch, at in llm.generated if epoch == 0] == pytest.approx([0.1, 0.2, 0.3])
+    assert workers == ["llm-worker"], "one worker: the stale one is gone"
+
+
+def test_a_cancel_frame_aborts_the_run_and_drops_what_is_queued():
+    clock = VirtualClock()
+    head, slow = Stage(name="head"), Slow(1.0)
+    pipeline = Pipeline([head, slow, Collect()], clock=clock, freeze_heap=False)
+
+    async def main() -> tuple[str, float]:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(5):
+            await head.push(TextDelta(text=str(i)))
+        await head.push(Cancel())
+        return await asyncio.wait_for(run, 5), clock.now()
+
+    outcome, ended_at = clock.run(main())
+    assert outcome == "cancelled" and ended_at == 0.0
+    assert [f.text for f in slow.started] == ["0"] and [f.text for f in slow.cancelled] == ["0"]

@@ -92,11 +92,11 @@ class _VirtualSelector(selectors.BaseSelector):
         self._held.pop(job, None)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout <= 0:
-            # Callbacks are ready, so time stands still. Real I/O (sockets, a worker thread's wake-up) is picked up
-            # at the next iteration that would advance time: skipping the poll here saves a syscall per tick.
-            return []
+        # Real I/O (sockets, a worker thread's wake-up) is polled every iteration, as asyncio's own loop does: a
+        # task that keeps callbacks ready (a loop of sleep(0)) while it waits for a socket would starve it otherwise.
         ready = self._inner.select(0)
+        if timeout is not None and timeout <= 0:
+            return ready  # callbacks are ready, so time stands still
         if ready or timeout is None:
             # Real I/O is ready (or there is no timer at all: wait for I/O, e.g. a worker thread finishing).
             return ready or self._inner.select(None)

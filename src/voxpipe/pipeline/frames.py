@@ -268,7 +268,8 @@ class End(ControlFrame):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(ControlFrame):
-    """Abort: stop now, drop everything queued."""
+    """Abort: the first stage it reaches cancels the run (``pipeline.cancel()``): every stage stops, every task is
+    cancelled, what is queued is dropped."""
 
     urgent: ClassVar[bool] = True
 

@@ -9,8 +9,11 @@ permanent generation that collections skip, so a collection only walks what call
 Pipelines hold the freeze while they run (``Pipeline(freeze_heap=True)``, the default): the first pipeline to start
 in a process freezes, once its stages are ready; when the last one still running ends, the heap is unfrozen, and what
 became garbage in between is collected as usual. Pipelines that start while the heap is frozen do not freeze again:
-their own objects stay collectable, so a process serving call after call never keeps a finished call's cycles alive
-for longer than the calls that overlapped it.
+their own objects stay collectable. The objects of the pipelines that were running when the heap froze are frozen
+with it, though: once such a call ends, its cyclic garbage (a pipeline and its stages refer to each other) is
+collected only when the heap is unfrozen - when no pipeline runs. In a process whose calls keep overlapping (B
+starts before A ends, C before B ends, ...) that can be long after the call ended; reference counting still frees
+what is not in a cycle.
 """
 
 from __future__ import annotations

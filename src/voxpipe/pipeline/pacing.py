@@ -12,20 +12,38 @@ same ``group`` (a call's input and output) share a slot, so they keep ticking to
 so its timing does not depend on how many slots there are.
 
 The metronome's task belongs to the metronome: it starts with the first subscriber and is cancelled and awaited
-when the last one leaves, so it never outlives the pipelines that use it.
+when the last one leaves, so it never outlives the pipelines that use it. Nothing a subscriber does may end that
+task, since every call on the clock would stop: a tick's failure (a stray ``CancelledError`` included) unsubscribes
+that subscriber and goes to its ``on_error``, whose own failure is logged. A tick never waits on back-pressure
+either (:func:`in_tick`): a real-time source cannot be slowed, and waiting would stall every call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING
+
+from voxpipe.pipeline.errors import as_failure
 
 if TYPE_CHECKING:
     from voxpipe.pipeline.clock import Clock
 
+log = logging.getLogger("voxpipe.pacing")
+
 TickHandler = Callable[[float], Awaitable[None]]
-ErrorHandler = Callable[[BaseException], None]
+ErrorHandler = Callable[[Exception], None]
+
+_tick_loops: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()  # every metronome's task
+
+
+def in_tick() -> bool:
+    """True when the current task is a metronome's tick loop: the code running is a tick handler (or something it
+    called), which must not wait on anything slow."""
+    task = asyncio.current_task()
+    return task is not None and task in _tick_loops
 
 
 class Subscription:
@@ -89,24 +107,26 @@ class Metronome:
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop ticking ``subscription``; the last one out stops the metronome and waits for its task."""
+        self._drop(subscription)
+        task = self._task
+        if not self._groups and task is not None and task is not asyncio.current_task():
+            self._task = None
+            task.cancel()
+            # Its end is awaited, not its outcome: a tick's failure was its own subscriber's, not this one's.
+            await asyncio.wait({task})
+
+    def _drop(self, subscription: Subscription) -> None:
         if self._slots[subscription.slot].pop(subscription, False) is not False:
             slot, members = self._groups[subscription.group]
             if members > 1:
                 self._groups[subscription.group] = (slot, members - 1)
             else:
                 del self._groups[subscription.group]
-        task = self._task
-        if not self._groups and task is not None and task is not asyncio.current_task():
-            self._task = None
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
 
     async def _run(self) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        _tick_loops.add(current)
         origin = self.origin = self.clock.now()
         step = self.period / len(self._slots)
         tick = 0
@@ -125,7 +145,13 @@ class Metronome:
                 for subscription in list(slot):
                     try:
                         await subscription.on_tick(due)
-                    except Exception as exc:  # one call's failure must not stall the others
-                        await self.unsubscribe(subscription)
-                        subscription.on_error(exc)
+                    except (Exception, asyncio.CancelledError) as exc:  # one call's failure must not stall the others
+                        self._tick_failed(subscription, as_failure(exc))
             tick += 1
+
+    def _tick_failed(self, subscription: Subscription, failure: Exception) -> None:
+        self._drop(subscription)
+        try:
+            subscription.on_error(failure)
+        except Exception:
+            log.exception("the error handler of a metronome subscriber failed on: %r", failure)

@@ -1,9 +1,9 @@
 """The pipeline: links stages, owns every task they start, and keeps the turn epoch.
 
 ``run()`` starts the stages under one ``asyncio.TaskGroup``, sends :class:`Start` through, and returns when an
-:class:`End` has drained out of the last stage, when :meth:`cancel` is called, or when a stage fails under the
-STOP policy (then it re-raises that stage's exception). In every case every task the stages started has finished
-before ``run()`` returns.
+:class:`End` has drained out of the last stage, when :meth:`cancel` is called (or a :class:`Cancel` frame reaches a
+stage), or when a stage fails under the STOP policy (then it re-raises that stage's exception). In every case every
+task the stages started has finished before ``run()`` returns.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from voxpipe.pipeline.clock import Clock, default_clock
-from voxpipe.pipeline.errors import PipelineBuildError
+from voxpipe.pipeline.errors import PipelineBuildError, as_failure, being_cancelled
 from voxpipe.pipeline.frames import Direction, End, ErrorFrame, Frame, Interrupt, Start
 from voxpipe.pipeline.heap import HEAP
 from voxpipe.pipeline.stage import DOWNSTREAM, UPSTREAM, ErrorPolicy, FunctionStage, Stage
@@ -61,7 +61,10 @@ class Pipeline:
             stage._attach(self, prev, next_)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._done: asyncio.Future[str] | None = None
+        self._done: asyncio.Future[str] | None = None  # the outcome; done once the run is over and stopping
+        self._tearing_down = False  # the stages are stopped and the run's tasks cancelled
+        # Workers that carry an interrupt they must not be cancelled under: cancelled once it has been passed on.
+        self._cancel_once_passed_on: dict[Interrupt, list[asyncio.Task[None]]] = {}
         self._failure: BaseException | None = None
         self.outcome: str | None = None
 
@@ -132,21 +135,43 @@ class Pipeline:
             raise group_error.exceptions[0] from group_error
         finally:
             self._group = None
+            if self._tasks:  # spawned during teardown, outside the group: cancelled before they started
+                await asyncio.wait(set(self._tasks))
+            self.usage.close()
             self.trace.close()
         if self._failure is not None:
             raise self._failure
         return self.outcome or "ended"
 
+    @property
+    def stopping(self) -> bool:
+        """The run is over (ended, cancelled or failed): its stages are stopping or stopped."""
+        return self._done is not None and self._done.done()
+
     async def _shutdown(self) -> None:
+        # The run is over however it ended (run() itself cancelled too): a sender waiting on back-pressure is released.
+        self._finish("cancelled")
+        cancelled: asyncio.CancelledError | None = None
         for stage in reversed(self.stages):
             try:
                 await stage.stop()
+            except asyncio.CancelledError as exc:
+                if being_cancelled():  # run() was cancelled: the other stages are still stopped, then it propagates
+                    cancelled = exc
+                else:
+                    self._stop_failed(stage, as_failure(exc))
             except Exception as exc:  # keep stopping the others; report the first failure
-                log.exception("stage %r failed to stop", stage.name)
-                if self._failure is None:
-                    self._failure = exc
+                self._stop_failed(stage, exc)
+        self._tearing_down = True
         for task in list(self._tasks):
             task.cancel()
+        if cancelled is not None:
+            raise cancelled
+
+    def _stop_failed(self, stage: Stage, exc: Exception) -> None:
+        log.error("stage %r failed to stop", stage.name, exc_info=exc)
+        if self._failure is None:
+            self._failure = exc
 
     async def end(self) -> None:
         """Drain: send :class:`End` in at the head; ``run()`` returns once it comes out of the tail."""
@@ -163,13 +188,22 @@ class Pipeline:
     # ------------------------------------------------------------------------- tasks and errors
 
     def spawn(self, stage: Stage, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
-        """Start a task owned by this run; an exception in it is ``stage``'s failure."""
+        """Start a task owned by this run; an exception in it is ``stage``'s failure.
+
+        Once teardown has begun (the stages stopped, the run's tasks cancelled) a new task — say, one a cancelled
+        task's clean-up starts to send a provider its cancel — is cancelled at once: its coroutine never runs.
+        Nothing would be left to cancel it, and ``run()`` would wait for it, forever if it never ended."""
+        name = name or f"{stage.name}-task"
         if self._group is None:
             coro.close()
             raise RuntimeError(
                 f"stage {stage.name!r} tried to start a task while pipeline {self.name!r} is not running"
             )
-        task = self._group.create_task(self._guard(stage, coro), name=name or f"{stage.name}-task")
+        if self._tearing_down:
+            task = asyncio.get_running_loop().create_task(coro, name=name)  # not in the group: it may be exiting
+            task.cancel()
+        else:
+            task = self._group.create_task(self._guard(stage, coro), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -177,17 +211,30 @@ class Pipeline:
     async def _guard(self, stage: Stage, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
-        except Exception as exc:
-            await self._stage_failed(stage, exc, None)
+        except (Exception, asyncio.CancelledError) as exc:
+            await self._stage_failed(stage, as_failure(exc), None)
+
+    def fail_later(self, stage: Stage, exc: Exception) -> None:
+        """``stage`` failed outside the run's own tasks (in a tick of the metronome every call shares): its error
+        policy is applied in a task of this run. Once the run is over the failure is only recorded, as
+        :meth:`_stage_failed` would, since no task may start then."""
+        if self.stopping:
+            self._failed_while_stopping(stage, exc)
+        else:
+            self.spawn(stage, self._stage_failed(stage, exc, None), name=f"{stage.name}-failed")
+
+    def _failed_while_stopping(self, stage: Stage, exc: Exception) -> None:
+        # Work still in flight as the stages stop (a final an STT delivers as it stops) may meet a stage already
+        # stopped. Recorded; it does not change how the run ended.
+        problem = f"{type(exc).__name__}: {exc}"
+        self.errors.append(ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=False))
+        log.warning("stage %r failed while pipeline %r was stopping: %s", stage.name, self.name, problem)
 
     async def _stage_failed(self, stage: Stage, exc: Exception, frame: Frame | None) -> None:
-        problem = f"{type(exc).__name__}: {exc}"
-        if self._done is not None and self._done.done():
-            # The run is over and its stages are stopping: work still in flight (a final an STT delivers as it
-            # stops) may meet a stage already stopped. Recorded; it does not change how the run ended.
-            self.errors.append(ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=False))
-            log.warning("stage %r failed while pipeline %r was stopping: %s", stage.name, self.name, problem)
+        if self.stopping:
+            self._failed_while_stopping(stage, exc)
             return
+        problem = f"{type(exc).__name__}: {exc}"
         policy = stage.error_policy
         fatal = policy is ErrorPolicy.STOP
         error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=fatal)
@@ -227,10 +274,26 @@ class Pipeline:
         self.epoch += 1
         self.usage.open_turn(self.epoch)
         interrupt = Interrupt(epoch=self.epoch, at=self.clock.now(), reason=reason)
-        await origin._take_interrupt(interrupt, DOWNSTREAM)
-        if origin._prev is not None:
-            await origin._prev.receive(interrupt, UPSTREAM)
+        self._cancel_once_passed_on[interrupt] = []
+        try:
+            await origin._take_interrupt(interrupt, DOWNSTREAM)
+            if origin._prev is not None:
+                await origin._prev.receive(interrupt, UPSTREAM)
+        finally:
+            for task in self._cancel_once_passed_on.pop(interrupt):
+                task.cancel()
         return interrupt
+
+    def cancel_once_passed_on(self, interrupt: Interrupt, task: asyncio.Task[None]) -> None:
+        """Cancel ``task`` — stale work whose own call stack carries ``interrupt`` — once the interrupt has been
+        passed on both ways. Cancelled sooner, it would stop the interrupt at the first stage whose
+        ``on_interrupt`` awaits. An interrupt that did not come from :meth:`interrupt` is complete when the task
+        next yields to the loop."""
+        carriers = self._cancel_once_passed_on.get(interrupt)
+        if carriers is None:
+            asyncio.get_running_loop().call_soon(task.cancel)
+        else:
+            carriers.append(task)
 
     async def _edge(self, frame: Frame, direction: Direction) -> None:
         """A frame left the pipeline: an End out of the tail completes a drain."""

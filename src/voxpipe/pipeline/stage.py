@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from voxpipe.pipeline.audio import AudioFormat
-from voxpipe.pipeline.frames import ControlFrame, Direction, End, Frame, Interrupt
+from voxpipe.pipeline.errors import as_failure
+from voxpipe.pipeline.frames import Cancel, ControlFrame, Direction, End, Frame, Interrupt
+from voxpipe.pipeline.pacing import in_tick
 
 if TYPE_CHECKING:
     from voxpipe.pipeline.clock import Clock
@@ -113,12 +115,15 @@ class Stage:
             if isinstance(frame, Interrupt):
                 await self._take_interrupt(frame, direction)
                 return
+            if isinstance(frame, Cancel):
+                self.pipeline.cancel()  # abort: run() stops every stage and cancels their work, queued or not
+                return
         elif frame.interruptible and frame.epoch < self.epoch:
             return
         try:
             await self.process(frame, direction)
-        except Exception as exc:
-            await self.pipeline._stage_failed(self, exc, frame)
+        except (Exception, asyncio.CancelledError) as exc:
+            await self.pipeline._stage_failed(self, as_failure(exc), frame)
 
     async def _take_interrupt(self, interrupt: Interrupt, direction: Direction) -> None:
         if interrupt.epoch <= self.epoch:
@@ -126,8 +131,8 @@ class Stage:
         self.epoch = interrupt.epoch
         try:
             await self.on_interrupt(interrupt)
-        except Exception as exc:
-            await self.pipeline._stage_failed(self, exc, interrupt)
+        except (Exception, asyncio.CancelledError) as exc:
+            await self.pipeline._stage_failed(self, as_failure(exc), interrupt)
         await self.push(interrupt, direction)
 
     # ------------------------------------------------------------------------------- conveniences
@@ -164,6 +169,11 @@ class QueuedStage(Stage):
     inbox loses its stale frames, and if the worker is busy with stale work, the worker task is cancelled (its
     provider call unwinds at its next ``await``) and a fresh worker takes over the inbox. The old worker may still
     run its clean-up; anything it emits is stale and dropped by :meth:`push`.
+
+    A full inbox makes the sender wait (back-pressure), except a metronome tick: a real-time source cannot be
+    slowed, and the metronome's wait would stall every call on the clock. The frame is queued beyond
+    ``max_queued`` and the stage reports, once until its inbox has room again, that it is behind real time. Once
+    the run is over no sender waits: its frame is dropped.
     """
 
     max_queued: int = 512
@@ -177,6 +187,7 @@ class QueuedStage(Stage):
         self._space: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._busy_with: Frame | None = None
+        self._behind_reported = False  # a tick overfilled the inbox; cleared once it has room again
 
     @property
     def queued(self) -> int:
@@ -195,14 +206,39 @@ class QueuedStage(Stage):
             return
         if frame.interruptible and frame.epoch < self.epoch:
             return
-        while len(self._inbox) >= self.max_queued:  # back-pressure on the sender
-            if self._space is None:
-                self._space = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._space)
+        if len(self._inbox) >= self.max_queued:
+            if in_tick():
+                self._fell_behind()
+            elif not await self._wait_for_space():
+                return  # the run is over: nobody will take the frame
         self._inbox.append(frame)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
+
+    async def _wait_for_space(self) -> bool:
+        """Back-pressure: wait until the worker has taken a frame from the full inbox (before the run, queue: the
+        worker starts with it). False when the run is over first: nobody will take the frame."""
+        run = self.pipeline._done
+        while run is not None and len(self._inbox) >= self.max_queued:
+            if run.done():
+                return False
+            if self._space is None:
+                self._space = asyncio.get_running_loop().create_future()
+            # Not awaited directly: a waiter cancelled must not cancel the future the other waiters share.
+            await asyncio.wait((self._space, run), return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    def _fell_behind(self) -> None:
+        if self._behind_reported:
+            return
+        self._behind_reported = True
+        problem = (
+            f"behind real time: {len(self._inbox) + 1} frames queued (max_queued={self.max_queued}); the real-time "
+            "source does not wait, so the inbox keeps growing until the stage catches up"
+        )
+        # In its own task: the report travels upstream through stages, and the metronome's tick must not wait.
+        self.spawn(self.report(problem), name=f"{self.name}-behind")
 
     async def _take_interrupt(self, interrupt: Interrupt, direction: Direction) -> None:
         if interrupt.epoch > self.epoch:
@@ -214,17 +250,23 @@ class QueuedStage(Stage):
             busy = self._busy_with
             if busy is not None and busy.interruptible and busy.epoch < epoch and self._worker is not None:
                 stale_worker, self._busy_with = self._worker, None
-                if stale_worker is not asyncio.current_task():  # raised by its own work: that returns on its own
+                if stale_worker is asyncio.current_task():
+                    # The stale work raised this interrupt itself (a stage after it failed on a frame it pushed):
+                    # it carries the interrupt, so it is cancelled only once the interrupt has been passed on.
+                    self.pipeline.cancel_once_passed_on(interrupt, stale_worker)
+                else:
                     stale_worker.cancel()
                 self._start_worker()
         await super()._take_interrupt(interrupt, direction)
 
     def _release_space(self) -> None:
-        space = self._space
-        if space is not None and len(self._inbox) < self.max_queued:
-            self._space = None
-            if not space.done():
-                space.set_result(None)
+        if len(self._inbox) < self.max_queued:
+            self._behind_reported = False
+            space = self._space
+            if space is not None:
+                self._space = None
+                if not space.done():
+                    space.set_result(None)
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -241,12 +283,13 @@ class QueuedStage(Stage):
             self._busy_with = frame
             try:
                 await self.process(frame, DOWNSTREAM)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                failure = as_failure(exc)  # re-raises this worker's own cancellation
                 # Done with the frame before the failure is handled: a skip-turn interrupt raised from here must
                 # not find this worker busy with stale work and cancel it, the task carrying that interrupt.
                 if self._worker is me:
                     self._busy_with = None
-                await self.pipeline._stage_failed(self, exc, frame)
+                await self.pipeline._stage_failed(self, failure, frame)
             finally:
                 if self._worker is me:
                     self._busy_with = None

@@ -31,6 +31,7 @@ class PacedStage(Stage):
         """One period is due at clock time ``now``."""
         raise NotImplementedError
 
-    def _tick_failed(self, exc: BaseException) -> None:
-        assert isinstance(exc, Exception)
-        self.spawn(self.pipeline._stage_failed(self, exc, None), name=f"{self.name}-tick-failed")
+    def _tick_failed(self, exc: Exception) -> None:
+        # Called in the metronome's task, which every call on the clock shares: the error policy (a skip-turn
+        # interrupt may wait on providers) runs in a task of this pipeline instead.
+        self.pipeline.fail_later(self, exc)
