@@ -266,6 +266,38 @@ def test_a_reply_cut_before_any_of_it_played_ends_its_turn_at_the_cut():
     assert not second.interrupted and "out.done" in second.marks
 
 
+@pytest.mark.parametrize("hang_up_at", [0.3, 1.5])  # before the reply's first audio (0.5 s to first token), mid-reply
+def test_a_call_ended_mid_reply_keeps_only_what_the_caller_heard(hang_up_at):
+    clock = VirtualClock()
+    tracer = Tracer()
+    audio = AudioFormat(16000)
+    conversation = Conversation()
+    turns = TurnTaker(conversation)
+    llm = ScriptedLLM(["one two three four five six seven eight nine ten"], ttft_s=0.5)
+    pipeline = Pipeline([turns, llm, ScriptedTTS(audio), PlayoutOutput(audio)], clock=clock, tracer=tracer)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.1)
+        await turns.receive(UserSpeechStarted(at=clock.now()), DOWNSTREAM)
+        await clock.sleep(0.5)
+        await turns.receive(UserSpeechStopped(at=clock.now(), last_voiced_at=clock.now() - 0.2), DOWNSTREAM)
+        await turns.receive(Transcript(text="tell me the numbers", final=True), DOWNSTREAM)
+        await clock.sleep(hang_up_at)
+        pipeline.cancel()  # the caller hangs up
+        await running
+
+    clock.run(main())
+    [record] = tracer.turns
+    assert record.interrupted and record.marks["out.interrupted"] == approx(0.6 + hang_up_at)
+    first_play = record.marks.get("out.first_play", 0.6 + hang_up_at)
+    assert record.played_s == approx(0.6 + hang_up_at - first_play, abs=0.001), "cut at the hang-up"
+    said = " ".join(record.heard)
+    assert "ten" not in said and "one two three four five six seven eight nine ten".startswith(said)
+    bot = [m for m in conversation.messages if m.role == "assistant"]
+    assert [m.text for m in bot] == ([said] if said else []), "the conversation keeps only what was heard"
+
+
 def test_a_reply_without_audio_is_done_when_its_synthesis_ends():
     clock = VirtualClock()
     tracer = Tracer()

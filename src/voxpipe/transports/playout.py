@@ -185,7 +185,21 @@ class PlayoutOutput(PacedStage):
         epoch = self._reply_epoch
         if epoch is None or epoch >= interrupt.epoch:
             return
-        now = self.clock.now()
+        await self._end_reply(self.clock.now())
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def stop(self) -> None:
+        # The call ends (hung up, cancelled, failed) while a reply is owed: the end of the call cuts it like a
+        # barge-in, so the trace and the conversation keep what the caller heard, not the whole reply as if spoken.
+        if self._reply_epoch is not None:
+            await self._end_reply(self.clock.now())
+        await super().stop()
+
+    async def _end_reply(self, now: float) -> None:
+        """The reply owed ends at ``now``: played in full, cut while playing, or cut before any of it played."""
+        epoch = self._reply_epoch
+        assert epoch is not None
         if self._started and self._tts_done and not self._buffer and now >= self._playing_until:
             # Played in full: the tick that reports it is just not due yet. Nothing was cut.
             await self._finish(self._playing_until, interrupted=False)
@@ -198,8 +212,6 @@ class PlayoutOutput(PacedStage):
             self._buffer.clear()
             self._reply_epoch = None
             self.mark("out.interrupted", epoch, at=now, heard=[], played_s=0.0)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
 
     def _cut(self, now: float) -> None:
         """Drop what is queued, and stop the audio playing now at ``now``: only what played counts as heard."""
