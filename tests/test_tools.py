@@ -2,16 +2,22 @@
 and an audit log — tested with the scripted LLM, so no provider is involved."""
 
 import asyncio
+import functools
 import json
+import threading
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import pytest
+from pydantic import Field
 
+from tests.helpers import Collect, Tap
 from voxpipe.call import run_call
 from voxpipe.config import ConfigError, parse_config
 from voxpipe.config.build import config_tools
-from voxpipe.stages.tools import Tool, ToolError
-from voxpipe.testing import Say, ScriptedReply
+from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, ToolResult
+from voxpipe.stages.tools import Tool, ToolError, tools_by_name
+from voxpipe.testing import Say, ScriptedLLM, ScriptedReply
 
 
 async def book_table(name: str, people: int, time: str = "19:00") -> dict:
@@ -78,6 +84,83 @@ async def test_results_json_cannot_carry_are_a_clear_error_and_dataclasses_are_f
     assert await Tool.of(slot).invoke({}) == {"time": "20:00"}
     with pytest.raises(ToolError, match="returned a object, which cannot be sent to the model as JSON"):
         await Tool.of(handle).invoke({})
+
+
+def test_annotated_constraints_and_descriptions_reach_the_schema_and_the_argument_check():
+    async def book(
+        people: Annotated[int, Field(ge=1, le=12, description="how many people (1-12)")],
+        time: Annotated[str, Field(pattern=r"^\d\d:\d\d$")],
+    ) -> str:
+        """Book a table.
+
+        Args:
+            time: when, as HH:MM
+        """
+        return "booked"
+
+    tool = Tool.of(book)
+    properties = tool.input_schema()["properties"]
+    assert properties["people"] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 12,
+        "description": "how many people (1-12)",
+    }
+    assert properties["time"]["pattern"] == r"^\d\d:\d\d$" and properties["time"]["description"] == "when, as HH:MM"
+    with pytest.raises(ToolError, match=r"people: Input should be less than or equal to 12; time: String should"):
+        asyncio.run(tool.invoke({"people": 500, "time": "tonight"}))
+
+
+def test_a_partial_or_a_callable_object_is_described_by_the_function_underneath():
+    bookings: list[tuple[object, str]] = []
+
+    def book(db: object, name: str, table: int = 1) -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+            table: which table
+        """
+        bookings.append((db, name))
+        return "booked"
+
+    class Booker:
+        async def __call__(self, name: str) -> str:
+            """Book a table through the booking service.
+
+            Args:
+                name: who for
+            """
+            return f"booked for {name}"
+
+    db = object()
+    for bound in (functools.partial(book, db), functools.partial(book, db=db)):
+        tool = Tool.of(bound)
+        assert tool.name == "book" and tool.description == "Book a table."
+        assert tool.input_schema()["properties"] == {
+            "name": {"type": "string", "description": "who for"},
+            "table": {"type": "integer", "default": 1, "description": "which table"},
+        }, "what the partial binds is the program's, not the model's"
+        assert asyncio.run(tool.invoke({"name": "Rossi"})) == "booked"
+    assert bookings == [(db, "Rossi"), (db, "Rossi")]
+    booker = Tool.of(Booker())
+    assert booker.name == "Booker" and booker.description == "Book a table through the booking service."
+    assert not booker.runs_in_thread
+    assert asyncio.run(booker.invoke({"name": "Rossi"})) == "booked for Rossi"
+
+    def reserve(table: "Table") -> str:  # noqa: F821 - a hint that does not resolve
+        return "reserved"
+
+    with pytest.raises(ToolError, match=r"tool 'reserve': cannot read its signature and type hints \(name 'Table'"):
+        Tool.of(reserve)
+
+
+def test_the_schema_is_built_once_per_tool_and_a_renamed_tool_gets_its_own():
+    tool = Tool.of(book_table)
+    assert tool.spec() is tool.spec(), "pydantic builds the schema once, not on every request"
+    assert tool.input_schema() is tool.spec()["input_schema"]
+    renamed = tools_by_name({"reserve": tool})["reserve"]
+    assert renamed.spec()["name"] == "reserve" and tool.spec()["name"] == "book_table"
 
 
 BOOKING = [Say("Book a table for two at eight, name Rossi.", pause=0.4), Say("Thanks.", pause=0.8)]
@@ -258,3 +341,104 @@ def test_a_tool_path_that_does_not_import_names_the_key():
         )
     assert "tools[0].function: tool path 'voxpipe.demo:no_such_tool'" in str(caught.value)
     assert "has no function 'no_such_tool'" in str(caught.value)
+
+
+@pytest.mark.timeout(20)
+def test_a_tool_that_awaits_something_cancelled_fails_as_a_tool_and_the_call_goes_on(tmp_path):
+    async def lookup() -> str:
+        """Look up a free table (a request shared with another caller, who cancelled it)."""
+        shared = asyncio.get_running_loop().create_future()
+        shared.cancel()
+        return await shared
+
+    reply = ScriptedReply("Sorry, {result}.", tool="lookup")
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools=[Tool.of(lookup)])
+    [entry] = _audit(tmp_path)
+    error = "tool 'lookup' raised CancelledError (it awaited something that was cancelled)"
+    assert entry["outcome"] == "error" and entry["error"] == error, "not taken for the reply being cancelled"
+    assert result.outcome == "ended"
+    assert [turn.data["bot_text"] for turn in result.turns] == [f"Sorry, an error ({error}).", "Bye."]
+
+
+# A sync tool runs in a thread, which nothing can stop. These run the reasoner alone on a real clock, so the thread
+# can be held in the middle of its work while the reply is interrupted or times out.
+
+
+class ReasonerAlone:
+    """ScriptedLLM between a tap (what it sends upstream: tool results for the conversation) and a sink."""
+
+    def __init__(self, reply: ScriptedReply, tool: Tool) -> None:
+        self.audit: list[dict[str, Any]] = []
+        self.audited = asyncio.Event()
+        self.llm = ScriptedLLM([reply], ttft_s=0.0, tools=[tool], audit=self.keep)
+        self.head = Tap("head")
+        self.pipeline = Pipeline([self.head, self.llm, Collect()], clock=RealClock())
+
+    async def start(self, text: str) -> asyncio.Task[str]:
+        running = asyncio.create_task(self.pipeline.run())
+        await asyncio.sleep(0)
+        epoch = self.pipeline.next_epoch()
+        turn = EndOfTurn(epoch=epoch, text=text, at=0.0, context=(Message("user", text),))
+        await self.llm.receive(turn, DOWNSTREAM)
+        return running
+
+    def keep(self, entry: Any) -> None:
+        self.audit.append(entry)
+        self.audited.set()
+
+    def results(self) -> list[ToolResult]:
+        return [seen.frame for seen in self.head.log if isinstance(seen.frame, ToolResult)]
+
+
+class BlockingBooking:
+    """A sync booking tool that holds its thread until released."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.made: list[str] = []
+
+    def book(self, name: str) -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+        """
+        self.started.set()
+        self.release.wait(10)
+        self.made.append(name)
+        return "booked"
+
+
+@pytest.mark.timeout(20)
+async def test_a_barge_in_lets_a_sync_tool_finish_and_keeps_what_it_did():
+    booking = BlockingBooking()
+    tool = Tool.of(booking.book, on_barge_in="cancel")  # a thread cannot be cancelled: "finish" in effect
+    alone = ReasonerAlone(ScriptedReply("Done: {result}.", tool="book", arguments={"name": "Rossi"}), tool)
+    running = await alone.start("Book for Rossi.")
+    assert await asyncio.to_thread(booking.started.wait, 10)
+    await alone.pipeline.interrupt(alone.llm)  # the caller barges in while the thread books
+    booking.release.set()
+    await alone.pipeline.end()
+    assert await running == "ended"
+    assert booking.made == ["Rossi"]
+    [entry] = alone.audit
+    assert entry["outcome"] == "finished-after-barge-in" and entry["result"] == "booked", "not 'cancelled'"
+    assert [result.result for result in alone.results()] == ["booked"], "the booking reaches the conversation"
+
+
+@pytest.mark.timeout(20)
+async def test_a_sync_tool_that_times_out_runs_on_and_what_it_did_is_audited_when_it_ends():
+    booking = BlockingBooking()
+    tool = Tool.of(booking.book, timeout_s=0.05)
+    alone = ReasonerAlone(ScriptedReply("Sorry, {result}.", tool="book", arguments={"name": "Rossi"}), tool)
+    running = await alone.start("Book for Rossi.")
+    await alone.audited.wait()  # the timeout's entry
+    booking.release.set()  # the thread was still booking
+    await alone.pipeline.end()
+    assert await running == "ended"
+    timed_out, late = alone.audit
+    assert timed_out["outcome"] == "timeout"
+    assert timed_out["error"] == "tool 'book' timed out after 0.05 s (its thread runs on)"
+    assert late["outcome"] == "finished-after-timeout" and late["result"] == "booked", "the booking made is on record"
+    assert late["call_id"] == timed_out["call_id"]
+    assert [result.error for result in alone.results()] == [timed_out["error"]], "the model heard it timed out"

@@ -30,11 +30,13 @@ from voxpipe.pipeline import (
     RealClock,
     Stage,
     TextDelta,
+    ToolCall,
     ToolUse,
     Tracer,
 )
 from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings, render_messages
 from voxpipe.stages.cloud import ProviderError
+from voxpipe.stages.tools import Tool
 from voxpipe.testing import Say, ScriptedCaller
 from voxpipe.testing.fakes.anthropic import FakeAnthropic, ToolUseReply
 from voxpipe.testing.fakes.server import Faults
@@ -514,7 +516,116 @@ async def test_the_tool_loop_is_bounded_and_the_last_round_forbids_tools():
         assert len(bodies) == 3
         assert [body.get("tool_choice") for body in bodies] == [None, None, {"type": "none"}]
         assert [len(body["messages"]) for body in bodies] == [1, 3, 5], "each round adds tool_use + tool_result"
-        assert any("still asked for tools after 2 rounds" in e.error for e in turn.pipeline.errors)
+        asked = "the model asked for 'get_weather' after the last tool round (max_tool_rounds=2); not run"
+        assert any(asked in e.error for e in turn.pipeline.errors)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("rounds", [0, 1])
+async def test_a_tool_asked_for_in_the_last_round_is_not_run(rounds):
+    booked: list[str] = []
+
+    async def book(name: str) -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+        """
+        booked.append(name)
+        return "booked"
+
+    always = ToolUseReply("book", {"name": "Rossi"}, text="Booking that.")
+    async with FakeAnthropic(lambda body: always) as fake:
+        turn = Turn(stage(fake, max_tool_rounds=rounds, tools=[book]))
+        assert await turn.run() == "ended"
+        assert len(fake.of("request")) == rounds + 1
+        assert booked == ["Rossi"] * rounds, "no follow-up would carry the last round's result: a side effect unsaid"
+        assert sum(isinstance(frame, ToolCall) for frame in turn.sink.frames) == rounds
+        assert turn.text() == " ".join(["Booking that."] * (rounds + 1)), "what the model said is kept"
+        (problem,) = turn.pipeline.errors
+        assert not problem.fatal
+        assert f"asked for 'book' after the last tool round (max_tool_rounds={rounds}); not run" in problem.error
+
+
+def test_every_request_declares_the_tools_with_schemas_built_once():
+    llm = AnthropicLLM(AnthropicSettings(prewarm=False), api_key="k", tools=[get_weather])
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Weather in Rome?"}]}]
+    first, second = (llm.build_request(messages, SYSTEM, offer_tools=True)["tools"] for _ in range(2))
+    assert first == [Tool.of(get_weather).spec()]
+    assert first[0] is second[0], "pydantic's schema is built once, not on every request of every turn"
+
+
+class SlowToStop(Stage):
+    """Stands before the reasoner and takes a moment to stop, as an STT closing its socket does: the reasoner's
+    work has that long to carry on after the reasoner has stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(name="head")
+
+    async def stop(self) -> None:
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(10)
+async def test_the_call_ending_while_a_finish_tool_runs_sends_no_follow_up():
+    started, release = asyncio.Event(), asyncio.Event()
+    booked: list[str] = []
+
+    async def book(name: str) -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+        """
+        started.set()
+        await release.wait()
+        booked.append(name)
+        return "booked"
+
+    replies = [ToolUseReply("book", {"name": "Rossi"}, text="Let me book that."), "Done, see you tonight."]
+    async with FakeAnthropic(replies) as fake:
+        llm = stage(fake, tools=[Tool.of(book, on_barge_in="finish")])
+        pipeline = Pipeline([SlowToStop(), llm, Collect()], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        turn = EndOfTurn(epoch=pipeline.next_epoch(), text="Book for Rossi.", at=0.0, system=SYSTEM)
+        await llm.receive(turn, DOWNSTREAM)
+        await started.wait()
+        pipeline.cancel("the caller hung up")
+        release.set()  # the booking ends as the call shuts down
+        assert await running == "the caller hung up"
+        assert booked == ["Rossi"], "the stage waited for the booking"
+        assert len(fake.of("request")) == 1, "no follow-up request once the call has ended"
+        assert pipeline.errors == [], "the reply did not resume into a stopped stage"
+
+
+@pytest.mark.timeout(10)
+async def test_the_fake_refuses_a_tool_result_without_its_tool_use_and_tool_blocks_without_tools():
+    import anthropic
+
+    hello = {"role": "user", "content": "Hi."}
+    greeting = {"role": "assistant", "content": [{"type": "text", "text": "Luigi's, hello."}]}
+    orphan = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_never", "content": "18"}]}
+    tool = Tool.of(get_weather).spec()
+    async with FakeAnthropic(["Fine."]) as fake:
+        client = anthropic.AsyncAnthropic(api_key=fake.api_key, base_url=fake.url, max_retries=0)
+
+        async def refusal(tools: list[dict[str, Any]]) -> str:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                async with client.messages.stream(
+                    model="claude-opus-4-7", max_tokens=50, messages=[hello, greeting, orphan], tools=tools
+                ):
+                    pass
+            assert refused.value.body["error"]["type"] == "invalid_request_error"
+            return str(refused.value.body["error"]["message"])
+
+        try:
+            assert (await refusal([tool])).startswith(
+                "messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_never."
+            )
+            assert await refusal([]) == "Requests which include `tool_use` or `tool_result` blocks must define tools."
+        finally:
+            await client.close()
 
 
 @pytest.mark.timeout(10)

@@ -6,7 +6,13 @@ Nothing here imports from ``voxpipe.stages`` or ``voxpipe.transports``.
 from voxpipe.pipeline.audio import AudioFormat
 from voxpipe.pipeline.clock import Clock, RealClock, VirtualClock, wrap_thread_job
 from voxpipe.pipeline.context import Conversation, Message, ToolUse
-from voxpipe.pipeline.errors import AudioFormatError, PipelineBuildError, VoxpipeError
+from voxpipe.pipeline.errors import (
+    AudioFormatError,
+    PipelineBuildError,
+    StrayCancellation,
+    VoxpipeError,
+    being_cancelled,
+)
 from voxpipe.pipeline.frames import (
     AudioFrame,
     BotStartedSpeaking,
@@ -73,6 +79,7 @@ __all__ = [
     "SpeakableChunk",
     "Stage",
     "Start",
+    "StrayCancellation",
     "Summary",
     "TTSAudioFrame",
     "TTSDone",
@@ -91,5 +98,6 @@ __all__ = [
     "VirtualClock",
     "VoxpipeError",
     "WordMark",
+    "being_cancelled",
     "wrap_thread_job",
 ]

@@ -294,15 +294,13 @@ class AnthropicLLM(LLMStage):
         rounds = self.settings.max_tool_rounds
         for round_ in range(rounds + 1):
             reply = _Reply()
-            request = self.build_request(messages, turn.system, offer_tools=round_ < rounds)
-            async with contextlib.aclosing(self._stream_reply(turn, request, reply)) as items:
+            offer_tools = round_ < rounds
+            request = self.build_request(messages, turn.system, offer_tools=offer_tools)
+            async with contextlib.aclosing(self._stream_reply(turn, request, reply, offer_tools)) as items:
                 async for item in items:
                     yield item
             if not reply.tool_calls:
-                return
-            if round_ == rounds:
-                await self.report(f"{PROVIDER}: the model still asked for tools after {rounds} rounds; reply ended")
-                return
+                return  # a text reply, or tool calls not run (the last round, or cut by max_tokens)
             # The follow-up request: the model's own content (text and tool_use blocks), then every result.
             messages = [
                 *messages,
@@ -311,15 +309,16 @@ class AnthropicLLM(LLMStage):
             ]
 
     async def _stream_reply(
-        self, turn: EndOfTurn, request: dict[str, Any], reply: _Reply
+        self, turn: EndOfTurn, request: dict[str, Any], reply: _Reply, offer_tools: bool
     ) -> AsyncGenerator[str | ToolCall, None]:
         """One request: yields its text deltas as they come and, once the response is complete, its tool calls;
         fills ``reply`` with what the follow-up needs.
 
         Tool calls wait for ``message_stop``: a tool must not run on a call the token limit cut short (the SDK
         parses partial input leniently, and a booking for the wrong number of people is a real side effect), and
-        the usage is final by then, also when a barge-in cuts the tool. A response that ends without
-        ``message_stop`` is a failure, not a short reply."""
+        the usage is final by then, also when a barge-in cuts the tool. Nor does a tool run that the request did
+        not offer (``tool_choice: none``, the last round): no follow-up would carry its result. A response that
+        ends without ``message_stop`` is a failure, not a short reply."""
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.name}: the stage is not started")
@@ -357,6 +356,8 @@ class AnthropicLLM(LLMStage):
                     )
                 if progress.stop_reason == "max_tokens":
                     await self._report_cut(reply)
+                elif reply.tool_calls and not offer_tools:
+                    await self._report_not_offered(reply)
                 elif reply.tool_calls:
                     final = await self._read(stream.get_final_message(), progress)
                     reply.content = [_content_block(block) for block in final.content if _worth_sending(block)]
@@ -403,6 +404,15 @@ class AnthropicLLM(LLMStage):
             await self.report(f"{PROVIDER}: the reply reached max_tokens={limit} inside a call of {names}; not run")
         else:
             await self.report(f"{PROVIDER}: the reply reached max_tokens={limit} and was cut there")
+
+    async def _report_not_offered(self, reply: _Reply) -> None:
+        """The model asked for tools the request did not offer (the last round): they are not run."""
+        names = ", ".join(repr(call.name) for call in reply.tool_calls)
+        reply.tool_calls.clear()
+        rounds = self.settings.max_tool_rounds
+        await self.report(
+            f"{PROVIDER}: the model asked for {names} after the last tool round (max_tool_rounds={rounds}); not run"
+        )
 
     async def _read(self, step: Awaitable[_T], progress: _Progress) -> _T:
         """Await one step of the SDK within the current deadline; every failure becomes a ProviderError."""

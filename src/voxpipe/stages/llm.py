@@ -13,6 +13,10 @@ cloud model: a follow-up request carrying the result). Per tool:
   the pipeline owns, and its result is kept in the conversation (a booking made is a booking made);
 * a filler line, spoken if the tool has not answered after ``filler_after_s``.
 
+A sync tool runs in a thread, which nothing can stop. So its barge-in policy is ``"finish"`` whatever it says (a
+"cancelled" booking would still be made, with no record of it), and its timeout ends only the wait: the model hears
+that it timed out, and when the thread ends, a second audit entry (``finished-after-timeout``) records what it did.
+
 Every invocation is appended to the audit log (``audit``, e.g. :class:`ToolAuditLog`) as it finishes, and every
 result travels upstream to the turn-taker, which records it in the conversation.
 """
@@ -36,6 +40,7 @@ from voxpipe.pipeline import (
     TextDelta,
     ToolCall,
     ToolResult,
+    being_cancelled,
 )
 from voxpipe.stages.text import SpeakableChunker
 from voxpipe.stages.tools import Tool, ToolError, ToolsLike, tools_by_name
@@ -62,7 +67,7 @@ class LLMStage(QueuedStage):
         self.audit = audit
         self._new_chunker = chunker
         self.results: dict[str, ToolResult] = {}
-        self._finishing: set[asyncio.Task[None]] = set()  # tools whose policy is "finish", still running
+        self._finishing: set[asyncio.Task[None]] = set()  # "finish" tools (and sync ones), still running
 
     def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
         """Stream the reply to ``turn``: text deltas, and tool calls whose results appear in ``self.results``."""
@@ -118,8 +123,14 @@ class LLMStage(QueuedStage):
         await self.push(ResponseEnd(epoch=epoch, text="".join(text).strip()))
 
     async def stop(self) -> None:
-        """A tool whose policy is "finish" is waited for (its own timeout bounds the wait): the call ending right
-        after a barge-in must not cut a booking in half."""
+        """A tool whose policy is "finish" is waited for (its own timeout bounds the wait, or, for a sync tool, its
+        thread): the call ending right after a barge-in must not cut a booking in half. A reply still under way is
+        cancelled first: a tool finishing during the wait would resume it into a follow-up request as the call
+        shuts down."""
+        reply = self._worker
+        if reply is not None and not reply.done():
+            reply.cancel()
+            await asyncio.wait({reply})
         if self._finishing:
             await asyncio.wait(set(self._finishing))
         await super().stop()
@@ -140,8 +151,9 @@ class LLMStage(QueuedStage):
             known = ", ".join(sorted(self.tools)) or "none"
             await self._finish_tool(call, self.clock.now(), error=f"unknown tool {call.name!r} (known: {known})")
             return
-        if tool.on_barge_in == "finish":
-            # Owned by the pipeline, not by this reply: a barge-in cancels the reply, and the tool runs on.
+        if tool.on_barge_in == "finish" or tool.runs_in_thread:
+            # Owned by the pipeline, not by this reply: a barge-in cancels the reply, and the tool runs on. A sync
+            # tool always does: its thread cannot be stopped, and "cancel" would only lose the record of what it did.
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             running = self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
             self._finishing.add(running)
@@ -169,17 +181,32 @@ class LLMStage(QueuedStage):
         started = self.clock.now()
         self.mark(f"tool.start:{call.call_id}", call.epoch, tool=call.name)
         deadline = asyncio.timeout(tool.timeout_s)
+        invocation = asyncio.ensure_future(tool.invoke(call.arguments))
         try:
             async with deadline:
-                result = await tool.invoke(call.arguments)
+                # A sync tool's thread cannot be stopped: the shield keeps its outcome for when it ends.
+                result = await (asyncio.shield(invocation) if tool.runs_in_thread else invocation)
         except asyncio.CancelledError:
+            if not being_cancelled():
+                # Not this invocation being cancelled: the tool awaited something someone else cancelled. Its error.
+                stray = f"tool {tool.name!r} raised CancelledError (it awaited something that was cancelled)"
+                await self._finish_tool(call, started, error=stray)
+                return
+            invocation.cancel()
             why = "cancelled by a barge-in" if call.epoch < self.epoch else "cancelled: the call ended"
+            if tool.runs_in_thread:  # only when the run itself is cancelled: stop() waits for a sync tool's thread
+                why += " (its thread could not be stopped: what it did is not known)"
             self._audit(call, started, outcome="cancelled", error=why)
             raise
         except TimeoutError as exc:
             if deadline.expired():
                 timed_out = f"tool {tool.name!r} timed out after {tool.timeout_s:g} s"
+                if tool.runs_in_thread:
+                    timed_out += " (its thread runs on)"
                 await self._finish_tool(call, started, error=timed_out, outcome="timeout")
+                if tool.runs_in_thread:
+                    _resolve(done)  # the reply goes on with the timeout; the thread is awaited for the audit only
+                    await self._audit_late_outcome(call, started, invocation)
             else:  # the tool's own deadline (an HTTP client's, say) expired: its failure, not the per-tool timeout
                 await self._finish_tool(call, started, error=f"tool {tool.name!r} raised TimeoutError: {exc}")
         except ToolError as exc:
@@ -189,8 +216,20 @@ class LLMStage(QueuedStage):
         else:
             await self._finish_tool(call, started, result=result)
         finally:
-            if done is not None and not done.done():
-                done.set_result(None)
+            _resolve(done)
+
+    async def _audit_late_outcome(self, call: ToolCall, started: float, invocation: asyncio.Future[Any]) -> None:
+        """A sync tool's thread ran past the tool's timeout: what it did in the end goes to the audit log (the model
+        was told it timed out), and :meth:`stop` waits for it, so the call's audit is complete."""
+        try:
+            result = await invocation
+        except ToolError as exc:
+            self._audit(call, started, outcome="finished-after-timeout", error=str(exc))
+        except Exception as exc:
+            error = f"tool {call.name!r} raised {type(exc).__name__}: {exc}"
+            self._audit(call, started, outcome="finished-after-timeout", error=error)
+        else:
+            self._audit(call, started, outcome="finished-after-timeout", result=result)
 
     async def _finish_tool(
         self,
@@ -234,3 +273,8 @@ class LLMStage(QueuedStage):
         else:
             entry["error"] = error
         self.audit(entry)
+
+
+def _resolve(done: asyncio.Future[None] | None) -> None:
+    if done is not None and not done.done():
+        done.set_result(None)

@@ -12,9 +12,10 @@ line): ``message_start``, ``content_block_start``, ``ping``, ``content_block_del
 
 Request ``n`` gets ``replies[n]`` (cycling), or ``replies(body)`` when ``replies`` is a function of the request's
 JSON body. Like the real API, a request is refused with a 400 ``invalid_request_error`` when a ``tool_use`` in its
-messages has no ``tool_result`` in the next message, when a text block is empty, when the first message is not the
-user's, or when ``anthropic-version`` is missing. (The fake does not play the model: ``tool_choice`` is recorded,
-not obeyed.)
+messages has no ``tool_result`` in the next message, when a ``tool_result`` answers no ``tool_use`` of the message
+before it, when it carries tool blocks but declares no ``tools``, when a text block is empty, when the first message
+is not the user's, or when ``anthropic-version`` is missing. (The fake does not play the model: ``tool_choice`` is
+recorded, not obeyed.)
 
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
@@ -173,9 +174,11 @@ class FakeAnthropic(FakeServer):
             return "messages: at least one message is required"
         if messages[0].get("role") != "user":
             return 'messages: first message must use the "user" role'
-        for i, message in enumerate(messages):
-            content = message.get("content")
-            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+        blocks_of = [_blocks(message) for message in messages]
+        tool_blocks = any(b.get("type") in ("tool_use", "tool_result") for blocks in blocks_of for b in blocks)
+        if tool_blocks and not body.get("tools"):
+            return "Requests which include `tool_use` or `tool_result` blocks must define tools."
+        for i, blocks in enumerate(blocks_of):
             if not blocks:
                 return f"messages.{i}: content must be non-empty"
             for block in blocks:
@@ -183,13 +186,21 @@ class FakeAnthropic(FakeServer):
                     return f"messages.{i}: text content blocks must contain non-whitespace text"
             uses = [b["id"] for b in blocks if b.get("type") == "tool_use"]
             if uses:
-                following = messages[i + 1]["content"] if i + 1 < len(messages) else []
-                answered = {b.get("tool_use_id") for b in following if isinstance(b, dict)}
+                following = blocks_of[i + 1] if i + 1 < len(messages) else []
+                answered = {b.get("tool_use_id") for b in following}
                 missing = [u for u in uses if u not in answered]
                 if missing:
                     return (
                         f"messages.{i + 1}: `tool_use` ids were found without `tool_result` blocks immediately "
                         f"after: {', '.join(missing)}"
+                    )
+            asked = {b.get("id") for b in blocks_of[i - 1] if b.get("type") == "tool_use"} if i else set()
+            for j, block in enumerate(blocks):
+                if block.get("type") == "tool_result" and block.get("tool_use_id") not in asked:
+                    return (
+                        f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block.get('tool_use_id')}. Each `tool_result` block must have a corresponding `tool_use` "
+                        "block in the previous message."
                     )
         return None
 
@@ -393,6 +404,14 @@ class FakeAnthropic(FakeServer):
             await send("error", error)
             return False
         return True
+
+
+def _blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A message's content as blocks (a string is one text block)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [block for block in content or [] if isinstance(block, dict)]
 
 
 @dataclass
