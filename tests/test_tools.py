@@ -16,7 +16,7 @@ from voxpipe.call import run_call
 from voxpipe.config import ConfigError, parse_config
 from voxpipe.config.build import config_tools
 from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, ToolResult
-from voxpipe.stages.tools import Tool, ToolError, tools_by_name
+from voxpipe.stages.tools import Tool, ToolAuditLog, ToolError, tools_by_name
 from voxpipe.testing import Say, ScriptedLLM, ScriptedReply
 
 
@@ -442,3 +442,19 @@ async def test_a_sync_tool_that_times_out_runs_on_and_what_it_did_is_audited_whe
     assert late["outcome"] == "finished-after-timeout" and late["result"] == "booked", "the booking made is on record"
     assert late["call_id"] == timed_out["call_id"]
     assert [result.error for result in alone.results()] == [timed_out["error"]], "the model heard it timed out"
+
+
+def test_a_call_in_a_reused_output_directory_audits_only_its_own_tool_calls(tmp_path):
+    for _ in range(2):
+        run_call(BOOKING, tmp_path, replies=[_booking_reply(), "Bye."], tools={"book_table": Tool.of(book_table)})
+    [entry] = _audit(tmp_path)
+    assert entry["tool"] == "book_table"
+
+
+def test_an_audit_log_asked_to_append_keeps_what_the_file_holds(tmp_path):
+    path = tmp_path / "tools.jsonl"
+    path.write_text('{"tool":"earlier"}\n')
+    log = ToolAuditLog(path, append=True)
+    log({"tool": "book_table"})
+    log.close()
+    assert [entry["tool"] for entry in _audit(tmp_path)] == ["earlier", "book_table"]

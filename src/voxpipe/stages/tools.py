@@ -209,13 +209,16 @@ def import_function(path: str) -> Callable[..., Any]:
 
 
 class ToolAuditLog:
-    """Appends one JSON line per finished tool invocation — arguments, result or error, duration, epoch, outcome
+    """Writes one JSON line per finished tool invocation — arguments, result or error, duration, epoch, outcome
     (``ok``, ``error``, ``timeout``, ``cancelled``, ``finished-after-barge-in``; and ``finished-after-timeout``, a
-    second entry for a sync tool whose thread ran past its timeout) — and flushes it at once."""
+    second entry for a sync tool whose thread ran past its timeout) — and flushes it at once.
 
-    def __init__(self, path: str | Path) -> None:
+    The file starts empty, like the call's other outputs (a reused output directory mixed earlier calls' tool calls
+    into this one's); ``append=True`` keeps what it holds, for a log shared across calls."""
+
+    def __init__(self, path: str | Path, *, append: bool = False) -> None:
         self.path = Path(path)
-        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        self._file: IO[str] = self.path.open("a" if append else "w", encoding="utf-8")
 
     def __call__(self, entry: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(entry, default=repr, separators=(",", ":")) + "\n")
