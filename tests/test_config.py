@@ -12,6 +12,11 @@ from voxpipe.scenario import load_scenario
 SCRIPTED = {kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}
 
 
+def printed(capsys) -> str:
+    """What a command printed, with Rich's line wrapping undone."""
+    return " ".join(capsys.readouterr().out.split())
+
+
 def write(tmp_path, text: str, name: str = "pipeline.yaml"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -89,8 +94,28 @@ def test_env_interpolation_and_missing_variable():
         "a": "key-s3cret",
         "b": ["fallback"],
     }
-    with pytest.raises(ConfigError, match=r"llm\.api_key: refers to the environment variable DEEPGRAM_API_KEY"):
-        interpolate({"llm": {"api_key": "${DEEPGRAM_API_KEY}"}}, {})
+    with pytest.raises(ConfigError, match=r"llm\.model: refers to the environment variable MODEL_DIR"):
+        interpolate({"llm": {"model": "${MODEL_DIR}/gemma.gguf"}}, {})
+
+
+def test_an_unset_variable_in_an_api_key_is_a_missing_key_naming_it(monkeypatch):
+    """The form the missing-key message recommends (api_key: ${VAR}) must not fail where the key is not set:
+    validate needs no keys, and the provider's own check names the variable when a call needs it — never taking
+    another key in its place."""
+    assert interpolate({"stt": {"api_key": "${DEEPGRAM_API_KEY}"}}, {}) == {"stt": {"api_key": "${DEEPGRAM_API_KEY}"}}
+    assert interpolate({"stt": {"api_key": "${DEEPGRAM_API_KEY}"}}, {"DEEPGRAM_API_KEY": "k"}) == {
+        "stt": {"api_key": "k"}
+    }
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    _, settings = parse_config({**SCRIPTED, "stt": {"provider": "deepgram", "api_key": "${DEEPGRAM_API_KEY}"}})
+    assert settings["stt"].api_key_or_none() is None
+    with pytest.raises(ConfigError, match=r"stt\.api_key: no API key for Deepgram: set the environment variable"):
+        settings["stt"].require_api_key("stt")
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "the usual key, maybe another account's")
+    _, settings = parse_config({**SCRIPTED, "stt": {"provider": "deepgram", "api_key": "${MY_DEEPGRAM_KEY}"}})
+    assert settings["stt"].api_key_or_none() is None
+    with pytest.raises(ConfigError, match=r"stt\.api_key refers to \$MY_DEEPGRAM_KEY, which is not set"):
+        settings["stt"].require_api_key("stt")
 
 
 def test_yaml_errors_and_missing_files_name_the_file(tmp_path):
@@ -201,3 +226,129 @@ def test_every_example_config_validates(capsys):
         assert main(["validate", str(path)]) == 0, capsys.readouterr().out
     _, settings = load_config("examples/configs/offline-smart-turn.yaml")
     assert settings["vad"].end_of_turn is not None
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_file_is_the_embedded_stack(tmp_path, text):
+    config, _ = load_config(write(tmp_path, text))
+    assert [config.stage(k).provider for k in ("vad", "stt", "llm", "tts")] == ["silero", "whisper", "llama", "piper"]
+
+
+def test_tools_need_a_reasoner_that_can_call_them(tmp_path, capsys):
+    path = write(tmp_path, "llm: {provider: llama}\ntools: [{function: 'voxpipe.demo:check_availability'}]\n")
+    assert main(["validate", str(path)]) == 1
+    assert "llm.provider: provider 'llama' cannot call tools, and the config gives it 1" in printed(capsys)
+
+
+def test_two_tools_with_the_same_name_are_refused(capsys):
+    tools = [{"function": "voxpipe.demo:check_availability"}, {"function": "voxpipe.demo:book_table"}]
+    with pytest.raises(ConfigError, match=r"tools\[2\]: has the name 'check_availability', as tools\[0\] does"):
+        parse_config({**SCRIPTED, "tools": [*tools, {"function": "voxpipe.demo:check_availability"}]})
+    renamed = {"function": "voxpipe.demo:check_availability", "name": "check_again"}
+    config, _ = parse_config({**SCRIPTED, "tools": [*tools, renamed]})
+    assert len(config.tools) == 3
+
+
+def test_a_top_level_error_does_not_hide_the_stages_errors(tmp_path):
+    """The example in docs/configuration.md, Errors: every problem at once, "allowed" only where it adds."""
+    path = write(
+        tmp_path,
+        """
+        audio: {sample_rate: 44100}
+        vad: {provider: silero, stop_ms: 0}
+        llm: {provider: scripted, temprature: 0.5}
+        tts: {provider: pipr}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).splitlines()[1:] == [
+        "  audio.sample_rate: input should be 8000, 16000, 24000 or 48000",
+        "  vad.stop_ms: input should be greater than 0",
+        "  llm.temprature: is not a known key (allowed: provider, on_error, replies, ttft_s, tokens_per_s)",
+        "  tts.provider: unknown tts provider 'pipr' (allowed: cartesia, elevenlabs, piper, scripted)",
+    ]
+
+
+def test_unknown_keys_name_the_allowed_ones_and_a_bare_provider_says_what_is_expected():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "turn": {"min_speech": 300}, "vad": "silero", "tool": [], "tools": [{"fn": 1}]})
+    message = str(caught.value)
+    assert "turn.min_speech: is not a known key (allowed: min_speech_ms, min_words, backchannels)" in message
+    assert "vad: should be a mapping of keys, not a string (allowed: {provider: silero}" in message
+    assert "stageconfig" not in message.lower()
+    assert "  tool: is not a known key (allowed: version, system_prompt, audio, turn, vad" in message
+    assert "tools[0].fn: is not a known key (allowed: function, name, description, timeout_s" in message
+
+
+def test_pricing_counters_must_be_real_ones():
+    from typing import get_args
+
+    from voxpipe.config.schema import Counter
+    from voxpipe.pipeline.usage import AUDIO_SECONDS, CHARACTERS, INPUT_TOKENS, OUTPUT_TOKENS
+
+    assert set(get_args(Counter)) == {INPUT_TOKENS, OUTPUT_TOKENS, CHARACTERS, AUDIO_SECONDS}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "pricing": {"tts": {"character": 1.0}, "llmm": {}}})
+    message = str(caught.value)
+    assert (
+        "pricing.tts.character: is not a known key (allowed: 'input_tokens', 'output_tokens', 'characters'" in message
+    )
+    assert "pricing.llmm: is not a known key (allowed: 'vad', 'stt', 'llm' or 'tts')" in message
+    config, _ = parse_config({**SCRIPTED, "pricing": {"tts": {"characters": 1.0}}})
+    assert config.pricing == {"tts": {"characters": 1.0}}
+
+
+def test_validate_prints_values_that_look_like_markup_as_they_are(tmp_path, capsys):
+    for provider in ("pipr[bold]x", "pipr[/]"):
+        path = write(tmp_path, f"tts: {{provider: '{provider}'}}\n")
+        assert main(["validate", str(path)]) == 1
+        assert f"unknown tts provider '{provider}'" in printed(capsys)
+
+
+def test_validate_needs_no_key_given_as_an_unset_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    path = write(
+        tmp_path,
+        """
+        vad: {provider: none}
+        stt: {provider: deepgram, api_key: "${DEEPGRAM_API_KEY}", speech_events: true}
+        llm: {provider: scripted}
+        tts: {provider: scripted}
+        """,
+    )
+    assert main(["validate", str(path)]) == 0
+    assert "no API key for Deepgram: a call needs $DEEPGRAM_API_KEY (or stt.api_key)" in printed(capsys)
+    assert main(["validate", "--require-keys", str(path)]) == 1
+
+
+def test_scenario_keys_that_do_not_apply_to_the_step_are_refused(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        steps:
+          - {say: Hello there., during_reply: 0.5, text: ignored}
+          - {noise: 0.2, barge_in: 0.8}
+          - {silence: 2.0, pause: 5.0}
+          - {wav: a.wav, text: My name is Rossi., pause: 0.5}
+        """,
+        "scenario.yaml",
+    )
+    (tmp_path / "a.wav").write_bytes(b"")
+    with pytest.raises(ConfigError) as caught:
+        load_scenario(path)
+    assert str(caught.value).splitlines()[1:] == [
+        "  steps[0].during_reply: does not apply to a say step (allowed: pause, barge_in)",
+        "  steps[0].text: does not apply to a say step (allowed: pause, barge_in)",
+        "  steps[1].barge_in: does not apply to a noise step (allowed: pause, during_reply)",
+        "  steps[2].pause: does not apply to a silence step, which takes no other key",
+    ]
+
+
+def test_an_unreadable_scenario_names_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("steps:\n  - say: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: invalid config\n  \(top level\): cannot be read"):
+        load_scenario(latin1)
+    with pytest.raises(ConfigError, match=r"cannot be read"):
+        load_scenario(tmp_path)

@@ -36,6 +36,15 @@ class CallerVoice(BaseModel):
     max_words: int = Field(60, ge=1, le=400, description="longest line allowed, in words")
 
 
+# Besides its action, the keys each kind of step uses: any other is refused rather than silently dropped.
+STEP_KEYS = {
+    "say": ("pause", "barge_in"),
+    "wav": ("text", "pause", "barge_in"),
+    "noise": ("pause", "during_reply"),
+    "silence": (),
+}
+
+
 class ScenarioStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,10 +59,19 @@ class ScenarioStep(BaseModel):
 
     @model_validator(mode="after")
     def one_action(self) -> ScenarioStep:
-        actions = [name for name in ("say", "wav", "noise", "silence") if getattr(self, name) is not None]
+        actions = [name for name in STEP_KEYS if getattr(self, name) is not None]
         if len(actions) != 1:
             raise ValueError(f"a step needs exactly one of say, wav, noise, silence (this one has {actions or 'none'})")
         return self
+
+    @property
+    def action(self) -> str:
+        return next(name for name in STEP_KEYS if getattr(self, name) is not None)
+
+    def keys_that_do_not_apply(self) -> list[str]:
+        """Keys given that this step's action does not use (``pause`` on a silence, ``barge_in`` on a noise…)."""
+        action = self.action
+        return [key for key in sorted(self.model_fields_set) if key != action and key not in STEP_KEYS[action]]
 
 
 class Scenario(BaseModel):
@@ -84,6 +102,8 @@ def load_scenario(path: str | Path) -> Scenario:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("", "file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot be read ({exc})", file=str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML ({exc})", file=str(path)) from None
     if not isinstance(data, dict) or not data.get("steps"):
@@ -93,9 +113,13 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError.many(_problems(exc), file=str(path)) from None
+        raise ConfigError.many(_problems(exc, model=Scenario), file=str(path)) from None
     problems = []
     for i, step in enumerate(scenario.steps):
+        uses = ", ".join(STEP_KEYS[step.action])
+        for key in step.keys_that_do_not_apply():
+            problem = f"does not apply to a {step.action} step" + ("" if uses else ", which takes no other key")
+            problems.append((f"steps[{i}].{key}", problem, uses))
         words = len((step.say or step.text or "").split())
         if words > scenario.caller.max_words:
             problems.append(

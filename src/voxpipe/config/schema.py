@@ -15,7 +15,7 @@ against the provider's ``Settings`` model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -82,6 +82,11 @@ class ToolConfig(Strict):
     filler_after_s: float = Field(1.5, ge=0, le=60, description="how slow is slow")
 
 
+# The usage counters a price can be set for: voxpipe.pipeline.usage's, spelled out so a misspelled one is an error
+# rather than a price that never applies.
+Counter = Literal["input_tokens", "output_tokens", "characters", "audio_seconds"]
+
+
 class TransportConfig(Strict):
     kind: Literal["simulated"] = Field("simulated", description="where the call's audio comes from and goes")
 
@@ -98,7 +103,7 @@ class PipelineConfig(Strict):
     tts: StageConfig = Field(default_factory=lambda: StageConfig(provider="piper"))
     transport: TransportConfig = Field(default_factory=TransportConfig)
     tools: list[ToolConfig] = Field(default_factory=list)
-    pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[str, Annotated[float, Field(ge=0)]]] = Field(
+    pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[Counter, Annotated[float, Field(ge=0)]]] = Field(
         default_factory=dict,
         description="USD per unit of each usage counter, by stage (input_tokens, output_tokens, characters, "
         "audio_seconds); overrides the provider's list prices in voxpipe.config.prices",
@@ -116,35 +121,81 @@ def _path(location: tuple[int | str, ...]) -> str:
     return out
 
 
-def _problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str, str]]:
+def _problems(
+    error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[tuple[str, str, str]]:
+    """Each error as (key path, problem, what is allowed); ``model`` (the one validated) names the keys allowed
+    where an unknown one was given."""
     problems = []
     for item in error.errors():
-        path = _path(tuple(item["loc"]))
+        location = tuple(item["loc"])
+        bad_key = location[-1:] == ("[key]",)  # a mapping's key outside its choices (pricing's)
+        if bad_key:
+            location = location[:-1]
+        path = _path(location)
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
-        allowed = ""
         context = item.get("ctx") or {}
-        if "expected" in context:
-            allowed = str(context["expected"])
-        if item["type"] == "extra_forbidden":
-            problems.append((path, "is not a known key", ""))
-            continue
-        problems.append((path, item["msg"].lower(), allowed))
+        if bad_key:
+            problems.append((path, "is not a known key", str(context.get("expected", ""))))
+        elif item["type"] == "extra_forbidden":
+            fields = _fields_of(_annotation_at(model, location[:-1])) if model is not None else []
+            problems.append((path, "is not a known key", ", ".join(fields)))
+        elif item["type"] == "model_type":
+            problems.append((path, *_not_a_mapping(location, item["input"], model)))
+        else:
+            message = item["msg"].lower()
+            allowed = str(context.get("expected", ""))
+            problems.append((path, message, "" if allowed.lower() in message else allowed))
     return problems
 
 
+def _annotation_at(model: Any, location: tuple[int | str, ...]) -> Any:
+    """The type expected at ``location`` inside ``model`` (None where the schema does not say)."""
+    annotation = model
+    for part in location:
+        if isinstance(part, int):
+            annotation = next(iter(get_args(annotation)), None)  # list[X] -> X
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
+        else:
+            return None
+    return annotation
+
+
+def _fields_of(annotation: Any) -> list[str]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _not_a_mapping(location: tuple[int | str, ...], given: Any, model: type[BaseModel] | None) -> tuple[str, str]:
+    """(problem, allowed) for a value given where a mapping of keys is expected."""
+    kind = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "a list"}
+    problem = f"should be a mapping of keys, not {kind.get(type(given), 'empty' if given is None else 'a value')}"
+    expected = _annotation_at(model, location)
+    if expected is StageConfig:
+        name = given if isinstance(given, str) and given else "NAME"
+        return problem, f"{{provider: {name}}}, with that provider's settings"
+    return problem, ", ".join(_fields_of(expected))
+
+
 def parse_config(data: Any, registry: Registry | None = None) -> tuple[PipelineConfig, dict[str, Any]]:
-    """Validate a config mapping; returns the config and each stage's validated provider settings."""
+    """Validate a config mapping; returns the config and each stage's validated provider settings. Every problem
+    is reported at once: a top-level one does not hide those of the stages and tools that parsed."""
+    if data is None:  # an empty file, or one of comments only: every default (the embedded stack)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError("", f"the file must hold a mapping of keys, not {type(data).__name__}")
     data = interpolate(data)
+    problems: list[tuple[str, str, str]] = []
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError.many(_problems(exc)) from None
+        problems += _problems(exc, model=PipelineConfig)
+        config = _without_failed_keys(data, exc, problems)
     registry = registry or Registry.discover()
     settings: dict[str, Any] = {}
-    problems: list[tuple[str, str, str]] = []
     for kind in KINDS:
         stage = config.stage(kind)
         try:
@@ -152,6 +203,7 @@ def parse_config(data: Any, registry: Registry | None = None) -> tuple[PipelineC
             settings[kind] = provider.Settings.model_validate(stage.settings)
         except ConfigError as exc:
             problems += exc.problems
+            continue
         except ValidationError as exc:
             problems += [
                 (
@@ -161,12 +213,39 @@ def parse_config(data: Any, registry: Registry | None = None) -> tuple[PipelineC
                 )
                 for path, problem, allowed in _problems(exc, kind)
             ]
+            continue
+        if kind == "llm" and config.tools and not _supports_tools(provider):
+            problems.append(
+                (
+                    "llm.provider",
+                    f"provider {stage.provider!r} cannot call tools, and the config gives it {len(config.tools)}",
+                    "a reasoner that can, such as anthropic or scripted; or no tools",
+                )
+            )
     for kind, validated in settings.items():
         problems += _missing_model_files(kind, validated)
     problems += _tool_problems(config)
     if problems:
         raise ConfigError.many(problems)
     return config, settings
+
+
+def _without_failed_keys(
+    data: dict[str, Any], error: ValidationError, problems: list[tuple[str, str, str]]
+) -> PipelineConfig:
+    """The config without the top-level keys that failed (their defaults instead), so the stages and tools that
+    parsed are still checked; the failures are already in ``problems``."""
+    failed = {item["loc"][0] for item in error.errors() if item["loc"]}
+    try:
+        return PipelineConfig.model_validate({key: value for key, value in data.items() if key not in failed})
+    except ValidationError:  # not expected: top-level keys are checked independently
+        raise ConfigError.many(problems) from None
+
+
+def _supports_tools(provider: type) -> bool:
+    from voxpipe.stages.llm import LLMStage  # the stages are imported only when a config needs them
+
+    return issubclass(provider, LLMStage) and provider.supports_tools
 
 
 MODEL_FILE_KEYS = ("model", "model_path", "voice")
@@ -186,20 +265,32 @@ def _missing_model_files(kind: str, settings: BaseModel) -> list[tuple[str, str,
 
 
 def _tool_problems(config: PipelineConfig) -> list[tuple[str, str, str]]:
-    """Each configured tool must import and be describable to a model (type hints on every argument)."""
+    """Each configured tool must import and be describable to a model (type hints on every argument), and no two
+    may have the same name (the model calls a tool by its name)."""
     from voxpipe.config.build import config_tools  # build imports the stages; keep the schema light
 
     problems = []
+    named: dict[str, int] = {}  # tool name -> index of the first tool with it
     for index, tool in enumerate(config.tools):
         try:
-            config_tools(PipelineConfig(tools=[tool]))
+            (name,) = config_tools(PipelineConfig(tools=[tool]))
         except ToolError as exc:
             problems.append((f"tools[{index}].function", str(exc), "'package.module:function' with type hints"))
+            continue
+        if name in named:
+            problems.append(
+                (
+                    f"tools[{index}]",
+                    f"has the name {name!r}, as tools[{named[name]}] does: the model calls tools by name",
+                    "a name of its own, given with name:",
+                )
+            )
+        named.setdefault(name, index)
     return problems
 
 
 def _allowed_keys(model: type[BaseModel]) -> str:
-    return ", ".join(["provider", *model.model_fields])
+    return ", ".join(["provider", "on_error", *model.model_fields])
 
 
 def load_config(path: str | Path, registry: Registry | None = None) -> tuple[PipelineConfig, dict[str, Any]]:

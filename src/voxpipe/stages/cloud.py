@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from voxpipe.config.env import unset_reference
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline.errors import VoxpipeError
 
@@ -35,20 +36,31 @@ class CloudSettings(BaseModel):
     api_key: SecretStr | None = None
 
     def api_key_or_none(self) -> str | None:
-        """The key from the config, else from ``$api_key_env``; None if neither has one."""
+        """The key from the config, else from ``$api_key_env``; None if neither has one (or the config's
+        ``api_key: ${VAR}`` names a variable that was not set: no other key is taken in its place)."""
         given = self.api_key.get_secret_value() if self.api_key is not None else ""
+        if unset_reference(given) is not None:
+            return None
         return given or os.environ.get(self.api_key_env) or None
 
+    def key_variable(self) -> str:
+        """The environment variable a call takes the key from: the config's ``api_key: ${VAR}``, else the usual one."""
+        given = self.api_key.get_secret_value() if self.api_key is not None else ""
+        return unset_reference(given) or self.api_key_env
+
     def require_api_key(self, kind: str) -> str:
-        """The key; a :class:`ConfigError` at ``kind.api_key`` naming both places to put one if there is none."""
+        """The key; a :class:`ConfigError` at ``kind.api_key`` naming where to put one if there is none."""
         key = self.api_key_or_none()
         if key is None:
-            env = self.api_key_env
-            raise ConfigError(
-                f"{kind}.api_key",
-                f"no API key for {self.service_name}: set the environment variable {env} (or {kind}.api_key, e.g. "
-                f"api_key: ${{{env}}})",
-            )
+            env = self.key_variable()
+            if env != self.api_key_env:
+                problem = f"no API key for {self.service_name}: {kind}.api_key refers to ${env}, which is not set"
+            else:
+                problem = (
+                    f"no API key for {self.service_name}: set the environment variable {env} (or {kind}.api_key, "
+                    f"e.g. api_key: ${{{env}}})"
+                )
+            raise ConfigError(f"{kind}.api_key", problem)
         return key
 
 
