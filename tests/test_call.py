@@ -118,6 +118,15 @@ def test_empty_script_is_a_clear_error(tmp_path):
         (["--scripted", "--config", "examples/configs/cloud.yaml"], "--scripted and --config: give one"),
         (["--scripted", "--realtime", "--virtual-time"], "--realtime and --virtual-time: give one"),
         (["--config", "examples/configs/cloud.yaml", "--virtual-time"], "stt.provider: Deepgram is a network service"),
+        (
+            ["--scenario", "examples/scenarios/booking.yaml", "--caller", "caller.wav"],
+            "--caller and --scenario: give one",
+        ),
+        (["--scripted", "--caller", "caller.wav"], "--caller: the scripted STT does not listen to audio"),
+        (
+            ["--config", "examples/configs/cloud.yaml", "--fake-providers", "--caller", "caller.wav"],
+            "--caller: the faked deepgram STT does not listen to audio",
+        ),
     ],
 )
 def test_cli_call_refuses_flags_that_cannot_go_together(tmp_path, capsys, flags, says):

@@ -4,7 +4,8 @@
 
 * ``recording.wav`` — stereo, caller left, bot right, as the transport saw them;
 * ``trace.jsonl`` — one record per turn, written as each turn finishes;
-* ``transcript.json`` — the turns, who spoke, interrupted flags and the words the caller heard;
+* ``transcript.json`` — the turns, who spoke, interrupted flags and the words the caller heard (also written as
+  each turn finishes, ``"status": "running"``, so a killed call keeps its turns);
 * ``report.html`` — the per-turn report;
 * ``tools.jsonl`` — one line per tool invocation, as it finishes (only when the reasoner has tools).
 
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,8 @@ from voxpipe.transports.simulated import SimulatedInput
 
 ARTEFACTS = ("recording.wav", "trace.jsonl", "transcript.json", "report.html")
 
+log = logging.getLogger("voxpipe.call")
+
 
 @dataclass
 class CallResult:
@@ -65,6 +69,7 @@ class CallResult:
     outcome: str
     usage: dict[str, dict[str, float]] = field(default_factory=dict)
     cost_usd: dict[str, float] = field(default_factory=dict)
+    unwritten: dict[str, str] = field(default_factory=dict)  # artefact -> why it could not be written
 
 
 def scripted_pipeline(
@@ -137,9 +142,11 @@ def run_call(
     policy: TurnPolicy | None = None,
     tools: dict[str, Any] | None = None,
     on_turn: Callable[[TurnRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     sample_rate: int = 16000,
 ) -> CallResult:
-    """Run a scripted call (providers scripted in code) to the end and write its artefacts into ``out_dir``."""
+    """Run a scripted call (providers scripted in code) to the end and write its artefacts into ``out_dir``;
+    ``on_turn`` and ``on_start`` as for :func:`run_pipeline_call`."""
     clock = clock or VirtualClock()
     caller = ScriptedCaller(script, sample_rate)
     recorder = StereoRecorder(sample_rate)
@@ -159,7 +166,7 @@ def run_call(
             tool_audit=audit,
             audio=AudioFormat(sample_rate),
         )
-        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn)
+        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=on_start)
     finally:
         if audit is not None:
             audit.close()
@@ -174,6 +181,7 @@ def run_configured_call(
     clock: Clock | None = None,
     caller_voice: Voice | None = None,
     on_turn: Callable[[TurnRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     registry: Registry | None = None,
     tools: dict[str, Any] | None = None,
     reply_timeout_s: float = 10.0,
@@ -210,7 +218,9 @@ def run_configured_call(
             registry=registry,
         )
         prices = price_table(providers, config.pricing)
-        result = run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, prices=prices)
+        result = run_pipeline_call(
+            pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=on_start, prices=prices
+        )
     return result
 
 
@@ -222,15 +232,21 @@ def run_pipeline_call(
     out_dir: str | Path,
     *,
     on_turn: Callable[[TurnRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     prices: Prices | None = None,
 ) -> CallResult:
     """Run ``pipeline`` to the end on its clock and write the four artefacts; ``prices`` (USD per unit, by stage)
-    put a cost on each turn's usage and on the call's.
+    put a cost on each turn's usage and on the call's. ``on_turn(record)`` is called as each turn finishes (an
+    exception from it is logged; it never fails the call), ``on_start()`` once the call is about to start: from then
+    on, the output directory holds this call, whatever happens.
 
-    The trace is written turn by turn as the call goes, and rewritten with the settled records at its end. If the
-    call fails, the recording, transcript and report of what happened so far are still written, ``transcript.json``
-    says ``"status": "failed"`` with the error, and the exception is re-raised — the directory is never silently
-    half-written.
+    The trace and the transcript (``"status": "running"``) are written turn by turn as the call goes, so a process
+    killed outright keeps the turns it finished; both are rewritten with the settled records at the end. If the call
+    fails (or is interrupted: Ctrl-C, or SIGTERM in the CLI), the recording, transcript and report of what happened
+    so far are still written, ``transcript.json`` says ``"status": "failed"`` with the error, and the exception is
+    re-raised — the directory is never silently half-written. Each artefact is written on its own: one that cannot
+    be written is logged and named in :attr:`CallResult.unwritten`, and neither stops the others nor changes the
+    call's outcome.
     """
     from voxpipe.report import write_report  # the report pulls in more than a call needs to run
 
@@ -242,42 +258,100 @@ def run_pipeline_call(
         if "usage" in record.data:
             record.data["cost_usd"] = cost(record.data["usage"], prices)
 
-    tracer.on_turn(price_turn)  # before the writer, so the trace line carries it
+    def write_transcript(status: dict[str, Any]) -> None:
+        turns = sorted(tracer.turns, key=lambda r: r.turn)
+        document = _transcript_document(status, turns, conversation, pipeline, prices)
+        _replace_file(out / "transcript.json", json.dumps(document, indent=2))
+
     writer = JsonlTraceWriter(out / "trace.jsonl")
-    tracer.on_turn(writer)
+    tracer.on_turn(_logged(price_turn, "pricing the turn"))  # before the writer, so the trace line carries it
+    tracer.on_turn(_logged(writer, "writing trace.jsonl"))
+    tracer.on_turn(_logged(lambda _: write_transcript({"status": "running"}), "writing transcript.json"))
     if on_turn is not None:
-        tracer.on_turn(on_turn)
+        tracer.on_turn(_logged(on_turn, "the on_turn observer"))
     clock = pipeline.clock
     outcome, error = "failed", None
     try:
+        if on_start is not None:
+            on_start()
         run = clock.run if isinstance(clock, VirtualClock) else asyncio.run
         outcome = run(pipeline.run())
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        error = _error_text(exc)
         raise
     finally:
-        recorder.write(out / "recording.wav")
+        unwritten: dict[str, str] = {}
+
+        def attempt(name: str, write: Callable[[], Any]) -> None:
+            try:
+                write()
+            except Exception as exc:
+                unwritten[name] = f"{type(exc).__name__}: {exc}"
+                log.exception("could not write %s", out / name)
+
+        attempt("recording.wav", lambda: recorder.write(out / "recording.wav"))
         turns = sorted(tracer.turns, key=lambda r: r.turn)
         for record in turns:
             price_turn(record)  # again: usage counted after a turn finished (a cut reply's stream closing)
-        writer.rewrite(turns)
-        transcript = transcript_of(turns)
+        attempt("trace.jsonl", lambda: writer.rewrite(turns))
         status = {"status": "failed", "error": error} if error else {"status": outcome}
-        usage = {stage: dict(counts) for stage, counts in pipeline.usage.totals.items()}
-        call_cost = cost(usage, prices)
-        document = {
-            **status,
-            "system": conversation.system,
-            "turns": transcript,
-            "conversation": [_message_json(m) for m in conversation.messages],
-            "errors": [{"stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
-            "usage": usage,
-            "cost_usd": call_cost,
-        }
-        (out / "transcript.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
+        attempt("transcript.json", lambda: write_transcript(status))
+        transcript = transcript_of(turns)
         summary = Summary.of(turns)
-        write_report(out / "report.html", turns, summary, transcript, recording=out / "recording.wav")
-    return CallResult(out, turns, summary, conversation, transcript, outcome, usage, call_cost)
+        report, recording = out / "report.html", out / "recording.wav"
+        attempt("report.html", lambda: write_report(report, turns, summary, transcript, recording=recording))
+    usage = _usage_of(pipeline)
+    return CallResult(out, turns, summary, conversation, transcript, outcome, usage, cost(usage, prices), unwritten)
+
+
+def _logged(observer: Callable[[TurnRecord], Any], what: str) -> Callable[[TurnRecord], None]:
+    """``observer``, with an exception from it logged instead of raised: it runs inside the pipeline, where an
+    exception would end the call."""
+
+    def observe(record: TurnRecord) -> None:
+        try:
+            observer(record)
+        except Exception:
+            log.exception("%s failed on turn %d; the call goes on", what, record.turn)
+
+    return observe
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt: the call was interrupted (Ctrl-C, or SIGTERM in the voxpipe command)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _usage_of(pipeline: Pipeline) -> dict[str, dict[str, float]]:
+    return {stage: dict(counts) for stage, counts in pipeline.usage.totals.items()}
+
+
+def _transcript_document(
+    status: dict[str, Any],
+    turns: list[TurnRecord],
+    conversation: Conversation,
+    pipeline: Pipeline,
+    prices: Prices,
+) -> dict[str, Any]:
+    """What ``transcript.json`` holds: the call's status, turns, conversation, errors, usage and cost."""
+    usage = _usage_of(pipeline)
+    return {
+        **status,
+        "system": conversation.system,
+        "turns": transcript_of(turns),
+        "conversation": [_message_json(m) for m in conversation.messages],
+        "errors": [{"stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
+        "usage": usage,
+        "cost_usd": cost(usage, prices),
+    }
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``path`` atomically: a reader (or a kill mid-write) sees the old content or the new, never half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def _message_json(message: Message) -> dict[str, Any]:

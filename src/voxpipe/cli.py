@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from voxpipe.pipeline import RealClock, Summary, TurnRecord, VirtualClock
+from voxpipe.pipeline import Clock, RealClock, Summary, TurnRecord, VirtualClock
+
+if TYPE_CHECKING:
+    from voxpipe.call import CallResult
+
+# Everything printed that voxpipe did not write itself (the caller's words, paths, error messages) goes through
+# rich.markup.escape: Rich would read "[/]" in it as markup and fail, or drop "[cloud]" from "voxpipe[cloud]".
 
 
 def _turn_line(record: TurnRecord) -> str:
     v2v = f"{record.voice_to_voice_ms:7.1f} ms" if record.voice_to_voice_ms is not None else "   no reply"
     flag = " [yellow]interrupted[/]" if record.interrupted else ""
-    said = record.data.get("user_text", "")
+    said = escape(record.data.get("user_text", ""))
     return f"turn {record.turn}: voice-to-voice {v2v}{flag}  [dim]{said}[/]"
 
 
@@ -95,73 +107,154 @@ def _script_and_voice(args: argparse.Namespace, scripted: bool) -> tuple[list, A
 
 
 def cmd_call(args: argparse.Namespace, console: Console) -> int:
-    from voxpipe import demo
-    from voxpipe.call import ARTEFACTS, run_call, run_configured_call
-    from voxpipe.config import ConfigError, load_config, parse_config
+    from voxpipe.call import ARTEFACTS
+    from voxpipe.config import ConfigError
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        console.print(f"[red]error:[/] --out {out}: exists and is not a directory")
+        console.print(f"[red]error:[/] --out {escape(str(out))}: exists and is not a directory")
         return 2
     clash = _clashing_flags(args)
     if clash is not None:
         console.print(f"[red]error:[/] {clash}")
         return 2
-    turns_done: list[TurnRecord] = []
+    started = False  # whether the call itself began: from then on, out holds this call's artefacts
+
+    def on_start() -> None:
+        nonlocal started
+        started = True
 
     def progress(record: TurnRecord) -> None:
-        turns_done.append(record)
         console.print(_turn_line(record))
 
+    def holds_the_call_up_to(what: str) -> str:
+        return f"[yellow]{escape(str(out))} holds the call up to the {what} (transcript.json says status: failed)[/]"
+
     try:
-        if args.scripted and not args.config and not args.scenario and not args.caller:
-            console.print("[bold]voxpipe call[/] — the built-in booking call, scripted providers, virtual time")
-            clock = RealClock() if args.realtime else VirtualClock()
-            result = run_call(demo.SCRIPT, out, replies=demo.REPLIES, clock=clock, tools=demo.TOOLS, on_turn=progress)
+        with _sigterm_as_ctrl_c():
+            result = _run_call(args, console, out, on_turn=progress, on_start=on_start)
+    except KeyboardInterrupt:
+        if started:
+            console.print(f"[yellow]interrupted:[/] {holds_the_call_up_to('interrupt')}")
         else:
-            if args.config:
-                config, settings = load_config(args.config)
-            else:
-                config, settings = parse_config(SCRIPTED_CONFIG if args.scripted else {})
-            scripted = all(config.stage(kind).provider == "scripted" for kind in ("vad", "stt", "llm", "tts"))
-            if args.virtual_time:
-                _check_no_network(settings)
-            # Fakes recognise the scripted caller's words, so speech-like tones do unless a local VAD must hear speech.
-            tones = scripted or (args.fake_providers and config.vad.provider != "silero")
-            script, voice = _script_and_voice(args, tones)
-            virtual = (scripted and not args.realtime) or args.virtual_time
-            clock = VirtualClock(thread_hold_s=VIRTUAL_THREAD_HOLD_S) if virtual else RealClock()
-            stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
-            where = "; cloud providers faked on 127.0.0.1" if args.fake_providers else ""
-            console.print(f"[bold]voxpipe call[/] — {stack}; {'virtual' if virtual else 'real'} time{where}")
-            with console.status("calling… (models load on the first turn)", spinner="dots"):
-                result = run_configured_call(
-                    config,
-                    settings,
-                    script,
-                    out,
-                    clock=clock,
-                    caller_voice=voice,
-                    on_turn=progress,
-                    fake_providers=args.fake_providers,
-                )
-    except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
+            console.print("[yellow]interrupted[/] before the call started")
+        return 130
     except Exception as exc:
-        console.print(f"[red]error:[/] the call failed: {type(exc).__name__}: {exc}")
-        console.print(f"[yellow]{out} holds the call up to the failure (transcript.json says status: failed)[/]")
+        problem = escape(f"{type(exc).__name__}: {exc}")
+        if started:
+            console.print(f"[red]error:[/] the call failed: {problem}")
+            console.print(holds_the_call_up_to("failure"))
+            return 1
+        if isinstance(exc, ConfigError | FileNotFoundError | ValueError):  # the config or a file or flag given
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            return 2
+        console.print(f"[red]error:[/] the call never started: {problem}")
         return 1
     console.print(latency_table(result.turns, result.summary))
     usage = usage_table(result.usage, result.cost_usd)
     if usage is not None:
         console.print(usage)
     for name in ARTEFACTS:
-        console.print(f"  wrote {out / name}")
+        if name in result.unwritten:
+            console.print(f"  [red]could not write[/] {escape(str(out / name))}: {escape(result.unwritten[name])}")
+        else:
+            console.print(f"  wrote {escape(str(out / name))}")
+    if result.unwritten:
+        console.print(f"[yellow]the call {escape(result.outcome)}, but not every artefact could be written[/]")
+        return 1
     return 0
+
+
+def _run_call(
+    args: argparse.Namespace,
+    console: Console,
+    out: Path,
+    *,
+    on_turn: Callable[[TurnRecord], None],
+    on_start: Callable[[], None],
+) -> CallResult:
+    """Prepare the call the flags describe (config, caller, clock), announce it and run it."""
+    from voxpipe import demo
+    from voxpipe.call import run_call, run_configured_call
+    from voxpipe.config import load_config, parse_config
+
+    clock: Clock
+    if args.scripted and not args.config and not args.scenario and not args.caller:
+        clock = RealClock() if args.realtime else VirtualClock()
+        console.print(f"[bold]voxpipe call[/] — the built-in booking call, scripted providers, {_time_of(clock)}")
+        return run_call(
+            demo.SCRIPT, out, replies=demo.REPLIES, clock=clock, tools=demo.TOOLS, on_turn=on_turn, on_start=on_start
+        )
+    if args.config:
+        config, settings = load_config(args.config)
+    else:
+        config, settings = parse_config(SCRIPTED_CONFIG if args.scripted else {})
+    scripted = all(config.stage(kind).provider == "scripted" for kind in ("vad", "stt", "llm", "tts"))
+    if args.virtual_time:
+        _check_no_network(settings)
+    if args.caller:
+        _check_stt_hears_recordings(config.stt.provider, args.fake_providers)
+    # Fakes recognise the scripted caller's words, so speech-like tones do unless a local VAD must hear speech.
+    tones = scripted or (args.fake_providers and config.vad.provider != "silero")
+    script, voice = _script_and_voice(args, tones)
+    virtual = (scripted and not args.realtime) or args.virtual_time
+    clock = VirtualClock(thread_hold_s=VIRTUAL_THREAD_HOLD_S) if virtual else RealClock()
+    stack = escape(", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts")))
+    where = "; cloud providers faked on 127.0.0.1" if args.fake_providers else ""
+    console.print(f"[bold]voxpipe call[/] — {stack}; {_time_of(clock)}{where}")
+    with console.status("calling… (models load on the first turn)", spinner="dots"):
+        return run_configured_call(
+            config,
+            settings,
+            script,
+            out,
+            clock=clock,
+            caller_voice=voice,
+            on_turn=on_turn,
+            on_start=on_start,
+            fake_providers=args.fake_providers,
+        )
+
+
+def _time_of(clock: Clock) -> str:
+    return "virtual time" if isinstance(clock, VirtualClock) else "real time"
+
+
+def _check_stt_hears_recordings(stt: str, fake_providers: bool) -> None:
+    """A recorded caller is heard only by an STT that recognises audio: the scripted STT, and the faked cloud ones,
+    "recognise" the scripted caller's lines, and a recording has none — the call would have no turns at all."""
+    faked = False
+    if fake_providers:
+        from voxpipe.testing.fakes.launch import FAKES
+
+        faked = f"stt.{stt}" in FAKES
+    if stt == "scripted" or faked:
+        which = f"faked {stt}" if faked else "scripted"
+        raise ValueError(
+            f"--caller: the {which} STT does not listen to audio, so nothing in the recording would be heard; "
+            "give --caller with a config whose STT recognises speech (whisper, or deepgram without --fake-providers)"
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """While inside, SIGTERM (kill, docker stop) ends the call as Ctrl-C does, so its artefacts are still written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers (and only it receives signals)
+        return
+    previous = signal.signal(signal.SIGTERM, _as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)  # while a call runs, asyncio's: it cancels the call's task
+    else:
+        raise KeyboardInterrupt  # Ctrl-C is ignored or not Python's (a background job): stop all the same
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
@@ -171,14 +264,14 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     try:
         config, settings = load_config(args.file)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         return 1
     stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
-    console.print(f"[green]ok[/] {args.file} — {stack}")
+    console.print(f"[green]ok[/] {escape(args.file)} — {escape(stack)}")
     # Keys are read when a call builds its pipeline; a config checked where the keys are not (CI) is still valid.
     keyless = {k: s for k, s in settings.items() if isinstance(s, CloudSettings) and s.api_key_or_none() is None}
     for kind, missing in keyless.items():
-        env = missing.api_key_env
+        env = missing.key_variable()
         console.print(f"[yellow]no API key[/] for {missing.service_name}: a call needs ${env} (or {kind}.api_key)")
     return 1 if keyless and args.require_keys else 0
 
@@ -197,6 +290,8 @@ def _clashing_flags(args: argparse.Namespace) -> str | None:
             "--scripted and --config: give one (--scripted replaces every provider; a config's providers are used "
             "as written, and --fake-providers runs its cloud providers against local fakes)"
         )
+    if args.caller and args.scenario:
+        return "--caller and --scenario: give one (--caller plays one recorded caller, --scenario a scripted one)"
     if args.realtime and args.virtual_time:
         return "--realtime and --virtual-time: give one"
     if args.virtual_time and args.fake_providers:

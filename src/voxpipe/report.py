@@ -7,6 +7,7 @@ played; then the percentile table; then the transcript with interrupted replies 
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,21 @@ def _waterfall(turns: list[TurnRecord]) -> str:
     return "".join(parts)
 
 
+def _tick_step(longest_ms: float) -> int:
+    """The smallest of 100, 250, 500, 1000, 2500, 5000, 10000, … ms that puts at most 8 ticks on the axis."""
+    if not math.isfinite(longest_ms):
+        return 100  # no length to scale to; never loop forever
+    decade = 1
+    while True:
+        for base in (100, 250, 500):
+            if longest_ms / (base * decade) <= 8:
+                return base * decade
+        decade *= 10
+
+
 def _axis(x0: float, y: float, longest_ms: float, px_per_ms: float) -> str:
-    """A millisecond axis under a chart, with a tick every 100, 250, 500 or 1000 ms."""
-    step = next(s for s in (100, 250, 500, 1000, 2500, 5000) if longest_ms / s <= 8)
+    """A millisecond axis under a chart, with a tick every 100, 250, 500 or 1000 ms (or more, for a long one)."""
+    step = _tick_step(longest_ms)
     parts = [f'<line x1="{x0}" x2="{x0 + longest_ms * px_per_ms:.1f}" y1="{y}" y2="{y}" stroke="#999"/>']
     tick = 0
     while tick <= longest_ms:

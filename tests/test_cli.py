@@ -1,0 +1,215 @@
+"""The ``voxpipe call`` command when things go wrong: what it prints, what it keeps, and its exit codes."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from voxpipe import demo
+from voxpipe.call import ARTEFACTS, run_call
+from voxpipe.cli import main
+from voxpipe.config import KINDS, Registry
+from voxpipe.testing.llm import ScriptedLLM
+
+SCRIPTED = "examples/configs/scripted.yaml"
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def one_line_scenario(tmp_path, line: str):
+    return write(tmp_path, "scenario.yaml", f"caller: {{voice: tones}}\nsteps:\n  - say: {json.dumps(line)}\n")
+
+
+def printed(capsys) -> str:
+    """What the command printed, with Rich's line wrapping undone."""
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.timeout(60)
+def test_the_callers_words_are_printed_as_said_even_when_they_look_like_markup(tmp_path, capsys):
+    line = "Hi [/] a table [bold]for two[/bold] please"
+    scenario = one_line_scenario(tmp_path, line)
+    out = tmp_path / "out"
+    assert main(["call", "--config", SCRIPTED, "--scenario", str(scenario), "--out", str(out)]) == 0
+    said = printed(capsys)
+    assert "turn 1: voice-to-voice" in said and line in said
+    assert json.loads((out / "transcript.json").read_text())["status"] == "ended"
+
+
+@pytest.mark.timeout(60)
+def test_an_on_turn_observer_that_raises_is_logged_and_the_call_goes_on(tmp_path, caplog):
+    def broken(record):
+        raise RuntimeError("observer bug")
+
+    result = run_call(demo.SCRIPT, tmp_path, replies=demo.REPLIES, tools=demo.TOOLS, on_turn=broken)
+    assert result.outcome == "ended" and len(result.turns) == 5
+    assert "the on_turn observer failed on turn 1" in caplog.text and "observer bug" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_transcript_json_is_written_as_each_turn_ends(tmp_path):
+    """A call killed outright (SIGKILL, a crash) still keeps the turns it finished."""
+    snapshots = []
+
+    def read_transcript(record):
+        snapshots.append((record.turn, json.loads((tmp_path / "transcript.json").read_text())))
+
+    run_call(demo.SCRIPT, tmp_path, replies=demo.REPLIES, tools=demo.TOOLS, on_turn=read_transcript)
+    assert len(snapshots) == 5
+    for turn, transcript in snapshots:
+        assert transcript["status"] == "running"
+        assert turn in {line["turn"] for line in transcript["turns"]}
+    assert json.loads((tmp_path / "transcript.json").read_text())["status"] == "ended"
+
+
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.timeout(90)
+def test_sigterm_and_ctrl_c_end_the_call_and_keep_its_artefacts(tmp_path, sent):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "voxpipe.cli", "call", "--scripted", "--realtime", "--out", str(out)]
+    call = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        trace = out / "trace.jsonl"
+        while call.poll() is None and not (trace.exists() and trace.read_text().strip()):
+            time.sleep(0.05)  # until the first turn is over (the test's timeout bounds the wait)
+        call.send_signal(sent)
+        stdout, stderr = call.communicate(timeout=60)
+    finally:
+        if call.poll() is None:
+            call.kill()
+            call.wait()
+    assert call.returncode == 130, stdout + stderr
+    assert "scripted providers, real time" in stdout.splitlines()[0]
+    assert "Traceback" not in stderr and "holds the call up to the interrupt" in " ".join(stdout.split())
+    transcript = json.loads((out / "transcript.json").read_text())
+    assert transcript["status"] == "failed" and "interrupted" in transcript["error"]
+    assert transcript["turns"], "the turns before the signal are kept"
+    for name in ARTEFACTS:
+        assert (out / name).stat().st_size > 0
+
+
+def test_the_report_axis_has_a_step_for_any_length():
+    from voxpipe.report import _tick_step
+
+    assert [_tick_step(ms) for ms in (0, 800, 801, 8000, 40_000, 46_130, 10_000_000)] == [
+        100,
+        100,
+        250,
+        1000,
+        5000,
+        10_000,
+        2_500_000,
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_a_turn_longer_than_40_s_gets_its_report(tmp_path, capsys, monkeypatch):
+    write(
+        tmp_path,
+        "slowtool.py",
+        '''
+        import asyncio
+
+        async def slow(x: int) -> str:
+            """A lookup that takes 45 s."""
+            await asyncio.sleep(45)
+            return "ok"
+        ''',
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = write(
+        tmp_path,
+        "slow.yaml",
+        """
+        vad: {provider: scripted}
+        stt: {provider: scripted}
+        llm:
+          provider: scripted
+          replies: [{text: "Done, {result}.", tool: slow, arguments: {x: 1}}]
+        tts: {provider: scripted}
+        tools: [{function: "slowtool:slow", timeout_s: 60}]
+        """,
+    )
+    scenario = one_line_scenario(tmp_path, "Hello there.")
+    out = tmp_path / "out"
+    assert main(["call", "--config", str(config), "--scenario", str(scenario), "--out", str(out)]) == 0
+    assert "failed" not in printed(capsys)
+    assert "40000 ms" in (out / "report.html").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_an_artefact_that_cannot_be_written_is_named_and_the_others_are_kept(tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr("voxpipe.report.write_report", full_disk)
+    out = tmp_path / "out"
+    assert main(["call", "--scripted", "--out", str(out)]) == 1
+    said = printed(capsys)
+    assert f"could not write {out / 'report.html'}: OSError: no space left on device" in said
+    assert "the call ended, but not every artefact could be written" in said and "the call failed" not in said
+    assert json.loads((out / "transcript.json").read_text())["status"] == "ended"
+    for name in ("recording.wav", "trace.jsonl"):
+        assert (out / name).stat().st_size > 0
+
+
+class FailingLLM(ScriptedLLM):
+    """Fails while answering: the call has started."""
+
+    async def generate(self, turn):
+        raise ValueError("the reply template is broken: pip install 'voxpipe[replies]'")
+        yield ""  # an async generator, like every reasoner
+
+
+class UnreachableLLM(ScriptedLLM):
+    """Fails as the pipeline is built: the call never starts."""
+
+    @classmethod
+    def from_settings(cls, settings, context, name):
+        raise RuntimeError("cannot reach the model server")
+
+
+@pytest.fixture
+def llm_provider(monkeypatch, tmp_path):
+    """A scripted config whose reasoner is the given class (registered as "scripted", so the call runs on virtual
+    time like every scripted one)."""
+
+    def config_with(cls):
+        registry = Registry.discover()
+        registry.register("llm", "scripted", cls)
+        monkeypatch.setattr(Registry, "discover", staticmethod(lambda: registry))
+        return write(tmp_path, "scripted.yaml", "".join(f"{kind}: {{provider: scripted}}\n" for kind in KINDS))
+
+    return config_with
+
+
+@pytest.mark.timeout(60)
+def test_a_value_error_during_the_call_is_a_failed_call_not_a_usage_error(tmp_path, capsys, llm_provider):
+    config = llm_provider(FailingLLM)
+    out = tmp_path / "out"
+    assert main(["call", "--config", str(config), "--out", str(out)]) == 1
+    said = printed(capsys)
+    assert "the call failed: ValueError: the reply template is broken: pip install 'voxpipe[replies]'" in said
+    assert f"{out} holds the call up to the failure" in said
+    assert json.loads((out / "transcript.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.timeout(60)
+def test_a_call_that_never_started_does_not_claim_its_output(tmp_path, capsys, llm_provider):
+    config = llm_provider(UnreachableLLM)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "transcript.json").write_text('{"status": "ended"}')  # a previous call's
+    assert main(["call", "--config", str(config), "--out", str(out)]) == 1
+    said = printed(capsys)
+    assert "the call never started: RuntimeError: cannot reach the model server" in said
+    assert "transcript.json" not in said
+    assert (out / "transcript.json").read_text() == '{"status": "ended"}'
