@@ -12,7 +12,7 @@ import pytest
 from pydantic import Field
 
 from tests.helpers import Collect, Tap
-from voxpipe.call import run_call
+from voxpipe.call import run_call, run_configured_call
 from voxpipe.config import ConfigError, parse_config
 from voxpipe.config.build import config_tools
 from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, ToolResult
@@ -458,3 +458,19 @@ def test_an_audit_log_asked_to_append_keeps_what_the_file_holds(tmp_path):
     log({"tool": "book_table"})
     log.close()
     assert [entry["tool"] for entry in _audit(tmp_path)] == ["earlier", "book_table"]
+
+
+def test_a_call_that_never_starts_leaves_the_last_calls_tool_log_alone(tmp_path, monkeypatch):
+    run_call(BOOKING, tmp_path, replies=[_booking_reply(), "Bye."], tools={"book_table": Tool.of(book_table)})
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    config, settings = parse_config(
+        {
+            "stt": {"provider": "deepgram"},
+            "llm": {"provider": "scripted"},
+            "tools": [{"function": "tests.test_tools:book_table"}],
+        }
+    )
+    with pytest.raises(ConfigError, match="no API key for Deepgram"):
+        run_configured_call(config, settings, BOOKING, tmp_path)
+    [entry] = _audit(tmp_path)
+    assert entry["tool"] == "book_table"

@@ -166,7 +166,8 @@ def run_call(
             tool_audit=audit,
             audio=AudioFormat(sample_rate),
         )
-        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=on_start)
+        starting = _opening(audit, on_start)
+        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting)
     finally:
         if audit is not None:
             audit.close()
@@ -218,10 +219,24 @@ def run_configured_call(
             registry=registry,
         )
         prices = price_table(providers, config.pricing)
+        starting = _opening(audit, on_start)
         result = run_pipeline_call(
-            pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=on_start, prices=prices
+            pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting, prices=prices
         )
     return result
+
+
+def _opening(audit: ToolAuditLog | None, on_start: Callable[[], None] | None) -> Callable[[], None]:
+    """``on_start``, opening the tool audit log first: tools.jsonl is this call's once the call starts, and a call
+    that never starts (a missing key) leaves the last call's alone."""
+
+    def starting() -> None:
+        if audit is not None:
+            audit.open()
+        if on_start is not None:
+            on_start()
+
+    return starting
 
 
 def run_pipeline_call(

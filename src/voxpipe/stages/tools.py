@@ -213,16 +213,28 @@ class ToolAuditLog:
     (``ok``, ``error``, ``timeout``, ``cancelled``, ``finished-after-barge-in``; and ``finished-after-timeout``, a
     second entry for a sync tool whose thread ran past its timeout) — and flushes it at once.
 
-    The file starts empty, like the call's other outputs (a reused output directory mixed earlier calls' tool calls
-    into this one's); ``append=True`` keeps what it holds, for a log shared across calls."""
+    The file is opened by :meth:`open` (a call opens it as it starts) or by the first entry. It starts empty, like
+    the call's other outputs (a reused output directory mixed earlier calls' tool calls into this one's), and a call
+    that never starts leaves the last one's alone; ``append=True`` keeps what it holds, for a log shared across
+    calls."""
 
     def __init__(self, path: str | Path, *, append: bool = False) -> None:
         self.path = Path(path)
-        self._file: IO[str] = self.path.open("a" if append else "w", encoding="utf-8")
+        self._mode = "a" if append else "w"
+        self._file: IO[str] | None = None
+
+    def open(self) -> None:
+        if self._file is None:
+            self._file = self.path.open(self._mode, encoding="utf-8")
+            self._mode = "a"  # opened again after close(): what it wrote stays
 
     def __call__(self, entry: Mapping[str, Any]) -> None:
+        self.open()
+        assert self._file is not None
         self._file.write(json.dumps(entry, default=repr, separators=(",", ":")) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
