@@ -213,3 +213,49 @@ def test_a_call_that_never_started_does_not_claim_its_output(tmp_path, capsys, l
     assert "the call never started: RuntimeError: cannot reach the model server" in said
     assert "transcript.json" not in said
     assert (out / "transcript.json").read_text() == '{"status": "ended"}'
+
+
+def test_the_report_checks_each_turn_against_the_same_turn_in_the_recording(tmp_path):
+    """A cough over the bot's first sentence, with a pause after that sentence, is a 'turn' of its own in the audio
+    (the bot's second sentence follows it): the report must pair the trace's turns with the audio by time."""
+    import re
+    import wave
+
+    import numpy as np
+
+    from voxpipe.pipeline import Summary, TurnRecord
+    from voxpipe.report import write_report
+
+    rate = 16000
+    recording = np.zeros((rate * 12, 2), dtype=np.int16)
+
+    def tone(channel: int, start: float, seconds: float) -> None:
+        t = np.arange(round(seconds * rate)) / rate
+        recording[round(start * rate) : round((start + seconds) * rate), channel] = np.sin(2 * np.pi * 200 * t) * 8000
+
+    tone(0, 0.5, 1.5)  # turn 1: the caller until 2.0, the bot from 2.8
+    tone(1, 2.8, 1.0)
+    tone(0, 3.4, 0.2)  # a cough over the bot; its next sentence after a 0.5 s pause
+    tone(1, 4.3, 1.5)
+    tone(0, 8.0, 1.0)  # turn 2: until 9.0, the bot from 10.0
+    tone(1, 10.0, 1.0)
+    path = tmp_path / "recording.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(recording.tobytes())
+
+    def turn(number: int, caller_end: float, bot_start: float) -> TurnRecord:
+        marks = {"user.speech_end": caller_end, "out.first_play": bot_start}
+        return TurnRecord(number, marks, {}, round((bot_start - caller_end) * 1e6), [])
+
+    turns = [turn(1, 2.0, 2.8), turn(2, 9.0, 10.0), turn(3, 11.0, 11.5)]  # turn 3: not in the audio at all
+    write_report(tmp_path / "report.html", turns, Summary.of(turns), [], recording=path)
+    table = re.search(r"Trace against the recording.*?</table>", (tmp_path / "report.html").read_text(), re.S)
+    assert table is not None
+    rows = re.findall(r"<tr><td>(\d+)</td><td>([\d.]+)</td><td>([^<]+)</td><td>([^<]+)</td></tr>", table.group(0))
+    assert [(number, trace) for number, trace, _, _ in rows] == [("1", "800.0"), ("2", "1000.0"), ("3", "500.0")]
+    for _, trace, audio, diff in rows[:2]:  # the same turn: within a sample or two (the tones' zero crossings)
+        assert abs(float(audio) - float(trace)) < 1 and abs(float(diff)) < 1
+    assert rows[2][2:] == ("—", "not found")

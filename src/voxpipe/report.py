@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from voxpipe.measure import measure_voice_to_voice
+from voxpipe.measure import MeasuredTurn, measure_voice_to_voice
 from voxpipe.pipeline.trace import SEGMENTS, Summary, TurnRecord
 
 COLOURS = {
@@ -141,21 +141,44 @@ def _transcript(lines: list[dict[str, Any]]) -> str:
     return f"<ul>{''.join(items)}</ul>"
 
 
+_MATCH_S = 0.25  # a trace turn and a turn found in the audio are the same turn if both ends are this close
+
+
 def _agreement(turns: list[TurnRecord], recording: Path | None) -> str:
     if recording is None or not recording.exists():
         return ""
     measured = measure_voice_to_voice(recording)
-    traced = [t for t in turns if t.voice_to_voice_ms is not None]
-    rows = "".join(
-        f"<tr><td>{t.turn}</td><td>{t.voice_to_voice_ms:.1f}</td><td>{m.voice_to_voice_ms:.1f}</td>"
-        f"<td>{round((t.voice_to_voice_ms or 0) - m.voice_to_voice_ms, 1) + 0.0:+.1f}</td></tr>"
-        for t, m in zip(traced, measured, strict=False)
-    )
+    rows = ""
+    for turn in turns:
+        if turn.voice_to_voice_ms is None:
+            continue
+        audio = _same_turn(turn, measured)
+        if audio is None:
+            rows += f"<tr><td>{turn.turn}</td><td>{turn.voice_to_voice_ms:.1f}</td><td>—</td><td>not found</td></tr>"
+            continue
+        diff = round(turn.voice_to_voice_ms - audio.voice_to_voice_ms, 1) + 0.0
+        rows += (
+            f"<tr><td>{turn.turn}</td><td>{turn.voice_to_voice_ms:.1f}</td><td>{audio.voice_to_voice_ms:.1f}</td>"
+            f"<td>{diff:+.1f}</td></tr>"
+        )
     return (
         "<h2>Trace against the recording</h2><p>Voice-to-voice from the trace, and measured from the stereo "
-        "recording's audio energy.</p><table><tr><th>turn</th><th>trace ms</th><th>audio ms</th><th>diff</th></tr>"
-        f"{rows}</table>"
+        "recording's audio energy (the turn whose caller end and bot start are within "
+        f"{_MATCH_S * 1000:.0f} ms of the trace's).</p><table><tr><th>turn</th><th>trace ms</th><th>audio ms</th>"
+        f"<th>diff</th></tr>{rows}</table>"
     )
+
+
+def _same_turn(turn: TurnRecord, measured: list[MeasuredTurn]) -> MeasuredTurn | None:
+    """The turn found in the audio that is ``turn``: matched by time, not by position, since the audio may hold a
+    turn the trace has not (a cough the bot's next sentence followed) or miss one (a reply too quiet to detect)."""
+    caller_end, bot_start = turn.marks.get("user.speech_end"), turn.marks.get("out.first_play")
+    if caller_end is None or bot_start is None:
+        return None
+    close = [
+        m for m in measured if abs(m.caller_end - caller_end) <= _MATCH_S and abs(m.bot_start - bot_start) <= _MATCH_S
+    ]
+    return min(close, key=lambda m: abs(m.caller_end - caller_end) + abs(m.bot_start - bot_start), default=None)
 
 
 def write_report(
