@@ -259,3 +259,18 @@ def test_the_report_checks_each_turn_against_the_same_turn_in_the_recording(tmp_
     for _, trace, audio, diff in rows[:2]:  # the same turn: within a sample or two (the tones' zero crossings)
         assert abs(float(audio) - float(trace)) < 1 and abs(float(diff)) < 1
     assert rows[2][2:] == ("—", "not found")
+
+
+def test_missing_keys_are_all_named_before_the_callers_voice_is_made(tmp_path, capsys, monkeypatch):
+    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_voice(*args, **kwargs):
+        raise AssertionError("the Piper caller was made before the keys were checked")
+
+    monkeypatch.setattr("voxpipe.testing.speech.piper_caller_voice", no_voice)
+    assert main(["call", "--config", "examples/configs/cloud.yaml", "--out", str(tmp_path / "out")]) == 2
+    said = printed(capsys)
+    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
+        assert variable in said
+    assert not (tmp_path / "out" / "transcript.json").exists()

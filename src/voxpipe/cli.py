@@ -194,6 +194,8 @@ def _run_call(
         _check_no_network(settings)
     if args.caller:
         _check_stt_hears_recordings(config.stt.provider, args.fake_providers)
+    if not args.fake_providers:
+        _check_keys(settings)
     # Fakes recognise the scripted caller's words, so speech-like tones do unless a local VAD must hear speech.
     tones = scripted or (args.fake_providers and config.vad.provider != "silero")
     script, voice = _script_and_voice(args, tones)
@@ -218,6 +220,22 @@ def _run_call(
 
 def _time_of(clock: Clock) -> str:
     return "virtual time" if isinstance(clock, VirtualClock) else "real time"
+
+
+def _check_keys(settings: dict[str, Any]) -> None:
+    """Every missing API key at once, before the caller's voice is made (a Piper caller takes seconds to load)."""
+    from voxpipe.config import ConfigError
+    from voxpipe.stages.cloud import CloudSettings
+
+    problems: list[tuple[str, str, str]] = []
+    for kind, validated in settings.items():
+        if isinstance(validated, CloudSettings):
+            try:
+                validated.require_api_key(kind)
+            except ConfigError as exc:
+                problems += exc.problems
+    if problems:
+        raise ConfigError.many(problems)
 
 
 def _check_stt_hears_recordings(stt: str, fake_providers: bool) -> None:
