@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from voxpipe.pipeline import Direction, Frame, Interrupt, Stage
 
@@ -48,3 +50,27 @@ class Collect(Stage):
 @dataclass
 class Calls:
     items: list[object] = field(default_factory=list)
+
+
+S = TypeVar("S", bound=Stage)
+
+
+def watching_stop(stage_class: type[S]) -> tuple[type[S], asyncio.Event]:
+    """A subclass of ``stage_class`` whose ``stop()`` sets the event returned with it as it begins."""
+    stopping = asyncio.Event()
+
+    class Watched(stage_class):  # type: ignore[valid-type,misc]
+        async def stop(self) -> None:
+            stopping.set()
+            await super().stop()
+
+    return Watched, stopping
+
+
+async def cancel_while_stopping(running: asyncio.Task[Any], stopping: asyncio.Event, websocket: Any) -> None:
+    """Cancel ``run()`` itself once the stage is stopping, so the teardown cuts short a close under way: the
+    connection must still be aborted, not left CLOSING with its transport open."""
+    await asyncio.wait_for(stopping.wait(), 10)
+    running.cancel()
+    await asyncio.wait({running})
+    await asyncio.wait_for(websocket.wait_closed(), 5)  # aborted: the transport is gone

@@ -19,9 +19,23 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers import cancel_while_stopping, watching_stop
 from voxpipe.call import CallResult, run_configured_call
 from voxpipe.config import BuildContext, ConfigError, Registry, parse_config
-from voxpipe.pipeline import AudioFormat, RealClock, WordMark
+from voxpipe.pipeline import (
+    DOWNSTREAM,
+    AudioFormat,
+    ErrorFrame,
+    ErrorPolicy,
+    LLMRequest,
+    Pipeline,
+    RealClock,
+    ResponseEnd,
+    SpeakableChunk,
+    Stage,
+    TTSDone,
+    WordMark,
+)
 from voxpipe.stages.cartesia_tts import (
     CartesiaTTS,
     CartesiaTTSSettings,
@@ -438,6 +452,161 @@ async def test_a_broken_message_is_a_clear_error(tmp_path, corrupt, bad_audio, s
         error = await failing_call(fake, [Say("Hello?")], tmp_path, built)
     assert error.startswith(says)
     assert fake.of("corrupted")
+
+
+# ---------------------------------------------------------------------------------------- the end of the call
+
+
+class Frames(Stage):
+    """Records the frames that reach it; ``got(kind, epoch)`` is an event set when one of that kind arrives."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self.seen: list[Any] = []
+        self._events: dict[tuple[type, int], asyncio.Event] = {}
+
+    def got(self, kind: type, epoch: int) -> asyncio.Event:
+        return self._events.setdefault((kind, epoch), asyncio.Event())
+
+    async def process(self, frame: Any, direction: Any) -> None:
+        self.seen.append(frame)
+        self.got(type(frame), frame.epoch).set()
+        await self.push(frame, direction)
+
+
+class SlowToStop(Stage):
+    """Before the TTS, so it stops after it (stages stop from the output back), and slow to stop, as a reasoner
+    waiting for a tool is: it lets the held handshakes go on, then waits until the TTS's worker has passed the
+    reply's LLMRequest on — so whatever that worker did after the TTS stopped is done before the teardown."""
+
+    def __init__(self, fake: HeldHandshakes, tail: Frames) -> None:
+        super().__init__(name="slow-to-stop")
+        self.fake, self.tail, self.epoch_to_pass = fake, tail, 0
+
+    async def stop(self) -> None:
+        self.fake.release.set()
+        await asyncio.wait_for(self.tail.got(LLMRequest, self.epoch_to_pass).wait(), 10)
+
+
+class HeldHandshakes(FakeCartesia):
+    """Holds every WebSocket handshake after the first ``free`` until :attr:`release` is set (recorded ``held``):
+    a handshake that the end of the call overtakes."""
+
+    def __init__(self, free: int = 0, **options: Any) -> None:
+        super().__init__(**options)
+        self.free = free
+        self.release = asyncio.Event()
+        self._attempts = 0
+
+    async def _websocket(self, request: Any) -> Any:
+        self._attempts += 1
+        if self._attempts > self.free:
+            self.record("held")
+            await self.release.wait()
+        return await super()._websocket(request)
+
+
+@pytest.mark.timeout(30)
+async def test_a_hang_up_during_the_first_handshake_leaves_no_socket_open():
+    # The call ends while the first reply waits for the socket start() is opening: stop() cancels that handshake,
+    # and the reply's worker, still running until the teardown, must not open another one that nothing would close
+    # (Cartesia would speak, and bill, a reply nobody hears).
+    async with HeldHandshakes() as fake:
+        tts = CartesiaTTS(CartesiaTTSSettings(voice=VOICE, websocket_url=fake.ws_url), api_key=fake.api_key)
+        tail = Frames("tail")
+        slow = SlowToStop(fake, tail)
+        pipeline = Pipeline([Stage(name="head"), slow, tts, tail], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        await fake.wait_for("held")
+        epoch = slow.epoch_to_pass = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text="Hello, thanks for calling."), DOWNSTREAM)
+        pipeline.cancel("hung up")
+        assert await asyncio.wait_for(running, 15) == "hung up" and not pipeline.errors
+    assert len(fake.of("held")) == 1, "no handshake began after the hang-up"
+    assert tts._socket is None and not fake.of("context")
+
+
+@pytest.mark.timeout(30)
+async def test_a_socket_whose_handshake_ends_after_the_hang_up_is_closed_at_once():
+    # The first socket drops; the next reply reconnects in the stage's worker, and the call ends during that
+    # handshake. stop() cannot cancel it; the handshake completing after stop() must close what it opened.
+    async with HeldHandshakes(free=1, faults=Faults(drop_after=5)) as fake:
+        tts = CartesiaTTS(CartesiaTTSSettings(voice=VOICE, websocket_url=fake.ws_url), api_key=fake.api_key)
+        tts.error_policy = ErrorPolicy.SKIP_FRAME  # the dropped reply fails; the call goes on
+        head, tail = Frames("head"), Frames("tail")
+        slow = SlowToStop(fake, tail)
+        pipeline = Pipeline([head, slow, tts, tail], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        first = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=first), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=first, text="Sure, four at eight tonight."), DOWNSTREAM)
+        await asyncio.wait_for(head.got(ErrorFrame, first).wait(), 10)  # the drop failed the reply
+        second = slow.epoch_to_pass = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=second), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=second, text="Anything else?"), DOWNSTREAM)
+        await fake.wait_for("held")  # the reconnect's handshake is under way
+        pipeline.cancel("hung up")
+        assert await asyncio.wait_for(running, 15) == "hung up"
+        await fake.wait_for("disconnect", lambda s: s.data["connection"] == 1)  # closed by the client
+    assert len(fake.of("held")) == 1
+    assert not [s for s in fake.of("context") if s.data["connection"] == 1], "nothing was said on it"
+    assert tts._socket is None and pipeline.usage.of_turn(second) == {}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("run_cancelled", [False, True])
+async def test_a_socket_retired_by_a_stall_is_closed_even_when_the_server_stopped_reading(run_cancelled):
+    # A stall retires the socket and closes it in a task; the call then ends on the error. The server reads
+    # nothing, so websockets' close waits for close_timeout_s before it aborts the connection. stop() waits for
+    # that close; and if the close is cut short anyway (run() itself cancelled while the stages stop, so the
+    # teardown cancels the close), the connection is aborted, not left CLOSING with its transport open for good.
+    Watched, stopping = watching_stop(CartesiaTTS)
+
+    async with FakeCartesia(deaf=True) as fake:
+        close_timeout_s = 10 if run_cancelled else 1  # cancelled: the close must still be under way when cut
+        settings = CartesiaTTSSettings(
+            voice=VOICE, websocket_url=fake.ws_url, first_audio_timeout_s=0.3, close_timeout_s=close_timeout_s
+        )
+        tts = Watched(settings, api_key=fake.api_key)
+        pipeline = Pipeline([Stage(name="head"), tts, Stage(name="tail")], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        epoch = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text="Hello there."), DOWNSTREAM)
+        await fake.wait_for("deaf")
+        assert tts._socket is not None
+        websocket = tts._socket.sdk._connection
+        if run_cancelled:
+            await cancel_while_stopping(running, stopping, websocket)
+        else:
+            with pytest.raises(ProviderError, match=r"no audio within 0\.3 s"):
+                await asyncio.wait_for(running, 15)
+            assert websocket.state.name == "CLOSED", "closed by the time the call has ended"
+    assert websocket.transport.is_closing()
+
+
+@pytest.mark.timeout(30)
+async def test_a_reply_whose_end_cannot_be_sent_still_ends_at_the_output():
+    # The socket drops before the reply's end is sent: the send fails (a stage failure, skipped here), but the
+    # output must still get the reply's ResponseEnd and TTSDone, or it never marks the reply done.
+    async with FakeCartesia(faults=Faults(drop_after=5)) as fake:
+        tts = CartesiaTTS(CartesiaTTSSettings(voice=VOICE, websocket_url=fake.ws_url), api_key=fake.api_key)
+        tts.error_policy = ErrorPolicy.SKIP_FRAME
+        tail = Frames("tail")
+        pipeline = Pipeline([Stage(name="head"), tts, tail], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        epoch = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text="Sure, four at eight tonight."), DOWNSTREAM)
+        await fake.wait_for("dropped")
+        await tts.receive(ResponseEnd(epoch=epoch), DOWNSTREAM)
+        await pipeline.end()  # End drains behind the reply's frames
+        assert await asyncio.wait_for(running, 10) == "ended"
+    assert pipeline.errors and "Cartesia: the connection was" in pipeline.errors[0].error
+    ends = [type(f).__name__ for f in tail.seen if isinstance(f, ResponseEnd | TTSDone) and f.epoch == epoch]
+    assert ends == ["ResponseEnd", "TTSDone"]
+    assert tts._open_epoch is None
 
 
 # ---------------------------------------------------------------------------------------------- config

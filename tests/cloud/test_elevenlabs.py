@@ -20,9 +20,19 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from tests.helpers import cancel_while_stopping, watching_stop
 from voxpipe.call import CallResult, run_configured_call
 from voxpipe.config import BuildContext, ConfigError, parse_config
-from voxpipe.pipeline import AudioFormat, RealClock, WordMark
+from voxpipe.pipeline import (
+    DOWNSTREAM,
+    AudioFormat,
+    LLMRequest,
+    Pipeline,
+    RealClock,
+    SpeakableChunk,
+    Stage,
+    WordMark,
+)
 from voxpipe.stages.cloud import ProviderError
 from voxpipe.stages.elevenlabs_tts import ElevenLabsTTS, ElevenLabsTTSSettings, WordAligner
 from voxpipe.testing.caller import Say
@@ -215,6 +225,19 @@ async def test_skip_turn_abandons_the_failed_reply_and_the_call_continues(tmp_pa
     assert len(fake.of("connect")) == 2 and [s.data["connection"] for s in fake.of("end")] == [2]
 
 
+@pytest.mark.timeout(30)
+async def test_a_socket_closed_right_after_the_upgrade_is_a_clear_error(tmp_path):
+    # ElevenLabs refuses some requests after accepting the connection: it closes it at once, with 1008 and a
+    # reason. The BOS send meets the closed socket; the error names ElevenLabs and the reason.
+    reason = "quota_exceeded: this request exceeds your quota"
+    async with FakeElevenLabs(close_on_open=(1008, reason)) as fake:
+        with pytest.raises(ProviderError, match=f"ElevenLabs: .*closed with code 1008: {reason}"):
+            await call(fake, [Say(QUESTION, pause=0.3), Say("Hello?", pause=1.0)], tmp_path)
+    assert len(fake.of("closed-on-open")) == 1
+    (error,) = errors(tmp_path)
+    assert error["fatal"] and error["error"].startswith("ProviderError: ElevenLabs: ")
+
+
 # ---------------------------------------------------------------------------------------- stalls and drops
 
 
@@ -304,6 +327,61 @@ async def test_a_drop_mid_stream_is_a_clear_error_and_the_next_reply_connects_ag
     assert list(first.heard) == full[: len(first.heard)]
     assert list(following.heard) == SECOND.split()
     assert len(fake.of("connect")) == 2 and [s.data["connection"] for s in fake.of("end")] == [2]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("run_cancelled", [False, True])
+async def test_a_hang_up_closes_the_reply_socket_even_when_the_server_stopped_reading(run_cancelled):
+    # The caller hangs up while ElevenLabs is wedged (it reads nothing more): stop() cancels the reply's receiver,
+    # whose close then waits CLOSE_TIMEOUT_S for an answer before websockets aborts the connection. stop() waits
+    # for it; and a close cut short anyway (run() itself cancelled while the stages stop, so the teardown cancels
+    # the receiver again) aborts the connection rather than leave it CLOSING, its transport open, for good.
+    Watched, stopping = watching_stop(ElevenLabsTTS)
+
+    class SlowToStop(Stage):  # stops after the TTS (from the output back), and takes a while, as an STT flushing does
+        async def stop(self) -> None:
+            await asyncio.sleep(0.1)
+
+    async with FakeElevenLabs(deaf=True) as fake:
+        tts = Watched(ElevenLabsTTSSettings(base_url=fake.url), api_key=fake.api_key)
+        pipeline = Pipeline([SlowToStop(name="head"), tts, Stage(name="tail")], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        epoch = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text="Hello there, how can I help?"), DOWNSTREAM)
+        await fake.wait_for("deaf")
+        assert tts._reply is not None and tts._reply.socket is not None
+        websocket = tts._reply.socket
+        pipeline.cancel("hung up")
+        if run_cancelled:
+            await cancel_while_stopping(running, stopping, websocket)
+        else:
+            assert await asyncio.wait_for(running, 10) == "hung up"
+            assert websocket.state.name == "CLOSED", "closed by the time the call has ended"
+    assert websocket.transport.is_closing()
+
+
+@pytest.mark.timeout(30)
+async def test_no_reply_connects_once_the_stage_has_stopped():
+    # The stage's worker runs until the teardown: a reply it opens after stop() would be billed and never heard.
+    started = asyncio.Event()
+
+    class Head(Stage):  # the first stage starts last (consumers before producers)
+        async def start(self) -> None:
+            started.set()
+
+    async with FakeElevenLabs() as fake:
+        tts = ElevenLabsTTS(ElevenLabsTTSSettings(base_url=fake.url), api_key=fake.api_key)
+        pipeline = Pipeline([Head(name="head"), tts, Stage(name="tail")], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        await asyncio.wait_for(started.wait(), 10)
+        await tts.stop()
+        epoch = pipeline.next_epoch()
+        await tts.open_reply(epoch)
+        assert not await tts.send_text(epoch, "Hello there.")
+        pipeline.cancel("hung up")
+        assert await asyncio.wait_for(running, 10) == "hung up"
+    assert not fake.of("connect")
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -29,7 +29,9 @@ Cancel. On a barge-in the stage cancels the reply's receiver task at once and se
 events of the cancelled context are dropped by the SDK (the cancel detached its queue), and any frame that still
 slipped out is stale by epoch. The next reply uses a new context on the same socket.
 
-Close. :meth:`CartesiaTTS.stop` closes the socket within ``close_timeout_s``.
+Close. :meth:`CartesiaTTS.stop` closes the socket within ``close_timeout_s``, and waits for sockets still closing;
+from then on nothing connects (a handshake under way closes what it opened). A close cut short or failing aborts the
+connection: websockets aborts it only when its own ``close_timeout`` runs out inside ``close()``.
 
 Module layout: settings; audio checks and word marks; the socket and a reply; the stage: connect, stream, cancel,
 close.
@@ -52,6 +54,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
+from voxpipe.stages import tls
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.tts import LEADING_SILENCE_LEVEL, StreamingTTSStage
 
@@ -136,8 +139,8 @@ def check_audio(audio: AudioFormat) -> None:
 
 
 def _sdk() -> Any:
-    # websockets: cartesia's [websockets] extra, which its WebSocket API needs
-    return require_sdk(PROVIDER, "cartesia", "cartesia", "websockets")
+    # websockets: cartesia's [websockets] extra, which its WebSocket API needs (and imports at its first connect)
+    return require_sdk(PROVIDER, "cartesia", "cartesia", "websockets.asyncio.client")
 
 
 # ---------------------------------------------------------------------------------- audio and word marks
@@ -270,14 +273,23 @@ class _Socket:
 
     async def close(self) -> None:
         """Close the socket. The SDK's ``close()`` first awaits its reader, re-raising the reader's failure (a message
-        that did not parse) before it gets to the socket: then the socket is closed directly."""
+        that did not parse) before it gets to the socket: then the socket is closed directly. A close that is cut
+        short (cancelled: a timeout, the call's teardown) or fails aborts the connection: websockets aborts it only
+        when its ``close_timeout`` runs out inside ``close()``, so a peer that stopped reading would otherwise keep
+        it CLOSING, its transport open and its keepalive task pending, for good."""
+        raw = getattr(self.sdk, "_connection", None)
         try:
-            await self.sdk.close()
-        except Exception as exc:  # the reader's failure, already reported through `lost`
-            log.debug("the SDK's close failed (%s: %s); closing the socket itself", type(exc).__name__, exc)
-            raw = getattr(self.sdk, "_connection", None)
-            if raw is not None:
-                await raw.close()
+            try:
+                await self.sdk.close()
+            except Exception as exc:  # the reader's failure, already reported through `lost`
+                log.debug("the SDK's close failed (%s: %s); closing the socket itself", type(exc).__name__, exc)
+                if raw is not None:
+                    await raw.close()
+        finally:
+            state = getattr(getattr(raw, "state", None), "name", "CLOSED")
+            transport = getattr(raw, "transport", None)
+            if state != "CLOSED" and transport is not None:
+                transport.abort()
 
     def loss(self) -> str:
         """Why the socket is gone, once :attr:`lost` is done."""
@@ -365,6 +377,8 @@ class CartesiaTTS(StreamingTTSStage):
         self._socket: _Socket | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
+        self._closings: set[asyncio.Task[None]] = set()  # retired sockets being closed
+        self._closed = False  # stop() has begun: nothing connects any more
         self._reply: _Reply | None = None
 
     # ------------------------------------------------------------------------------------------- connect
@@ -373,33 +387,50 @@ class CartesiaTTS(StreamingTTSStage):
         """Open the socket now, in a task: the first reply does not wait for the handshake, and a refusal is
         reported through the pipeline like any other failure."""
         await super().start()
-        cartesia = _sdk()
-        self._client = cartesia.AsyncCartesia(
-            api_key=self._api_key, base_url=self.settings.base_url, websocket_base_url=self.settings.websocket_url
-        )
         self._connecting = self.spawn(self._connect(), name=f"{self.name}-connect")
 
+    def _new_client(self) -> Any:
+        """The SDK client, made on a worker thread: its HTTP client loads a CA bundle, and its ``tts`` resource is
+        imported at first use — some 90 ms in all, which on the event loop would stall every call's audio."""
+        s = self.settings
+        client = _sdk().AsyncCartesia(api_key=self._api_key, base_url=s.base_url, websocket_base_url=s.websocket_url)
+        _ = client.tts
+        return client
+
     async def _connect(self) -> None:
+        """Open the call's socket, unless the stage is stopped: a socket opened then would serve no call, and
+        nothing would be left to close it."""
         from websockets.exceptions import InvalidStatus, WebSocketException
 
+        if self._closed:
+            return
+        if self._client is None:
+            self._client = await asyncio.to_thread(self._new_client)
         url = f"{self.settings.websocket_url.rstrip('/')}/tts/websocket"
+        options: dict[str, Any] = {"open_timeout": None, "close_timeout": self.settings.close_timeout_s}
+        ssl_context = await tls.context_for(url)  # built once per process, off the loop; None for ws://
+        if ssl_context is not None:
+            options["ssl"] = ssl_context
+        manager = self._client.tts.websocket_connect(websocket_connection_options=options)
         limit = self.settings.connect_timeout_s
-        manager = self._client.tts.websocket_connect(
-            websocket_connection_options={"open_timeout": None, "close_timeout": self.settings.close_timeout_s}
-        )
         try:
             async with asyncio.timeout(limit):
-                self._socket = _Socket(await manager.enter())
+                socket = _Socket(await manager.enter())
         except TimeoutError:
             raise ProviderError(PROVIDER, f"no WebSocket handshake within {limit:g} s at {url}") from None
         except InvalidStatus as exc:
             raise _refusal(exc, url) from None
         except (OSError, WebSocketException) as exc:
             raise ProviderError(PROVIDER, f"cannot connect to {url}: {exc}") from None
+        if self._closed:  # stop() ran during the handshake: Cartesia must not keep a socket of an ended call
+            await self._close(socket)
+            return
+        self._socket = socket
         log.debug("connected to %s", url)
 
-    async def _open_socket(self) -> _Socket:
-        """The socket for the next reply: the one :meth:`start` opened, or a new one if it is gone."""
+    async def _open_socket(self) -> _Socket | None:
+        """The socket for the next reply: the one :meth:`start` opened, or a new one if it is gone; None once the
+        stage is stopped."""
         async with self._connect_lock:
             connecting = self._connecting
             if connecting is not None and not connecting.done():
@@ -410,14 +441,16 @@ class CartesiaTTS(StreamingTTSStage):
             if socket is not None:
                 self._retire(socket)
             await self._connect()
-            assert self._socket is not None
             return self._socket
 
     def _retire(self, socket: _Socket) -> None:
-        """Stop using ``socket`` (it dropped, stalled or broke); the next reply connects again."""
+        """Stop using ``socket`` (it dropped, stalled or broke); the next reply connects again. Its close runs in a
+        task that :meth:`stop` waits for (the teardown after it would cut the close short)."""
         if not socket.retired:
             socket.retired = True
-            self.spawn(self._close(socket), name=f"{self.name}-close")
+            closing = self.spawn(self._close(socket), name=f"{self.name}-close")
+            self._closings.add(closing)
+            closing.add_done_callback(self._closings.discard)
         if self._socket is socket:
             self._socket = None
 
@@ -426,7 +459,9 @@ class CartesiaTTS(StreamingTTSStage):
     async def open_reply(self, epoch: int) -> None:
         if self._reply is not None:
             self._abandon(self._reply)  # a reply never finished (no ResponseEnd): it is over now
-        self._reply = _Reply(epoch, await self._open_socket(), context=None)
+        socket = await self._open_socket()
+        if socket is not None:  # None: the stage is stopped, and the reply has nowhere to go
+            self._reply = _Reply(epoch, socket, context=None)
 
     def _start_context(self, reply: _Reply) -> None:
         """The reply's Cartesia context (no network) and its receiver, at its first text: a reply cut before it
@@ -639,17 +674,24 @@ class CartesiaTTS(StreamingTTSStage):
     # --------------------------------------------------------------------------------------------- close
 
     async def stop(self) -> None:
-        """Stop the receivers and close the socket (within ``close_timeout_s``)."""
+        """Stop the receiver and close every socket, each within ``close_timeout_s``. The teardown that follows
+        cancels what is still running, so nothing may be left closing, or connecting, for it."""
+        self._closed = True  # from here on nothing connects; a handshake under way closes what it opened
         connecting, self._connecting = self._connecting, None
         if connecting is not None and not connecting.done():
             connecting.cancel()
             await asyncio.wait({connecting})
         reply, self._reply = self._reply, None
-        if reply is not None and reply.receiver is not None:
-            reply.receiver.cancel()  # the socket is closing: no cancel message needed
+        receiver = reply.receiver if reply is not None else None
+        if receiver is not None and not receiver.done():
+            receiver.cancel()  # the socket is closing: no cancel message needed
+            await asyncio.wait({receiver}, timeout=self.settings.close_timeout_s)
         socket, self._socket = self._socket, None
         if socket is not None:
+            socket.retired = True
             await self._close(socket)
+        if self._closings:  # sockets retired earlier, still closing (each within close_timeout_s)
+            await asyncio.wait(set(self._closings))
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):  # the REST client was never used: nothing to lose

@@ -26,9 +26,11 @@ text while ElevenLabs is silent does not move the deadline). While the reasoner 
 nothing times out.
 
 How it stops. The protocol has no cancel message: a barge-in cancels the reply's receiver, which closes the socket
-on its way out. Any failure (refused handshake, stall, disconnect, a message it cannot use) is a
-:class:`ProviderError` raised in the receiver, so the stage's error policy decides: STOP ends the call with it,
-SKIP_TURN abandons the reply; the next reply opens a new socket either way.
+on its way out (aborting it if that close is cut short). At the end of the call :meth:`ElevenLabsTTS.stop` cancels
+the open reply, waits for the receivers to close their sockets, and from then on no reply connects. Any failure
+(refused handshake, stall, disconnect, a message it cannot use) is a :class:`ProviderError` raised in the receiver,
+so the stage's error policy decides: STOP ends the call with it, SKIP_TURN abandons the reply; the next reply opens
+a new socket either way.
 
 Module layout: settings, connect, stream, cancel, close.
 """
@@ -49,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
+from voxpipe.stages import tls
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.tts import StreamingTTSStage
 
@@ -60,6 +63,7 @@ log = logging.getLogger("voxpipe.stages.elevenlabs_tts")
 PROVIDER = "ElevenLabs"
 DEFAULT_VOICE = "JBFqnCBsd6RMkjVDRZzb"  # "George", a default voice every account has (the SDK's examples use it)
 PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # the pcm_<rate> output formats ElevenLabs offers
+CLOSE_TIMEOUT_S = 1.0  # websockets' wait for the server's answer to a close, before it aborts the connection
 _REFUSALS = {401: "API key rejected", 403: "API key not allowed to use this voice or model", 429: "rate limited"}
 _HINTS = {
     401: "; check ELEVENLABS_API_KEY (or tts.api_key)",
@@ -305,6 +309,8 @@ class ElevenLabsTTS(StreamingTTSStage):
         self.settings = settings or ElevenLabsTTSSettings()
         self._api_key = api_key
         self._reply: _Reply | None = None
+        self._receivers: set[asyncio.Task[None]] = set()  # every reply's, until it has closed its socket
+        self._closed = False  # stop() has begun: no reply connects any more
 
     # ------------------------------------------------------------------------------------------- connect
 
@@ -343,14 +349,17 @@ class ElevenLabsTTS(StreamingTTSStage):
         from websockets.exceptions import InvalidHandshake, InvalidStatus
 
         url = self.url()
+        ssl_context = await tls.context_for(url)  # built once per process, off the loop; None for ws://
+        options: dict[str, Any] = {"ssl": ssl_context} if ssl_context is not None else {}
         try:
             return await connect(
                 url,
                 additional_headers={"xi-api-key": self._api_key},
                 user_agent_header=f"voxpipe elevenlabs/{__version__}",
                 open_timeout=self.settings.connect_timeout_s,
-                close_timeout=1.0,
+                close_timeout=CLOSE_TIMEOUT_S,
                 max_size=2**22,  # a message carries up to a second or two of base64 PCM
+                **options,
             )
         except InvalidStatus as exc:
             raise ProviderError(PROVIDER, _refusal(exc.response.status_code, exc.response.body)) from None
@@ -363,21 +372,27 @@ class ElevenLabsTTS(StreamingTTSStage):
 
     async def open_reply(self, epoch: int) -> None:
         await self.cancel_reply(epoch)  # a reply left open (no ResponseEnd) must not leak its socket
+        if self._closed:
+            return  # the call is over: a socket opened now would be billed for a reply nobody hears
         assert self.produces is not None
         reply = _Reply(epoch, self.settings, self.produces.sample_rate)
         self._reply = reply
         reply.task = self.spawn(self._serve(reply), name=f"{self.name}-reply-{epoch}")
+        self._receivers.add(reply.task)
+        reply.task.add_done_callback(self._receivers.discard)
 
     async def _serve(self, reply: _Reply) -> None:
         """The reply's receiver: connect, send BOS, read until the server's close; the socket closes on exit."""
         try:
             socket = await self._connect()
-            async with socket:
-                await self._send(socket, self._bos())
+            try:
+                await self._send_bos(socket)
                 reply.sent_at = asyncio.get_running_loop().time()
                 reply.socket = socket
                 reply.opened.set()
                 await self._receive(reply, socket)
+            finally:
+                await self._close(socket)
         except ProviderError:
             if reply.epoch < self.epoch:
                 return  # a failure of a reply the caller already interrupted concerns no one
@@ -386,6 +401,18 @@ class ElevenLabsTTS(StreamingTTSStage):
             reply.socket = None
             reply.opened.set()
             reply.ended.set()
+
+    async def _send_bos(self, socket: ClientConnection) -> None:
+        """BOS: the voice settings and generation config. ElevenLabs refuses some requests right after the upgrade
+        by closing the socket (1008, with the reason), which the send then meets."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._send(socket, self._bos())
+        except ConnectionClosed as exc:
+            raise ProviderError(
+                PROVIDER, f"closed the connection before the reply began ({_close_reason(exc)})"
+            ) from None
 
     async def _send(self, socket: ClientConnection, message: str) -> None:
         try:
@@ -560,10 +587,28 @@ class ElevenLabsTTS(StreamingTTSStage):
     # --------------------------------------------------------------------------------------------- close
 
     async def stop(self) -> None:
+        """Cancel the open reply and wait, within the close timeout, for every receiver to close its socket: the
+        teardown that follows would cut those closes short. From here on no reply connects."""
+        self._closed = True
         reply = self._reply
         if reply is not None:
             await self.cancel_reply(reply.epoch)
+        if self._receivers:
+            await asyncio.wait(set(self._receivers), timeout=CLOSE_TIMEOUT_S + 0.5)
         await super().stop()
+
+    async def _close(self, socket: ClientConnection) -> None:
+        """Close a reply's socket (websockets waits up to ``CLOSE_TIMEOUT_S`` for the server's answer, then aborts).
+        A close cut short (the receiver cancelled again, by the call's teardown) or failing aborts the connection:
+        left CLOSING, a socket whose server stopped reading would keep its transport open and its keepalive task
+        pending, for good."""
+        from websockets.protocol import State
+
+        try:
+            await socket.close()
+        finally:
+            if socket.state is not State.CLOSED:
+                socket.transport.abort()
 
 
 # ------------------------------------------------------------------------------------------------ messages

@@ -137,7 +137,8 @@ class StreamingTTSStage(TTSStage):
       reasoner is asked, :class:`LLMRequest`, so the set-up overlaps its first token);
     * :meth:`send_text` — push one speakable chunk of text; True if it went to the provider (its characters are
       then counted as usage: text a failed or cut reply never sent is not billed);
-    * :meth:`finish_reply` — say no more text is coming, and wait until the reply's last audio was emitted;
+    * :meth:`finish_reply` — say no more text is coming, and wait until the reply's last audio was emitted (if it
+      fails, the reply's :class:`ResponseEnd` and :class:`TTSDone` still go out, then the failure is raised);
     * :meth:`cancel_reply` — barge-in: stop the provider (its own cancel message or a close) and the receiver.
     """
 
@@ -166,11 +167,16 @@ class StreamingTTSStage(TTSStage):
             if await self.send_text(frame.epoch, frame.text):
                 self.count(frame.epoch, characters=len(frame.text))
         elif isinstance(frame, ResponseEnd):
-            if self._open_epoch == frame.epoch:
-                await self.finish_reply(frame.epoch)
-                self._open_epoch = None
-            await self.push(frame)
-            await self.push(TTSDone(epoch=frame.epoch))
+            # The reply ends here even when its provider fails at its end (a socket that dropped before it): the
+            # output marks the reply done only on these frames. The failure itself still goes to the error policy.
+            try:
+                if self._open_epoch == frame.epoch:
+                    await self.finish_reply(frame.epoch)
+            finally:
+                if self._open_epoch == frame.epoch:
+                    self._open_epoch = None
+                await self.push(frame)
+                await self.push(TTSDone(epoch=frame.epoch))
         else:
             await self.push(frame, direction)  # LLMRequest included: the output marks nothing on it, observers may
 

@@ -28,12 +28,13 @@ messages were sent on each; ``corrupt`` sends one broken message in place of the
 that is not JSON, an event ``type`` Cartesia does not have, or a chunk whose audio is bad (``bad_audio``: invalid
 base64, a length that is not whole samples, or ``pcm_f32le`` when ``pcm_s16le`` was asked) — after
 ``corrupt_after`` good messages on the connection. ``error_event`` makes the server answer one context with
-Cartesia's ``error`` message after some chunks.
+Cartesia's ``error`` message after some chunks. ``deaf`` wedges the server at a context's first input: it sends
+nothing more and stops reading its socket (a dead network path), so the client's close frame is never answered.
 
 Records: ``connect`` (path, query, headers), ``refused``, ``message`` (connection, the parsed client message),
 ``context`` (connection, context id, output format), ``cancel`` (connection, context id), ``chunk`` (context id,
 bytes; as it is written), ``done`` and ``error`` (context id), ``corrupted``, ``stall``, ``dropped``,
-``disconnect`` (connection; the client went away or closed).
+``disconnect`` (connection; the client went away or closed), ``deaf`` (connection).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class FakeCartesia(FakeServer):
         corrupt_after: int = 0,
         bad_audio: BadAudio = "base64",
         error_event: ErrorEvent | None = None,
+        deaf: bool = False,
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
         self.ttfa_s = ttfa_s
@@ -129,6 +131,7 @@ class FakeCartesia(FakeServer):
         self.corrupt_after = corrupt_after
         self.bad_audio = bad_audio
         self.error_event = error_event
+        self.deaf = deaf
         self._connections = itertools.count()
         self._contexts = itertools.count()
 
@@ -265,6 +268,11 @@ class FakeCartesia(FakeServer):
         loop = asyncio.get_running_loop()
         first_audio_due = loop.time() + self.ttfa_s  # from the context's first input: synthesis is inside it
         try:
+            if self.deaf:  # wedged: it reads and says nothing more, until the connection's handler is torn down
+                if connection.request.transport is not None:
+                    connection.request.transport.pause_reading()
+                self.record("deaf", connection=connection.index)
+                await asyncio.Future()
             await self.stall()
             while True:
                 text = self._take_ready(context)

@@ -24,13 +24,16 @@ each connection that much longer; ``drop_after`` aborts a connection after that 
 ``drop_connections`` connections, when that is set); ``corrupt`` sends, in place of the first audio message (or
 the one after ``corrupt_after`` good ones), JSON that does not parse (``malformed-json``), a message of no known
 shape (``unknown-event``), or bad audio (``bad-audio``: ``bad_audio="base64"`` does not decode, ``"odd-bytes"``
-decodes to an odd byte count, ``"mp3"`` is an MP3 frame where PCM was asked).
+decodes to an odd byte count, ``"mp3"`` is an MP3 frame where PCM was asked). ``close_on_open=(code, reason)``
+closes each socket right after the upgrade, before any message, as ElevenLabs refuses some requests (a quota
+exceeded: 1008). ``deaf`` wedges the server at a connection's first generation: it sends nothing more and stops
+reading its socket (a dead network path), so the client's close frame is never answered.
 
 Records: ``connect`` (path, query, headers), ``refused`` (status), ``message`` (connection and the parsed client
 message), ``generation`` (connection, text), ``audio`` (connection, bytes), ``final`` (connection), ``close``
 (the client closed the socket before its reply was complete — the barge-in signal), ``end`` (the socket closed
 after the reply was complete), ``disconnect`` (the client went away without a close frame), ``dropped``,
-``corrupted``, ``stall``, ``idle-timeout``, ``keepalive``.
+``corrupted``, ``stall``, ``idle-timeout``, ``keepalive``, ``closed-on-open`` (connection), ``deaf`` (connection).
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class FakeElevenLabs(FakeServer):
         bad_audio: BadAudio = "base64",
         drop_connections: int | None = None,
         corrupt_after: int = 0,
+        close_on_open: tuple[int, str] | None = None,
+        deaf: bool = False,
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
         self.ttfa_s = ttfa_s
@@ -107,6 +112,8 @@ class FakeElevenLabs(FakeServer):
         self.bad_audio = bad_audio
         self.drop_connections = drop_connections
         self.corrupt_after = corrupt_after
+        self.close_on_open = close_on_open
+        self.deaf = deaf
         self._numbers = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -147,6 +154,12 @@ class FakeElevenLabs(FakeServer):
         if not await self.accept(request, ws):
             return client_left()
         conn = _Connection(next(self._numbers), int(output_format[4:]), ws, request)
+        if self.close_on_open is not None:
+            code, reason = self.close_on_open
+            self.record("closed-on-open", connection=conn.number)
+            await ws.close(code=code, message=reason.encode())
+            self.untrack(ws)
+            return ws
         idle_s = float(request.query.get("inactivity_timeout", "20"))
         speaker = asyncio.create_task(self._speak(conn))
         try:
@@ -232,6 +245,11 @@ class FakeElevenLabs(FakeServer):
         first = True
         while (text := await conn.queue.get()) is not _END:
             self.record("generation", connection=conn.number, text=text)
+            if self.deaf:  # wedged: it reads and says nothing more, until the connection's handler is torn down
+                if conn.request.transport is not None:
+                    conn.request.transport.pause_reading()
+                self.record("deaf", connection=conn.number)
+                await asyncio.Future()
             if first:
                 await asyncio.sleep(self.ttfa_s)
                 await self.stall()
