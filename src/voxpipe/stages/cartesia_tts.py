@@ -55,7 +55,7 @@ from pydantic import BaseModel, Field, SecretStr
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
 from voxpipe.stages import tls
-from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
+from voxpipe.stages.cloud import CloudSettings, ProviderError, abort_unless_closed, require_sdk
 from voxpipe.stages.tts import LEADING_SILENCE_LEVEL, StreamingTTSStage
 
 log = logging.getLogger("voxpipe.stages.cartesia_tts")
@@ -273,10 +273,8 @@ class _Socket:
 
     async def close(self) -> None:
         """Close the socket. The SDK's ``close()`` first awaits its reader, re-raising the reader's failure (a message
-        that did not parse) before it gets to the socket: then the socket is closed directly. A close that is cut
-        short (cancelled: a timeout, the call's teardown) or fails aborts the connection: websockets aborts it only
-        when its ``close_timeout`` runs out inside ``close()``, so a peer that stopped reading would otherwise keep
-        it CLOSING, its transport open and its keepalive task pending, for good."""
+        that did not parse) before it gets to the socket: then the socket is closed directly. A close cut short or
+        failing aborts the connection (:func:`~voxpipe.stages.cloud.abort_unless_closed`)."""
         raw = getattr(self.sdk, "_connection", None)
         try:
             try:
@@ -286,10 +284,7 @@ class _Socket:
                 if raw is not None:
                     await raw.close()
         finally:
-            state = getattr(getattr(raw, "state", None), "name", "CLOSED")
-            transport = getattr(raw, "transport", None)
-            if state != "CLOSED" and transport is not None:
-                transport.abort()
+            abort_unless_closed(raw)
 
     def loss(self) -> str:
         """Why the socket is gone, once :attr:`lost` is done."""

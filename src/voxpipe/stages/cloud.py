@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
@@ -62,6 +62,17 @@ class CloudSettings(BaseModel):
                 )
             raise ConfigError(f"{kind}.api_key", problem)
         return key
+
+
+def abort_unless_closed(connection: Any) -> None:
+    """After a websocket's ``close()``, finished or not: abort the connection unless it is CLOSED. websockets aborts
+    it only when its own ``close_timeout`` runs out inside ``close()``, so a close cut short (cancelled by a
+    barge-in or the call's teardown) would leave a socket whose server stopped reading CLOSING for good, its
+    transport open and its keepalive task pending."""
+    state = getattr(getattr(connection, "state", None), "name", "CLOSED")
+    transport = getattr(connection, "transport", None)
+    if state != "CLOSED" and transport is not None:
+        transport.abort()
 
 
 def require_sdk(provider: str, extra: str, *modules: str) -> ModuleType:

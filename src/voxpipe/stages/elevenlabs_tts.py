@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from voxpipe.config.errors import ConfigError
 from voxpipe.pipeline import AudioFormat, WordMark
 from voxpipe.stages import tls
-from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
+from voxpipe.stages.cloud import CloudSettings, ProviderError, abort_unless_closed, require_sdk
 from voxpipe.stages.tts import StreamingTTSStage
 
 if TYPE_CHECKING:
@@ -598,17 +598,13 @@ class ElevenLabsTTS(StreamingTTSStage):
         await super().stop()
 
     async def _close(self, socket: ClientConnection) -> None:
-        """Close a reply's socket (websockets waits up to ``CLOSE_TIMEOUT_S`` for the server's answer, then aborts).
-        A close cut short (the receiver cancelled again, by the call's teardown) or failing aborts the connection:
-        left CLOSING, a socket whose server stopped reading would keep its transport open and its keepalive task
-        pending, for good."""
-        from websockets.protocol import State
-
+        """Close a reply's socket (websockets waits up to ``CLOSE_TIMEOUT_S`` for the server's answer, then aborts);
+        a close cut short (the receiver cancelled again, by the call's teardown) or failing aborts the connection
+        (:func:`~voxpipe.stages.cloud.abort_unless_closed`)."""
         try:
             await socket.close()
         finally:
-            if socket.state is not State.CLOSED:
-                socket.transport.abort()
+            abort_unless_closed(socket)
 
 
 # ------------------------------------------------------------------------------------------------ messages
