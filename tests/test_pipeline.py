@@ -710,3 +710,82 @@ def test_a_cancel_frame_aborts_the_run_and_drops_what_is_queued():
     outcome, ended_at = clock.run(main())
     assert outcome == "cancelled" and ended_at == 0.0
     assert [f.text for f in slow.started] == ["0"] and [f.text for f in slow.cancelled] == ["0"]
+
+
+# ------------------------------------------------------------------------------ errors on their own turn
+
+
+def test_a_failure_of_work_a_barge_in_cut_goes_on_that_turn_not_the_one_in_progress():
+    """A TTS's provider answers the cut reply with an error after the barge-in (skip-frame): the error is the cut
+    turn's. The turn in progress, which was fine, shows none."""
+
+    class RefusedLate(Stage):
+        error_policy = ErrorPolicy.SKIP_FRAME
+
+        async def process(self, frame: Frame, direction: Direction) -> None:
+            if isinstance(frame, SpeakableChunk):
+                await self.clock.sleep(1.0)  # the provider answers after the barge-in
+                raise ConnectionError(f"the provider refused reply {frame.epoch}")
+            await self.push(frame, direction)
+
+    clock = VirtualClock()
+    head, out = Collect("head"), Collect("out")
+    pipeline = Pipeline([head, RefusedLate(name="tts"), out], clock=clock, freeze_heap=False)
+
+    async def main() -> tuple[int, int]:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        cut = pipeline.next_epoch()
+        head.mark("user.speech_end", cut)
+        speaking = asyncio.create_task(head.push(SpeakableChunk(epoch=cut, text="Hello there.")))
+        await clock.sleep(0.5)
+        barge_in = (await pipeline.interrupt(head)).epoch
+        out.mark("out.interrupted", cut)  # the cut turn's record is finished (and written) here
+        head.mark("user.speech_end", barge_in)
+        await asyncio.wait_for(speaking, 5)  # the refusal of the cut reply lands during the barge-in's turn
+        out.mark("out.done", barge_in)
+        await pipeline.end()
+        await asyncio.wait_for(run, 5)
+        return cut, barge_in
+
+    cut, barge_in = clock.run(main())
+    records = {record.turn: record for record in pipeline.trace.turns}
+    assert "error" not in records[barge_in].data, "the turn in progress was fine"
+    assert records[cut].data["error"] == f"ConnectionError: the provider refused reply {cut}"
+    assert records[cut].data["error_stage"] == "tts"
+    assert records[cut].late == ["error", "error_stage"], "the record says the error came after it was written"
+    assert [(e.epoch, e.stage) for e in pipeline.errors] == [(cut, "tts")]
+
+
+def test_a_stage_names_the_turn_of_work_that_fails_or_reports_after_that_turn_ended():
+    """A tool that ran on after a barge-in reports its error, a reply's receiver task fails, a tick fails while it
+    plays a reply: each names its turn, and the error goes there, not on the turn in progress."""
+    clock = VirtualClock()
+    llm = Stage(name="llm")
+    llm.error_policy = ErrorPolicy.SKIP_FRAME
+    pipeline = Pipeline([llm, Collect("out")], clock=clock, freeze_heap=False)
+
+    async def fails(problem: str) -> None:
+        raise ConnectionError(problem)
+
+    async def main() -> tuple[int, int]:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        earlier = pipeline.next_epoch()
+        llm.mark("out.interrupted", earlier)
+        current = (await pipeline.interrupt(llm)).epoch
+        llm.mark("user.speech_end", current)
+        await llm.report("tool 'book' raised RuntimeError: booking system down", epoch=earlier)
+        await asyncio.wait_for(llm.spawn(fails("the receiver lost its socket"), epoch=earlier), 5)
+        pipeline.fail_later(llm, ConnectionError("the tick's sink is gone"), epoch=earlier)
+        await clock.sleep(0.1)
+        llm.mark("out.done", current)
+        await pipeline.end()
+        await asyncio.wait_for(run, 5)
+        return earlier, current
+
+    earlier, current = clock.run(main())
+    assert [e.epoch for e in pipeline.errors] == [earlier] * 3
+    records = {record.turn: record for record in pipeline.trace.turns}
+    assert "error" not in records[current].data
+    assert records[earlier].data["error"] == "ConnectionError: the tick's sink is gone", "the last of the three"

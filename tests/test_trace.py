@@ -14,6 +14,7 @@ from voxpipe.pipeline import (
     Stage,
     TextDelta,
     Tracer,
+    TurnRecord,
     VirtualClock,
 )
 from voxpipe.pipeline.trace import CRITICAL_PATH, SEGMENTS, breakdown, percentile
@@ -142,3 +143,48 @@ def test_usage_for_the_next_turn_taken_by_an_epoch_that_is_no_turn_goes_back_to_
     assert per_turn == [1.0, 3.0]
     assert pipeline.usage.unassigned == {"stt": {"audio_seconds": 2.0}}
     assert pipeline.usage.totals == {"stt": {"audio_seconds": 6.0}}
+
+
+def test_a_mark_after_its_turn_finished_amends_that_turns_record_and_breakdown():
+    """The LLM's first-token mark of a turn reaches the tracer after the turn finished (the stage unwinding): the
+    turn's breakdown counts it, the record names it as late, and no other turn gets it."""
+    tracer = Tracer()
+    marks_seen: list[tuple[int, str]] = []
+    tracer.on_mark(lambda turn, name, at, data: marks_seen.append((turn, name)))
+    for name, at in (("user.speech_end", 1.0), ("out.first_play", 2.0), ("out.done", 3.0)):
+        tracer.mark(1, name, at)
+    [first] = tracer.turns
+    assert first.segments_ms["playout"] == pytest.approx(1000.0)
+    tracer.mark(2, "user.speech_end", 5.0)  # the next turn is in progress
+    tracer.mark(1, "llm.first_token", 1.5)
+    tracer.mark(1, "tool.end:call_1", 3.5, duration_s=2.0)
+    assert first.segments_ms["llm_ttft"] == first.segments_ms["playout"] == pytest.approx(500.0)
+    assert sum(first.segments_us.values()) == first.voice_to_voice_us == 1_000_000
+    assert "llm.first_token" not in first.missing
+    assert list(first.marks) == ["user.speech_end", "llm.first_token", "out.first_play", "out.done", "tool.end:call_1"]
+    assert first.late == ["llm.first_token", "tool.end:call_1", "duration_s"]
+    assert marks_seen[-2:] == [(1, "llm.first_token"), (1, "tool.end:call_1")], "observers see late marks too"
+    tracer.close()
+    second = tracer.turns[1]
+    assert second.marks == {"user.speech_end": 5.0} and second.late == [] and "duration_s" not in second.data
+
+
+def test_a_late_change_reaches_the_trace_file_as_an_amendment_line(tmp_path):
+    """A writer that also observes late changes appends the amended record: the last line of a turn is its settled
+    record, and the line written as it finished stays as it was."""
+    tracer = Tracer()
+    writer = JsonlTraceWriter(tmp_path / "trace.jsonl")
+    amended: list[TurnRecord] = []
+    tracer.on_turn(writer)
+    tracer.on_late(writer)
+    tracer.on_late(amended.append)
+    tracer.mark(1, "user.speech_end", 1.0)
+    tracer.mark(1, "out.interrupted", 2.0, heard=[], played_s=0.0)
+    tracer.annotate(1, error="ConnectionError: refused", error_stage="tts")
+    tracer.mark(1, "user.speech_end", 9.0)  # a mark it has: the first value wins, nothing changed, no line
+    writer.close()
+    assert amended == tracer.turns, "told once, with the turn's own record"
+    first, second = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert first["turn"] == second["turn"] == 1
+    assert "error" not in first["data"] and first["late"] == []
+    assert second["data"]["error"] == "ConnectionError: refused" and second["late"] == ["error", "error_stage"]

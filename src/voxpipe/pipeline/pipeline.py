@@ -187,8 +187,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------------- tasks and errors
 
-    def spawn(self, stage: Stage, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
-        """Start a task owned by this run; an exception in it is ``stage``'s failure.
+    def spawn(
+        self, stage: Stage, coro: Coroutine[Any, Any, None], name: str = "", *, epoch: int | None = None
+    ) -> asyncio.Task[None]:
+        """Start a task owned by this run; an exception in it is ``stage``'s failure, on the turn ``epoch`` when
+        the task does one turn's work (a reply's receiver), else on the turn in progress when it fails.
 
         Once teardown has begun (the stages stopped, the run's tasks cancelled) a new task — say, one a cancelled
         task's clean-up starts to send a provider its cancel — is cancelled at once: its coroutine never runs.
@@ -203,43 +206,49 @@ class Pipeline:
             task = asyncio.get_running_loop().create_task(coro, name=name)  # not in the group: it may be exiting
             task.cancel()
         else:
-            task = self._group.create_task(self._guard(stage, coro), name=name)
+            task = self._group.create_task(self._guard(stage, coro, epoch), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _guard(self, stage: Stage, coro: Coroutine[Any, Any, None]) -> None:
+    async def _guard(self, stage: Stage, coro: Coroutine[Any, Any, None], epoch: int | None) -> None:
         try:
             await coro
         except (Exception, asyncio.CancelledError) as exc:
-            await self._stage_failed(stage, as_failure(exc), None)
+            await self._stage_failed(stage, as_failure(exc), epoch)
 
-    def fail_later(self, stage: Stage, exc: Exception) -> None:
-        """``stage`` failed outside the run's own tasks (in a tick of the metronome every call shares): its error
-        policy is applied in a task of this run. Once the run is over the failure is only recorded, as
-        :meth:`_stage_failed` would, since no task may start then."""
+    def fail_later(self, stage: Stage, exc: Exception, *, epoch: int | None = None) -> None:
+        """``stage`` failed outside the run's own tasks (in a tick of the metronome every call shares), at work of
+        the turn ``epoch`` if it says (else the turn in progress): its error policy is applied in a task of this
+        run. Once the run is over the failure is only recorded, as :meth:`_stage_failed` would, since no task may
+        start then."""
         if self.stopping:
-            self._failed_while_stopping(stage, exc)
+            self._failed_while_stopping(stage, exc, epoch)
         else:
-            self.spawn(stage, self._stage_failed(stage, exc, None), name=f"{stage.name}-failed")
+            self.spawn(stage, self._stage_failed(stage, exc, epoch), name=f"{stage.name}-failed")
 
-    def _failed_while_stopping(self, stage: Stage, exc: Exception) -> None:
+    def _failed_while_stopping(self, stage: Stage, exc: Exception, epoch: int | None) -> None:
         # Work still in flight as the stages stop (a final an STT delivers as it stops) may meet a stage already
         # stopped. Recorded; it does not change how the run ended.
         problem = f"{type(exc).__name__}: {exc}"
-        self.errors.append(ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=False))
+        turn = self.epoch if epoch is None else epoch
+        self.errors.append(ErrorFrame(epoch=turn, stage=stage.name, error=problem, fatal=False))
         log.warning("stage %r failed while pipeline %r was stopping: %s", stage.name, self.name, problem)
 
-    async def _stage_failed(self, stage: Stage, exc: Exception, frame: Frame | None) -> None:
+    async def _stage_failed(self, stage: Stage, exc: Exception, epoch: int | None) -> None:
+        """``stage`` raised doing work of the turn ``epoch`` (the frame it was handling, the task's turn), or, when
+        that is not known, of the turn in progress. The error goes on that turn, which may have ended (a reply a
+        barge-in cut failing as it unwinds): then it amends that turn's record, not the turn in progress."""
         if self.stopping:
-            self._failed_while_stopping(stage, exc)
+            self._failed_while_stopping(stage, exc, epoch)
             return
+        turn = self.epoch if epoch is None else epoch
         problem = f"{type(exc).__name__}: {exc}"
         policy = stage.error_policy
         fatal = policy is ErrorPolicy.STOP
-        error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=fatal)
+        error = ErrorFrame(epoch=turn, stage=stage.name, error=problem, fatal=fatal)
         self.errors.append(error)
-        self.trace.annotate(self.epoch, error=error.error, error_stage=stage.name)
+        self.trace.annotate(turn, error=error.error, error_stage=stage.name)
         if fatal:
             log.error("stage %r failed; stopping pipeline %r: %s", stage.name, self.name, error.error)
             if self._failure is None:
@@ -251,12 +260,14 @@ class Pipeline:
         if policy is ErrorPolicy.SKIP_TURN:
             await self.interrupt(stage, reason=f"error in {stage.name}")
 
-    async def report(self, stage: Stage, problem: str) -> ErrorFrame:
+    async def report(self, stage: Stage, problem: str, *, epoch: int | None = None) -> ErrorFrame:
         """A non-fatal problem ``stage`` handled itself (a bad tool result, a provider message it skipped): recorded
-        in :attr:`errors` and the trace, and sent upstream as a non-fatal :class:`ErrorFrame`."""
-        error = ErrorFrame(epoch=self.epoch, stage=stage.name, error=problem, fatal=False)
+        in :attr:`errors` and on the turn ``epoch`` in the trace (the turn in progress when not given), and sent
+        upstream as a non-fatal :class:`ErrorFrame`."""
+        turn = self.epoch if epoch is None else epoch
+        error = ErrorFrame(epoch=turn, stage=stage.name, error=problem, fatal=False)
         self.errors.append(error)
-        self.trace.annotate(self.epoch, error=problem, error_stage=stage.name)
+        self.trace.annotate(turn, error=problem, error_stage=stage.name)
         log.warning("stage %r: %s", stage.name, problem)
         await stage.push(error, UPSTREAM)
         return error

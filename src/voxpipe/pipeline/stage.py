@@ -123,7 +123,7 @@ class Stage:
         try:
             await self.process(frame, direction)
         except (Exception, asyncio.CancelledError) as exc:
-            await self.pipeline._stage_failed(self, as_failure(exc), frame)
+            await self.pipeline._stage_failed(self, as_failure(exc), frame.epoch)
 
     async def _take_interrupt(self, interrupt: Interrupt, direction: Direction) -> None:
         if interrupt.epoch <= self.epoch:
@@ -132,7 +132,7 @@ class Stage:
         try:
             await self.on_interrupt(interrupt)
         except (Exception, asyncio.CancelledError) as exc:
-            await self.pipeline._stage_failed(self, as_failure(exc), interrupt)
+            await self.pipeline._stage_failed(self, as_failure(exc), interrupt.epoch)
         await self.push(interrupt, direction)
 
     # ------------------------------------------------------------------------------- conveniences
@@ -141,9 +141,10 @@ class Stage:
         """Open a new epoch and send the interrupt both ways from this stage."""
         return await self.pipeline.interrupt(self, reason)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
-        """Start a task owned by the running pipeline; its failure is this stage's failure."""
-        return self.pipeline.spawn(self, coro, name)
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "", *, epoch: int | None = None) -> asyncio.Task[None]:
+        """Start a task owned by the running pipeline; its failure is this stage's failure, on the turn ``epoch``
+        if the task does that turn's work (see :meth:`Pipeline.spawn`)."""
+        return self.pipeline.spawn(self, coro, name, epoch=epoch)
 
     def mark(self, name: str, epoch: int, at: float | None = None, **data: Any) -> None:
         """Record a latency-trace mark for the turn ``epoch`` (at ``at``, or now)."""
@@ -157,9 +158,11 @@ class Stage:
         """Count usage that belongs to the next turn to open (a streaming STT's audio: the caller's next words)."""
         self.pipeline.usage.add_for_next_turn(self.name, **amounts)
 
-    async def report(self, problem: str) -> None:
-        """Report a problem this stage handled without failing: a non-fatal :class:`ErrorFrame` upstream."""
-        await self.pipeline.report(self, f"{self.name}: {problem}")
+    async def report(self, problem: str, *, epoch: int | None = None) -> None:
+        """Report a problem this stage handled without failing: a non-fatal :class:`ErrorFrame` upstream, and an
+        error on the turn ``epoch`` — the turn whose work had the problem, which may have ended (a tool that ran on
+        after a barge-in) — or, when not given, on the turn in progress."""
+        await self.pipeline.report(self, f"{self.name}: {problem}", epoch=epoch)
 
 
 class QueuedStage(Stage):
@@ -289,7 +292,7 @@ class QueuedStage(Stage):
                 # not find this worker busy with stale work and cancel it, the task carrying that interrupt.
                 if self._worker is me:
                     self._busy_with = None
-                await self.pipeline._stage_failed(self, failure, frame)
+                await self.pipeline._stage_failed(self, failure, frame.epoch)
             finally:
                 if self._worker is me:
                     self._busy_with = None

@@ -6,7 +6,10 @@ the voice-to-voice time: each mark is clamped to be no earlier than the one befo
 done in whole microseconds so the sum is exact, not merely close.
 
 Observers see marks live (:meth:`Tracer.on_mark`) and finished turns (:meth:`Tracer.on_turn`);
-:class:`JsonlTraceWriter` is such an observer that writes one JSON line per turn as it finishes.
+:class:`JsonlTraceWriter` is such an observer that writes one JSON line per turn as it finishes. A mark or data that
+comes for a turn after it finished (a stage unwinding after a barge-in, an error reported late) amends that turn's
+record, never the turn in progress: the breakdown is recomputed, :attr:`TurnRecord.late` names what came late, and
+:meth:`Tracer.on_late` observers see the amended record.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class TurnRecord:
     heard: list[str] = field(default_factory=list)
     played_s: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
+    late: list[str] = field(default_factory=list)
+    """Marks and data keys that came after the turn finished: the record first sent to observers had none of them."""
 
     @property
     def voice_to_voice_ms(self) -> float | None:
@@ -101,6 +106,7 @@ class Tracer:
         self.turns: list[TurnRecord] = []
         self._mark_observers: list[MarkObserver] = []
         self._turn_observers: list[TurnObserver] = []
+        self._late_observers: list[TurnObserver] = []
 
     # ------------------------------------------------------------------------------ observers
 
@@ -114,31 +120,54 @@ class Tracer:
         self._turn_observers.append(observer)
         return lambda: self._turn_observers.remove(observer)
 
+    def on_late(self, observer: TurnObserver) -> Callable[[], None]:
+        """Call ``observer(record)`` each time a finished turn's record is amended by a mark or data that came after
+        it finished (the record is the one :meth:`on_turn` observers got). Returns an unsubscribe."""
+        self._late_observers.append(observer)
+        return lambda: self._late_observers.remove(observer)
+
     # ---------------------------------------------------------------------------------- marks
 
     def mark(self, turn: int, name: str, at: float, **data: Any) -> None:
-        """Record mark ``name`` at clock time ``at`` for ``turn``. The first value of a mark wins."""
+        """Record mark ``name`` at clock time ``at`` for ``turn``. The first value of a mark wins. A mark for a turn
+        that has finished amends its record (:meth:`on_late`)."""
         finished = self._finished.get(turn)
-        if finished is not None:  # late (a cancelled stage unwinding): keep it, but the record was already sent
-            finished.marks.setdefault(name, at)
-            finished.data.update(data)
-            return
-        marks, extra = self._open.setdefault(turn, ({}, {}))
-        if name not in marks:
-            marks[name] = at
-        extra.update(data)
+        if finished is None:
+            marks, extra = self._open.setdefault(turn, ({}, {}))
+            if name not in marks:
+                marks[name] = at
+            extra.update(data)
         for observer in self._mark_observers:
             observer(turn, name, at, data)
-        if name in END_MARKS:
+        if finished is not None:
+            self._amend(finished, {name: at}, data)
+        elif name in END_MARKS:
             self.finish(turn)
 
     def annotate(self, turn: int, **data: Any) -> None:
-        """Attach data (texts, tool calls, usage) to a turn without recording a mark."""
+        """Attach data (texts, tool calls, usage, errors) to a turn without recording a mark. Data for a turn that
+        has finished amends its record (:meth:`on_late`)."""
         finished = self._finished.get(turn)
         if finished is not None:
-            finished.data.update(data)
+            self._amend(finished, {}, data)
             return
         self._open.setdefault(turn, ({}, {}))[1].update(data)
+
+    def _amend(self, record: TurnRecord, marks: dict[str, float], data: dict[str, Any]) -> None:
+        """Marks and data that came after ``record`` was sent: the record takes them (the first value of a mark
+        still wins) with its breakdown recomputed, and names them in ``late``. The turn's ending (interrupted,
+        heard, played) stays the one it finished with: a later end mark is kept as a mark, its data as data."""
+        added = {name: at for name, at in marks.items() if name not in record.marks}
+        if not added and not data:
+            return  # a mark it has already: nothing changed
+        if added:
+            everything = {**record.marks, **added}
+            record.marks = dict(sorted(everything.items(), key=lambda item: item[1]))
+            record.segments_us, record.voice_to_voice_us, record.missing = breakdown(record.marks)
+        record.data.update(data)
+        record.late.extend(name for name in (*added, *data) if name not in record.late)
+        for observer in self._late_observers:
+            observer(record)
 
     def has_marks(self, turn: int) -> bool:
         """True when ``turn`` has at least one mark (finished, or still open): it is a turn, not just data."""
@@ -230,9 +259,11 @@ class Summary:
 class JsonlTraceWriter:
     """A turn observer that appends one JSON line per finished turn and flushes it at once.
 
-    A turn's record can still gain data after it finished: a reply cancelled by a barge-in counts its usage as its
-    stream closes, after the playout cut ended the turn. :meth:`rewrite` replaces the lines with the settled records
-    at the end of the call.
+    A turn's record can still gain marks and data after it finished: a reply cancelled by a barge-in counts its usage
+    as its stream closes, after the playout cut ended the turn; a tool that ran on reports its error. Subscribed to
+    :meth:`Tracer.on_late` as well, the writer appends the amended record: the last line of a turn is its record so
+    far, and its ``late`` names what the earlier lines lacked. :meth:`rewrite` replaces the lines with the settled
+    records, one per turn, at the end of the call.
     """
 
     def __init__(self, path: str | Path) -> None:
