@@ -72,8 +72,8 @@ class Built:
                 built.stages.append(stage)
                 return stage
 
-            def spawn(self, coro: Any, name: str = "") -> asyncio.Task[None]:
-                task = super().spawn(coro, name)
+            def spawn(self, coro: Any, name: str = "", *, epoch: int | None = None) -> asyncio.Task[None]:
+                task = super().spawn(coro, name, epoch=epoch)
                 if "-receive-" in name:
                     built.receivers.append(task)
                 return task

@@ -471,7 +471,7 @@ class CartesiaTTS(StreamingTTSStage):
             generation_config={"speed": settings.speed} if settings.speed is not None else None,
             max_buffer_delay_ms=settings.max_buffer_delay_ms,
         )
-        reply.receiver = self.spawn(self._receive(reply), name=f"{self.name}-receive-{reply.epoch}")
+        reply.receiver = self.spawn(self._receive(reply), name=f"{self.name}-receive-{reply.epoch}", epoch=reply.epoch)
 
     @property
     def produces_rate(self) -> int:
@@ -650,7 +650,7 @@ class CartesiaTTS(StreamingTTSStage):
         if receiver is not None and receiver is not asyncio.current_task() and not receiver.done():
             receiver.cancel()
         if in_flight and reply.first_input_at is not None and not reply.settled and reply.socket.alive:
-            self.spawn(self._cancel_context(reply), name=f"{self.name}-cancel-{reply.epoch}")
+            self.spawn(self._cancel_context(reply), name=f"{self.name}-cancel-{reply.epoch}", epoch=reply.epoch)
         reply.settled = True
         reply.ended.set()
 

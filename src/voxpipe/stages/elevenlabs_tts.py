@@ -377,7 +377,7 @@ class ElevenLabsTTS(StreamingTTSStage):
         assert self.produces is not None
         reply = _Reply(epoch, self.settings, self.produces.sample_rate)
         self._reply = reply
-        reply.task = self.spawn(self._serve(reply), name=f"{self.name}-reply-{epoch}")
+        reply.task = self.spawn(self._serve(reply), name=f"{self.name}-reply-{epoch}", epoch=epoch)
         self._receivers.add(reply.task)
         reply.task.add_done_callback(self._receivers.discard)
 
