@@ -439,8 +439,9 @@ async def test_a_stall_ends_the_utterance_at_the_finalize_timeout_and_drops_the_
     assert [t.text for t in finals] == [""], "exactly one final, with what was heard before the deadline"
     assert stt.transcripts[-1].final, "the stalled results arrived later and were dropped as stale"
     assert stt.stats.messages >= 3, "the late results did reach the stage"
-    [error] = pipeline.errors
-    assert not error.fatal and "Deepgram: no final result within 0.6 s" in error.error
+    timed_out, late = pipeline.errors
+    assert not timed_out.fatal and "Deepgram: no final result within 0.6 s" in timed_out.error
+    assert not late.fatal and "late final result" in late.error and "'Hello there.'" in late.error
 
 
 class Silent(Stage):
@@ -817,3 +818,56 @@ async def test_a_server_that_stops_reading_is_replaced_after_send_timeout_s():
     assert second and stt.stats.reconnects == 1
     [error] = pipeline.errors
     assert not error.fatal and "audio not taken within 0.5 s (the server stopped reading)" in error.error
+
+
+# ------------------------------------------------------------------------------- late answers, usage (2026-12)
+
+
+@pytest.mark.timeout(40)
+async def test_a_late_answer_to_a_timed_out_finalize_is_dropped_not_taken_for_the_next_utterances(tmp_path):
+    lines = ["A table for four tonight.", "At eight, please."]
+    # The first Finalize's answer is held until the second Finalize arrives, then goes out just before that one's.
+    # Only Finalize ends an utterance at the fake: each final waits for its answer.
+    async with FakeDeepgram(utterances=lines, late_answers=1) as fake:
+        stages = Stages()
+        result = await call(
+            fake,
+            [Say(lines[0], pause=0.3), Say(lines[1], pause=0.3)],
+            tmp_path,
+            stages,
+            replies=["Sure.", "Done."],
+            endpointing=None,
+            utterance_end_ms=None,
+            finalize_timeout_s=0.5,
+        )
+    assert [s.data["connection"] for s in fake.of("held")] == [1] and len(sent(fake, "Finalize")) == 2
+    stt = stages.stt
+    assert stt.stats.finalize_timeouts == 1, "only the first utterance waited in vain"
+    finals = [t.text for t in stt.transcripts if t.final]
+    assert finals[1] == lines[1], "the second utterance's final is its own answer's, not the first's late one"
+    assert user_texts(result) == [finals[0], lines[1]], "the first turn ended at its timeout, with what was heard"
+    assert stt.stats.late_finals == 1
+    timed_out, late = stages.errors
+    assert "no final result within 0.5 s" in timed_out
+    assert "late" in late and repr(lines[0]) in late, "the late result is reported with the words it dropped"
+    second = [t for t in result.turns if "user_text" in t.data][1]
+    assert second.marks["stt.sdk_call"] < second.marks["stt.sdk_answer"] <= second.marks["stt.final"]
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("turn_taker", [False, True], ids=["stt-alone", "with-turn-taker"])
+async def test_all_audio_sent_is_counted_once_with_or_without_a_turn_taker(turn_taker):
+    lines = ["A table for four tonight.", "At eight, please."]
+    async with FakeDeepgram(utterances=lines) as fake:
+        # Nobody answers: the caller goes on after reply_timeout.
+        caller = ScriptedCaller([Say(line, pause=0.3) for line in lines], RATE, reply_timeout=0.3)
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url), api_key=fake.api_key)
+        taker = [TurnTaker(Conversation("test"))] if turn_taker else []
+        pipeline = Pipeline([SimulatedInput(caller, AUDIO), ScriptedVAD(AUDIO), stt, *taker, Sink()], clock=RealClock())
+        assert await pipeline.run() == "ended"
+    assert [t.text for t in stt.transcripts if t.final] == lines
+    billed = pipeline.usage.totals["stt"]["audio_seconds"]
+    assert billed == pytest.approx(stt.stats.audio_s), "the call's total is all the audio Deepgram was sent, once"
+    assert stt.stats.audio_s > 2.0
+    handed_over = [t.usage for t in stt.transcripts if t.final and t.usage]
+    assert len(handed_over) == (2 if turn_taker else 0), "a final carries its audio only to a turn-taker"

@@ -15,7 +15,10 @@ results (→ partial :class:`Transcript` frames: the utterance's finalized segme
   Deepgram's audio timestamps mapped to the call's clock through the ``pts`` of the audio it sent.
 
 Words are assigned to utterances by their position in the audio, so a late result of a finished utterance is
-dropped instead of leaking into the next one. The stage keeps the audio since the last finalized segment: if the
+dropped instead of leaking into the next one; a result whose audio span ends by the last utterance given out (the
+answer to a timed-out ``Finalize``, say) is late as a whole: it answers no ``Finalize`` awaited now, and its words are
+reported as dropped. Each utterance's audio seconds go on its final for the turn-taker to count, or, with no
+turn-taker downstream, the stage counts them itself. The stage keeps the audio since the last finalized segment: if the
 socket drops (or stalls: a ``Finalize`` unanswered for ``result_timeout_s``, or a message the socket cannot take
 for ``send_timeout_s``) it reconnects, replays that audio
 and any unanswered ``Finalize``, then carries on live; a refused handshake (401/429/5xx) is never retried in a loop
@@ -53,6 +56,7 @@ from voxpipe.pipeline import (
 )
 from voxpipe.pipeline.usage import AUDIO_SECONDS
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
+from voxpipe.stages.turn import TurnTaker
 
 log = logging.getLogger("voxpipe.stages.deepgram_stt")
 
@@ -61,6 +65,10 @@ PRODUCTION_URL = "wss://api.deepgram.com"
 _REFUSALS = {401: "API key rejected", 402: "account out of credit", 403: "API key not allowed to use this model"}
 _PRE_ROLL_S = 0.5  # audio kept while nobody speaks: a drop at a speech onset must not cut the first word
 RECONNECT_WINDOW_S = 60.0  # more than max_reconnects drops within this long end the session
+# A result ending within this of the last cut given out is of audio already given out (Deepgram's times are whole
+# ms; an answer ends where its Finalize went into the stream, at its utterance's cut). Any later utterance's cut is
+# its speech and the VAD's hang-over further on, so its answer never ends this close.
+_LATE_MARGIN_S = 0.1
 
 # ------------------------------------------------------------------------------------------------ settings
 
@@ -273,6 +281,7 @@ class DeepgramStats:
     finals: int = 0
     partials: int = 0
     finalize_timeouts: int = 0
+    late_finals: int = 0  # is_final results with words, dropped: their utterance's final had gone out without them
     keepalives: int = 0
     audio_s: float = 0.0
 
@@ -348,6 +357,7 @@ class DeepgramSTT(Stage):
         self._reconnected_at: float | None = None  # a reconnect not marked yet: it goes on the next final's turn
         self._speech_start_pts = 0  # speech_events: where the open utterance started
         self._unbilled_s = 0.0  # audio sent that no ended utterance holds yet: the next one to end takes it
+        self._hands_over_usage = False  # a turn-taker downstream counts each final's audio (set at start)
         self._sdk_client: Any = None  # built once, off the event loop, and kept for every session and reconnect
         self.stats = DeepgramStats()
 
@@ -356,6 +366,10 @@ class DeepgramSTT(Stage):
     async def start(self) -> None:
         """Open the socket now, so the first turn does not wait for the handshake."""
         await super().start()
+        # A final's audio is counted by the turn-taker that takes the final (Transcript.usage). A pipeline composed
+        # without one (transcription alone, STT straight into a reasoner) would bill nothing: count it here then.
+        stages = self.pipeline.stages
+        self._hands_over_usage = any(isinstance(s, TurnTaker) for s in stages[stages.index(self) + 1 :])
         self._start_session()
 
     def _start_session(self) -> None:
@@ -601,7 +615,8 @@ class DeepgramSTT(Stage):
     def _bill(self, index: int, seconds: float) -> None:
         """Audio chunk ``index`` went to Deepgram: its seconds belong to the utterance whose audio it is (the oldest
         still waiting for its final that ends after it), else to the next utterance to end — the pause before an
-        utterance is billed with it. A final carries its utterance's seconds to the turn-taker (``usage``)."""
+        utterance is billed with it. A final carries its utterance's seconds to the turn-taker (``usage``), or,
+        without one downstream, the stage counts them as the final goes out (:meth:`_settle`)."""
         for pending in self._pending:
             if index < pending.cut_index:
                 pending.audio_s += seconds
@@ -719,8 +734,13 @@ class DeepgramSTT(Stage):
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
             await self.report(f"{PROVIDER} sent Results without a usable transcript ({exc}); skipped")
             return
-        words = [w for w in words if w.start >= self._given_until]  # a late result of a finished utterance
+        given = self._given_until
+        stale = [w for w in words if w.start < given]  # words of utterances whose finals went out
+        words = [w for w in words if w.start >= given]
         end_pts = socket.timeline.to_pts(end)
+        if given and not words and end_pts <= given + round(_LATE_MARGIN_S * self._rate):
+            await self._late(results, stale, received_at)
+            return
         if self.settings.speech_events and words and not self._speaking:
             await self._on_speech_started(words[0].start)  # a SpeechStarted may not come: use words
         if results.is_final:
@@ -745,6 +765,23 @@ class DeepgramSTT(Stage):
             self._interim_words = words
         await self._settle()
         await self._partial()
+
+    async def _late(self, results: Any, stale: list[_Word], received_at: float) -> None:
+        """A result whose audio all belongs to utterances whose finals went out: typically the answer to a Finalize
+        whose utterance ended on its timeout. It answers no Finalize awaited now (taken for the next utterance's
+        answer, it ended that one early, without its words), and it must not touch the open utterance's words. The
+        turn it belonged to is over, so its words are dropped; an is_final result's are reported, naming them."""
+        if not (results.is_final and stale):
+            log.debug("%s: a late result of audio already given out, without words; skipped", self.name)
+            return
+        self.stats.late_finals += 1
+        text = " ".join(w.text for w in stale)
+        what = "answer to a Finalize" if results.from_finalize else "final result"
+        await self.report(
+            f"{PROVIDER} sent a late {what} at {received_at:.2f} s, for speech at {stale[0].start / self._rate:.2f}-"
+            f"{stale[-1].end / self._rate:.2f} s whose utterance had already ended without it; dropped its words "
+            f"({text!r})"
+        )
 
     async def _on_speech_started(self, at_pts: int) -> None:
         at = at_pts / self._rate
@@ -821,7 +858,11 @@ class DeepgramSTT(Stage):
                 marks = pending.trace_marks()
                 if self._reconnected_at is not None:  # the turn whose audio the new socket was given again
                     marks, self._reconnected_at = (*marks, ("stt.reconnect", self._reconnected_at)), None
-                usage = ((self.name, AUDIO_SECONDS, pending.audio_s),) if pending.audio_s else ()
+                usage: tuple[tuple[str, str, float], ...] = ()
+                if pending.audio_s and self._hands_over_usage:
+                    usage = ((self.name, AUDIO_SECONDS, pending.audio_s),)
+                elif pending.audio_s:  # counted before the final goes out: a stage it opens a turn in gets it
+                    self.count_for_next_turn(audio_seconds=pending.audio_s)
                 await self._emit(words, final=True, marks=marks, usage=usage)
 
     def _stop_awaiting(self, pending: PendingFinal) -> None:
@@ -896,6 +937,8 @@ class DeepgramSTT(Stage):
         # Audio no final carried to a turn (after the last utterance, or of one whose final never went out).
         unbilled = self._unbilled_s + sum(p.audio_s for p in self._pending)
         self._unbilled_s = 0.0
+        for pending in self._pending:
+            pending.audio_s = 0.0  # counted here: never again on a final
         if unbilled:
             self.count_for_next_turn(audio_seconds=unbilled)
         await super().stop()

@@ -34,10 +34,14 @@ that many messages sent on each; ``corrupt`` sends one broken message (malformed
 not have, or a binary frame — Listen v1 never sends binary) in place of the first normal one. The first
 ``deaf_connections`` connections send nothing more once a ``Finalize`` arrives (recorded as ``unanswered``; a
 ``Finalize`` left unanswered by ``answer_empty_finalize=False`` is recorded as ``unanswered`` with ``buffered=False``).
+The answers to the first ``late_answers`` ``Finalize`` messages are held back (recorded as ``held``) until the next
+``Finalize`` arrives, and go out just before its answer: an answer later than any client's finalize timeout, arriving
+while the client waits for the next utterance's.
 
 Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection, bytes), ``message`` (connection
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
-transcript, is_final, speech_final, from_finalize), ``answered`` (connection, ``arrived``: when a Finalize arrived,
+transcript, is_final, speech_final, from_finalize), ``held`` (connection, ``arrived``: a late answer held back),
+``answered`` (connection, ``arrived``: when a Finalize arrived,
 ``due``; recorded as the result answering it is written: :meth:`waits`), ``idle-timeout``, ``dropped``,
 ``disconnect`` (the client went away without CloseStream), ``close`` (closed after CloseStream), ``utterance``
 (connection, index, start and end of its speech in stream seconds, when it is finalized).
@@ -115,6 +119,7 @@ class _Stream:
     outbox: asyncio.Queue[tuple[float, str | None, float | None]] = field(default_factory=asyncio.Queue)
     closing: bool = False
     quiet: bool = False  # deaf_connections: it stopped sending anything at a Finalize
+    held: list[tuple[dict[str, Any], float]] = field(default_factory=list)  # late_answers: (answer, Finalize arrival)
     offset: float | None = None  # words mode: caller clock minus stream time, found at the first speech onset
 
     @property
@@ -141,6 +146,7 @@ class FakeDeepgram(FakeServer):
         drop_connections: int = 1,
         deaf_connections: int = 0,
         answer_empty_finalize: bool = True,
+        late_answers: int = 0,
         faults: Faults | None = None,
         api_key: str = "test-key",
     ) -> None:
@@ -158,6 +164,7 @@ class FakeDeepgram(FakeServer):
         self._drops_left = drop_connections
         self.deaf_connections = deaf_connections
         self.answer_empty_finalize = answer_empty_finalize
+        self._late_answers_left = late_answers
         self._connections = 0
         self._completed = 0  # utterances finalized, across connections: the index of the next one
         self._words_done = 0  # words of utterance ``_completed`` already sent in an is_final result
@@ -403,8 +410,18 @@ class FakeDeepgram(FakeServer):
             speech_final=speech_final,
             from_finalize=from_finalize,
         )
-        self._send(stream, result, answering=answering)
         stream.segment_start = now
+        if answering is None:
+            self._send(stream, result)
+        elif self._late_answers_left > 0:
+            self._late_answers_left -= 1
+            stream.held.append((result, answering))
+            self.record("held", connection=stream.number, arrived=answering)
+        else:  # the answers held back go out first, in order: the client sees them before this one
+            for late, arrived in stream.held:
+                self._send(stream, late, answering=arrived)
+            stream.held.clear()
+            self._send(stream, result, answering=answering)
 
     # ------------------------------------------------------------------------------- messages
 
