@@ -285,9 +285,17 @@ def test_pricing_counters_must_be_real_ones():
     from typing import get_args
 
     from voxpipe.config.schema import Counter
-    from voxpipe.pipeline.usage import AUDIO_SECONDS, CHARACTERS, INPUT_TOKENS, OUTPUT_TOKENS
+    from voxpipe.pipeline.usage import (
+        AUDIO_SECONDS,
+        CACHE_READ_TOKENS,
+        CACHE_WRITE_TOKENS,
+        CHARACTERS,
+        INPUT_TOKENS,
+        OUTPUT_TOKENS,
+    )
 
-    assert set(get_args(Counter)) == {INPUT_TOKENS, OUTPUT_TOKENS, CHARACTERS, AUDIO_SECONDS}
+    counters = {INPUT_TOKENS, OUTPUT_TOKENS, CHARACTERS, AUDIO_SECONDS, CACHE_WRITE_TOKENS, CACHE_READ_TOKENS}
+    assert set(get_args(Counter)) == counters
     with pytest.raises(ConfigError) as caught:
         parse_config({**SCRIPTED, "pricing": {"tts": {"character": 1.0}, "llmm": {}}})
     message = str(caught.value)
@@ -352,3 +360,18 @@ def test_an_unreadable_scenario_names_the_file(tmp_path):
         load_scenario(latin1)
     with pytest.raises(ConfigError, match=r"cannot be read"):
         load_scenario(tmp_path)
+
+
+def test_prompt_cache_tokens_can_be_priced():
+    pricing = {"llm": {"cache_write_tokens": 6.25e-6, "cache_read_tokens": 0.5e-6}}
+    config, _ = parse_config({**SCRIPTED, "pricing": pricing})
+    assert config.pricing == pricing
+
+
+def test_a_tools_result_limit_must_be_a_positive_number_of_characters():
+    tool = {"function": "voxpipe.demo:check_availability"}
+    config, _ = parse_config({**SCRIPTED, "tools": [tool]})
+    assert config.tools[0].max_result_chars == 20_000
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "tools": [{**tool, "max_result_chars": 0}]})
+    assert "tools[0].max_result_chars: input should be greater than or equal to 1" in str(caught.value)

@@ -5,6 +5,7 @@ import asyncio
 import functools
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from voxpipe.call import run_call, run_configured_call
 from voxpipe.config import ConfigError, parse_config
 from voxpipe.config.build import config_tools
 from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, ToolResult
-from voxpipe.stages.tools import Tool, ToolAuditLog, ToolError, tools_by_name
+from voxpipe.stages.tools import ResultTooLarge, Tool, ToolAuditLog, ToolError, tools_by_name
 from voxpipe.testing import Say, ScriptedLLM, ScriptedReply
 
 
@@ -84,6 +85,28 @@ async def test_results_json_cannot_carry_are_a_clear_error_and_dataclasses_are_f
     assert await Tool.of(slot).invoke({}) == {"time": "20:00"}
     with pytest.raises(ToolError, match="returned a object, which cannot be sent to the model as JSON"):
         await Tool.of(handle).invoke({})
+
+
+@pytest.mark.asyncio
+async def test_a_result_over_its_limit_is_an_error_naming_the_tool_the_size_and_the_limit():
+    def listing() -> str:
+        return "x" * 101
+
+    async def slots() -> list[dict[str, str]]:
+        return [{"time": "20:00"}] * 10  # 190 characters as the JSON text the model would get
+
+    assert Tool.of(listing).max_result_chars == 20_000, "a limit even when none is given"
+    assert await Tool.of(listing, max_result_chars=101).invoke({}) == "x" * 101
+    with pytest.raises(ResultTooLarge) as caught:
+        await Tool.of(listing, max_result_chars=100).invoke({})
+    assert str(caught.value) == (
+        "tool 'listing' returned 101 characters, over its limit of 100 (max_result_chars); the result was not sent"
+    )
+    with pytest.raises(ResultTooLarge, match=r"tool 'slots' returned 190 characters, over its limit of 189") as big:
+        await Tool.of(slots, max_result_chars=189).invoke({})
+    assert (big.value.chars, big.value.limit) == (190, 189)
+    with pytest.raises(ToolError, match="max_result_chars >= 1"):
+        Tool.of(listing, max_result_chars=0)
 
 
 def test_annotated_constraints_and_descriptions_reach_the_schema_and_the_argument_check():
@@ -262,6 +285,27 @@ def test_barge_in_cancels_or_finishes_the_tool_by_policy(tmp_path, policy):
     assert [m["role"] for m in transcript["conversation"]].count("tool") == (policy == "finish")
 
 
+def test_a_tool_that_fails_after_the_barge_in_puts_its_error_on_the_turn_that_called_it(tmp_path):
+    async def book_table(name: str, people: int, time: str = "19:00") -> dict:
+        """Book a table at the restaurant.
+
+        Args:
+            name: who the booking is for
+            people: how many people are coming
+            time: when, as HH:MM
+        """
+        await asyncio.sleep(3.0)
+        raise RuntimeError("the booking system is down")
+
+    tool = Tool.of(book_table, filler="One moment.", filler_after_s=0.3, on_barge_in="finish")
+    replies = [_booking_reply(), "Sure, nine then.", "Bye."]
+    result = run_call(BARGE_IN, tmp_path, replies=replies, tools={"book_table": tool})
+    called, barge_in, _ = result.turns
+    assert called.interrupted and "tool.end:call_1" in called.marks
+    assert "the booking system is down" in called.data["error"] and "error" in called.late
+    assert "error" not in barge_in.data, "the barge-in's turn was fine"
+
+
 def test_a_finish_tool_runs_to_its_end_when_the_call_ends_right_after_the_barge_in(tmp_path):
     async def book_slowly(name: str, people: int, time: str) -> dict:
         """Book a table, through a slow booking system."""
@@ -319,6 +363,27 @@ def test_a_non_serializable_result_is_a_named_error_and_the_call_goes_on(tmp_pat
     assert errors[0]["stage"] == "llm" and "tool 'lookup' returned a object" in errors[0]["error"]
 
 
+def test_a_huge_result_reaches_neither_the_model_nor_the_audit_log_and_the_call_goes_on(tmp_path):
+    def export_bookings() -> str:
+        """Every booking ever made, as text."""
+        return "Rossi, 2, 20:00\n" * 62_500  # a megabyte
+
+    reply = ScriptedReply("Hmm, {result}.", tool="export_bookings")
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools=[export_bookings])
+    error = (
+        "tool 'export_bookings' returned 1,000,000 characters, over its limit of 20,000 (max_result_chars); the "
+        "result was not sent"
+    )
+    assert result.outcome == "ended" and len(result.turns) == 2
+    assert result.turns[0].data["bot_text"] == f"Hmm, an error ({error})."
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "error" and entry["error"] == error
+    assert entry["result_chars"] == 1_000_000 and "result" not in entry
+    assert (tmp_path / "tools.jsonl").stat().st_size < 1000, "the audit log holds the size, not the megabyte"
+    [kept] = [m.tool for m in result.conversation.messages if m.role == "tool"]
+    assert kept.error == error and kept.result is None, "the conversation does not carry it to every later request"
+
+
 def test_tools_by_import_path_in_config(tmp_path):
     config, _ = parse_config(
         {
@@ -329,6 +394,16 @@ def test_tools_by_import_path_in_config(tmp_path):
     [tool] = config_tools(config).values()
     assert tool.name == "check_availability" and tool.timeout_s == 2 and tool.on_barge_in == "finish"
     assert tool.input_schema()["required"] == ["time", "people"]
+    assert tool.max_result_chars == 20_000
+
+
+def test_a_tools_result_limit_is_set_in_config():
+    tools = [{"function": "voxpipe.demo:check_availability", "max_result_chars": 500}]
+    config, _ = parse_config(
+        {**{kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}, "tools": tools}
+    )
+    [tool] = config_tools(config).values()
+    assert tool.max_result_chars == 500
 
 
 def test_a_tool_path_that_does_not_import_names_the_key():
@@ -367,24 +442,33 @@ def test_a_tool_that_awaits_something_cancelled_fails_as_a_tool_and_the_call_goe
 class ReasonerAlone:
     """ScriptedLLM between a tap (what it sends upstream: tool results for the conversation) and a sink."""
 
-    def __init__(self, reply: ScriptedReply, tool: Tool) -> None:
+    def __init__(self, reply: ScriptedReply, tool: Tool, **llm: Any) -> None:
         self.audit: list[dict[str, Any]] = []
         self.audited = asyncio.Event()
-        self.llm = ScriptedLLM([reply], ttft_s=0.0, tools=[tool], audit=self.keep)
+        self.llm = ScriptedLLM([reply], ttft_s=0.0, tools=[tool], audit=self.keep, **llm)
         self.head = Tap("head")
         self.pipeline = Pipeline([self.head, self.llm, Collect()], clock=RealClock())
 
     async def start(self, text: str) -> asyncio.Task[str]:
         running = asyncio.create_task(self.pipeline.run())
         await asyncio.sleep(0)
+        await self.turn(text)
+        return running
+
+    async def turn(self, text: str) -> None:
+        """The caller's next turn (the scripted reply again)."""
         epoch = self.pipeline.next_epoch()
         turn = EndOfTurn(epoch=epoch, text=text, at=0.0, context=(Message("user", text),))
         await self.llm.receive(turn, DOWNSTREAM)
-        return running
 
     def keep(self, entry: Any) -> None:
         self.audit.append(entry)
         self.audited.set()
+
+    async def audited_entries(self, count: int) -> None:
+        while len(self.audit) < count:
+            self.audited.clear()
+            await self.audited.wait()
 
     def results(self) -> list[ToolResult]:
         return [seen.frame for seen in self.head.log if isinstance(seen.frame, ToolResult)]
@@ -396,6 +480,7 @@ class BlockingBooking:
     def __init__(self) -> None:
         self.started, self.release = threading.Event(), threading.Event()
         self.made: list[str] = []
+        self.threads: list[str] = []  # the threads it ran on
 
     def book(self, name: str) -> str:
         """Book a table.
@@ -403,6 +488,7 @@ class BlockingBooking:
         Args:
             name: who for
         """
+        self.threads.append(threading.current_thread().name)
         self.started.set()
         self.release.wait(10)
         self.made.append(name)
@@ -474,3 +560,76 @@ def test_a_call_that_never_starts_leaves_the_last_calls_tool_log_alone(tmp_path,
         run_configured_call(config, settings, BOOKING, tmp_path)
     [entry] = _audit(tmp_path)
     assert entry["tool"] == "book_table"
+
+
+@pytest.mark.timeout(20)
+async def test_a_hung_sync_tool_holds_a_thread_of_the_reasoner_not_one_that_resolves_host_names():
+    # The loop's default executor also runs getaddrinfo for every connection; one thread of it, so a tool holding
+    # it would stall every lookup.
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="default"))
+    booking = BlockingBooking()
+    alone = ReasonerAlone(
+        ScriptedReply("Sorry, {result}.", tool="book", arguments={"name": "Rossi"}),
+        Tool.of(booking.book, timeout_s=0.05),
+    )
+    running = await alone.start("Book for Rossi.")
+    try:
+        await alone.audited_entries(1)  # timed out, the thread still booking
+        assert booking.made == [] and booking.threads[0].startswith("llm-tool")
+        # Not a timing check: without threads of its own, the lookup waits for the tool's 10 s.
+        resolved = await asyncio.wait_for(loop.getaddrinfo("127.0.0.1", 80), 5)
+        assert resolved[0][4][0] == "127.0.0.1"
+    finally:
+        booking.release.set()
+    await alone.audited_entries(2)
+    await alone.pipeline.end()
+    assert await running == "ended"
+    assert [entry["outcome"] for entry in alone.audit] == ["timeout", "finished-after-timeout"]
+
+
+@pytest.mark.timeout(20)
+async def test_with_every_tool_thread_held_by_a_hung_tool_the_next_sync_tool_is_a_clear_error():
+    booking = BlockingBooking()
+    reply = ScriptedReply("Sorry, {result}.", tool="book", arguments={"name": "Rossi"})
+    alone = ReasonerAlone(reply, Tool.of(booking.book, timeout_s=0.05), tool_threads=1)
+    running = await alone.start("Book for Rossi.")
+    try:
+        await alone.audited_entries(1)
+        await alone.turn("Hello? Book for Rossi.")
+        await alone.audited_entries(2)
+    finally:
+        booking.release.set()
+    await alone.audited_entries(3)
+    await alone.pipeline.end()
+    assert await running == "ended"
+    timed_out, refused, late = alone.audit
+    assert timed_out["outcome"] == "timeout" and late["outcome"] == "finished-after-timeout"
+    error = (
+        "tool 'book' cannot run: all 1 tool threads are taken by sync tools still running ('book'; a thread cannot "
+        "be stopped, so one that hangs keeps its thread)"
+    )
+    assert refused["outcome"] == "error" and refused["error"] == error, "refused at once, not queued to time out"
+    assert booking.made == ["Rossi"], "the refused call never ran"
+    assert [result.error for result in alone.results()] == [timed_out["error"], error], "the model heard why"
+
+
+@pytest.mark.timeout(20)
+async def test_a_sync_tool_still_running_when_the_call_ends_does_not_hang_its_end():
+    booking = BlockingBooking()
+    reply = ScriptedReply("Sorry, {result}.", tool="book", arguments={"name": "Rossi"})
+    alone = ReasonerAlone(reply, Tool.of(booking.book, timeout_s=0.05), thread_grace_s=0.1)
+    try:
+        running = await alone.start("Book for Rossi.")
+        await alone.audited_entries(1)
+        await alone.pipeline.end()
+        assert await running == "ended"
+        assert booking.made == [], "the call ended while the thread was still booking"
+    finally:
+        booking.release.set()
+    timed_out, abandoned = alone.audit
+    assert timed_out["outcome"] == "timeout"
+    assert abandoned["outcome"] == "abandoned" and abandoned["call_id"] == timed_out["call_id"]
+    assert abandoned["error"] == (
+        "tool 'book' was still running when the call ended: its thread is left to run (what it did is not known)"
+    )

@@ -277,6 +277,21 @@ def test_usage_is_what_the_api_reported(two_turns):
 
 
 @pytest.mark.timeout(30)
+def test_prompt_cache_writes_and_reads_are_counted_and_priced_at_their_own_rates(serve, tmp_path):
+    fake = FakeAnthropic(
+        ["Luigi's, hello!"], input_tokens=40, cache_creation_input_tokens=1000, cache_read_input_tokens=3000
+    )
+    served = serve(fake)
+    result = call(served.fake, [Say("Hello, who is this?", pause=0.3)], tmp_path)
+    [reply] = served.fake.of("reply")
+    assert (reply.data["cache_creation_input_tokens"], reply.data["cache_read_input_tokens"]) == (1000, 3000)
+    usage = {"input_tokens": 40, "output_tokens": 2, "cache_write_tokens": 1000, "cache_read_tokens": 3000}
+    assert result.usage["llm"] == result.turns[0].data["usage"]["llm"] == usage
+    # Claude Opus list prices per token: input $5/M, output $25/M, cache writes 1.25x input, cache reads 0.1x input.
+    assert result.cost_usd["llm"] == pytest.approx(40 * 5e-6 + 2 * 25e-6 + 1000 * 6.25e-6 + 3000 * 0.5e-6)
+
+
+@pytest.mark.timeout(30)
 def test_the_tool_loop_runs_the_tool_and_sends_its_result_back(serve, tmp_path):
     WEATHER_CALLS.clear()
     replies = [
@@ -645,6 +660,26 @@ async def test_a_failing_tool_is_sent_back_as_an_error_result():
         (block,) = fake.of("request")[1].data["body"]["messages"][-1]["content"]
         assert block["is_error"] is True and "the book is full" in block["content"]
         assert turn.text() == "Sorry, we are full tonight."
+
+
+@pytest.mark.timeout(10)
+async def test_a_tool_result_over_its_limit_is_sent_back_as_an_error_naming_the_size():
+    async def menu() -> list[dict[str, Any]]:
+        """The whole menu."""
+        return [{"dish": f"pasta no. {n}", "price": 12} for n in range(100)]
+
+    size = len(json.dumps(await menu(), ensure_ascii=False))
+    replies = [ToolUseReply("menu"), "We have a lot of pasta."]
+    async with FakeAnthropic(replies) as fake:
+        turn = Turn(stage(fake, tools=[Tool.of(menu, max_result_chars=1000)]))
+        assert await turn.run() == "ended"
+        (block,) = fake.of("request")[1].data["body"]["messages"][-1]["content"]
+        assert block["is_error"] is True
+        assert block["content"] == (
+            f"tool 'menu' returned {size:,} characters, over its limit of 1,000 (max_result_chars); the result was "
+            "not sent"
+        )
+        assert turn.text() == "We have a lot of pasta."
 
 
 @pytest.mark.timeout(10)

@@ -41,6 +41,7 @@ def config_tools(config: PipelineConfig) -> dict[str, Tool]:
             on_barge_in=item.on_barge_in,
             filler=item.filler,
             filler_after_s=item.filler_after_s,
+            max_result_chars=item.max_result_chars,
         )
         for item in config.tools
     ]

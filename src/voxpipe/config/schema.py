@@ -24,7 +24,7 @@ from voxpipe.config.env import interpolate
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
 from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS, backchannel_word
-from voxpipe.stages.tools import ToolError
+from voxpipe.stages.tools import DEFAULT_MAX_RESULT_CHARS, ToolError
 
 
 class Strict(BaseModel):
@@ -80,11 +80,20 @@ class ToolConfig(Strict):
     )
     filler: str | None = Field(None, description="a line spoken if the tool is slow")
     filler_after_s: float = Field(1.5, ge=0, le=60, description="how slow is slow")
+    max_result_chars: int = Field(
+        DEFAULT_MAX_RESULT_CHARS,
+        ge=1,
+        le=1_000_000,
+        description="longest result sent to the model (characters of its text, or of its JSON); a longer one is an "
+        "error result naming the tool, the size and the limit",
+    )
 
 
 # The usage counters a price can be set for: voxpipe.pipeline.usage's, spelled out so a misspelled one is an error
 # rather than a price that never applies.
-Counter = Literal["input_tokens", "output_tokens", "characters", "audio_seconds"]
+Counter = Literal[
+    "input_tokens", "output_tokens", "characters", "audio_seconds", "cache_write_tokens", "cache_read_tokens"
+]
 
 
 class TransportConfig(Strict):
@@ -106,7 +115,8 @@ class PipelineConfig(Strict):
     pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[Counter, Annotated[float, Field(ge=0)]]] = Field(
         default_factory=dict,
         description="USD per unit of each usage counter, by stage (input_tokens, output_tokens, characters, "
-        "audio_seconds); overrides the provider's list prices in voxpipe.config.prices",
+        "audio_seconds, cache_write_tokens, cache_read_tokens); overrides the provider's list prices in "
+        "voxpipe.config.prices",
     )
 
     def stage(self, kind: str) -> StageConfig:

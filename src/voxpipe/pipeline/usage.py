@@ -24,6 +24,10 @@ from voxpipe.pipeline.trace import Tracer
 # second of audio); a provider may count others, which are priced the same way when the table names them.
 INPUT_TOKENS = "input_tokens"
 OUTPUT_TOKENS = "output_tokens"
+# Input tokens written to / read from a provider's prompt cache, billed apart from input_tokens and at other rates
+# (Anthropic's cache_creation_input_tokens and cache_read_input_tokens).
+CACHE_WRITE_TOKENS = "cache_write_tokens"
+CACHE_READ_TOKENS = "cache_read_tokens"
 CHARACTERS = "characters"
 AUDIO_SECONDS = "audio_seconds"
 

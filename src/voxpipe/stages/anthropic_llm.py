@@ -15,7 +15,8 @@ What makes it fit a voice call:
   ``rate limited (429)``, ``stream stalled …``); the stage's error policy decides what the call does next. The
   text streamed before the failure has already been pushed, so it stays in the trace and, once played, in the
   conversation.
-* Usage (input and output tokens) is counted per request, also for a request cut off by a barge-in.
+* Usage (input and output tokens, and prompt-cache writes and reads, which are billed at their own rates) is
+  counted per request, also for a request cut off by a barge-in.
 
 The module reads top to bottom: settings, connect, prompt, stream, errors, cancel/close.
 """
@@ -33,9 +34,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, Field, SecretStr
 
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
+from voxpipe.pipeline.usage import CACHE_READ_TOKENS, CACHE_WRITE_TOKENS, INPUT_TOKENS, OUTPUT_TOKENS
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.llm import AuditSink, LLMStage
-from voxpipe.stages.tools import ToolsLike
+from voxpipe.stages.tools import ToolsLike, result_text
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
@@ -366,8 +368,9 @@ class AnthropicLLM(LLMStage):
         finally:
             self._open_streams -= 1
             # Counted also when a barge-in cut the stream: whatever the API had reported by then.
-            if progress.input_tokens or progress.output_tokens:
-                self.count(turn.epoch, input_tokens=progress.input_tokens, output_tokens=progress.output_tokens)
+            usage = progress.usage()
+            if usage:
+                self.count(turn.epoch, **usage)
             if self._stopping and self._open_streams == 0:
                 await self._close()
 
@@ -383,13 +386,9 @@ class AnthropicLLM(LLMStage):
             call = ToolCall(epoch=turn.epoch, call_id=block.id, name=block.name, arguments=block.input)
             reply.tool_calls.append(call)
         elif kind == "message_start":
-            usage = getattr(event.message, "usage", None)  # some Anthropic-compatible gateways leave it out
-            progress.input_tokens = getattr(usage, "input_tokens", None) or 0
-            progress.output_tokens = getattr(usage, "output_tokens", None) or 0
+            progress.take_usage(getattr(event.message, "usage", None))  # some compatible gateways leave it out
         elif kind == "message_delta":
-            usage = getattr(event, "usage", None)
-            progress.output_tokens = getattr(usage, "output_tokens", None) or progress.output_tokens
-            progress.input_tokens = getattr(usage, "input_tokens", None) or progress.input_tokens
+            progress.take_usage(getattr(event, "usage", None))  # cumulative counts, where the delta has them
             progress.stop_reason = getattr(event.delta, "stop_reason", None) or progress.stop_reason
         elif kind == "message_stop":
             progress.complete = True
@@ -439,7 +438,7 @@ class AnthropicLLM(LLMStage):
         elif result.error is not None:
             block.update(content=result.error, is_error=True)
         else:
-            block["content"] = _as_text(result.result)
+            block["content"] = result_text(result.result)
         return block
 
     # -------------------------------------------------------------------------------------- cancel / close
@@ -483,6 +482,16 @@ KNOWN_EVENTS = frozenset(
 CONTENT_EVENTS = frozenset({"content_block_delta", "text", "input_json", "thinking"})
 
 
+# The API's usage fields -> voxpipe's usage counters. Cache writes and reads are input tokens billed apart from
+# input_tokens (which does not include them): 1.25x and 0.1x its price (5-minute cache writes; an hour's cost 2x).
+USAGE_COUNTERS = {
+    "input_tokens": INPUT_TOKENS,
+    "output_tokens": OUTPUT_TOKENS,
+    "cache_creation_input_tokens": CACHE_WRITE_TOKENS,
+    "cache_read_input_tokens": CACHE_READ_TOKENS,
+}
+
+
 @dataclass
 class _Progress:
     """How far one request got: the current deadline, what it streamed, the usage it reported."""
@@ -490,8 +499,7 @@ class _Progress:
     deadline: float
     first_content: bool = False
     chars: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
+    reported: dict[str, int] = field(default_factory=dict)  # the API's usage field -> its latest count
     stop_reason: str | None = None
     complete: bool = False  # message_stop arrived
     skipped: set[str] = field(default_factory=set)
@@ -499,6 +507,18 @@ class _Progress:
     def started(self, deadline: float) -> None:
         self.first_content = True
         self.deadline = deadline
+
+    def take_usage(self, usage: Any) -> None:
+        """The counts of a ``message_start``'s or ``message_delta``'s usage. Both are totals so far, not
+        increments: a field the event leaves out (or null) keeps the last count."""
+        for name in USAGE_COUNTERS:
+            count = getattr(usage, name, None)
+            if count:
+                self.reported[name] = count
+
+    def usage(self) -> dict[str, int]:
+        """What to count: each counter the API reported as more than 0."""
+        return {USAGE_COUNTERS[name]: count for name, count in self.reported.items()}
 
 
 @dataclass
@@ -571,10 +591,6 @@ def _worth_sending(block: Any) -> bool:
     return block.type != "text" or bool(block.text.strip())  # the API rejects empty text blocks
 
 
-def _as_text(result: Any) -> str:
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
-
-
 def render_messages(
     context: Sequence[Message], interrupted_marker: str = "", *, fallback: str = ""
 ) -> list[dict[str, Any]]:
@@ -597,7 +613,7 @@ def render_messages(
             if use.error is not None:
                 result.update(content=use.error, is_error=True)
             else:
-                result["content"] = _as_text(use.result)
+                result["content"] = result_text(use.result)
             turns.append(("user", result))
             continue
         text = message.text.strip()

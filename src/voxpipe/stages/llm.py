@@ -16,6 +16,14 @@ cloud model: a follow-up request carrying the result). Per tool:
 A sync tool runs in a thread, which nothing can stop. So its barge-in policy is ``"finish"`` whatever it says (a
 "cancelled" booking would still be made, with no record of it), and its timeout ends only the wait: the model hears
 that it timed out, and when the thread ends, a second audit entry (``finished-after-timeout``) records what it did.
+The threads are the stage's own (``tool_threads`` of them, :class:`ToolThreads`), never the event loop's default
+executor, which resolves the providers' host names: hung tools take only their own threads, and with all of them
+taken a sync tool gets an error at once. At the end of the call, a thread still running past its tool's timeout is
+waited for ``thread_grace_s`` at most, then left running (audit outcome ``abandoned``): a hung tool does not hang the
+call's end.
+
+A result over the tool's ``max_result_chars`` is not sent: the model gets an error naming the tool, the size and the
+limit, and the audit entry records that error and the size (``result_chars``), not the result.
 
 Every invocation is appended to the audit log (``audit``, e.g. :class:`ToolAuditLog`) as it finishes, and every
 result travels upstream to the turn-taker, which records it in the conversation.
@@ -43,14 +51,20 @@ from voxpipe.pipeline import (
     being_cancelled,
 )
 from voxpipe.stages.text import SpeakableChunker
-from voxpipe.stages.tools import Tool, ToolError, ToolsLike, tools_by_name
+from voxpipe.stages.tools import ResultTooLarge, Tool, ToolError, ToolsLike, ToolThreads, tools_by_name
 
 AuditSink = Callable[[Mapping[str, Any]], None]
+
+# Sync tools run one at a time in a reply; more threads are busy only with tools that outlive their reply (hung past
+# their timeout, or finishing after a barge-in). Four is room for three such before a fourth is refused.
+DEFAULT_TOOL_THREADS = 4
 
 
 class LLMStage(QueuedStage):
     """Base of reasoner stages. ``supports_tools``: whether the provider's model can ask for tools (the stage runs
-    them either way; a config that gives tools to a provider without it is refused)."""
+    them either way; a config that gives tools to a provider without it is refused). ``tool_threads``: how many
+    threads sync tools may hold at once; ``thread_grace_s``: how long :meth:`stop` waits for a sync tool's thread
+    that ran past its timeout before it leaves it running."""
 
     supports_tools: ClassVar[bool] = False
 
@@ -60,14 +74,22 @@ class LLMStage(QueuedStage):
         tools: ToolsLike | None = None,
         chunker: Callable[[], SpeakableChunker] = SpeakableChunker,
         audit: AuditSink | None = None,
+        tool_threads: int = DEFAULT_TOOL_THREADS,
+        thread_grace_s: float = 5.0,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
+        if tool_threads < 1 or thread_grace_s < 0:
+            raise ValueError(f"{self.name}: tool_threads must be >= 1 and thread_grace_s >= 0")
         self.tools: dict[str, Tool] = tools_by_name(tools)
         self.audit = audit
+        self.tool_threads = tool_threads
+        self.thread_grace_s = thread_grace_s
         self._new_chunker = chunker
         self.results: dict[str, ToolResult] = {}
         self._finishing: set[asyncio.Task[None]] = set()  # "finish" tools (and sync ones), still running
+        self._late_threads: set[asyncio.Task[None]] = set()  # sync tools' threads running past their timeout
+        self._threads: ToolThreads | None = None  # while the stage runs
 
     def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
         """Stream the reply to ``turn``: text deltas, and tool calls whose results appear in ``self.results``."""
@@ -122,17 +144,32 @@ class LLMStage(QueuedStage):
             self.pipeline.trace.annotate(epoch, bot_text="".join(text).strip())
         await self.push(ResponseEnd(epoch=epoch, text="".join(text).strip()))
 
+    async def start(self) -> None:
+        self._threads = ToolThreads(self.tool_threads, name=f"{self.name}-tool")
+        await super().start()
+
     async def stop(self) -> None:
-        """A tool whose policy is "finish" is waited for (its own timeout bounds the wait, or, for a sync tool, its
-        thread): the call ending right after a barge-in must not cut a booking in half. A reply still under way is
-        cancelled first: a tool finishing during the wait would resume it into a follow-up request as the call
-        shuts down."""
-        reply = self._worker
-        if reply is not None and not reply.done():
-            reply.cancel()
-            await asyncio.wait({reply})
-        if self._finishing:
-            await asyncio.wait(set(self._finishing))
+        """A tool whose policy is "finish" is waited for (its own timeout bounds the wait): the call ending right
+        after a barge-in must not cut a booking in half. A reply still under way is cancelled first: a tool
+        finishing during the wait would resume it into a follow-up request as the call shuts down. A sync tool's
+        thread past its timeout is waited for ``thread_grace_s`` at most (it may never end), then abandoned."""
+        try:
+            reply = self._worker
+            if reply is not None and not reply.done():
+                reply.cancel()
+                await asyncio.wait({reply})
+            if self._finishing:
+                await asyncio.wait(set(self._finishing))
+            if self._late_threads:
+                _, hung = await asyncio.wait(set(self._late_threads), timeout=self.thread_grace_s)
+                for waiting in hung:
+                    waiting.cancel()  # audits it as abandoned; the thread itself runs on
+                if hung:
+                    await asyncio.wait(hung)
+        finally:
+            threads, self._threads = self._threads, None
+            if threads is not None:
+                threads.shutdown()
         await super().stop()
 
     async def _speak(self, epoch: int, chunk: str) -> None:
@@ -181,7 +218,7 @@ class LLMStage(QueuedStage):
         started = self.clock.now()
         self.mark(f"tool.start:{call.call_id}", call.epoch, tool=call.name)
         deadline = asyncio.timeout(tool.timeout_s)
-        invocation = asyncio.ensure_future(tool.invoke(call.arguments))
+        invocation = asyncio.ensure_future(tool.invoke(call.arguments, threads=self._threads))
         try:
             async with deadline:
                 # A sync tool's thread cannot be stopped: the shield keeps its outcome for when it ends.
@@ -204,13 +241,14 @@ class LLMStage(QueuedStage):
                 if tool.runs_in_thread:
                     timed_out += " (its thread runs on)"
                 await self._finish_tool(call, started, error=timed_out, outcome="timeout")
-                if tool.runs_in_thread:
-                    _resolve(done)  # the reply goes on with the timeout; the thread is awaited for the audit only
-                    await self._audit_late_outcome(call, started, invocation)
+                if tool.runs_in_thread:  # the thread is awaited for the audit only, in a task stop() may give up on
+                    late = self.spawn(self._audit_late_outcome(call, started, invocation), name=f"{self.name}-late")
+                    self._late_threads.add(late)
+                    late.add_done_callback(self._late_threads.discard)
             else:  # the tool's own deadline (an HTTP client's, say) expired: its failure, not the per-tool timeout
                 await self._finish_tool(call, started, error=f"tool {tool.name!r} raised TimeoutError: {exc}")
         except ToolError as exc:
-            await self._finish_tool(call, started, error=str(exc))
+            await self._finish_tool(call, started, error=str(exc), result_chars=_result_chars(exc))
         except Exception as exc:
             await self._finish_tool(call, started, error=f"tool {tool.name!r} raised {type(exc).__name__}: {exc}")
         else:
@@ -220,11 +258,20 @@ class LLMStage(QueuedStage):
 
     async def _audit_late_outcome(self, call: ToolCall, started: float, invocation: asyncio.Future[Any]) -> None:
         """A sync tool's thread ran past the tool's timeout: what it did in the end goes to the audit log (the model
-        was told it timed out), and :meth:`stop` waits for it, so the call's audit is complete."""
+        was told it timed out). :meth:`stop` waits for it a while; cancelled, it audits the thread as abandoned."""
         try:
             result = await invocation
+        except asyncio.CancelledError:
+            if not being_cancelled():  # the tool awaited something someone else cancelled: its error
+                stray = f"tool {call.name!r} raised CancelledError (it awaited something that was cancelled)"
+                self._audit(call, started, outcome="finished-after-timeout", error=stray)
+                return
+            left = f"tool {call.name!r} was still running when the call ended: its thread is left to run"
+            self._audit(call, started, outcome="abandoned", error=f"{left} (what it did is not known)")
+            raise
         except ToolError as exc:
-            self._audit(call, started, outcome="finished-after-timeout", error=str(exc))
+            outcome = "finished-after-timeout"
+            self._audit(call, started, outcome=outcome, error=str(exc), result_chars=_result_chars(exc))
         except Exception as exc:
             error = f"tool {call.name!r} raised {type(exc).__name__}: {exc}"
             self._audit(call, started, outcome="finished-after-timeout", error=error)
@@ -239,23 +286,31 @@ class LLMStage(QueuedStage):
         result: Any = None,
         error: str | None = None,
         outcome: str | None = None,
+        result_chars: int | None = None,
     ) -> None:
         if outcome is None:
             late = call.epoch < self.epoch  # the reply was cut off while the tool ran (policy "finish")
             outcome = "error" if error is not None else ("finished-after-barge-in" if late else "ok")
-        self._audit(call, started, outcome=outcome, result=result, error=error)
+        self._audit(call, started, outcome=outcome, result=result, error=error, result_chars=result_chars)
         self.mark(f"tool.end:{call.call_id}", call.epoch, duration_s=self.clock.now() - started)
         frame = ToolResult(
             epoch=call.epoch, call_id=call.call_id, name=call.name, arguments=call.arguments, result=result, error=error
         )
         self.results[call.call_id] = frame
         if error is not None:
-            await self.report(error)
+            await self.report(error, epoch=call.epoch)  # its own turn, which a barge-in may have ended
         await self.push(frame, UPSTREAM)  # to the turn-taker, which keeps it in the conversation
         await self.push(frame)
 
     def _audit(
-        self, call: ToolCall, started: float, *, outcome: str, result: Any = None, error: str | None = None
+        self,
+        call: ToolCall,
+        started: float,
+        *,
+        outcome: str,
+        result: Any = None,
+        error: str | None = None,
+        result_chars: int | None = None,
     ) -> None:
         if self.audit is None:
             return
@@ -272,7 +327,13 @@ class LLMStage(QueuedStage):
             entry["result"] = result
         else:
             entry["error"] = error
+        if result_chars is not None:
+            entry["result_chars"] = result_chars  # the size of a result too large to send (or to keep here)
         self.audit(entry)
+
+
+def _result_chars(error: ToolError) -> int | None:
+    return error.chars if isinstance(error, ResultTooLarge) else None
 
 
 def _resolve(done: asyncio.Future[None] | None) -> None:

@@ -16,6 +16,12 @@ barge-in does to a call in flight (``"cancel"`` it, or ``"finish"`` it and keep 
 and a filler line spoken when the tool takes longer than ``filler_after_s``. Sync functions run in a worker thread
 so they never block the event loop that carries audio; a thread cannot be stopped, so a barge-in lets a sync tool
 finish whatever its policy, and a timeout stops only the wait for it (``LLMStage`` records what the thread did).
+The reasoner runs them on threads of its own (:class:`ToolThreads`), not the event loop's default executor, which
+also resolves every provider's host names: a tool that hangs must not stall the process's DNS.
+
+A result longer than ``max_result_chars`` as the model would get it (:func:`result_text`) is not sent: the model
+gets an error naming the tool, the size and the limit. Not a truncation, because a cut result reads as a whole one
+(half a list of bookings, JSON cut mid-value), and the model would answer from it as if it were all there.
 
 A tool may also be a ``functools.partial`` (arguments it binds are not described to the model) or an object with a
 ``__call__`` method; hints and docstring are then read from the function underneath. Constraints and descriptions
@@ -25,12 +31,15 @@ given with ``Annotated[int, Field(ge=1, description=...)]`` reach the schema and
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import importlib
 import inspect
 import json
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, get_type_hints
@@ -41,9 +50,25 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 BargeInPolicy = Literal["cancel", "finish"]
 
+# Longest result sent to the model, in characters of result_text(): ~5,000 tokens, far more than a voice reply needs
+# from a tool, far less than the megabytes a tool dumping a whole table or page would send on every later request.
+DEFAULT_MAX_RESULT_CHARS = 20_000
+
 
 class ToolError(Exception):
     """A tool could not be run or its result cannot be used; the message names the tool and the problem."""
+
+
+class ResultTooLarge(ToolError):
+    """A tool's result is longer than its ``max_result_chars``: ``chars`` is its size, as the model would get it."""
+
+    def __init__(self, tool: str, chars: int, limit: int) -> None:
+        super().__init__(
+            f"tool {tool!r} returned {chars:,} characters, over its limit of {limit:,} (max_result_chars); the "
+            "result was not sent"
+        )
+        self.chars = chars
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -58,6 +83,7 @@ class Tool:
     on_barge_in: BargeInPolicy = "cancel"
     filler: str | None = None
     filler_after_s: float = 1.5
+    max_result_chars: int = DEFAULT_MAX_RESULT_CHARS
 
     @classmethod
     def of(
@@ -70,6 +96,7 @@ class Tool:
         on_barge_in: BargeInPolicy = "cancel",
         filler: str | None = None,
         filler_after_s: float = 1.5,
+        max_result_chars: int = DEFAULT_MAX_RESULT_CHARS,
     ) -> Tool:
         """Describe ``function`` from its signature, type hints and docstring (Google, NumPy or reST style). An
         argument's description in the docstring wins over one in its ``Annotated[..., Field(...)]``."""
@@ -95,11 +122,10 @@ class Tool:
             fields[parameter.name] = (hints[parameter.name], _field(default, params.get(parameter.name)))
         model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
         summary = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
-        if timeout_s <= 0 or filler_after_s < 0:
-            raise ToolError(f"tool {name!r}: timeout_s must be > 0 and filler_after_s >= 0")
-        return cls(
-            function, name, description or summary or name, model, timeout_s, on_barge_in, filler, filler_after_s
-        )
+        if timeout_s <= 0 or filler_after_s < 0 or max_result_chars < 1:
+            raise ToolError(f"tool {name!r}: timeout_s must be > 0, filler_after_s >= 0 and max_result_chars >= 1")
+        description = description or summary or name
+        return cls(function, name, description, model, timeout_s, on_barge_in, filler, filler_after_s, max_result_chars)
 
     @property
     def runs_in_thread(self) -> bool:
@@ -126,28 +152,111 @@ class Tool:
             prop.pop("title", None)
         return {"name": self.name, "description": self.description, "input_schema": schema}
 
-    async def invoke(self, arguments: Mapping[str, Any]) -> Any:
-        """Check ``arguments`` against the signature, run the function (sync ones in a thread) and return its
-        result as JSON-ready data. Raises :class:`ToolError` for bad arguments or a result JSON cannot carry."""
+    async def invoke(self, arguments: Mapping[str, Any], *, threads: ToolThreads | None = None) -> Any:
+        """Check ``arguments`` against the signature, run the function and return its result as JSON-ready data.
+        A sync function runs on ``threads`` (the reasoner's), or without them in ``asyncio.to_thread``. Raises
+        :class:`ToolError` for bad arguments, a result JSON cannot carry, or one over ``max_result_chars``
+        (:class:`ResultTooLarge`)."""
         try:
             parsed = self.arguments.model_validate(dict(arguments))
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in exc.errors())
             raise ToolError(f"tool {self.name!r} was called with bad arguments: {problems}") from None
         kwargs = {key: getattr(parsed, key) for key in type(parsed).model_fields}
-        if self.runs_in_thread:
-            outcome = await asyncio.to_thread(self.function, **kwargs)
-            if inspect.isawaitable(outcome):
-                outcome = await outcome
-        else:
-            outcome = await self.function(**kwargs)
+        if not self.runs_in_thread:
+            return self._checked(await self.function(**kwargs))
+        job = functools.partial(self._call_in_thread, kwargs)
+        outcome = await (threads.run(self.name, job) if threads is not None else asyncio.to_thread(job))
+        if inspect.isawaitable(outcome):  # a sync callable that returned a coroutine
+            return self._checked(await outcome)
+        return outcome
+
+    def _call_in_thread(self, kwargs: dict[str, Any]) -> Any:
+        """The sync function and, in the same thread, the check of its result: serialising a large one to measure
+        it would hold the event loop."""
+        outcome = self.function(**kwargs)
+        return outcome if inspect.isawaitable(outcome) else self._checked(outcome)
+
+    def _checked(self, outcome: Any) -> Any:
+        """``outcome`` as JSON-ready data, if JSON can carry it and it fits ``max_result_chars``."""
         try:
-            return to_jsonable_python(outcome)
+            result = to_jsonable_python(outcome)
         except PydanticSerializationError:
             raise ToolError(
                 f"tool {self.name!r} returned a {type(outcome).__name__}, which cannot be sent to the model as "
                 "JSON; return str, numbers, lists, dicts, dataclasses or pydantic models"
             ) from None
+        chars = len(result_text(result))
+        if chars > self.max_result_chars:
+            raise ResultTooLarge(self.name, chars, self.max_result_chars)
+        return result
+
+
+def result_text(result: Any) -> str:
+    """A tool's JSON-ready result as the model gets it: a string as it is, anything else as JSON text."""
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+
+
+class ToolThreads:
+    """The threads a reasoner runs its sync tools on: at most ``size``, created at the stage's start and shut down
+    at its stop without waiting (a hung tool's thread is left to end when it ends).
+
+    Not the event loop's default executor: that one also runs ``getaddrinfo`` for every connection the process
+    opens, and a thread cannot be stopped, so tools that hang would take its threads for good and stall every
+    provider's DNS. Here they take only the tools' own threads; with all of them taken, a sync tool is refused at
+    once with an error naming the tools holding them, instead of queueing behind them until its timeout."""
+
+    def __init__(self, size: int, name: str) -> None:
+        if size < 1:
+            raise ValueError(f"{name}: a sync tool needs at least one thread, got {size}")
+        self.size = size
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix=name)
+        self._lock = threading.Lock()  # _running is changed by the loop (a job starts) and the threads (it ends)
+        self._running: dict[object, str] = {}  # one entry per job on a thread: the tool's name
+        self._shut_down = False
+
+    async def run(self, tool: str, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on one of the threads, in a copy of the caller's context (as ``asyncio.to_thread`` does).
+        Through ``loop.run_in_executor``, so a :class:`~voxpipe.pipeline.VirtualClock` holds time still for it."""
+        token = object()
+        with self._lock:
+            if self._shut_down:
+                raise ToolError(f"tool {tool!r} cannot run: the reasoner has stopped")
+            if len(self._running) >= self.size:
+                holding = ", ".join(sorted({repr(name) for name in self._running.values()}))
+                raise ToolError(
+                    f"tool {tool!r} cannot run: all {self.size} tool threads are taken by sync tools still running "
+                    f"({holding}; a thread cannot be stopped, so one that hangs keeps its thread)"
+                )
+            self._running[token] = tool
+        context = contextvars.copy_context()
+        started = False
+
+        def on_thread() -> Any:
+            nonlocal started
+            with self._lock:
+                if token not in self._running:  # its wait was cancelled before a thread took it: not to run
+                    return None
+                started = True
+            try:
+                return context.run(job)
+            finally:
+                with self._lock:
+                    del self._running[token]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, on_thread)
+        except asyncio.CancelledError:
+            with self._lock:
+                if not started:  # never ran, never will: its place is free again
+                    del self._running[token]
+            raise
+
+    def shutdown(self) -> None:
+        """No new job; the threads end as their jobs do (not waited for: one may never end)."""
+        with self._lock:
+            self._shut_down = True
+        self._executor.shutdown(wait=False)
 
 
 def _field(default: Any, description: str | None) -> Any:
@@ -210,8 +319,10 @@ def import_function(path: str) -> Callable[..., Any]:
 
 class ToolAuditLog:
     """Writes one JSON line per finished tool invocation — arguments, result or error, duration, epoch, outcome
-    (``ok``, ``error``, ``timeout``, ``cancelled``, ``finished-after-barge-in``; and ``finished-after-timeout``, a
-    second entry for a sync tool whose thread ran past its timeout) — and flushes it at once.
+    (``ok``, ``error``, ``timeout``, ``cancelled``, ``finished-after-barge-in``; and ``finished-after-timeout`` or
+    ``abandoned``, a second entry for a sync tool whose thread ran past its timeout: what it did when it ended, or
+    that it was still running when the call ended) — and flushes it at once. A result over the tool's
+    ``max_result_chars`` is an error whose entry has its size (``result_chars``), not the result.
 
     The file is opened by :meth:`open` (a call opens it as it starts) or by the first entry. It starts empty, like
     the call's other outputs (a reused output directory mixed earlier calls' tool calls into this one's), and a call

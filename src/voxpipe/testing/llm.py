@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from voxpipe.pipeline import EndOfTurn, ToolCall
-from voxpipe.stages.llm import AuditSink, LLMStage
+from voxpipe.stages.llm import DEFAULT_TOOL_THREADS, AuditSink, LLMStage
 from voxpipe.stages.tools import ToolsLike
 
 _TOKEN = re.compile(r"\s*\S+")
@@ -80,9 +80,11 @@ class ScriptedLLM(LLMStage):
         tokens_per_s: float = 40.0,
         tools: ToolsLike | None = None,
         audit: AuditSink | None = None,
+        tool_threads: int = DEFAULT_TOOL_THREADS,
+        thread_grace_s: float = 5.0,
         name: str = "llm",
     ) -> None:
-        super().__init__(tools=tools, audit=audit, name=name)
+        super().__init__(tools=tools, audit=audit, tool_threads=tool_threads, thread_grace_s=thread_grace_s, name=name)
         if tokens_per_s <= 0:
             raise ValueError(f"{name}: tokens_per_s must be positive, got {tokens_per_s}")
         self.replies = replies

@@ -20,7 +20,8 @@ recorded, not obeyed.)
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
 (``arrived``, ``due``; recorded as the reply's first text delta is written: :meth:`waits`), ``reply`` (what was sent in
-full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
+full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``, ``cache_creation_input_tokens``,
+``cache_read_input_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
 ``disconnect`` (``events`` and ``text`` sent) when the client goes away mid-stream — which is what a barge-in looks like
 from the provider's side. Like the API, a reply longer than the request's ``max_tokens`` (a token per word, four
 characters of a tool's input per token) stops there with ``stop_reason: "max_tokens"``, inside the tool's input if
@@ -89,6 +90,8 @@ class FakeAnthropic(FakeServer):
     * ``ttft_s`` — delay before the first content delta (after ``message_start``, like the real API);
     * ``tokens_per_s`` — delta rate; ``words_per_delta`` words go in each text delta;
     * ``input_tokens`` — the input usage reported (default: a rough estimate from the request's size);
+    * ``cache_creation_input_tokens``, ``cache_read_input_tokens`` — prompt-cache usage to report, as the API does:
+      in ``message_start`` and again, the cumulative counts, in ``message_delta``; None (the default): left out;
     * ``stream_error_after`` — after this many text deltas, send ``event: error`` (``overloaded_error``) and end
       the response, as the API does when it fails mid-stream;
     * ``eof_after`` — after this many text deltas, end the response body cleanly with no ``message_delta`` or
@@ -111,6 +114,8 @@ class FakeAnthropic(FakeServer):
         tokens_per_s: float = 200.0,
         words_per_delta: int = 1,
         input_tokens: int | None = None,
+        cache_creation_input_tokens: int | None = None,
+        cache_read_input_tokens: int | None = None,
         stream_error_after: int | None = None,
         eof_after: int | None = None,
         corrupt_after: int = 1,
@@ -126,6 +131,8 @@ class FakeAnthropic(FakeServer):
         self.tokens_per_s = tokens_per_s
         self.words_per_delta = words_per_delta
         self.input_tokens = input_tokens
+        self.cache_creation_input_tokens = cache_creation_input_tokens
+        self.cache_read_input_tokens = cache_read_input_tokens
         self.stream_error_after = stream_error_after
         self.eof_after = eof_after
         self.corrupt_after = corrupt_after
@@ -291,6 +298,7 @@ class FakeAnthropic(FakeServer):
             arguments = arguments[: max(0, limit - len(words)) * 4]
             tool = tool if arguments else None  # no room for any of it: the call never starts
         output_tokens = min(limit, len(words) + (len(arguments) // 4 + 1 if tool else 0))
+        cache = self._cache_usage()
 
         async def send(event: str, data: dict[str, Any] | str) -> bool:
             """Send one event; False when the connection was dropped on purpose (stop streaming)."""
@@ -313,7 +321,7 @@ class FakeAnthropic(FakeServer):
             "model": body["model"],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1, **cache},
         }
         if not await send("message_start", {"type": "message_start", "message": message}):
             return
@@ -371,7 +379,7 @@ class FakeAnthropic(FakeServer):
         finish: dict[str, Any] = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-            "usage": {"output_tokens": output_tokens},
+            "usage": {"output_tokens": output_tokens, **cache},
         }
         if not await send("message_delta", finish) or not await send("message_stop", {"type": "message_stop"}):
             return
@@ -385,8 +393,18 @@ class FakeAnthropic(FakeServer):
             tool=tool.name if tool else None,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            cache_creation_input_tokens=cache.get("cache_creation_input_tokens", 0),
+            cache_read_input_tokens=cache.get("cache_read_input_tokens", 0),
             stop_reason=stop_reason,
         )
+
+    def _cache_usage(self) -> dict[str, int]:
+        """The prompt-cache fields of the usage, as scripted (none unless scripted)."""
+        fields = {
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+        }
+        return {name: count for name, count in fields.items() if count is not None}
 
     async def _interject(self, send: Callable[[str, Any], Any], deltas_sent: int) -> bool:
         """Before the text delta number ``deltas_sent``: the injected corruption or mid-stream error, if due.
