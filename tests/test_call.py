@@ -1,11 +1,14 @@
 """A scripted call end to end: artefacts, trace against audio, barge-in, cough, CLI."""
 
+import asyncio
 import json
+import threading
 import wave
 
 import numpy as np
 import pytest
 
+import voxpipe.call
 from voxpipe import demo
 from voxpipe.call import ARTEFACTS, run_call
 from voxpipe.cli import main
@@ -133,3 +136,113 @@ def test_cli_call_refuses_flags_that_cannot_go_together(tmp_path, capsys, flags,
     assert main(["call", *flags, "--out", str(tmp_path / "out")]) == 2
     assert says in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "out" / "transcript.json").exists()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_transcript_json_is_written_off_the_loop_newest_snapshot_first_and_the_final_one_last(tmp_path, monkeypatch):
+    """Each turn's transcript.json is serialised and written by a thread, not the loop carrying the audio; snapshots
+    that pile up behind a slow write are coalesced into the newest; the final transcript comes after every per-turn
+    write, never alongside one, and is what the file holds."""
+    replace_file = voxpipe.call._replace_file
+    steps: list[tuple[str, int]] = []  # ("start" | "end", write number): the order the writes ran in
+    writes: list[dict] = []  # what each write wrote, and where it ran
+    first_may_finish, loop_threads = threading.Event(), set()
+
+    def observed_replace_file(path, text):
+        if path.name != "transcript.json":
+            return replace_file(path, text)
+        document = json.loads(text)
+        number = len(writes)
+        writes.append(
+            {
+                "status": document["status"],
+                "last_turn": max(line["turn"] for line in document["turns"]),
+                "thread": threading.current_thread(),
+                "on_a_loop": _loop_running(),
+            }
+        )
+        steps.append(("start", number))
+        if number == 0:
+            # Turn 1's write lasts until turn 3 has ended: turns 2 and 3 pile up behind it. Bounded, since the old
+            # code wrote on the loop itself, where turn 3 never comes while this waits.
+            first_may_finish.wait(timeout=5)
+        replace_file(path, text)
+        steps.append(("end", number))
+
+    def on_turn(record):
+        loop_threads.add(threading.current_thread())
+        if record.turn == 3:
+            first_may_finish.set()
+
+    monkeypatch.setattr(voxpipe.call, "_replace_file", observed_replace_file)
+    result = run_call(demo.SCRIPT, tmp_path, replies=demo.REPLIES, tools=demo.TOOLS, on_turn=on_turn)
+
+    assert result.outcome == "ended" and len(result.turns) == 5
+    *per_turn, final = writes
+    assert [w["status"] for w in per_turn] == ["running"] * len(per_turn) and final["status"] == "ended"
+    turns_written = [w["last_turn"] for w in per_turn]
+    assert turns_written[0] == 1 and turns_written[1] >= 3, "turn 2's snapshot waited, and turn 3's replaced it"
+    assert turns_written == sorted(set(turns_written)), "never an older snapshot after a newer one"
+    for write in per_turn:
+        assert not write["on_a_loop"] and write["thread"] not in loop_threads
+    assert steps == [(step, n) for n in range(len(writes)) for step in ("start", "end")], "one write at a time"
+    transcript = json.loads((tmp_path / "transcript.json").read_text())
+    assert transcript["status"] == "ended" and {line["turn"] for line in transcript["turns"]} == {1, 2, 3, 4, 5}
+    assert not (tmp_path / "transcript.json.partial").exists()
+
+
+@pytest.mark.timeout(30)
+def test_the_snapshot_writer_keeps_only_the_newest_waiting_snapshot_and_close_waits_for_the_write_under_way(caplog):
+    from voxpipe.snapshots import SnapshotWriter
+
+    written: list[int] = []
+    writing, may_finish, wrote_3, failed = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+
+    def write(snapshot: int) -> None:
+        if snapshot in (1, 4):
+            writing.set()
+            may_finish.wait(timeout=10)
+        if snapshot == 0:
+            failed.set()
+            raise OSError("disk full")
+        written.append(snapshot)
+        if snapshot == 3:
+            wrote_3.set()
+
+    writer = SnapshotWriter(write, name="test writer")
+    try:
+        writer.submit(1)
+        assert writing.wait(timeout=10)
+        writer.submit(2)
+        writer.submit(3)  # replaces 2, which never gets written
+        may_finish.set()
+        assert wrote_3.wait(timeout=10)
+        assert written == [1, 3]
+        writer.submit(0)
+        assert failed.wait(timeout=10)  # logged, and the writer goes on
+        writing.clear()
+        may_finish.clear()
+        writer.submit(4)
+        assert writing.wait(timeout=10)
+        closing = threading.Thread(target=writer.close)
+        closing.start()
+        closing.join(timeout=0.2)
+        assert closing.is_alive(), "close() returned while a write was under way"
+        may_finish.set()
+        closing.join(timeout=10)
+        assert not closing.is_alive()
+        assert written == [1, 3, 4]
+        writer.submit(5)  # after close: ignored, it would overwrite what the owner wrote last
+        assert written == [1, 3, 4]
+    finally:
+        may_finish.set()
+        writer.close()
+    assert "test writer: writing a snapshot failed" in caplog.text and "disk full" in caplog.text

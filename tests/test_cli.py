@@ -60,12 +60,21 @@ def test_transcript_json_is_written_as_each_turn_ends(tmp_path):
     snapshots = []
 
     def read_transcript(record):
-        snapshots.append((record.turn, json.loads((tmp_path / "transcript.json").read_text())))
+        # The writer's thread writes the turn soon after it ends; this observer holds the call until it has (no
+        # later turn can replace the snapshot meanwhile), for at most a few seconds.
+        path, deadline = tmp_path / "transcript.json", time.monotonic() + 5
+        transcript = None
+        while time.monotonic() < deadline:
+            transcript = json.loads(path.read_text()) if path.exists() else None
+            if transcript is not None and record.turn in {line["turn"] for line in transcript["turns"]}:
+                break
+            time.sleep(0.005)
+        snapshots.append((record.turn, transcript))
 
     run_call(demo.SCRIPT, tmp_path, replies=demo.REPLIES, tools=demo.TOOLS, on_turn=read_transcript)
     assert len(snapshots) == 5
     for turn, transcript in snapshots:
-        assert transcript["status"] == "running"
+        assert transcript is not None and transcript["status"] == "running"
         assert turn in {line["turn"] for line in transcript["turns"]}
     assert json.loads((tmp_path / "transcript.json").read_text())["status"] == "ended"
 
@@ -274,3 +283,93 @@ def test_missing_keys_are_all_named_before_the_callers_voice_is_made(tmp_path, c
     for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
         assert variable in said
     assert not (tmp_path / "out" / "transcript.json").exists()
+
+
+@pytest.fixture
+def uninstalled(monkeypatch):
+    """Makes packages look uninstalled: importlib finds no module of theirs (what an environment without them
+    gives). They stay importable, so a check that imported them instead of looking them up would not notice."""
+    import importlib.util
+
+    hidden: set[str] = set()
+    find_spec = importlib.util.find_spec
+
+    def find_spec_unless_hidden(name, package=None):
+        return None if name.partition(".")[0] in hidden else find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec_unless_hidden)
+    return hidden.update
+
+
+DEEPGRAM_MISSING = (
+    "stt.provider: provider 'deepgram' needs the deepgram-sdk package, which is not installed: "
+    "pip install 'voxpipe[deepgram]'"
+)
+CARTESIA_MISSING = (
+    "tts.provider: provider 'cartesia' needs the cartesia and websockets packages, which are not installed: "
+    "pip install 'voxpipe[cartesia]'"
+)
+
+
+def test_validate_names_each_missing_sdk_and_the_extra_that_installs_it(capsys, monkeypatch, uninstalled):
+    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    uninstalled(["deepgram", "cartesia", "websockets"])
+    assert main(["validate", "examples/configs/cloud.yaml"]) == 1
+    said = printed(capsys)
+    assert DEEPGRAM_MISSING in said and CARTESIA_MISSING in said
+    assert "anthropic' needs" not in said and "ok" not in said.split()
+    assert "no API key for Deepgram" in said, "the missing keys are named too"
+
+
+@pytest.mark.parametrize("fake_providers", [False, True])
+def test_a_call_names_every_missing_sdk_before_anything_starts(
+    tmp_path, capsys, monkeypatch, uninstalled, fake_providers
+):
+    """With or without --fake-providers (the fakes are driven through the real SDKs), with the missing keys."""
+    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the call started before the packages were checked")
+
+    monkeypatch.setattr("voxpipe.testing.fakes.launch.fake_providers", started)
+    monkeypatch.setattr("voxpipe.call.run_pipeline_call", started)
+    uninstalled(["deepgram", "cartesia"])
+    flags = ["--fake-providers"] if fake_providers else []
+    out = tmp_path / "out"
+    assert main(["call", "--config", "examples/configs/cloud.yaml", *flags, "--out", str(out)]) == 2
+    said = printed(capsys)
+    assert DEEPGRAM_MISSING in said
+    assert "tts.provider: provider 'cartesia' needs the cartesia package" in said
+    assert ("ANTHROPIC_API_KEY" in said) is not fake_providers, "keys are needed unless the providers are faked"
+    assert not (out / "transcript.json").exists()
+
+
+@pytest.mark.timeout(30)
+def test_run_configured_call_names_missing_packages_and_keys_at_once_before_the_fakes_start(
+    tmp_path, monkeypatch, uninstalled
+):
+    from voxpipe.call import run_configured_call
+    from voxpipe.config import ConfigError, load_config
+    from voxpipe.testing import Say
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    monkeypatch.setenv("CARTESIA_API_KEY", "k")
+
+    def started(*args, **kwargs):
+        raise AssertionError("the fakes started before the packages were checked")
+
+    monkeypatch.setattr("voxpipe.testing.fakes.launch.fake_providers", started)
+    uninstalled(["deepgram", "aiohttp"])
+    config, settings = load_config("examples/configs/cloud.yaml")
+    script = [Say("Hello.")]
+    with pytest.raises(ConfigError) as built:  # no fakes: building the pipeline names both
+        run_configured_call(config, settings, script, tmp_path)
+    assert DEEPGRAM_MISSING in str(built.value) and "ANTHROPIC_API_KEY" in str(built.value)
+    with pytest.raises(ConfigError) as faked:
+        run_configured_call(config, settings, script, tmp_path, fake_providers=True)
+    assert DEEPGRAM_MISSING in str(faked.value)
+    assert "--fake-providers: the loopback fakes need the aiohttp package" in str(faked.value)
+    assert "pip install 'voxpipe[fakes]'" in str(faked.value)

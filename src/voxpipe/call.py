@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxpipe.config import KINDS, BuildContext, PipelineConfig, Registry, build_pipeline
-from voxpipe.config.build import config_tools
+from voxpipe.config import KINDS, BuildContext, ConfigError, PipelineConfig, Registry, build_pipeline
+from voxpipe.config.build import config_tools, missing_packages
 from voxpipe.config.prices import price_table
 from voxpipe.pipeline import (
     AudioFormat,
@@ -43,6 +43,7 @@ from voxpipe.pipeline import (
     VirtualClock,
 )
 from voxpipe.pipeline.usage import Prices, cost
+from voxpipe.snapshots import SnapshotWriter
 from voxpipe.stages.llm import AuditSink
 from voxpipe.stages.tools import ToolAuditLog
 from voxpipe.stages.turn import TurnTaker
@@ -198,6 +199,13 @@ def run_configured_call(
     tracer = Tracer()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    registry = registry or Registry.discover()
+    if fake_providers:
+        # Before the fakes start: they need their server's package, and the faked providers their real SDKs. Without
+        # fakes, building the pipeline names the missing packages, with the missing keys.
+        problems = missing_packages(config, registry, fake_providers=True)
+        if problems:
+            raise ConfigError.many(problems)
     audit = ToolAuditLog(out / "tools.jsonl") if config.tools or tools else None
     providers = {kind: config.stage(kind).provider for kind in KINDS}
     with contextlib.ExitStack() as stack:
@@ -256,12 +264,13 @@ def run_pipeline_call(
     on, the output directory holds this call, whatever happens.
 
     The trace and the transcript (``"status": "running"``) are written turn by turn as the call goes, so a process
-    killed outright keeps the turns it finished; both are rewritten with the settled records at the end. If the call
-    fails (or is interrupted: Ctrl-C, or SIGTERM in the CLI), the recording, transcript and report of what happened
-    so far are still written, ``transcript.json`` says ``"status": "failed"`` with the error, and the exception is
-    re-raised — the directory is never silently half-written. Each artefact is written on its own: one that cannot
-    be written is logged and named in :attr:`CallResult.unwritten`, and neither stops the others nor changes the
-    call's outcome.
+    killed outright keeps the turns it finished (the transcript from a thread of its own: the loop takes a snapshot,
+    the thread serialises and writes the newest one waiting); both are rewritten with the settled records at the
+    end, once that thread is done. If the call fails (or is interrupted: Ctrl-C, or SIGTERM in the CLI), the
+    recording, transcript and report of what happened so far are still written, ``transcript.json`` says ``"status":
+    "failed"`` with the error, and the exception is re-raised — the directory is never silently half-written. Each
+    artefact is written on its own: one that cannot be written is logged and named in :attr:`CallResult.unwritten`,
+    and neither stops the others nor changes the call's outcome.
     """
     from voxpipe.report import write_report  # the report pulls in more than a call needs to run
 
@@ -273,19 +282,31 @@ def run_pipeline_call(
         if "usage" in record.data:
             record.data["cost_usd"] = cost(record.data["usage"], prices)
 
-    def write_transcript(status: dict[str, Any]) -> None:
+    def transcript_document(status: dict[str, Any]) -> dict[str, Any]:
         turns = sorted(tracer.turns, key=lambda r: r.turn)
-        document = _transcript_document(status, turns, conversation, pipeline, prices)
-        _replace_file(out / "transcript.json", json.dumps(document, indent=2))
+        return _transcript_document(status, turns, conversation, pipeline, prices)
+
+    def write_running(snapshot: tuple[int, dict[str, Any]]) -> None:
+        turn, document = snapshot
+        try:
+            _write_json(out / "transcript.json", document)
+        except Exception:
+            log.exception("writing transcript.json failed on turn %d; the call goes on", turn)
+
+    def snapshot_transcript(record: TurnRecord) -> None:
+        # The document is taken here, on the loop, where nothing changes under it; the writer's thread serialises
+        # and writes it (about a millisecond at 60 turns, growing with the call) while the loop carries the audio.
+        running.submit((record.turn, transcript_document({"status": "running"})))
 
     writer = JsonlTraceWriter(out / "trace.jsonl")
     tracer.on_turn(_logged(price_turn, "pricing the turn"))  # before the writer, so the trace line carries it
     tracer.on_turn(_logged(writer, "writing trace.jsonl"))
-    tracer.on_turn(_logged(lambda _: write_transcript({"status": "running"}), "writing transcript.json"))
+    tracer.on_turn(_logged(snapshot_transcript, "writing transcript.json"))
     if on_turn is not None:
         tracer.on_turn(_logged(on_turn, "the on_turn observer"))
     clock = pipeline.clock
     outcome, error = "failed", None
+    running = SnapshotWriter(write_running, name="transcript.json writer")  # its thread is closed below
     try:
         if on_start is not None:
             on_start()
@@ -295,6 +316,7 @@ def run_pipeline_call(
         error = _error_text(exc)
         raise
     finally:
+        running.close()  # before the final transcript: no turn's write can land after it
         unwritten: dict[str, str] = {}
 
         def attempt(name: str, write: Callable[[], Any]) -> None:
@@ -310,7 +332,7 @@ def run_pipeline_call(
             price_turn(record)  # again: usage counted after a turn finished (a cut reply's stream closing)
         attempt("trace.jsonl", lambda: writer.rewrite(turns))
         status = {"status": "failed", "error": error} if error else {"status": outcome}
-        attempt("transcript.json", lambda: write_transcript(status))
+        attempt("transcript.json", lambda: _write_json(out / "transcript.json", transcript_document(status)))
         transcript = transcript_of(turns)
         summary = Summary.of(turns)
         report, recording = out / "report.html", out / "recording.wav"
@@ -360,6 +382,10 @@ def _transcript_document(
         "usage": usage,
         "cost_usd": cost(usage, prices),
     }
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    _replace_file(path, json.dumps(document, indent=2))
 
 
 def _replace_file(path: Path, text: str) -> None:

@@ -20,6 +20,7 @@ from voxpipe.pipeline import Clock, RealClock, Summary, TurnRecord, VirtualClock
 
 if TYPE_CHECKING:
     from voxpipe.call import CallResult
+    from voxpipe.config import PipelineConfig
 
 # Everything printed that voxpipe did not write itself (the caller's words, paths, error messages) goes through
 # rich.markup.escape: Rich would read "[/]" in it as markup and fail, or drop "[cloud]" from "voxpipe[cloud]".
@@ -194,8 +195,7 @@ def _run_call(
         _check_no_network(settings)
     if args.caller:
         _check_stt_hears_recordings(config.stt.provider, args.fake_providers)
-    if not args.fake_providers:
-        _check_keys(settings)
+    _check_keys_and_packages(config, settings, args.fake_providers)
     # Fakes recognise the scripted caller's words, so speech-like tones do unless a local VAD must hear speech.
     tones = scripted or (args.fake_providers and config.vad.provider != "silero")
     script, voice = _script_and_voice(args, tones)
@@ -222,14 +222,16 @@ def _time_of(clock: Clock) -> str:
     return "virtual time" if isinstance(clock, VirtualClock) else "real time"
 
 
-def _check_keys(settings: dict[str, Any]) -> None:
-    """Every missing API key at once, before the caller's voice is made (a Piper caller takes seconds to load)."""
-    from voxpipe.config import ConfigError
+def _check_keys_and_packages(config: PipelineConfig, settings: dict[str, Any], fake_providers: bool) -> None:
+    """Every missing API key and provider package at once, before the caller's voice is made (a Piper caller takes
+    seconds to load). Faked providers need no keys, but they still run their real SDKs."""
+    from voxpipe.config import ConfigError, Registry
+    from voxpipe.config.build import missing_packages
     from voxpipe.stages.cloud import CloudSettings
 
-    problems: list[tuple[str, str, str]] = []
+    problems = missing_packages(config, Registry.discover(), fake_providers=fake_providers)
     for kind, validated in settings.items():
-        if isinstance(validated, CloudSettings):
+        if isinstance(validated, CloudSettings) and not fake_providers:
             try:
                 validated.require_api_key(kind)
             except ConfigError as exc:
@@ -276,7 +278,8 @@ def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from voxpipe.config import ConfigError, load_config
+    from voxpipe.config import ConfigError, Registry, load_config
+    from voxpipe.config.build import missing_packages
     from voxpipe.stages.cloud import CloudSettings
 
     try:
@@ -284,14 +287,19 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     except ConfigError as exc:
         console.print(f"[red]{escape(str(exc))}[/]")
         return 1
-    stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
-    console.print(f"[green]ok[/] {escape(args.file)} — {escape(stack)}")
+    # A provider's SDK is imported only once a call starts: without this, a config whose SDK is missing would pass.
+    uninstalled = missing_packages(config, Registry.discover())
+    if uninstalled:
+        console.print(f"[red]{escape(str(ConfigError.many(uninstalled, file=args.file)))}[/]")
+    else:
+        stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
+        console.print(f"[green]ok[/] {escape(args.file)} — {escape(stack)}")
     # Keys are read when a call builds its pipeline; a config checked where the keys are not (CI) is still valid.
     keyless = {k: s for k, s in settings.items() if isinstance(s, CloudSettings) and s.api_key_or_none() is None}
     for kind, missing in keyless.items():
         env = missing.key_variable()
         console.print(f"[yellow]no API key[/] for {missing.service_name}: a call needs ${env} (or {kind}.api_key)")
-    return 1 if keyless and args.require_keys else 0
+    return 1 if uninstalled or (keyless and args.require_keys) else 0
 
 
 SCRIPTED_CONFIG = {kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from voxpipe.config.errors import ConfigError
-from voxpipe.config.registry import KINDS, Registry
+from voxpipe.config.registry import FAKE_SERVER_PACKAGES, KINDS, Package, Registry
 from voxpipe.config.schema import PipelineConfig
 from voxpipe.pipeline import AudioFormat, Clock, Conversation, ErrorPolicy, Pipeline, Stage, Tracer, TurnPolicy
 from voxpipe.stages.llm import AuditSink, LLMStage
@@ -46,6 +46,31 @@ def config_tools(config: PipelineConfig) -> dict[str, Tool]:
         for item in config.tools
     ]
     return tools_by_name(tools)
+
+
+def missing_packages(
+    config: PipelineConfig, registry: Registry, *, fake_providers: bool = False
+) -> list[tuple[str, str, str]]:
+    """The config's providers whose SDK or model runtime is not installed, as :class:`ConfigError` problems naming
+    the packages and the extra that installs them; with ``fake_providers``, what the loopback fakes need too (the
+    faked providers still run their real SDKs). Looked up, not imported: SDKs are imported once a call starts."""
+    problems: list[tuple[str, str, str]] = []
+    for kind in KINDS:
+        name = config.stage(kind).provider
+        missing = registry.get(kind, name).missing_packages()
+        if missing:
+            problems.append(_needs(f"{kind}.provider", f"provider {name!r} needs", missing))
+    fakes_missing = [package for package in FAKE_SERVER_PACKAGES if not package.installed()]
+    if fake_providers and fakes_missing:
+        problems.append(_needs("--fake-providers", "the loopback fakes need", fakes_missing))
+    return problems
+
+
+def _needs(path: str, who_needs: str, packages: list[Package]) -> tuple[str, str, str]:
+    names = " and ".join(package.distribution for package in packages)
+    needs = f"the {names} package, which is" if len(packages) == 1 else f"the {names} packages, which are"
+    extras = ",".join(dict.fromkeys(package.extra for package in packages))
+    return path, f"{who_needs} {needs} not installed: pip install 'voxpipe[{extras}]'", ""
 
 
 def construct(provider: type, settings: Any, context: BuildContext, name: str) -> Stage:
@@ -89,10 +114,13 @@ def build_pipeline(
     tools = {**config_tools(config), **tools_by_name(context.tools)}
     context = dataclasses.replace(context, tools=tools, system_prompt=config.system_prompt)
     cascade: dict[str, Stage] = {}
-    problems: list[tuple[str, str, str]] = []
+    problems = missing_packages(config, registry)
+    unbuildable = {path.partition(".")[0] for path, _, _ in problems}  # each would fail importing its SDK
     for kind in KINDS:
         stage_config = config.stage(kind)
         provider = registry.get(kind, stage_config.provider).load()
+        if kind in unbuildable:
+            continue  # the others are still built: every missing package and API key is named at once
         try:
             stage = construct(provider, settings[kind], context, kind)
         except ConfigError as exc:
