@@ -209,6 +209,32 @@ def test_end_drains_queued_work_before_run_returns():
     assert elapsed == pytest.approx(2.0)
 
 
+def test_a_worker_takes_no_queued_frame_once_the_run_is_over():
+    # The stages stop from the output back; while one in front of a queued stage is still stopping (a model thread
+    # it waits for), that stage's worker must not start the next frame in its inbox: the call is over, and the work
+    # would fail on what its own stop() already closed.
+    class SlowToStop(Stage):
+        async def stop(self) -> None:
+            await self.clock.sleep(2.0)
+            await super().stop()
+
+    clock = VirtualClock()
+    slow = Slow(0.5)
+    pipeline = Pipeline([SlowToStop(name="head"), slow, Collect()], clock=clock)
+
+    async def main() -> str:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        for i in range(3):
+            await pipeline.stages[0].receive(TextDelta(text=str(i)), DOWNSTREAM)
+        await clock.sleep(0.1)
+        pipeline.cancel()
+        return await run
+
+    assert clock.run(main()) == "cancelled"
+    assert [f.text for f in slow.started] == ["0"], "frames still queued when the run ended were not started"
+
+
 def test_cancel_aborts_without_waiting_and_leaves_no_task():
     clock = VirtualClock()
     slow = Slow(100.0)
@@ -704,6 +730,7 @@ def test_a_cancel_frame_aborts_the_run_and_drops_what_is_queued():
         await asyncio.sleep(0)
         for i in range(5):
             await head.push(TextDelta(text=str(i)))
+            await asyncio.sleep(0)  # the worker takes "0"; the rest wait behind it
         await head.push(Cancel())
         return await asyncio.wait_for(run, 5), clock.now()
 

@@ -520,6 +520,8 @@ async def test_a_hang_up_during_the_first_handshake_leaves_no_socket_open():
         await fake.wait_for("held")
         epoch = slow.epoch_to_pass = pipeline.next_epoch()
         await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await asyncio.sleep(0)  # the worker takes the reply (a frame still queued at the hang-up is never started)
+        assert not tts.queued
         await tts.receive(SpeakableChunk(epoch=epoch, text="Hello, thanks for calling."), DOWNSTREAM)
         pipeline.cancel("hung up")
         assert await asyncio.wait_for(running, 15) == "hung up" and not pipeline.errors

@@ -176,7 +176,8 @@ class QueuedStage(Stage):
     A full inbox makes the sender wait (back-pressure), except a metronome tick: a real-time source cannot be
     slowed, and the metronome's wait would stall every call on the clock. The frame is queued beyond
     ``max_queued`` and the stage reports, once until its inbox has room again, that it is behind real time. Once
-    the run is over no sender waits: its frame is dropped.
+    the run is over no sender waits: its frame is dropped. Nor does the worker take another frame then: what is
+    still queued is never started (the work under way is the stage's ``stop()`` to end).
     """
 
     max_queued: int = 512
@@ -275,6 +276,10 @@ class QueuedStage(Stage):
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         while True:
+            if self.pipeline.stopping:
+                # The run is over: no new work. The stages stop from the output back, and while one in front of
+                # this one is still stopping, a frame taken now would meet what this stage's stop() has closed.
+                return
             if not self._inbox:
                 self._wakeup = loop.create_future()
                 await self._wakeup
