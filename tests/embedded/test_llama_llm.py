@@ -37,10 +37,14 @@ from voxpipe.pipeline import (
 )
 from voxpipe.stages.llama_llm import (
     ChatTemplateDialogue,
+    FewShotDialogue,
     LlamaLLM,
     LlamaSettings,
     PromptTooLongError,
     ReplyFilter,
+    SystemPromptTooLongError,
+    _Window,
+    fit_prompt,
     is_instruct_model,
     packaged_model_path,
 )
@@ -261,6 +265,41 @@ async def test_a_caller_line_too_long_for_the_context_is_a_clear_error_and_the_n
         assert_speakable("".join(await reply_to(llm, turn(2, ("user", "Sorry. Are you open today?")))))
 
 
+def menu(dishes: int) -> str:
+    """A system prompt with a menu pasted in: 14 tokens a dish."""
+    return "Our menu: " + " ".join(f"dish {i} is pasta with basil for {10 + i % 7} euros;" for i in range(dishes))
+
+
+@pytest.mark.parametrize(
+    "dishes",
+    [
+        pytest.param(26, id="longer-than-the-prompt-budget"),  # 489 fixed tokens of 472: no turn could fit a line
+        pytest.param(30, id="longer-than-n_ctx"),  # 545: llama.cpp's own evaluation of it would fail
+    ],
+)
+async def test_a_system_prompt_that_leaves_no_room_for_a_line_is_refused_at_load_by_name(dishes: int):
+    llm = LlamaLLM(settings(n_ctx=512, max_tokens=40), system_prompt=menu(dishes))
+    try:
+        with pytest.raises(
+            SystemPromptTooLongError,
+            match=r"system_prompt is too long.*it is \d+ tokens.*of the 472 tokens.*n_ctx=512 minus max_tokens=40\); "
+            r"shorten system_prompt or raise n_ctx",
+        ):
+            await asyncio.wait_for(llm.load(), 120)
+        assert not llm.loaded
+    finally:
+        await llm.close()
+
+
+async def test_seed_zero_is_a_seed_like_any_other():
+    """llama-cpp-python reads a seed of 0 as "random"; the stage makes it the seed 0: the same prompt, the same
+    reply (sampled at temperature 1, where another seed would very likely give another reply)."""
+    async with LlamaLLM(settings(seed=0, temperature=1.0, max_tokens=20)) as llm:
+        request = turn(1, ("user", "Tell me something about your restaurant."))
+        replies = {"".join(await asyncio.wait_for(reply_to(llm, request), 60)) for _ in range(3)}
+    assert len(replies) == 1, replies
+
+
 async def test_the_gguf_chat_template_of_a_base_model_without_one_is_a_clear_error():
     llm = LlamaLLM(settings(chat_template="gguf"))
     with pytest.raises(ValueError, match="chat_template='gguf' but the model file has no chat template"):
@@ -303,6 +342,57 @@ def test_the_reply_filter_holds_back_a_split_speaker_label_and_drops_markup():
     assert late.feed("\n\n  Hello") == "Hello"  # leading blank lines do not end a reply before it starts
     assert late.feed(" there\nCaller: hi") == " there"
     assert late.stopped
+
+
+@pytest.mark.parametrize(
+    ("pieces", "spoken"),
+    [
+        # "<" opens a tag only before a letter or "/": here it is text, and only the bracket is dropped
+        (
+            [" The", " wait", " is", " <", " 5", " minutes", ",", " so", " come", " now", "."],
+            "The wait is 5 minutes, so come now.",
+        ),
+        # an aside the end of the line leaves open was text: spoken without its bracket
+        (
+            [" Sure", ",", " table", " [", "for", " two", " at", " eight", ".", "\n", "Caller:"],
+            "Sure, table for two at eight.",
+        ),
+        # ... as is one still open when the reply ends (max_tokens, end of stream)
+        ([" It", " is", " <", "b", "ooked", " for", " you"], "It is booked for you"),
+        # ... or one that grew longer than any aside: what follows it is not held back either
+        (
+            [" Sure", " [", "we have tables at seven, at eight and at nine tonight", ".", " Which", "]", " one?"],
+            "Sure we have tables at seven, at eight and at nine tonight. Which one?",
+        ),
+        # closed asides are still dropped, however they are split
+        (
+            [" Sure", ", [", "laughs", "] we", " are", " <", "br/", "> open <", "/b", ">", " now."],
+            "Sure, we are open now.",
+        ),
+        # a degree sign is read out ("20 degrees C"); an emoji is not
+        ([" It", " is", " 20", "°C", " 🙂", " today", "."], "It is 20°C today."),
+    ],
+)
+def test_the_reply_filter_drops_only_asides_that_close(pieces: list[str], spoken: str):
+    reply = ReplyFilter(("\n", "Caller:", "Assistant:"), strip_prefixes=("Assistant:",))
+    assert "".join(reply.feed(p) for p in pieces) + reply.flush() == spoken
+
+
+def test_a_prompt_too_long_because_of_the_system_prompt_blames_it_not_the_line():
+    """A turn's system prompt (not known at load, so not checked there) that leaves no room for the caller's line:
+    the error names the system prompt, not the line. Words stand in for tokens."""
+    dialogue = FewShotDialogue("Assistant", "Caller", ())
+
+    def count(text: str) -> int:
+        return len(text.split())
+
+    line = (Message("user", "Hi, are you open?"),)
+    with pytest.raises(SystemPromptTooLongError, match=r"system_prompt is too long.*it is 100 tokens"):
+        fit_prompt(dialogue, " ".join(["menu"] * 100), line, count, 130, _Window())
+    rambling = (Message("user", " ".join(["word"] * 200)),)
+    with pytest.raises(PromptTooLongError, match="the caller's line is too long") as caught:
+        fit_prompt(dialogue, "You answer the phone.", rambling, count, 130, _Window())
+    assert type(caught.value) is PromptTooLongError
 
 
 def test_the_packaged_model_is_assembled_once_even_by_concurrent_loaders(tmp_path):

@@ -31,6 +31,8 @@ from voxpipe.pipeline import (
     RealClock,
     ResponseEnd,
     SpeakableChunk,
+    Stage,
+    Start,
     TTSAudioFrame,
     TTSDone,
     VirtualClock,
@@ -305,6 +307,61 @@ async def test_a_cancelled_sentence_still_queued_behind_another_job_is_dropped_w
         release.set()
     running.result(timeout=10)
     assert await queued.result() is None  # its waiter learns it was stopped, as after an interrupt
+
+
+class ThreeChunkReply(Stage):
+    """Sends a reply of three chunks on Start; its stop() yields to the loop for a while, as LlamaLLM's does when it
+    waits for its model thread (the LLM is the stage before the TTS, so it stops right after it)."""
+
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        await self.push(frame, direction)
+        if isinstance(frame, Start):
+            for text in ("Sure, I can help with that.", "Our kitchen is open late.", "Shall I book a table?"):
+                await self.push(SpeakableChunk(epoch=0, text=text))
+
+    async def stop(self) -> None:
+        await asyncio.sleep(0.2)
+
+
+class HangUpOnFirstAudio(Stage):
+    async def process(self, frame: Frame, direction: Direction) -> None:
+        if isinstance(frame, TTSAudioFrame):
+            self.pipeline.cancel("hung up")
+        await self.push(frame, direction)
+
+
+async def test_a_call_cancelled_mid_reply_speaks_no_more_and_records_no_failure():
+    """The TTS stops before the stage in front of it: while that one's stop() waits, the TTS must not take the
+    reply's next queued chunk to a thread already shut down (a bogus TTS failure in the call's record)."""
+    tts = PiperTTS(audio=AudioFormat(16000), name="tts")
+    pipeline = Pipeline([ThreeChunkReply(name="reply"), tts, HangUpOnFirstAudio(name="sink")], clock=RealClock())
+    assert await asyncio.wait_for(pipeline.run(), 60) == "hung up"
+    assert pipeline.errors == []
+    assert tts.queued > 0, "the chunks still queued at the hang-up are never spoken"
+
+
+async def test_stop_waits_for_the_job_on_the_voice_thread_and_then_refuses_work(tts: PiperTTS):
+    """A voice load or a phonemization cannot be stopped inside: stop() waits for it, so it does not outlive the
+    pipeline's run, and the stopped stage then takes no more work."""
+    started, release = threading.Event(), threading.Event()
+
+    def busy() -> bool:
+        started.set()
+        return release.wait(30)
+
+    job = asyncio.ensure_future(tts._in_thread(busy))  # the thread is busy with a job of the stage
+    assert await asyncio.to_thread(started.wait, 30)
+    stopping = asyncio.ensure_future(tts.stop())
+    try:
+        await asyncio.sleep(0.2)
+        assert not stopping.done(), "stop() returned while the stage's thread was still at work"
+    finally:
+        release.set()
+    async with asyncio.timeout(30):
+        await stopping
+    assert job.done() and job.result() is True
+    with pytest.raises(RuntimeError, match="'PiperTTS' is stopped"):
+        await synthesize_all(tts, SENTENCE)
 
 
 class Stamp(Tap):

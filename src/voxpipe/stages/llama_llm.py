@@ -92,7 +92,9 @@ class LlamaSettings(BaseModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling: keep the most likely tokens up to p")
     top_k: int = Field(40, ge=0, le=1000, description="sample among the k most likely tokens; 0 means all")
     repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="penalty on recently generated tokens")
-    seed: int = Field(1234, ge=0, le=2**32 - 2, description="sampling seed: the same prompt gives the same reply")
+    seed: int = Field(
+        1234, ge=0, le=2**32 - 2, description="sampling seed (0 included): the same prompt gives the same reply"
+    )
     bot_name: str = Field(
         "Assistant", min_length=1, max_length=40, pattern=_SPEAKER_NAME, description="the bot's name in the prompt"
     )
@@ -141,6 +143,20 @@ class LlamaSettings(BaseModel):
 
 class PromptTooLongError(ValueError):
     """The latest caller line does not fit the model's context even with all earlier conversation dropped."""
+
+    culprit = "the line"
+    """What to shorten (or else raise n_ctx)."""
+
+
+class SystemPromptTooLongError(PromptTooLongError):
+    """The system prompt leaves no room in the model's context for a caller's line."""
+
+    culprit = "system_prompt"
+
+
+# The fewest prompt tokens a system prompt must leave for the caller's latest line (a sentence or two); one that
+# leaves fewer is refused at load, and blamed when a turn's prompt does not fit.
+LINE_ROOM_TOKENS = 32
 
 
 @dataclass
@@ -350,7 +366,8 @@ def fit_prompt(
     """The prompt for ``messages`` within ``budget`` tokens: ``(prompt, its tokens, messages dropped)``.
 
     Keeps the system prompt and the latest message always; drops the oldest messages when needed. Raises
-    :class:`PromptTooLongError` when the latest message does not fit even alone.
+    :class:`PromptTooLongError` when the latest message does not fit even alone, :class:`SystemPromptTooLongError`
+    when that is because the system prompt leaves it less than ``LINE_ROOM_TOKENS``.
     """
     start = window.start_for(messages)
     prompt = dialogue.render(system, messages[start:])
@@ -360,6 +377,9 @@ def fit_prompt(
         prompt = dialogue.render(system, messages[start:])
         tokens = count_tokens(prompt)
         if tokens > budget:
+            problem = system_prompt_problem(dialogue, system, count_tokens, budget)
+            if problem is not None:
+                raise SystemPromptTooLongError(problem)
             line = count_tokens(_one_line(messages[-1].text))
             raise PromptTooLongError(
                 f"the caller's line is too long for the model's context: the prompt with only that line is "
@@ -367,6 +387,20 @@ def fit_prompt(
             )
     window.remember(messages, start)
     return prompt, tokens, start
+
+
+def system_prompt_problem(
+    dialogue: Dialogue, system: str, count_tokens: Callable[[str], int], budget: int
+) -> str | None:
+    """Why ``system`` leaves no room for a caller's line in a prompt of ``budget`` tokens, or ``None`` if it does."""
+    fixed = count_tokens(dialogue.render(system, (Message("user", ""),)))  # the whole prompt but the caller's words
+    if budget - fixed >= LINE_ROOM_TOKENS:
+        return None
+    return (
+        f"system_prompt is too long for the model's context: it is {count_tokens(_one_line(system))} tokens, "
+        f"{fixed} with the rest of the prompt's fixed text, which leaves {max(budget - fixed, 0)} of the {budget} "
+        f"tokens a prompt may take for the caller's line (at least {LINE_ROOM_TOKENS} are needed)"
+    )
 
 
 def _first_fitting_start(
@@ -398,7 +432,9 @@ def _first_fitting_start(
 
 _MARKUP = frozenset("*_#`~|\\{}[]<>")
 _ASIDES = {"[": "]", "<": ">"}  # "[laughs]", "<br>": never spoken
+_LONGEST_ASIDE = 40  # characters; an "aside" still open beyond this was text ("[" never closed): it is spoken
 _UNSPEAKABLE = frozenset({"So", "Cs", "Co", "Cc", "Cf"})  # symbols (emoji), surrogates, private use, controls
+_SPEAKABLE_SYMBOLS = frozenset("°")  # symbols a voice reads out ("20°C"), unlike emoji of the same category
 _SPACES = re.compile(r" +")
 
 
@@ -409,6 +445,10 @@ class ReplyFilter:
     start of a stop text is held back until the next piece decides. Markup characters are dropped, bracketed
     asides (``[laughs]``, ``<br>``) removed, whitespace collapsed, and leading whitespace (newlines included:
     a reply does not end before it starts) skipped.
+
+    Nothing else the model said is lost: ``<`` opens a tag only before a letter or ``/`` ("3 < 5" is text), and
+    an aside's text is held until it closes; if the reply ends first, or it grows past an aside's length, it was
+    text after all and is spoken (without its bracket).
     """
 
     def __init__(self, stops: Sequence[str], strip_prefixes: Sequence[str] = ()) -> None:
@@ -417,6 +457,7 @@ class ReplyFilter:
         self._pending = ""
         self._started = False
         self._closer: str | None = None  # inside an aside: the bracket that closes it
+        self._aside = ""  # the open aside's text so far: dropped if it closes, spoken if it never does
         self._space = False  # a space is owed before the next words
         self._emitted = False
         self.stopped = False
@@ -440,12 +481,17 @@ class ReplyFilter:
         else:
             split = len(self._pending) - self._held_back()
             ready, self._pending = self._pending[:split], self._pending[split:]
-        return self._clean(ready)
+        return self._clean(ready, final=self.stopped)
 
     def flush(self) -> str:
         """The rest, at the end of the reply."""
         rest, self._pending = self._pending, ""
-        return "" if self.stopped else self._clean(rest)
+        return "" if self.stopped else self._clean(rest, final=True)
+
+    def _leave_aside(self) -> str:
+        """Close the open aside as text, not an aside: return what it held, to be read again as text."""
+        held, self._closer, self._aside = self._aside, None, ""
+        return held
 
     def _held_back(self) -> int:
         """Length of the longest tail of the pending text that is the beginning of a stop text."""
@@ -456,18 +502,34 @@ class ReplyFilter:
                 return size
         return 0
 
-    def _clean(self, text: str) -> str:
+    def _clean(self, text: str, *, final: bool = False) -> str:
+        """The speakable part of ``text``; ``final``: the reply ends with it, so an aside still open was text."""
         kept: list[str] = []
-        for char in text:
-            if self._closer is not None:  # inside an aside
-                if char == self._closer:
-                    self._closer = None
-            elif char in _ASIDES:
-                self._closer = _ASIDES[char]
-            elif char.isspace():
-                kept.append(" ")
-            elif char not in _MARKUP and unicodedata.category(char) not in _UNSPEAKABLE:
-                kept.append(char)
+        i = 0
+        while i < len(text) or (final and self._closer is not None):
+            if i == len(text):
+                text, i = self._leave_aside(), 0  # the reply ended inside an "aside": it was text
+                continue
+            char = text[i]
+            i += 1
+            if self._closer is None:
+                if char in _ASIDES:
+                    self._closer = _ASIDES[char]
+                elif char.isspace():
+                    kept.append(" ")
+                elif char not in _MARKUP and (
+                    char in _SPEAKABLE_SYMBOLS or unicodedata.category(char) not in _UNSPEAKABLE
+                ):
+                    kept.append(char)
+            elif char == self._closer:
+                self._closer, self._aside = None, ""  # an aside that closed: never spoken
+            elif self._closer == ">" and not self._aside and not (char.isalpha() or char == "/"):
+                self._leave_aside()  # "< 5 minutes": no tag, only the bracket is dropped (as markup)
+                i -= 1  # this character is read again, as text
+            else:
+                self._aside += char
+                if len(self._aside) > _LONGEST_ASIDE:
+                    text, i = self._leave_aside() + text[i:], 0
         cleaned = _SPACES.sub(" ", "".join(kept))
         words = cleaned.strip(" ")
         if not words:
@@ -597,13 +659,16 @@ class LlamaLLM(LLMStage):
             n_batch=min(512, settings.n_ctx),
             n_threads=settings.n_threads,
             n_threads_batch=settings.n_threads,
-            seed=settings.seed,
+            seed=settings.seed,  # stored as `seed or LLAMA_DEFAULT_SEED` (random): 0 is set again below
             swa_full=True,  # sliding-window layers keep the whole context, so a cached prefix stays exact
             verbose=False,
         )
         try:
+            llama.set_seed(settings.seed)  # exactly this seed, 0 included; each generate() seeds its sampler with it
             vocab = llama_cpp.llama_model_get_vocab(llama.model)
             dialogue = self._choose_dialogue(llama)
+            if self.system_prompt:
+                self._check_system_prompt(llama, dialogue)
             if isinstance(dialogue, FewShotDialogue):
                 # Every prompt of the call starts with this header (the preamble, then the system prompt when it is
                 # known): evaluating it now takes it off the first turn's latency (measured 0.2-0.5 s → ~0.1 s).
@@ -613,6 +678,18 @@ class LlamaLLM(LLMStage):
             llama.close()
             raise
         self.model_path, self._llama, self._vocab, self._dialogue = path, llama, vocab, dialogue
+
+    def _check_system_prompt(self, llama: Any, dialogue: Dialogue) -> None:
+        """Refuse a system prompt that leaves no room for the conversation, before llama.cpp fails evaluating it with
+        an error that names neither it nor n_ctx (and before every turn fails)."""
+        budget = self.settings.n_ctx - self.settings.max_tokens
+
+        def count(text: str) -> int:
+            return len(_tokens_of(llama, dialogue, text))
+
+        problem = system_prompt_problem(dialogue, self.system_prompt, count, budget)
+        if problem is not None:
+            raise self._too_long(SystemPromptTooLongError, problem)
 
     def _choose_dialogue(self, llama: Any) -> Dialogue:
         settings = self.settings
@@ -709,10 +786,7 @@ class LlamaLLM(LLMStage):
         try:
             prompt, _, dropped = fit_prompt(self.dialogue, system, messages, count, budget, self._window)
         except PromptTooLongError as exc:
-            raise PromptTooLongError(
-                f"{self.name}: {exc} (n_ctx={self.settings.n_ctx} minus max_tokens={self.settings.max_tokens}); "
-                "shorten the line or raise n_ctx"
-            ) from None
+            raise self._too_long(type(exc), str(exc)) from None
         tokens = self._tokenize(prompt)
         stats.prompt_tokens, stats.dropped_messages = len(tokens), dropped
         stats.prompt_tokens_evaluated = len(tokens) - self._reuse_cached_prefix(llama, tokens)
@@ -720,6 +794,14 @@ class LlamaLLM(LLMStage):
 
     def _tokenize(self, text: str) -> list[int]:
         return _tokens_of(self._llama, self.dialogue, text)
+
+    def _too_long(self, error: type[PromptTooLongError], problem: str) -> PromptTooLongError:
+        """``problem`` as an ``error`` that names the stage, the budget it was measured against and the remedy."""
+        settings = self.settings
+        return error(
+            f"{self.name}: {problem} (n_ctx={settings.n_ctx} minus max_tokens={settings.max_tokens}); "
+            f"shorten {error.culprit} or raise n_ctx"
+        )
 
     @staticmethod
     def _reuse_cached_prefix(llama: Any, tokens: Sequence[int]) -> int:

@@ -9,6 +9,10 @@ How it stops. Every inference runs with its own onnxruntime ``RunOptions``. On a
 ``terminate`` on the stale reply's runs and onnxruntime abandons the graph between two nodes: the thread is free for
 the next reply within a few milliseconds (measured p95 6 ms) instead of after the sentence (2 s for a long one), CPU
 that the caller's next turn needs for STT and the LLM.
+When the pipeline stops, the stage stops its worker task first (so it takes no queued chunk while the stages in
+front of it stop, after it), terminates the running inference, and waits (bounded) for the job still on its
+thread — a voice load or a phonemization cannot be stopped inside — so no work of the call outlives
+``Pipeline.run()``.
 
 Word timings. espeak's phoneme words do not map one to one on the text's words: it merges function words ("of the",
 "in the" and "on the" become one phoneme word each), expands numbers and symbols ("42" → two words, "$" → "dollar",
@@ -237,6 +241,8 @@ class PiperTTS(TTSStage):
         self.voice_path = resolve_voice_path(self.settings.voice)  # a missing voice fails here, before any call
         self._voice: PiperVoice | None = None
         self._executor = inference_executor(f"{self.name}-piper")
+        self._jobs: set[Future[Any]] = set()  # given to the thread and not finished: what stop() waits for
+        self._stopped = False
         self._chunk_epoch = 0  # epoch of the chunk being spoken: what an interrupt compares against
         self._inflight: set[_Inference] = set()
 
@@ -275,12 +281,23 @@ class PiperTTS(TTSStage):
             )
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await wrap_thread_job(self._executor.submit(fn, *args, **kwargs))
+        return await wrap_thread_job(self._to_thread(fn, *args, **kwargs))
+
+    def _to_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Give ``fn`` to the stage's thread; the job is tracked until it finishes, for :meth:`stop` to wait for."""
+        if self._stopped:
+            raise RuntimeError(f"stage {self.name!r} is stopped: its voice thread takes no more work")
+        job = self._executor.submit(fn, *args, **kwargs)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+        return job
 
     # ------------------------------------------------------------------------------------ stream
 
     async def process(self, frame: Frame, direction: Direction) -> None:
         if isinstance(frame, SpeakableChunk):
+            if self._stopped:
+                return  # the call is over (a worker that a late interrupt restarted): nothing more is spoken
             self._chunk_epoch = frame.epoch
         await super().process(frame, direction)
 
@@ -321,7 +338,7 @@ class PiperTTS(TTSStage):
         from onnxruntime import RunOptions  # loaded with the voice already; imported here to keep voxpipe light
 
         inference = _Inference(epoch, RunOptions(), self._inflight, self.settings.sentence_timeout_s)
-        inference.future = self._executor.submit(chunk.render, index, inference.run_options)
+        inference.future = self._to_thread(chunk.render, index, inference.run_options)
         inference.on_loop = wrap_thread_job(inference.future)
         self._inflight.add(inference)
         return inference
@@ -339,9 +356,26 @@ class PiperTTS(TTSStage):
     # ------------------------------------------------------------------------------------- close
 
     async def stop(self) -> None:
+        """Stop the worker, then the thread. The worker goes first: the stages in front of this one stop after it, and
+        while one of them waits (LlamaLLM for its model thread) a live worker would take the next queued chunk and
+        fail on the shut thread, a bogus failure in the call's record. The job still running on the thread (a
+        terminated inference ends within milliseconds; a load or a phonemization runs to its end) is waited for,
+        at most the time it may take, and its result dropped."""
+        self._stopped = True
+        worker = self._worker
+        if worker is None or worker.done() or worker is asyncio.current_task():
+            worker = None
+        else:
+            worker.cancel()  # its clean-up (the stream's ``finally``) has run once the wait below returns
         for inference in list(self._inflight):
             inference.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)  # the jobs still queued are dropped
+        running = {wrap_thread_job(job) for job in self._jobs if not job.done()}
+        if running or worker is not None:
+            limit = self.settings.sentence_timeout_s if self._voice is not None else self.settings.load_timeout_s
+            await asyncio.wait(running | ({worker} if worker is not None else set()), timeout=limit)
+            for wrapper in running:
+                wrapper.cancel()  # given up on (the job runs on, unwaited): a virtual clock no longer holds for it
         await super().stop()
 
 
