@@ -436,3 +436,31 @@ def test_the_recorder_mixes_stereo_bot_audio_down_at_its_length():
 def test_a_stereo_output_refuses_a_mono_recorder():
     with pytest.raises(ValueError, match="takes 1-channel audio"):
         PlayoutOutput(AudioFormat(RATE, 2), StereoRecorder(RATE))
+
+
+def test_the_output_refuses_a_period_that_is_not_a_whole_number_of_samples():
+    # 220.5 samples a tick: playing 220 would play 11000 samples a clock second, each reply 0.23 % slow.
+    with pytest.raises(ValueError, match=r"output: a 0.02 s period holds 220.5 samples of 11025 Hz audio, not a whole"):
+        PlayoutOutput(AudioFormat(11025))
+
+
+@pytest.mark.parametrize(("rate", "period"), [(8000, 0.02), (22050, 0.02), (44100, 0.02), (11025, 0.04)])
+def test_the_output_plays_a_second_of_audio_in_a_second_at_any_rate_a_period_holds_whole(rate, period):
+    clock, log = VirtualClock(), []
+    sink = Sink(log)
+    origin = Origin(log)
+    pipeline = Pipeline([origin, PlayoutOutput(AudioFormat(rate), sink, period=period)], clock=clock)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.001)  # ticking
+        await origin.receive(TTSAudioFrame(epoch=0, pcm=bytes(2 * rate), sample_rate=rate, pts=0), DOWNSTREAM)
+        await origin.receive(TTSDone(epoch=0), DOWNSTREAM)
+        await clock.sleep(2.0)
+        pipeline.cancel()
+        await running
+
+    clock.run(main())
+    (first, _), (last, last_samples) = sink.plays[0], sink.plays[-1]
+    assert sum(samples for _, samples in sink.plays) == rate
+    assert last + last_samples / rate - first == approx(1.0, abs=1e-9)

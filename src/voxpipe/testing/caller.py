@@ -10,6 +10,7 @@ is logged in :attr:`ScriptedCaller.spoken`, which is what :class:`~voxpipe.testi
 from __future__ import annotations
 
 import enum
+import math
 import wave
 from collections import deque
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from voxpipe.measure import voiced_segments
 from voxpipe.pipeline import TranscriptWord
 from voxpipe.testing.signals import WordSpan, cough, speechlike
+from voxpipe.testing.vad import VOICED_LEVEL
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,19 @@ def load_wav(path: str | Path, sample_rate: int) -> np.ndarray:
     return np.clip(mono, -32768, 32767).astype(np.int16)
 
 
+def voiced_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int] | None:
+    """``(first, end)``: the first voiced sample of ``audio`` and the end of its last (exclusive), voiced as the
+    ScriptedVAD and ``voxpipe.measure`` count it; None if no sample is."""
+    segments = voiced_segments(audio, sample_rate, VOICED_LEVEL, min_gap_s=math.inf)  # every pause bridged: one
+    if not segments:
+        return None
+    first, last = segments[0]
+    return first, last + 1
+
+
 class _State(enum.Enum):
     WAITING = "waiting"  # until _next_at, then the next step
-    SPEAKING = "speaking"
+    SPEAKING = "speaking"  # until the step's last voiced sample; the silence after it still plays, in any state
     AWAIT_REPLY = "await-reply"  # a line was said; waiting for the bot to start answering
     LISTENING = "listening"  # the bot is answering; waiting for it to finish
     HUNG_UP = "hung-up"
@@ -114,6 +127,7 @@ class ScriptedCaller:
         self._deadline = 0.0
         self._audio = np.zeros(0, dtype=np.int16)
         self._played = 0
+        self._step_end = 0  # the sample of _audio at which the step is over
         self._bot_speaking = False
         self._step: Step | None = None
         # Render every line now: synthesising a line (Piper takes ~0.1-3 s) inside a tick would stall the call.
@@ -160,20 +174,28 @@ class ScriptedCaller:
             self._free(start)
             return
         self._audio, spans = self._rendered[id(step)]
+        self._step_end = len(self._audio)
         if isinstance(step, Say):
-            self._log_line(start, step.text, spans)
+            # A line is said once its voice stops: a recording's (or Piper's) trailing silence plays on, but a reply
+            # that starts in it answers the line. Its leading silence holds none of its words either.
+            voiced = voiced_span(self._audio, self.sample_rate) or (0, len(self._audio))
+            self._step_end = voiced[1]
+            self._log_line(start, step.text, spans, voiced)
         self._played = 0
         self._state = _State.SPEAKING
 
-    def _log_line(self, start: float, text: str, spans: list[WordSpan] | None) -> None:
+    def _log_line(self, start: float, text: str, spans: list[WordSpan] | None, voiced: tuple[int, int]) -> None:
         sr = self.sample_rate
-        duration = len(self._audio) / sr
-        self.lines.append((start, start + duration, text))
+        self.lines.append((start, start + len(self._audio) / sr, text))
         words = text.split()
-        if spans is None:  # a recording: spread the words evenly over it
+        if spans is None:  # a recording, or a voice without word times: spread the words evenly over its voice
             n = max(1, len(words))
+            first, end = voiced
+            per_word = (end - first) / sr / n
+            voice_start = start + first / sr
             self.spoken += [
-                TranscriptWord(w, start + i * duration / n, start + (i + 1) * duration / n) for i, w in enumerate(words)
+                TranscriptWord(w, voice_start + i * per_word, voice_start + (i + 1) * per_word)
+                for i, w in enumerate(words)
             ]
         else:
             self.spoken += [TranscriptWord(s.word, start + s.start / sr, start + s.end / sr) for s in spans]
@@ -201,12 +223,12 @@ class ScriptedCaller:
                 self._begin_step(start)
             else:
                 self._state = _State.HUNG_UP
-        if self._state is not _State.SPEAKING:
-            return bytes(2 * samples)
+        # What is left of the step's audio plays on after the step is over (the silence after a line's voice), until
+        # the next step's audio replaces it.
         chunk = self._audio[self._played : self._played + samples]
-        self._played += len(chunk)
-        if self._played >= len(self._audio):
-            self._end_step(start + len(chunk) / self.sample_rate)
+        before, self._played = self._played, self._played + len(chunk)
+        if self._state is _State.SPEAKING and self._played >= self._step_end:
+            self._end_step(start + (self._step_end - before) / self.sample_rate)
         if len(chunk) < samples:
             chunk = np.concatenate([chunk, np.zeros(samples - len(chunk), dtype=np.int16)])
         return chunk.tobytes()

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from voxpipe.pipeline import Direction, Frame, Stage, Start
+from voxpipe.pipeline import AudioFormat, Direction, Frame, Stage, Start
+
+
+def samples_per_period(audio: AudioFormat, period: float, name: str) -> int:
+    """Samples of ``audio`` in one ``period``, which must be a whole number: a transport moves that many per tick
+    while its timeline follows the clock, so a fraction dropped each tick would leave a hole or drift."""
+    exact = period * audio.sample_rate
+    if abs(exact - round(exact)) > 1e-6:
+        raise ValueError(
+            f"{name}: a {period:g} s period holds {exact:g} samples of {audio.sample_rate} Hz audio, not a whole "
+            "number; use a period that does, or resample the audio to a rate that does"
+        )
+    return round(exact)
 
 
 class PacedStage(Stage):

@@ -27,7 +27,7 @@ from voxpipe.pipeline import (
     TTSDone,
     WordMark,
 )
-from voxpipe.transports.paced import PacedStage
+from voxpipe.transports.paced import PacedStage, samples_per_period
 
 _MIN_LEAD_IN_S = 0.001  # a lead-in shorter than this is not worth a frame of its own: the tick is about due
 
@@ -58,7 +58,7 @@ class PlayoutOutput(PacedStage):
             raise ValueError(f"{name}: plays {audio} audio, but its sink {sink!r} takes {takes}-channel audio")
         self.consumes = audio
         self.sink = sink
-        self._frame_bytes = audio.frame_bytes(period)
+        self._frame_bytes = samples_per_period(audio, period, name) * audio.sample_bytes
         self._buffer = bytearray()
         self._marks: list[WordMark] = []
         self._reply_epoch: int | None = None  # the reply requested, arriving or playing; None once reported

@@ -18,11 +18,15 @@ from voxpipe.pipeline import (
     End,
     Frame,
 )
-from voxpipe.transports.paced import PacedStage
+from voxpipe.transports.paced import PacedStage, samples_per_period
 
 
 class CallerSource(Protocol):
-    """The far end of a simulated call: produces caller audio and hears about the bot's speech."""
+    """The far end of a simulated call: produces caller audio and hears about the bot's speech.
+
+    A source that renders its audio at one rate (the :class:`~voxpipe.testing.ScriptedCaller`) says so in a
+    ``sample_rate`` attribute; the input refuses one that does not match its format.
+    """
 
     @property
     def finished(self) -> bool:
@@ -56,11 +60,18 @@ class SimulatedInput(PacedStage):
         super().__init__(period=period, name=name)
         if audio.channels != 1:
             raise ValueError(f"{name}: simulated caller audio is mono, got {audio}")
+        # Asked for the input's samples per tick, a caller at another rate would play too fast or too slow.
+        speaks = getattr(caller, "sample_rate", audio.sample_rate)
+        if speaks != audio.sample_rate:
+            raise ValueError(
+                f"{name}: delivers {audio.sample_rate} Hz audio, but its caller {type(caller).__name__} speaks at "
+                f"{speaks} Hz; give both the same rate"
+            )
         self.produces = audio
         self.caller = caller
         self.recorder = recorder
         self.max_duration_s = max_duration_s
-        self._samples = audio.samples(period)
+        self._samples = samples_per_period(audio, period, name)
         self._origin: float | None = None
         self._ended = False
 
