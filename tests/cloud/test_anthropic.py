@@ -433,6 +433,29 @@ def test_a_drop_mid_stream_keeps_what_was_streamed_and_heard(serve, tmp_path):
     assert result.outcome == "ended" and result.turns[-1].heard == ["Yes."]
 
 
+def test_the_reasoners_tool_threads_are_set_in_its_config():
+    config, validated = parse_config(
+        {
+            "vad": {"provider": "scripted"},
+            "stt": {"provider": "scripted"},
+            "llm": {"provider": "anthropic", "api_key": "sk-test", "tool_threads": 2, "thread_grace_s": 0.5},
+            "tts": {"provider": "scripted"},
+        }
+    )
+    audio = AudioFormat(16000)
+    pipeline, _ = build_pipeline(
+        config,
+        validated,
+        input_stage=Stage(name="in"),
+        output_stage=Stage(name="out"),
+        context=BuildContext(audio, caller=ScriptedCaller([Say("Hi.")], audio.sample_rate)),
+    )
+    llm = next(stage for stage in pipeline.stages if isinstance(stage, AnthropicLLM))
+    assert (llm.tool_threads, llm.thread_grace_s) == (2, 0.5)
+    with pytest.raises(ValueError, match="tool_threads"):
+        AnthropicSettings.model_validate({"tool_threads": 0})
+
+
 @pytest.mark.timeout(30)
 def test_a_missing_api_key_is_a_config_error_before_any_request(serve, tmp_path, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)

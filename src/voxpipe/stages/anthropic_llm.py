@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field, SecretStr
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
 from voxpipe.pipeline.usage import CACHE_READ_TOKENS, CACHE_WRITE_TOKENS, INPUT_TOKENS, OUTPUT_TOKENS
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
-from voxpipe.stages.llm import AuditSink, LLMStage
+from voxpipe.stages.llm import DEFAULT_TOOL_THREADS, AuditSink, LLMStage
 from voxpipe.stages.tools import ToolsLike, result_text
 
 if TYPE_CHECKING:
@@ -80,6 +80,16 @@ class AnthropicSettings(CloudSettings):
     )
     max_tool_rounds: int = Field(
         3, ge=0, le=20, description="most follow-up requests with tool results in one turn (0: tools are not offered)"
+    )
+    tool_threads: int = Field(
+        DEFAULT_TOOL_THREADS,
+        ge=1,
+        le=64,
+        description="how many sync tools may run at once, each on a thread of the reasoner's own; with all taken, a "
+        "sync tool is refused at once, naming the tools holding them",
+    )
+    thread_grace_s: float = Field(
+        5.0, ge=0, le=120, description="at the end of the call, longest wait for a sync tool still running"
     )
     interrupted_marker: str = Field(
         "[interrupted by the caller]",
@@ -227,8 +237,15 @@ class AnthropicLLM(LLMStage):
         audit: AuditSink | None = None,
         name: str = "llm",
     ) -> None:
-        super().__init__(tools=tools, audit=audit, name=name)
-        self.settings = settings or AnthropicSettings.model_validate({})
+        settings = settings or AnthropicSettings.model_validate({})
+        super().__init__(
+            tools=tools,
+            audit=audit,
+            tool_threads=settings.tool_threads,
+            thread_grace_s=settings.thread_grace_s,
+            name=name,
+        )
+        self.settings = settings
         self._api_key = api_key or self.settings.require_api_key("llm")
         _sdk()  # a missing SDK is a clear error when the pipeline is built, not on the first turn
         self._client: AsyncAnthropic | None = None
