@@ -4,6 +4,8 @@ and an audit log — tested with the scripted LLM, so no provider is involved.""
 import asyncio
 import functools
 import json
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -633,3 +635,32 @@ async def test_a_sync_tool_still_running_when_the_call_ends_does_not_hang_its_en
     assert abandoned["error"] == (
         "tool 'book' was still running when the call ended: its thread is left to run (what it did is not known)"
     )
+
+
+HUNG_TOOL_CALL = """
+import sys, threading
+from voxpipe.call import run_call
+from voxpipe.stages.tools import Tool
+from voxpipe.testing import Say, ScriptedReply
+
+def book_table(name: str) -> str:
+    '''Book a table.'''
+    threading.Event().wait()  # a booking service that never answers, called without a timeout
+
+reply = ScriptedReply("Done: {result}.", tool="book_table", arguments={"name": "Rossi"})
+tools = {"book_table": Tool.of(book_table, timeout_s=0.2)}
+result = run_call([Say("Book for Rossi.", pause=0.4)], sys.argv[1], replies=[reply], tools=tools)
+print("call ended:", result.outcome, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_process_whose_call_left_a_sync_tool_hung_still_exits(tmp_path):
+    # A thread cannot be stopped, and ThreadPoolExecutor's threads are joined at the interpreter's exit: a hung
+    # tool's would keep `voxpipe call` from ever exiting after its call had ended.
+    done = subprocess.run(
+        [sys.executable, "-c", HUNG_TOOL_CALL, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "call ended: ended" in done.stdout
+    assert [entry["outcome"] for entry in _audit(tmp_path)] == ["timeout", "abandoned"]

@@ -36,10 +36,11 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, get_type_hints
@@ -197,9 +198,36 @@ def result_text(result: Any) -> str:
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
 
 
+class _DaemonThreadPerJob(Executor):
+    """Runs each job on a new daemon thread. ``ThreadPoolExecutor``'s threads are joined when the interpreter
+    exits, so one hung tool would keep the process from ever exiting after its call; a daemon thread is not waited
+    for. ToolThreads bounds how many run at once, and a tool call is rare enough that a thread each costs nothing."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._numbers = itertools.count()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # the job's failure is its future's, as in ThreadPoolExecutor
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        threading.Thread(target=run, name=f"{self._name}_{next(self._numbers)}", daemon=True).start()
+        return future
+
+
 class ToolThreads:
-    """The threads a reasoner runs its sync tools on: at most ``size``, created at the stage's start and shut down
-    at its stop without waiting (a hung tool's thread is left to end when it ends).
+    """The threads a reasoner runs its sync tools on: at most ``size`` at once, one per call, never waited for at
+    the stage's stop nor at the process's exit (a hung tool's thread is left to end when it ends, or with the
+    process).
 
     Not the event loop's default executor: that one also runs ``getaddrinfo`` for every connection the process
     opens, and a thread cannot be stopped, so tools that hang would take its threads for good and stall every
@@ -210,7 +238,7 @@ class ToolThreads:
         if size < 1:
             raise ValueError(f"{name}: a sync tool needs at least one thread, got {size}")
         self.size = size
-        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix=name)
+        self._executor = _DaemonThreadPerJob(name)
         self._lock = threading.Lock()  # _running is changed by the loop (a job starts) and the threads (it ends)
         self._running: dict[object, str] = {}  # one entry per job on a thread: the tool's name
         self._shut_down = False
@@ -256,7 +284,6 @@ class ToolThreads:
         """No new job; the threads end as their jobs do (not waited for: one may never end)."""
         with self._lock:
             self._shut_down = True
-        self._executor.shutdown(wait=False)
 
 
 def _field(default: Any, description: str | None) -> Any:
