@@ -347,8 +347,9 @@ def test_a_tool_that_times_out_gives_the_model_an_error_and_an_error_frame(tmp_p
     assert "timed out after 1 s" in result.turns[0].data["bot_text"]
     transcript = json.loads((tmp_path / "transcript.json").read_text())
     assert transcript["status"] == "ended"
+    turn = result.turns[0].turn  # the error is on the turn whose reply called the tool
     assert transcript["errors"] == [
-        {"stage": "llm", "error": "llm: tool 'book_table' timed out after 1 s", "fatal": False}
+        {"turn": turn, "stage": "llm", "error": "llm: tool 'book_table' timed out after 1 s", "fatal": False}
     ]
 
 

@@ -378,7 +378,7 @@ def _transcript_document(
         "system": conversation.system,
         "turns": transcript_of(turns),
         "conversation": [_message_json(m) for m in conversation.messages],
-        "errors": [{"stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
+        "errors": [{"turn": e.epoch, "stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
         "usage": usage,
         "cost_usd": cost(usage, prices),
     }
