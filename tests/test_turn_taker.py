@@ -256,3 +256,18 @@ def test_a_word_shorter_than_min_speech_ms_does_not_barge_in(tmp_path):
     script = [Say("Tell me about your opening hours."), Say("no", barge_in=0.8), Say("Thanks.", pause=0.5)]
     result = run_call(script, tmp_path, replies=[OPENING_HOURS, "OK.", "You're welcome."])
     assert not [t for t in result.turns if t.data.get("barge_in")]
+
+
+def test_the_usage_of_a_final_whose_stop_never_came_is_kept_when_the_call_ends():
+    # A cloud STT's endpointing may send a final before the VAD's stop; if the call ends in between, the audio the
+    # STT measured for that utterance is still the call's (billed), not lost with the final waiting for its stop.
+    harness = Harness()
+
+    async def script(h: Harness) -> None:
+        await h.send(UserSpeechStarted(at=0.0))
+        await h.send(Transcript(text="Hello.", final=True, usage=(("stt", "audio_seconds", 1.25),)))
+
+    harness.run(script)
+    assert harness.turns == []
+    assert harness.pipeline.usage.totals == {"stt": {"audio_seconds": 1.25}}
+    assert harness.pipeline.usage.unassigned == {"stt": {"audio_seconds": 1.25}}

@@ -109,6 +109,13 @@ class TurnTaker(Stage):
         else:
             await self.push(frame, direction)
 
+    async def stop(self) -> None:
+        # Finals still waiting for their VAD stop end no turn now, but the STT measured (and bills) their audio.
+        while self._early_finals:
+            final, _ = self._early_finals.popleft()
+            self._count(final, None)
+        await super().stop()
+
     async def _consider_barge_in(self) -> None:
         """Cut the bot off if the utterance being spoken over it now passes the policy. Its length runs to the last
         voiced sample the VAD reported — the silence after a cough is not speech — or, from a speech-event source
