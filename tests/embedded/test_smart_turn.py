@@ -76,6 +76,17 @@ def test_the_model_hears_whether_the_turn_is_complete():
 
 
 @needs_model
+def test_a_shared_model_waiting_longer_than_stop_ms_is_refused_as_the_settings_are():
+    # stop_ms would end every turn before Smart-Turn is asked, whichever way the model was given.
+    shared = SmartTurn(SmartTurnSettings(silence_ms=500))
+    try:
+        with pytest.raises(ValueError, match=r"end_of_turn.silence_ms \(500.0\) must be < stop_ms \(400.0\)"):
+            SileroVAD(SileroVADSettings(stop_ms=400), end_of_turn=shared)
+    finally:
+        shared.close()
+
+
+@needs_model
 async def test_the_thread_gives_the_same_answer_and_a_closed_model_refuses():
     audio = ends_with_silence(spoken(COMPLETE), 0.2)
     own = SmartTurn()

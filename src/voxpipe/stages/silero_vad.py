@@ -231,6 +231,12 @@ class SileroVAD(VADStage):
             )
         if end_of_turn is not None and settings.end_of_turn is not None:
             raise ValueError(f"stage {name!r}: give end_of_turn either in settings or as a SmartTurn, not both")
+        if end_of_turn is not None and end_of_turn.settings.silence_ms >= settings.stop_ms:
+            # The settings' own check, for a SmartTurn given as an object.
+            raise ValueError(
+                f"stage {name!r}: end_of_turn.silence_ms ({end_of_turn.settings.silence_ms}) must be < stop_ms "
+                f"({settings.stop_ms}): stop_ms would end every turn before Smart-Turn is asked"
+            )
         super().__init__(audio, start_ms=settings.start_ms, stop_ms=settings.stop_ms, name=name)
         self.settings = settings
         path = Path(settings.model_path) if settings.model_path is not None else default_model_path()
