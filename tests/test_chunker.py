@@ -73,12 +73,24 @@ def test_a_period_after_a_title_or_an_initial_ends_nothing(text):
     assert " ".join(chunks) == text
 
 
+def test_dotted_letters_end_a_sentence_only_before_a_capital():
+    text = "Of course, your table is booked for 8 p.m. tonight at the U.S. embassy branch. See you at 8 p.m. Bye now."
+    assert chunk_by_words(text) == [
+        "Of course,",
+        "your table is booked for 8 p.m. tonight at the U.S. embassy branch.",
+        "See you at 8 p.m.",
+        "Bye now.",
+    ]
+
+
 def test_impossible_limits_are_refused_naming_them():
     with pytest.raises(ValueError, match="min_words <= max_words"):
         SpeakableChunker(min_words=10, max_words=5)
 
 
-WORDS = st.sampled_from(["yes", "Dr.", "the", "table", "1,000", "7.30", "e.g.", "J.", "eight", "okay", "I'm"])
+WORDS = st.sampled_from(
+    ["yes", "Dr.", "the", "table", "1,000", "7.30", "e.g.", "J.", "p.m.", "U.S.", "eight", "okay", "I'm"]
+)
 MARKS = st.sampled_from(["", "", "", ",", ".", "!", "?", ";", ":", '."', "...", ")"])
 TOKENS = st.lists(st.tuples(WORDS, MARKS).map("".join), min_size=1, max_size=80)
 

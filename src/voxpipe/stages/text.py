@@ -11,7 +11,8 @@ it has none), so a long sentence of commas does not reach the TTS only at its en
 A clause mark ends a chunk when the space after it arrives, but the first chunk is cut as soon as a comma (or
 ``;:!?``) right after a letter ends the text so far: an LLM streams that space with the next word, one token
 (35-65 ms of Gemma 3 270M here) later. After a digit it waits ("1,000"); a period always waits ("7.30"). A period
-after a title ("Dr.", "Mrs."), "e.g."/"i.e."/"vs." or a single capital letter ("J. Smith") ends nothing.
+after a title ("Dr.", "Mrs."), "e.g."/"i.e."/"vs." or a single capital letter ("J. Smith") ends nothing, nor
+does the last period of dotted letters ("p.m.", "U.S.") unless the next word starts with a capital or a digit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _WORD = re.compile(r"\S+\s")
 _LAST_WORD = re.compile(r"[\w.]+$")
 # Words whose period is part of them: cutting after one would make the TTS pause mid-sentence ("Dr. | Smith").
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "mt", "jr", "sr", "vs", "e.g", "i.e"})
+# Dotted letters ("p.m", "U.S", before their last period) end a sentence only when a capital or digit follows:
+# "at 8 p.m. tonight" is one sentence, "at 8 p.m. Tomorrow we…" two.
+_DOTTED_LETTERS = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")
 
 
 class SpeakableChunker:
@@ -102,4 +106,9 @@ class SpeakableChunker:
         if word is None:
             return False
         text = word.group()
-        return text.lower() in _ABBREVIATIONS or (len(text) == 1 and text.isupper())
+        if text.lower() in _ABBREVIATIONS or (len(text) == 1 and text.isupper()):
+            return True
+        if _DOTTED_LETTERS.fullmatch(text):
+            after = self._buffer[match.end() :].lstrip()
+            return not after or after[0].islower()  # nothing yet: undecided, so no cut until the next word comes
+        return False
