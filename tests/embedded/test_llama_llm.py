@@ -371,6 +371,11 @@ def test_the_reply_filter_holds_back_a_split_speaker_label_and_drops_markup():
         ),
         # a degree sign is read out ("20 degrees C"); an emoji is not
         ([" It", " is", " 20", "°C", " 🙂", " today", "."], "It is 20°C today."),
+        # ... and leaves no space before the punctuation after it, within a piece or across pieces
+        (
+            [" We", " are", " open", " 🙂.", " Come", " by", " [smiles]", ",", " anytime", " 😀", " !"],
+            "We are open. Come by, anytime!",
+        ),
     ],
 )
 def test_the_reply_filter_drops_only_asides_that_close(pieces: list[str], spoken: str):

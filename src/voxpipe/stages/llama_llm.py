@@ -436,6 +436,8 @@ _LONGEST_ASIDE = 40  # characters; an "aside" still open beyond this was text ("
 _UNSPEAKABLE = frozenset({"So", "Cs", "Co", "Cc", "Cf"})  # symbols (emoji), surrogates, private use, controls
 _SPEAKABLE_SYMBOLS = frozenset("°")  # symbols a voice reads out ("20°C"), unlike emoji of the same category
 _SPACES = re.compile(r" +")
+_CLOSING = ",.;:!?)"  # no space before these: one left by a dropped emoji or aside ("open 🙂." is "open.")
+_SPACE_BEFORE_CLOSING = re.compile(r" +(?=[,.;:!?)])")
 
 
 class ReplyFilter:
@@ -530,13 +532,14 @@ class ReplyFilter:
                 self._aside += char
                 if len(self._aside) > _LONGEST_ASIDE:
                     text, i = self._leave_aside() + text[i:], 0
-        cleaned = _SPACES.sub(" ", "".join(kept))
+        cleaned = _SPACE_BEFORE_CLOSING.sub("", _SPACES.sub(" ", "".join(kept)))
         words = cleaned.strip(" ")
         if not words:
             self._space = self._space or bool(cleaned)
             return ""
         # A space is emitted only in front of the next words, so no delta ends the reply with one.
-        lead = " " if self._emitted and (self._space or cleaned.startswith(" ")) else ""
+        owed = self._space or cleaned.startswith(" ")
+        lead = " " if self._emitted and owed and not words.startswith(tuple(_CLOSING)) else ""
         self._space, self._emitted = cleaned.endswith(" "), True
         return lead + words
 
