@@ -285,17 +285,9 @@ def test_pricing_counters_must_be_real_ones():
     from typing import get_args
 
     from voxpipe.config.schema import Counter
-    from voxpipe.pipeline.usage import (
-        AUDIO_SECONDS,
-        CACHE_READ_TOKENS,
-        CACHE_WRITE_TOKENS,
-        CHARACTERS,
-        INPUT_TOKENS,
-        OUTPUT_TOKENS,
-    )
+    from voxpipe.pipeline.usage import BUILT_IN_COUNTERS
 
-    counters = {INPUT_TOKENS, OUTPUT_TOKENS, CHARACTERS, AUDIO_SECONDS, CACHE_WRITE_TOKENS, CACHE_READ_TOKENS}
-    assert set(get_args(Counter)) == counters
+    assert set(get_args(Counter)) == set(BUILT_IN_COUNTERS)
     with pytest.raises(ConfigError) as caught:
         parse_config({**SCRIPTED, "pricing": {"tts": {"character": 1.0}, "llmm": {}}})
     message = str(caught.value)

@@ -30,6 +30,7 @@ CACHE_WRITE_TOKENS = "cache_write_tokens"
 CACHE_READ_TOKENS = "cache_read_tokens"
 CHARACTERS = "characters"
 AUDIO_SECONDS = "audio_seconds"
+BUILT_IN_COUNTERS = (INPUT_TOKENS, OUTPUT_TOKENS, CACHE_WRITE_TOKENS, CACHE_READ_TOKENS, CHARACTERS, AUDIO_SECONDS)
 
 Counts = dict[str, float]
 Prices = Mapping[str, Mapping[str, float]]  # stage name -> counter -> USD per unit
