@@ -36,7 +36,7 @@ from voxpipe.pipeline import (
     VirtualClock,
 )
 from voxpipe.stages import whisper_stt
-from voxpipe.stages.whisper_stt import WhisperSTT, WhisperSTTSettings
+from voxpipe.stages.whisper_stt import CallerAudio, WhisperSTT, WhisperSTTSettings
 from voxpipe.testing import ScriptedVAD
 from voxpipe.testing.speech import speak
 from voxpipe.testing.wer import word_error_rate, words
@@ -54,6 +54,28 @@ SHORT = "Book a table for the weekend."
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def test_caller_audio_places_each_frame_at_its_pts_gaps_as_silence():
+    audio = CallerAudio()
+    samples = np.arange(1, 1001, dtype=np.int16)  # sample i of the stream holds i + 1
+    audio.append(0, samples[:320].tobytes())
+    audio.append(320, samples[320:640].tobytes())
+    audio.append(800, samples[800:1000].tobytes())  # 160 samples lost: silence
+    assert (audio.start_pts, audio.end_pts) == (0, 1000)
+    expected = samples.copy()
+    expected[640:800] = 0
+    assert np.array_equal(audio.between(0, 1000), expected)
+    assert np.array_equal(audio.between(900, 1100), np.concatenate([samples[900:], np.zeros(100, np.int16)]))
+    audio.append(600, np.full(100, -1, np.int16).tobytes())  # a frame over what is kept replaces it
+    assert np.array_equal(audio.between(590, 710), np.concatenate([samples[590:600], np.full(100, -1), np.zeros(10)]))
+    audio.forget_before(500)
+    assert audio.start_pts == 500
+    assert np.array_equal(audio.between(450, 520), np.concatenate([np.zeros(50, np.int16), samples[500:520]]))
+    audio.forget_before(5000)  # everything: the next frame starts the buffer again
+    audio.append(6000, samples[:10].tobytes())
+    assert (audio.start_pts, audio.end_pts) == (6000, 6010)
+    assert np.array_equal(audio.between(5995, 6010), np.concatenate([np.zeros(5, np.int16), samples[:10]]))
 
 
 def test_word_error_rate_counts_edits():

@@ -396,35 +396,47 @@ def load_decoder(path: Path, cpu_threads: int) -> WhisperDecoder:
 
 
 class CallerAudio:
-    """The caller's recent audio as it arrived: frames keyed by their ``pts``, joined only when a decode needs
-    them. Joining places each frame at its ``pts``, so a gap in the stream becomes silence and word times stay on
-    the caller's timeline."""
+    """The caller's recent audio, one buffer of int16 samples from :attr:`start_pts` to :attr:`end_pts`: each frame
+    is placed at its ``pts``, so a gap in the stream is silence and word times stay on the caller's timeline.
+
+    One buffer, not a list of frames: a decode's audio is taken on the event loop, and joining an utterance's frames
+    one by one took 7 ms of it at one minute and 35 ms at five (a partial's 28 s window: 4 and 6 ms); a slice of the
+    buffer takes 0.05 and 0.3 ms (``benchmarks/caller_audio.py``, figures in ``docs/benchmarks.md``)."""
 
     def __init__(self) -> None:
-        self._frames: deque[tuple[int, bytes]] = deque()  # (pts of the first sample, int16 pcm)
+        self._pcm = bytearray()  # samples [_start, end_pts)
+        self._start = 0
         self.end_pts = 0  # one past the newest sample
 
     def append(self, pts: int, pcm: bytes) -> None:
-        self._frames.append((pts, pcm))
-        self.end_pts = max(self.end_pts, pts + len(pcm) // 2)
+        if not self._pcm:
+            self._start = pts
+        offset = 2 * (pts - self._start)
+        if offset < 0:  # begins before what is kept (a late frame): only its part after that
+            pcm, offset = pcm[-offset:], 0
+        if offset > len(self._pcm):
+            self._pcm.extend(bytes(offset - len(self._pcm)))  # a gap: silence
+        self._pcm[offset : offset + len(pcm)] = pcm  # overwrites what it overlaps, grows the buffer past its end
+        self.end_pts = max(self.end_pts, self._start + len(self._pcm) // 2)
 
     @property
     def start_pts(self) -> int:
-        return self._frames[0][0] if self._frames else self.end_pts
+        return self._start if self._pcm else self.end_pts
 
     def forget_before(self, pts: int) -> None:
-        """Drop frames that end at or before sample ``pts``."""
-        frames = self._frames
-        while frames and frames[0][0] + len(frames[0][1]) // 2 <= pts:
-            frames.popleft()
+        """Drop the samples before ``pts``."""
+        drop = min(max(0, pts - self._start), len(self._pcm) // 2)
+        del self._pcm[: 2 * drop]  # cheap: a bytearray drops its front without moving the rest
+        self._start += drop
 
     def between(self, start: int, end: int) -> np.ndarray:
-        """int16 samples ``[start, end)`` of the stream; silence where no frame was kept."""
+        """int16 samples ``[start, end)`` of the stream; silence where nothing was kept."""
+        lo, hi = max(start, self._start), min(end, self._start + len(self._pcm) // 2)
+        if lo == start and hi == end and lo < hi:  # all of it kept: one copy, no zeros first
+            return np.frombuffer(self._pcm, np.int16, hi - lo, 2 * (lo - self._start)).copy()
         out = np.zeros(max(0, end - start), dtype=np.int16)
-        for pts, pcm in self._frames:
-            lo, hi = max(pts, start), min(pts + len(pcm) // 2, end)
-            if lo < hi:
-                out[lo - start : hi - start] = np.frombuffer(pcm, dtype=np.int16, count=hi - lo, offset=2 * (lo - pts))
+        if lo < hi:
+            out[lo - start : hi - start] = np.frombuffer(self._pcm, np.int16, hi - lo, 2 * (lo - self._start))
         return out
 
 
