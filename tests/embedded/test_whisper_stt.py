@@ -437,6 +437,25 @@ def test_a_decode_left_running_by_its_timeout_is_waited_for_at_stop(monkeypatch)
         assert running[0] == 0, "a decode of the call was still running when run() returned"
 
 
+def test_a_long_utterance_gets_its_decode_time_per_window(monkeypatch):
+    """A caller talking for a minute and a half (or a television the VAD takes for speech): its final is four of
+    Whisper's 30 s windows decoded one after another, so it gets decode_timeout_s for each, not one window's time
+    (which failed the call: the final timed out)."""
+    real_decode = whisper_stt.WhisperDecoder.decode
+
+    def slow_when_long(self, samples, options):  # a machine on which one window takes ~1.2 s, the limit 1.5 s
+        if samples.size > 60 * whisper_stt.WHISPER_RATE:
+            time.sleep(2.5)
+        return real_decode(self, samples[: whisper_stt.WHISPER_RATE], options)
+
+    monkeypatch.setattr(whisper_stt.WhisperDecoder, "decode", slow_when_long)
+    stt = WhisperSTT(WhisperSTTSettings(decode_timeout_s=1.5), name="stt-long")
+    sink = Collect()
+    feeder = Feeder([started_at(0.0), silence(95.0), stopped(95.0)])
+    assert run([feeder, stt, sink]) == "ended"
+    assert len(transcripts(sink.frames, final=True)) == 1
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -165,7 +165,8 @@ class WhisperSTTSettings(BaseModel):
         default=10.0,
         gt=0,
         le=300,
-        description="a decode taking longer than this fails the stage (an overloaded machine)",
+        description="a decode taking longer than this per 30 s of audio fails the stage (an overloaded machine); "
+        "Whisper decodes a long utterance one 30 s window after another",
     )
     load_timeout_s: float = Field(default=60.0, gt=0, le=600, description="longest wait for the model to load")
 
@@ -715,11 +716,17 @@ class WhisperSTT(Stage):
             return decoder.decode(samples, options)
 
         what = f"decoding {audio.size / rate:.1f} s of audio"
-        recognition = await self._on_thread(run, self.settings.decode_timeout_s, what)
+        recognition = await self._on_thread(run, self._decode_timeout(audio.size), what)
         self.stats.decodes += 1
         self.stats.decode_seconds += recognition.seconds
         log.debug("%s: %s took %.3f s: %r", self.name, what, recognition.seconds, recognition.text)
         return recognition
+
+    def _decode_timeout(self, samples: int) -> float:
+        """decode_timeout_s for each 30 s window the audio needs: a caller talking for minutes (or a television
+        the VAD takes for speech) is a long decode, not a stuck machine."""
+        windows = max(1, math.ceil(samples / (self._rate * _WINDOW_FRAMES / _FRAMES_PER_S)))
+        return self.settings.decode_timeout_s * windows
 
     async def _emit(self, recognition: Recognition, start_pts: int, *, final: bool) -> None:
         offset = start_pts / self._rate  # word times are seconds into the decoded audio
@@ -733,7 +740,8 @@ class WhisperSTT(Stage):
     async def _wait_for_finals(self) -> None:
         if self._finals_done.is_set():
             return
-        timeout = self.settings.decode_timeout_s * (len(self._finals) + 1)
+        # Each final's decode, and the one that may be under way before them (a partial's: one window).
+        timeout = sum(self._decode_timeout(final.audio.size) for final in self._finals) + self.settings.decode_timeout_s
         try:
             await asyncio.wait_for(self._finals_done.wait(), timeout)
         except TimeoutError as exc:
