@@ -742,12 +742,13 @@ def test_a_cancel_frame_aborts_the_run_and_drops_what_is_queued():
 # ------------------------------------------------------------------------------ errors on their own turn
 
 
-def test_a_failure_of_work_a_barge_in_cut_goes_on_that_turn_not_the_one_in_progress():
-    """A TTS's provider answers the cut reply with an error after the barge-in (skip-frame): the error is the cut
-    turn's. The turn in progress, which was fine, shows none."""
+@pytest.mark.parametrize("policy", [ErrorPolicy.SKIP_FRAME, ErrorPolicy.SKIP_TURN])
+def test_a_failure_of_work_a_barge_in_cut_goes_on_that_turn_not_the_one_in_progress(policy):
+    """A TTS's provider answers the cut reply with an error after the barge-in: the error is the cut turn's. The
+    turn in progress, which was fine, shows none, and skip-turn does not skip it (the cut turn is already over)."""
 
     class RefusedLate(Stage):
-        error_policy = ErrorPolicy.SKIP_FRAME
+        error_policy = policy
 
         async def process(self, frame: Frame, direction: Direction) -> None:
             if isinstance(frame, SpeakableChunk):
@@ -776,6 +777,7 @@ def test_a_failure_of_work_a_barge_in_cut_goes_on_that_turn_not_the_one_in_progr
         return cut, barge_in
 
     cut, barge_in = clock.run(main())
+    assert pipeline.epoch == barge_in, "the reply in progress was not interrupted"
     records = {record.turn: record for record in pipeline.trace.turns}
     assert "error" not in records[barge_in].data, "the turn in progress was fine"
     assert records[cut].data["error"] == f"ConnectionError: the provider refused reply {cut}"

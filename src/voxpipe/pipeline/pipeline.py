@@ -257,7 +257,9 @@ class Pipeline:
             return
         log.warning("stage %r failed (%s, %s); continuing", stage.name, policy.value, error.error)
         await stage.push(error, UPSTREAM)
-        if policy is ErrorPolicy.SKIP_TURN:
+        if policy is ErrorPolicy.SKIP_TURN and turn == self.epoch:
+            # Only the turn in progress is skipped: work of a turn already closed (a cut reply failing as it
+            # unwinds) has nothing left to skip, and interrupting would cut the reply that followed it.
             await self.interrupt(stage, reason=f"error in {stage.name}")
 
     async def report(self, stage: Stage, problem: str, *, epoch: int | None = None) -> ErrorFrame:
