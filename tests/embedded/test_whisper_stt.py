@@ -460,6 +460,40 @@ def test_a_long_utterance_gets_its_decode_time_per_window(monkeypatch):
     assert len(transcripts(sink.frames, final=True)) == 1
 
 
+def test_a_hang_up_during_a_long_final_waits_for_it_its_own_time(monkeypatch):
+    """The call ends while a minute-and-a-half utterance's final decodes (four windows, so 4 x decode_timeout_s):
+    stop() waits for that decode as long as the decode itself may take, not one window's time, so that no decode of
+    the call outlives run()."""
+    real_decode = whisper_stt.WhisperDecoder.decode
+    lock, running = threading.Lock(), [0]
+    final_started = threading.Event()
+
+    def slow_when_long(self, samples, options):  # one window takes ~1.2 s on this machine, the limit 1.5 s
+        with lock:
+            running[0] += 1
+        try:
+            if samples.size > 60 * whisper_stt.WHISPER_RATE:
+                final_started.set()
+                time.sleep(2.5)
+            return real_decode(self, samples[: whisper_stt.WHISPER_RATE], options)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(whisper_stt.WhisperDecoder, "decode", slow_when_long)
+
+    async def hang_up_mid_final(feeder: Feeder, pts: int) -> None:
+        await asyncio.to_thread(final_started.wait, 10)
+        feeder.pipeline.cancel()
+
+    stt = WhisperSTT(WhisperSTTSettings(decode_timeout_s=1.5), name="stt-long-hang-up")
+    feeder = Feeder([started_at(0.0), silence(95.0), stopped(95.0), hang_up_mid_final])
+    assert run([feeder, stt, Collect()]) == "cancelled"
+    assert final_started.is_set(), "the long final was never decoded"
+    with lock:
+        assert running[0] == 0, "the long final's decode was still running when run() returned"
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

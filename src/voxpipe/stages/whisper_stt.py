@@ -521,8 +521,9 @@ class WhisperSTT(Stage):
         self._pause_samples = round(pause * self._rate) if pause is not None else None
         self._decoder: WhisperDecoder | None = None
         self._executor: ThreadPoolExecutor | None = None
-        # Jobs given to the thread and maybe unfinished: a decode that timed out runs on, and the next queues behind it.
-        self._jobs: list[Future[Any]] = []
+        # Jobs given to the thread and maybe unfinished, each with its time limit: a decode that timed out runs on,
+        # and the next queues behind it.
+        self._jobs: list[tuple[Future[Any], float]] = []
         self._audio = CallerAudio()
         self._utterance: Utterance | None = None
         self._finals: deque[PendingFinal] = deque()
@@ -560,7 +561,7 @@ class WhisperSTT(Stage):
         if self._executor is None:
             raise RuntimeError(f"stage {self.name!r} is not running")
         job = self._executor.submit(fn)
-        self._jobs = [*(earlier for earlier in self._jobs if not earlier.done()), job]
+        self._jobs = [*(earlier for earlier in self._jobs if not earlier[0].done()), (job, limit_s)]
         try:
             return await asyncio.wait_for(wrap_thread_job(job), limit_s)
         except TimeoutError as exc:
@@ -756,17 +757,18 @@ class WhisperSTT(Stage):
 
     async def stop(self) -> None:
         """Release the thread. A decode already running cannot be interrupted inside CTranslate2: wait for it (at most
-        decode_timeout_s) so that no work of this call outlives the pipeline, and drop its result. Utterances
-        without a final by now get none. The model stays loaded for other stages (see :func:`load_decoder`)."""
+        its own time limit: decode_timeout_s per 30 s window) so that no work of this call outlives the pipeline, and
+        drop its result. Utterances without a final by now get none. The model stays loaded for other stages (see
+        :func:`load_decoder`)."""
         self._finals.clear()
         self._utterance = None
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-        running, self._jobs = [job for job in self._jobs if not job.done()], []  # the queued ones are cancelled
+        running, self._jobs = [(job, limit) for job, limit in self._jobs if not job.done()], []  # queued: cancelled
         if running:
-            waiting = asyncio.gather(*(wrap_thread_job(job) for job in running), return_exceptions=True)
-            await asyncio.wait({waiting}, timeout=self.settings.decode_timeout_s)
+            waiting = asyncio.gather(*(wrap_thread_job(job) for job, _ in running), return_exceptions=True)
+            await asyncio.wait({waiting}, timeout=max(limit for _, limit in running))
             waiting.cancel()  # given up on (the decode runs on, unwaited): a virtual clock no longer holds for it
         self._decoder = None
         await super().stop()
