@@ -263,10 +263,11 @@ def run_pipeline_call(
     exception from it is logged; it never fails the call), ``on_start()`` once the call is about to start: from then
     on, the output directory holds this call, whatever happens.
 
-    The trace and the transcript (``"status": "running"``) are written turn by turn as the call goes, so a process
-    killed outright keeps the turns it finished (the transcript from a thread of its own: the loop takes a snapshot,
-    the thread serialises and writes the newest one waiting); both are rewritten with the settled records at the
-    end, once that thread is done. If the call fails (or is interrupted: Ctrl-C, or SIGTERM in the CLI), the
+    The trace and the transcript (``"status": "running"``) are written turn by turn as the call goes, and again as a
+    finished turn's record is amended (the trace gets an amendment line, see :class:`JsonlTraceWriter`), so a
+    process killed outright keeps the turns it finished (the transcript from a thread of its own: the loop takes a
+    snapshot, the thread serialises and writes the newest one waiting); both are rewritten with the settled records
+    at the end, once that thread is done. If the call fails (or is interrupted: Ctrl-C, or SIGTERM in the CLI), the
     recording, transcript and report of what happened so far are still written, ``transcript.json`` says ``"status":
     "failed"`` with the error, and the exception is re-raised — the directory is never silently half-written. Each
     artefact is written on its own: one that cannot be written is logged and named in :attr:`CallResult.unwritten`,
@@ -299,9 +300,12 @@ def run_pipeline_call(
         running.submit((record.turn, transcript_document({"status": "running"})))
 
     writer = JsonlTraceWriter(out / "trace.jsonl")
-    tracer.on_turn(_logged(price_turn, "pricing the turn"))  # before the writer, so the trace line carries it
-    tracer.on_turn(_logged(writer, "writing trace.jsonl"))
-    tracer.on_turn(_logged(snapshot_transcript, "writing transcript.json"))
+    # A finished turn's record amended later (a cut reply's usage, counted as its stream closed; an error from its
+    # work) is priced and written again as it happens: the trace gets an amendment line, the transcript a snapshot.
+    for observe in (tracer.on_turn, tracer.on_late):
+        observe(_logged(price_turn, "pricing the turn"))  # before the writer, so the trace line carries it
+        observe(_logged(writer, "writing trace.jsonl"))
+        observe(_logged(snapshot_transcript, "writing transcript.json"))
     if on_turn is not None:
         tracer.on_turn(_logged(on_turn, "the on_turn observer"))
     clock = pipeline.clock
@@ -328,8 +332,6 @@ def run_pipeline_call(
 
         attempt("recording.wav", lambda: recorder.write(out / "recording.wav"))
         turns = sorted(tracer.turns, key=lambda r: r.turn)
-        for record in turns:
-            price_turn(record)  # again: usage counted after a turn finished (a cut reply's stream closing)
         attempt("trace.jsonl", lambda: writer.rewrite(turns))
         status = {"status": "failed", "error": error} if error else {"status": outcome}
         attempt("transcript.json", lambda: _write_json(out / "transcript.json", transcript_document(status)))

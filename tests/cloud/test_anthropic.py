@@ -25,6 +25,7 @@ from voxpipe.pipeline import (
     EndOfTurn,
     ErrorPolicy,
     Frame,
+    JsonlTraceWriter,
     Message,
     Pipeline,
     RealClock,
@@ -328,13 +329,20 @@ def test_the_tool_loop_runs_the_tool_and_sends_its_result_back(serve, tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_a_barge_in_closes_the_stream_and_keeps_only_heard_words(serve, tmp_path):
+def test_a_barge_in_closes_the_stream_and_keeps_only_heard_words(serve, tmp_path, monkeypatch):
     long_reply = (
         "We have a lovely menu tonight, with fresh pasta, grilled fish, a mushroom risotto, three kinds of pizza, "
         "a seasonal salad, and for dessert a tiramisu that the chef makes every single morning."
     )
     served = serve(FakeAnthropic([long_reply, "Of course, for what time?"], tokens_per_s=6))
     script = [Say("What is on the menu?", pause=0.3), Say("A table for two please.", pause=0.3, barge_in=1.0)]
+    rewrite, written_live = JsonlTraceWriter.rewrite, []
+
+    def keep_what_was_written_live(writer: JsonlTraceWriter, records: Any) -> None:
+        written_live.extend(json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines())
+        rewrite(writer, records)
+
+    monkeypatch.setattr(JsonlTraceWriter, "rewrite", keep_what_was_written_live)
     result = call(served.fake, script, tmp_path)
     gone = served.wait_for("disconnect")
     assert gone.data["text"] and gone.data["text"] != long_reply, "the client left mid-stream"
@@ -362,6 +370,11 @@ def test_a_barge_in_closes_the_stream_and_keeps_only_heard_words(serve, tmp_path
     assert [w["data"]["usage"] for w in written] == [t.data["usage"] for t in result.turns]
     assert [w["data"]["cost_usd"] for w in written] == [t.data["cost_usd"] for t in result.turns]
     assert written[0]["data"]["cost_usd"]["llm"] > 0
+    # ...and it was there as the call went, as an amendment line, priced: a process killed outright would keep it.
+    amendments = [line for line in written_live if line["turn"] == first.turn and "usage" in line["late"]]
+    assert amendments, "the cut reply's usage never reached the live trace"
+    assert amendments[-1]["data"]["usage"] == written[0]["data"]["usage"]
+    assert amendments[-1]["data"]["cost_usd"] == written[0]["data"]["cost_usd"]
 
 
 @pytest.mark.timeout(30)
