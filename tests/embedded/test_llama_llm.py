@@ -347,11 +347,13 @@ def test_the_reply_filter_holds_back_a_split_speaker_label_and_drops_markup():
 @pytest.mark.parametrize(
     ("pieces", "spoken"),
     [
-        # "<" opens a tag only before a letter or "/": here it is text, and only the bracket is dropped
+        # "<" opens a tag only before a letter or "/": here it compares, and is read out as words
         (
             [" The", " wait", " is", " <", " 5", " minutes", ",", " so", " come", " now", "."],
-            "The wait is 5 minutes, so come now.",
+            "The wait is less than 5 minutes, so come now.",
         ),
+        ([" Groups", " of", " <", "=8", " people"], "Groups of less than or equal to 8 people"),
+        ([" Under", " 3", "<5", "!"], "Under 3 less than 5!"),
         # an aside the end of the line leaves open was text: spoken without its bracket
         (
             [" Sure", ",", " table", " [", "for", " two", " at", " eight", ".", "\n", "Caller:"],

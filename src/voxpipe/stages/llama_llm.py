@@ -448,9 +448,9 @@ class ReplyFilter:
     asides (``[laughs]``, ``<br>``) removed, whitespace collapsed, and leading whitespace (newlines included:
     a reply does not end before it starts) skipped.
 
-    Nothing else the model said is lost: ``<`` opens a tag only before a letter or ``/`` ("3 < 5" is text), and
-    an aside's text is held until it closes; if the reply ends first, or it grows past an aside's length, it was
-    text after all and is spoken (without its bracket).
+    Nothing else the model said is lost: ``<`` opens a tag only before a letter or ``/`` (else it compares: "3 < 5"
+    is read "3 less than 5"), and an aside's text is held until it closes; if the reply ends first, or it grows past
+    an aside's length, it was text after all and is spoken (without its bracket).
     """
 
     def __init__(self, stops: Sequence[str], strip_prefixes: Sequence[str] = ()) -> None:
@@ -526,8 +526,12 @@ class ReplyFilter:
             elif char == self._closer:
                 self._closer, self._aside = None, ""  # an aside that closed: never spoken
             elif self._closer == ">" and not self._aside and not (char.isalpha() or char == "/"):
-                self._leave_aside()  # "< 5 minutes": no tag, only the bracket is dropped (as markup)
-                i -= 1  # this character is read again, as text
+                self._leave_aside()  # "< 5 minutes": no tag but a comparison, read out as words
+                if char == "=":
+                    kept.append(" less than or equal to ")
+                else:
+                    kept.append(" less than ")
+                    i -= 1  # this character is read again, as text
             else:
                 self._aside += char
                 if len(self._aside) > _LONGEST_ASIDE:
