@@ -300,3 +300,92 @@ def test_a_word_mark_that_came_with_trimmed_leading_silence_goes_out_with_the_fi
     (frame,) = [f for f in sink.frames if isinstance(f, TTSAudioFrame)]
     assert frame.pts == 0 and frame.samples == 8000, "the 640 samples of leading silence are trimmed"
     assert frame.words == (WordMark("hello", 0, 3360), WordMark("world", 4160, 7360)), "shifted by the trim"
+
+
+def frames_at(rate: int, pts: list[int], samples: int, *, bot: bool = False) -> list[AudioFrame]:
+    """Frames of ``samples`` samples of one tone, one at each of ``pts`` (each with the tone's audio at its pts); bot
+    audio with a word starting at each frame's start."""
+    audio = tone(rate, (max(pts) + samples) / rate)
+    if not bot:
+        return [AudioFrame(pcm=audio[p : p + samples].tobytes(), sample_rate=rate, pts=p) for p in pts]
+    return [
+        TTSAudioFrame(
+            pcm=audio[p : p + samples].tobytes(), sample_rate=rate, pts=p, words=(WordMark(f"w{p}", p, p + samples),)
+        )
+        for p in pts
+    ]
+
+
+def stretches(frames: list[Frame]) -> list[tuple[int, int]]:
+    """The ``[start, end)`` spans that the audio frames among ``frames`` cover without a break, in order."""
+    spans: list[tuple[int, int]] = []
+    for f in frames:
+        if not isinstance(f, AudioFrame) or not f.samples:
+            continue
+        if spans and spans[-1][1] == f.pts:
+            spans[-1] = (spans[-1][0], f.pts + f.samples)
+        else:
+            spans.append((f.pts, f.pts + f.samples))
+    return spans
+
+
+@pytest.mark.parametrize("quality", ["QQ", "HQ"])
+@pytest.mark.parametrize("target", [24000, 8000])
+def test_resample_keeps_a_gap_in_caller_audio(quality, target):
+    # 20 ms frames at 16 kHz from 1 s in, the 11th lost in transport: the audio after it is stamped 20 ms later.
+    pts = [16000 + i * 320 for i in range(20) if i != 10]
+    out = run_resample(Resample(target, quality=quality), frames_at(16000, pts, 320))
+    ratio = target / 16000
+    before, after = stretches(out)
+    assert before[0] == 16000 * ratio and after[0] == 19520 * ratio
+    assert abs(before[1] - 19200 * ratio) <= 1, "the audio before the gap is flushed, and ends where the gap starts"
+    assert abs(after[1] - 22400 * ratio) <= 1
+    audio = sum(f.samples for f in out if isinstance(f, AudioFrame))
+    assert abs(audio - 19 * 320 * ratio) <= 2, "no audio lost"
+
+
+def test_resample_follows_a_source_that_restarts_its_timeline():
+    # pts back to 0 (a source that reconnected, say): the audio is stamped on the new timeline, not after the old.
+    pts = [3200 + i * 320 for i in range(5)] + [i * 320 for i in range(5)]
+    out = run_resample(Resample(24000), frames_at(16000, pts, 320))
+    assert stretches(out) == [(4800, 7200), (0, 2400)]
+
+
+def test_resample_takes_pts_a_sample_off_as_contiguous_but_never_drifts_from_its_input():
+    # pts rounded from a clock step a sample off now and then with nothing missing: one stream, no cut.
+    jittered = frames_at(16000, [i * 320 + i % 2 for i in range(50)], 320)
+    assert stretches(run_resample(Resample(24000), jittered)) == [(0, 50 * 480)]
+    # pts that run a sample per frame ahead of the audio: the steps add up, and past the tolerance (0.5 ms) the
+    # output follows the input again, so it ends where the input does, within that tolerance.
+    drifting = frames_at(16000, [i * 321 for i in range(50)], 320)
+    spans = stretches(run_resample(Resample(24000), drifting))
+    assert len(spans) > 1
+    assert abs(spans[-1][1] - (49 * 321 + 320) * 1.5) <= 0.0005 * 24000 + 1
+
+
+def test_resample_keeps_a_gap_in_bot_audio_and_its_word_marks_with_their_audio():
+    # A reply whose 5th 20 ms piece never came: the pieces after it, and their words, are stamped 20 ms later.
+    reply = frames_at(24000, [i * 480 for i in range(10) if i != 4], 480, bot=True)
+    out = run_resample(Resample(48000), reply, reply_done=True)
+    assert stretches(out) == [(0, 3840), (4800, 9600)]
+    words = [(f, w) for f in out if isinstance(f, TTSAudioFrame) for w in f.words]
+    expected = [
+        WordMark(w.word, 2 * w.start, 2 * w.end) for f in reply if isinstance(f, TTSAudioFrame) for w in f.words
+    ]
+    assert [w for _, w in words] == expected
+    assert all(f.pts <= w.start < f.pts + f.samples for f, w in words), "each word goes out with its audio"
+    done = next(i for i, f in enumerate(out) if isinstance(f, TTSDone))
+    assert all(i < done for i, f in enumerate(out) if isinstance(f, TTSAudioFrame)), "the reply ends after its tail"
+
+
+def test_the_word_marks_hq_holds_at_a_gap_go_out_with_the_audio_before_it():
+    # HQ yields nothing for a reply's first two 20 ms pieces; the third never came. Their marks and audio go out
+    # together, as the tail flushed at the gap, before the audio after it.
+    reply = frames_at(22050, [i * 441 for i in range(10) if i != 2], 441, bot=True)
+    out = [f for f in run_resample(Resample(16000, quality="HQ"), reply, reply_done=True) if isinstance(f, AudioFrame)]
+    assert isinstance(out[0], TTSAudioFrame)
+    assert (out[0].pts, out[0].samples, [w.word for w in out[0].words]) == (0, 640, ["w0", "w441"])
+    assert stretches(out) == [(0, 640), (960, 3200)]
+    assert [w.word for f in out if isinstance(f, TTSAudioFrame) for w in f.words] == [
+        f"w{p}" for p in (0, 441, *range(1323, 4410, 441))
+    ]
