@@ -45,6 +45,7 @@ from voxpipe.stages.piper_tts import (
     alignments_supported,
     default_voice_path,
 )
+from voxpipe.testing.speech import speak
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 # Numbers, symbols, merged function words ("of the"), a silent dash, two sentences: the hard cases for word marks.
@@ -399,3 +400,14 @@ def test_under_a_virtual_clock_synthesis_takes_no_time():
     done = [at for at, frame in seen if isinstance(frame, TTSDone)]
     assert len(audio) > 10 and done, "the reply was spoken"
     assert set(audio) == set(done) == {1.0}, "synthesis took virtual time"
+
+
+def test_test_speech_is_the_same_audio_every_time_unless_asked_to_vary():
+    """The test kit's speech turns Piper's random noise off, so a line a test is built on sounds the same in every
+    run (a line's length changed by 3 % from one process to the next, and Whisper once heard "Both a table");
+    ``noise_scale=None`` gives the voice's own, varying, renditions."""
+    line = "Book a table for two at eight tonight."
+    renditions = [speak(line) for _ in range(3)]
+    assert all(np.array_equal(renditions[0], again) for again in renditions[1:])
+    varied = [speak(line, noise_scale=None, noise_w_scale=None) for _ in range(3)]
+    assert any(not np.array_equal(varied[0], again) for again in varied[1:]), "the voice's own scales vary"
