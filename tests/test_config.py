@@ -367,3 +367,14 @@ def test_a_tools_result_limit_must_be_a_positive_number_of_characters():
     with pytest.raises(ConfigError) as caught:
         parse_config({**SCRIPTED, "tools": [{**tool, "max_result_chars": 0}]})
     assert "tools[0].max_result_chars: input should be greater than or equal to 1" in str(caught.value)
+
+
+def test_one_hour_cache_writes_can_be_priced_over_their_list_price():
+    from voxpipe.config.prices import LIST_PRICES, price_table
+
+    pricing = {"llm": {"cache_write_1h_tokens": 12.0e-6}}
+    config, _ = parse_config({**SCRIPTED, "pricing": pricing})
+    assert config.pricing == pricing
+    table = price_table({"llm": "anthropic"}, config.pricing)  # as voxpipe.call prices a call
+    assert table["llm"]["cache_write_1h_tokens"] == 12.0e-6
+    assert table["llm"]["cache_write_tokens"] == LIST_PRICES["llm.anthropic"]["cache_write_tokens"]

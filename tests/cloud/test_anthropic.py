@@ -18,6 +18,7 @@ import pytest
 from voxpipe.call import CallResult, run_configured_call, run_pipeline_call
 from voxpipe.config import BuildContext, build_pipeline, parse_config
 from voxpipe.config.errors import ConfigError
+from voxpipe.config.prices import LIST_PRICES
 from voxpipe.pipeline import (
     DOWNSTREAM,
     AudioFormat,
@@ -35,7 +36,7 @@ from voxpipe.pipeline import (
     ToolUse,
     Tracer,
 )
-from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings, render_messages
+from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings, _Progress, render_messages
 from voxpipe.stages.cloud import ProviderError
 from voxpipe.stages.tools import Tool
 from voxpipe.testing import Say, ScriptedCaller
@@ -290,6 +291,84 @@ def test_prompt_cache_writes_and_reads_are_counted_and_priced_at_their_own_rates
     assert result.usage["llm"] == result.turns[0].data["usage"]["llm"] == usage
     # Claude Opus list prices per token: input $5/M, output $25/M, cache writes 1.25x input, cache reads 0.1x input.
     assert result.cost_usd["llm"] == pytest.approx(40 * 5e-6 + 2 * 25e-6 + 1000 * 6.25e-6 + 3000 * 0.5e-6)
+
+
+@pytest.mark.timeout(30)
+def test_one_hour_cache_writes_are_counted_apart_and_priced_at_twice_the_input_price(serve, tmp_path):
+    # Of 1000 tokens written to the cache, 600 went to the 1-hour cache (message_start's usage.cache_creation).
+    fake = FakeAnthropic(
+        ["Luigi's, hello!"],
+        input_tokens=40,
+        cache_creation_input_tokens=1000,
+        ephemeral_1h_input_tokens=600,
+        cache_read_input_tokens=3000,
+    )
+    served = serve(fake)
+    result = call(served.fake, [Say("Hello, who is this?", pause=0.3)], tmp_path)
+    [reply] = served.fake.of("reply")
+    assert (reply.data["cache_creation_input_tokens"], reply.data["ephemeral_1h_input_tokens"]) == (1000, 600)
+    usage = {
+        "input_tokens": 40,
+        "output_tokens": 2,
+        "cache_write_tokens": 400,
+        "cache_write_1h_tokens": 600,
+        "cache_read_tokens": 3000,
+    }
+    assert result.usage["llm"] == result.turns[0].data["usage"]["llm"] == usage
+    prices = LIST_PRICES["llm.anthropic"]
+    assert prices["cache_write_1h_tokens"] == pytest.approx(2 * prices["input_tokens"])
+    assert prices["cache_write_tokens"] == pytest.approx(1.25 * prices["input_tokens"])
+    assert result.cost_usd["llm"] == pytest.approx(sum(count * prices[counter] for counter, count in usage.items()))
+
+
+def test_the_cache_writes_split_follows_the_running_totals_of_message_start_and_message_delta():
+    from anthropic.types import MessageDeltaUsage, Usage
+
+    # message_start: 1000 written, 600 of them to the 1-hour cache.
+    start = Usage.model_validate(
+        {
+            "input_tokens": 40,
+            "output_tokens": 1,
+            "cache_creation_input_tokens": 1000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 400, "ephemeral_1h_input_tokens": 600},
+        }
+    )
+    # A message_delta updating the total without a breakdown keeps the last one; one with a breakdown (a field its
+    # SDK type lacks, kept as a plain dict) replaces it. Totals, not increments: nothing adds up across events.
+    delta_total_only = MessageDeltaUsage.model_validate({"output_tokens": 5, "cache_creation_input_tokens": 1200})
+    delta_with_breakdown = MessageDeltaUsage.model_validate(
+        {
+            "output_tokens": 7,
+            "cache_creation_input_tokens": 1200,
+            "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 1000},
+        }
+    )
+    progress = _Progress(deadline=0.0)
+    progress.take_usage(start)
+    assert progress.usage() == {
+        "input_tokens": 40,
+        "output_tokens": 1,
+        "cache_write_tokens": 400,
+        "cache_write_1h_tokens": 600,
+    }
+    progress.take_usage(delta_total_only)
+    assert progress.usage() == {
+        "input_tokens": 40,
+        "output_tokens": 5,
+        "cache_write_tokens": 600,
+        "cache_write_1h_tokens": 600,
+    }
+    progress.take_usage(delta_with_breakdown)
+    assert progress.usage() == {
+        "input_tokens": 40,
+        "output_tokens": 7,
+        "cache_write_tokens": 200,
+        "cache_write_1h_tokens": 1000,
+    }
+    # No breakdown at all (an older API or a gateway): every write is a 5-minute one, as before.
+    plain = _Progress(deadline=0.0)
+    plain.take_usage(Usage.model_validate({"input_tokens": 40, "output_tokens": 1, "cache_creation_input_tokens": 900}))
+    assert plain.usage() == {"input_tokens": 40, "output_tokens": 1, "cache_write_tokens": 900}
 
 
 @pytest.mark.timeout(30)

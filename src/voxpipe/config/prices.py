@@ -11,6 +11,7 @@ from __future__ import annotations
 from voxpipe.pipeline.usage import (
     AUDIO_SECONDS,
     CACHE_READ_TOKENS,
+    CACHE_WRITE_1H_TOKENS,
     CACHE_WRITE_TOKENS,
     CHARACTERS,
     INPUT_TOKENS,
@@ -19,12 +20,13 @@ from voxpipe.pipeline.usage import (
 
 LIST_PRICES: dict[str, dict[str, float]] = {
     "stt.deepgram": {AUDIO_SECONDS: 0.0077 / 60},  # Nova-3 streaming, $0.0077 per minute
-    # Claude Opus, per million tokens: $5 input, $25 output; prompt-cache writes (5-minute) 1.25x input, $6.25, and
-    # reads 0.1x input, $0.50. (One-hour cache writes cost 2x input: set cache_write_tokens in pricing if you use them.)
+    # Claude Opus, per million tokens: $5 input, $25 output; prompt-cache writes 1.25x input for the 5-minute cache,
+    # $6.25, and 2x input for the 1-hour cache, $10; reads 0.1x input, $0.50.
     "llm.anthropic": {
         INPUT_TOKENS: 5.0e-6,
         OUTPUT_TOKENS: 25.0e-6,
         CACHE_WRITE_TOKENS: 6.25e-6,
+        CACHE_WRITE_1H_TOKENS: 10.0e-6,
         CACHE_READ_TOKENS: 0.5e-6,
     },
     "tts.elevenlabs": {CHARACTERS: 0.05e-3},  # Flash v2.5, ~$0.05 per thousand characters

@@ -92,7 +92,13 @@ class ToolConfig(Strict):
 # The usage counters a price can be set for: voxpipe.pipeline.usage's, spelled out so a misspelled one is an error
 # rather than a price that never applies.
 Counter = Literal[
-    "input_tokens", "output_tokens", "characters", "audio_seconds", "cache_write_tokens", "cache_read_tokens"
+    "input_tokens",
+    "output_tokens",
+    "characters",
+    "audio_seconds",
+    "cache_write_tokens",
+    "cache_read_tokens",
+    "cache_write_1h_tokens",
 ]
 
 
@@ -115,8 +121,8 @@ class PipelineConfig(Strict):
     pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[Counter, Annotated[float, Field(ge=0)]]] = Field(
         default_factory=dict,
         description="USD per unit of each usage counter, by stage (input_tokens, output_tokens, characters, "
-        "audio_seconds, cache_write_tokens, cache_read_tokens); overrides the provider's list prices in "
-        "voxpipe.config.prices",
+        "audio_seconds, cache_write_tokens, cache_read_tokens, cache_write_1h_tokens); overrides the provider's list "
+        "prices in voxpipe.config.prices",
     )
 
     def stage(self, kind: str) -> StageConfig:

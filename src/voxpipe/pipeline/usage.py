@@ -25,12 +25,22 @@ from voxpipe.pipeline.trace import Tracer
 INPUT_TOKENS = "input_tokens"
 OUTPUT_TOKENS = "output_tokens"
 # Input tokens written to / read from a provider's prompt cache, billed apart from input_tokens and at other rates
-# (Anthropic's cache_creation_input_tokens and cache_read_input_tokens).
+# (Anthropic's cache_creation_input_tokens and cache_read_input_tokens). Writes to a cache kept for an hour cost more
+# than to one kept for 5 minutes, so they have a counter of their own; cache_write_tokens are the 5-minute ones.
 CACHE_WRITE_TOKENS = "cache_write_tokens"
+CACHE_WRITE_1H_TOKENS = "cache_write_1h_tokens"
 CACHE_READ_TOKENS = "cache_read_tokens"
 CHARACTERS = "characters"
 AUDIO_SECONDS = "audio_seconds"
-BUILT_IN_COUNTERS = (INPUT_TOKENS, OUTPUT_TOKENS, CACHE_WRITE_TOKENS, CACHE_READ_TOKENS, CHARACTERS, AUDIO_SECONDS)
+BUILT_IN_COUNTERS = (
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    CACHE_WRITE_TOKENS,
+    CACHE_WRITE_1H_TOKENS,
+    CACHE_READ_TOKENS,
+    CHARACTERS,
+    AUDIO_SECONDS,
+)
 
 Counts = dict[str, float]
 Prices = Mapping[str, Mapping[str, float]]  # stage name -> counter -> USD per unit

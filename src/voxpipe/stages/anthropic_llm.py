@@ -15,8 +15,8 @@ What makes it fit a voice call:
   ``rate limited (429)``, ``stream stalled …``); the stage's error policy decides what the call does next. The
   text streamed before the failure has already been pushed, so it stays in the trace and, once played, in the
   conversation.
-* Usage (input and output tokens, and prompt-cache writes and reads, which are billed at their own rates) is
-  counted per request, also for a request cut off by a barge-in.
+* Usage (input and output tokens, and prompt-cache writes — 5-minute and 1-hour apart — and reads, which are
+  billed at their own rates) is counted per request, also for a request cut off by a barge-in.
 
 The module reads top to bottom: settings, connect, prompt, stream, errors, cancel/close.
 """
@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, Field, SecretStr
 
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
-from voxpipe.pipeline.usage import CACHE_READ_TOKENS, CACHE_WRITE_TOKENS, INPUT_TOKENS, OUTPUT_TOKENS
+from voxpipe.pipeline.usage import (
+    CACHE_READ_TOKENS,
+    CACHE_WRITE_1H_TOKENS,
+    CACHE_WRITE_TOKENS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+)
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
 from voxpipe.stages.llm import DEFAULT_TOOL_THREADS, AuditSink, LLMStage
 from voxpipe.stages.tools import ToolsLike, result_text
@@ -500,7 +506,9 @@ CONTENT_EVENTS = frozenset({"content_block_delta", "text", "input_json", "thinki
 
 
 # The API's usage fields -> voxpipe's usage counters. Cache writes and reads are input tokens billed apart from
-# input_tokens (which does not include them): 1.25x and 0.1x its price (5-minute cache writes; an hour's cost 2x).
+# input_tokens (which does not include them): 1.25x (5-minute cache writes), 2x (1-hour ones) and 0.1x its price.
+# cache_creation_input_tokens counts the writes to both caches; usage.cache_creation splits them by lifetime, and
+# _Progress.usage moves the 1-hour ones from CACHE_WRITE_TOKENS to CACHE_WRITE_1H_TOKENS.
 USAGE_COUNTERS = {
     "input_tokens": INPUT_TOKENS,
     "output_tokens": OUTPUT_TOKENS,
@@ -517,6 +525,7 @@ class _Progress:
     first_content: bool = False
     chars: int = 0
     reported: dict[str, int] = field(default_factory=dict)  # the API's usage field -> its latest count
+    cache_writes_1h: int = 0  # the latest usage.cache_creation.ephemeral_1h_input_tokens
     stop_reason: str | None = None
     complete: bool = False  # message_stop arrived
     skipped: set[str] = field(default_factory=set)
@@ -527,15 +536,38 @@ class _Progress:
 
     def take_usage(self, usage: Any) -> None:
         """The counts of a ``message_start``'s or ``message_delta``'s usage. Both are totals so far, not
-        increments: a field the event leaves out (or null) keeps the last count."""
+        increments: a field the event leaves out (or null) keeps the last count. So does the 1-hour cache writes'
+        count, which a ``message_delta`` that updates the total may not carry (the SDK's type for it has no
+        ``cache_creation``)."""
         for name in USAGE_COUNTERS:
             count = getattr(usage, name, None)
             if count:
                 self.reported[name] = count
+        cache_writes_1h = _cache_writes_1h(usage)
+        if cache_writes_1h:
+            self.cache_writes_1h = cache_writes_1h
 
     def usage(self) -> dict[str, int]:
-        """What to count: each counter the API reported as more than 0."""
-        return {USAGE_COUNTERS[name]: count for name, count in self.reported.items()}
+        """What to count: each counter the API reported as more than 0, the cache writes split by lifetime (all
+        5-minute ones when the API gave no breakdown)."""
+        counts = {USAGE_COUNTERS[name]: count for name, count in self.reported.items()}
+        cache_writes = counts.pop(CACHE_WRITE_TOKENS, 0)
+        # The breakdown splits cache_creation_input_tokens, never adds to it: the two add up to what was written.
+        cache_writes_1h = min(self.cache_writes_1h, cache_writes)
+        if cache_writes - cache_writes_1h:
+            counts[CACHE_WRITE_TOKENS] = cache_writes - cache_writes_1h
+        if cache_writes_1h:
+            counts[CACHE_WRITE_1H_TOKENS] = cache_writes_1h
+        return counts
+
+
+def _cache_writes_1h(usage: Any) -> int | None:
+    """``usage.cache_creation.ephemeral_1h_input_tokens``, or None. It is a model in ``message_start``'s usage; in a
+    ``message_delta``'s, whose SDK type has no such field, the SDK keeps one that comes as the plain dict it was."""
+    breakdown = getattr(usage, "cache_creation", None)
+    if isinstance(breakdown, dict):
+        return breakdown.get("ephemeral_1h_input_tokens")
+    return getattr(breakdown, "ephemeral_1h_input_tokens", None)
 
 
 @dataclass

@@ -21,7 +21,7 @@ Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, th
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
 (``arrived``, ``due``; recorded as the reply's first text delta is written: :meth:`waits`), ``reply`` (what was sent in
 full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``, ``cache_creation_input_tokens``,
-``cache_read_input_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
+``ephemeral_1h_input_tokens``, ``cache_read_input_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
 ``disconnect`` (``events`` and ``text`` sent) when the client goes away mid-stream — which is what a barge-in looks like
 from the provider's side. Like the API, a reply longer than the request's ``max_tokens`` (a token per word, four
 characters of a tool's input per token) stops there with ``stop_reason: "max_tokens"``, inside the tool's input if
@@ -92,6 +92,10 @@ class FakeAnthropic(FakeServer):
     * ``input_tokens`` — the input usage reported (default: a rough estimate from the request's size);
     * ``cache_creation_input_tokens``, ``cache_read_input_tokens`` — prompt-cache usage to report, as the API does:
       in ``message_start`` and again, the cumulative counts, in ``message_delta``; None (the default): left out;
+    * ``ephemeral_1h_input_tokens`` — how many of ``cache_creation_input_tokens`` went to the 1-hour cache: reported
+      as the API does, in ``message_start``'s ``usage.cache_creation`` breakdown (``ephemeral_5m_input_tokens`` the
+      rest), which ``message_delta``'s usage does not carry (the SDK's type for it has no such field); None (the
+      default): no breakdown;
     * ``stream_error_after`` — after this many text deltas, send ``event: error`` (``overloaded_error``) and end
       the response, as the API does when it fails mid-stream;
     * ``eof_after`` — after this many text deltas, end the response body cleanly with no ``message_delta`` or
@@ -115,6 +119,7 @@ class FakeAnthropic(FakeServer):
         words_per_delta: int = 1,
         input_tokens: int | None = None,
         cache_creation_input_tokens: int | None = None,
+        ephemeral_1h_input_tokens: int | None = None,
         cache_read_input_tokens: int | None = None,
         stream_error_after: int | None = None,
         eof_after: int | None = None,
@@ -126,12 +131,16 @@ class FakeAnthropic(FakeServer):
         super().__init__(faults=faults, api_key=api_key)
         if tokens_per_s <= 0 or words_per_delta < 1:
             raise ValueError("FakeAnthropic: tokens_per_s must be > 0 and words_per_delta >= 1")
+        cache_writes = cache_creation_input_tokens or 0
+        if ephemeral_1h_input_tokens is not None and not 0 <= ephemeral_1h_input_tokens <= cache_writes:
+            raise ValueError("FakeAnthropic: ephemeral_1h_input_tokens must be part of cache_creation_input_tokens")
         self.replies = replies
         self.ttft_s = ttft_s
         self.tokens_per_s = tokens_per_s
         self.words_per_delta = words_per_delta
         self.input_tokens = input_tokens
         self.cache_creation_input_tokens = cache_creation_input_tokens
+        self.ephemeral_1h_input_tokens = ephemeral_1h_input_tokens
         self.cache_read_input_tokens = cache_read_input_tokens
         self.stream_error_after = stream_error_after
         self.eof_after = eof_after
@@ -321,7 +330,7 @@ class FakeAnthropic(FakeServer):
             "model": body["model"],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1, **cache},
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1, **cache, **self._cache_breakdown()},
         }
         if not await send("message_start", {"type": "message_start", "message": message}):
             return
@@ -394,6 +403,7 @@ class FakeAnthropic(FakeServer):
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cache_creation_input_tokens=cache.get("cache_creation_input_tokens", 0),
+            ephemeral_1h_input_tokens=self.ephemeral_1h_input_tokens or 0,
             cache_read_input_tokens=cache.get("cache_read_input_tokens", 0),
             stop_reason=stop_reason,
         )
@@ -405,6 +415,14 @@ class FakeAnthropic(FakeServer):
             "cache_read_input_tokens": self.cache_read_input_tokens,
         }
         return {name: count for name, count in fields.items() if count is not None}
+
+    def _cache_breakdown(self) -> dict[str, Any]:
+        """``message_start``'s split of the cache writes by lifetime, as scripted (none unless scripted)."""
+        if self.ephemeral_1h_input_tokens is None:
+            return {}
+        one_hour = self.ephemeral_1h_input_tokens
+        five_minutes = (self.cache_creation_input_tokens or 0) - one_hour
+        return {"cache_creation": {"ephemeral_5m_input_tokens": five_minutes, "ephemeral_1h_input_tokens": one_hour}}
 
     async def _interject(self, send: Callable[[str, Any], Any], deltas_sent: int) -> bool:
         """Before the text delta number ``deltas_sent``: the injected corruption or mid-stream error, if due.
