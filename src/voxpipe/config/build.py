@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from voxpipe.config.errors import ConfigError
-from voxpipe.config.registry import FAKE_SERVER_PACKAGES, KINDS, Package, Registry
+from voxpipe.config.registry import FAKE_SERVER_PACKAGES, KINDS, Package, Registry, required_packages
 from voxpipe.config.schema import PipelineConfig
 from voxpipe.pipeline import AudioFormat, Clock, Conversation, ErrorPolicy, Pipeline, Stage, Tracer, TurnPolicy
 from voxpipe.stages.llm import AuditSink, LLMStage
@@ -52,14 +52,18 @@ def missing_packages(
     config: PipelineConfig, registry: Registry, *, fake_providers: bool = False
 ) -> list[tuple[str, str, str]]:
     """The config's providers whose SDK or model runtime is not installed, as :class:`ConfigError` problems naming
-    the packages and the extra that installs them; with ``fake_providers``, what the loopback fakes need too (the
-    faked providers still run their real SDKs). Looked up, not imported: SDKs are imported once a call starts."""
+    the packages and the pip command that installs them; with ``fake_providers``, what the loopback fakes need too
+    (the faked providers still run their real SDKs). Each provider says what it needs for its settings (its
+    ``required_packages``); looked up, not imported: SDKs are imported once a call starts."""
     problems: list[tuple[str, str, str]] = []
     for kind in KINDS:
-        name = config.stage(kind).provider
-        missing = registry.get(kind, name).missing_packages()
+        stage = config.stage(kind)
+        provider: Any = registry.get(kind, stage.provider).load()  # a class with a Settings model
+        settings = provider.Settings.model_validate(stage.settings)  # valid: parse_config has checked them
+        needed = dict.fromkeys(required_packages(provider, settings))  # each once, in the provider's order
+        missing = [package for package in needed if not package.installed()]
         if missing:
-            problems.append(_needs(f"{kind}.provider", f"provider {name!r} needs", missing))
+            problems.append(_needs(f"{kind}.provider", f"provider {stage.provider!r} needs", missing))
     fakes_missing = [package for package in FAKE_SERVER_PACKAGES if not package.installed()]
     if fake_providers and fakes_missing:
         problems.append(_needs("--fake-providers", "the loopback fakes need", fakes_missing))
@@ -69,8 +73,16 @@ def missing_packages(
 def _needs(path: str, who_needs: str, packages: list[Package]) -> tuple[str, str, str]:
     names = " and ".join(package.distribution for package in packages)
     needs = f"the {names} package, which is" if len(packages) == 1 else f"the {names} packages, which are"
-    extras = ",".join(dict.fromkeys(package.extra for package in packages))
-    return path, f"{who_needs} {needs} not installed: pip install 'voxpipe[{extras}]'", ""
+    return path, f"{who_needs} {needs} not installed: {_pip_install(packages)}", ""
+
+
+def _pip_install(packages: list[Package]) -> str:
+    """One command for them all: voxpipe's extras for its own providers' packages, the distribution for a
+    third-party provider's (which voxpipe has no extra for)."""
+    extras = ",".join(dict.fromkeys(package.extra for package in packages if package.extra is not None))
+    requirements = [f"'voxpipe[{extras}]'"] if extras else []
+    requirements += [package.distribution for package in packages if package.extra is None]
+    return "pip install " + " ".join(requirements)
 
 
 def construct(provider: type, settings: Any, context: BuildContext, name: str) -> Stage:

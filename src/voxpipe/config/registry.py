@@ -2,8 +2,9 @@
 
 Providers are found through the ``voxpipe.providers`` entry-point group; voxpipe's own are registered there too,
 in pyproject.toml, so a third-party provider is exactly as first-class as a built-in one. Nothing is imported
-until a config uses it, so listing providers never pulls in a heavy SDK; the packages voxpipe's own providers import
-only once they run (:data:`PACKAGES`) are looked up without importing them, so a missing SDK is named before a call.
+until a config uses it, so listing providers never pulls in a heavy SDK. A provider declares the packages it imports
+only once it runs, for the settings it is given (a ``required_packages(settings)`` class method returning
+:class:`Package` objects); they are looked up without importing them, so a missing SDK is named before a call.
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ KINDS = ("vad", "stt", "llm", "tts")
 
 @dataclass(frozen=True)
 class Package:
-    """A package a provider imports only once it is built or started (its SDK, its model runtime), which pip
-    installs as ``distribution`` with voxpipe's ``extra``."""
+    """A package a provider imports only once it is built or started (its SDK, its model runtime, its default
+    model), which pip installs as ``distribution``: with voxpipe's ``extra`` for voxpipe's own providers; a
+    third-party provider's package has none, and is named as ``pip install <distribution>``."""
 
     module: str  # the top-level module it installs
     distribution: str
-    extra: str
+    extra: str | None = None
+
+    def __post_init__(self) -> None:
+        # find_spec("a.b") imports the package a: looking a dotted name up would import the SDK it is meant to spare.
+        if not self.module or "." in self.module:
+            raise ValueError(f"Package module {self.module!r} must be a top-level module name, such as 'anthropic'")
 
     def installed(self) -> bool:
         """Whether it can be imported, found without importing it (an SDK takes a second or more to import)."""
@@ -37,25 +44,13 @@ class Package:
             return True
 
 
-# What voxpipe's own providers import lazily, by provider module (the extras are pyproject.toml's). websockets:
-# the ElevenLabs SDK depends on it, and Cartesia's extra asks for it (cartesia[websockets]).
-_ONNXRUNTIME = Package("onnxruntime", "onnxruntime", "embedded")
-PACKAGES: dict[str, tuple[Package, ...]] = {
-    "voxpipe.stages.deepgram_stt": (Package("deepgram", "deepgram-sdk", "deepgram"),),
-    "voxpipe.stages.anthropic_llm": (Package("anthropic", "anthropic", "anthropic"),),
-    "voxpipe.stages.elevenlabs_tts": (
-        Package("elevenlabs", "elevenlabs", "elevenlabs"),
-        Package("websockets", "websockets", "elevenlabs"),
-    ),
-    "voxpipe.stages.cartesia_tts": (
-        Package("cartesia", "cartesia", "cartesia"),
-        Package("websockets", "websockets", "cartesia"),
-    ),
-    "voxpipe.stages.silero_vad": (_ONNXRUNTIME,),
-    "voxpipe.stages.whisper_stt": (Package("faster_whisper", "faster-whisper", "embedded"),),
-    "voxpipe.stages.llama_llm": (Package("llama_cpp", "llama-cpp-python", "embedded"),),
-    "voxpipe.stages.piper_tts": (Package("piper", "piper-tts", "embedded"), _ONNXRUNTIME),
-}
+def required_packages(provider: type, settings: Any) -> tuple[Package, ...]:
+    """The packages ``provider`` needs to run with ``settings`` (its validated ``Settings``): what its
+    ``required_packages(settings)`` class method declares, or none for a provider without one."""
+    declare = getattr(provider, "required_packages", None)
+    return tuple(declare(settings)) if declare is not None else ()
+
+
 # What the loopback fakes of the cloud services (voxpipe call --fake-providers) serve with.
 FAKE_SERVER_PACKAGES = (Package("aiohttp", "aiohttp", "fakes"),)
 
@@ -67,14 +62,6 @@ class ProviderEntry:
     kind: str
     name: str
     target: str | type
-
-    @property
-    def module(self) -> str:
-        return self.target.__module__ if isinstance(self.target, type) else self.target.partition(":")[0]
-
-    def missing_packages(self) -> list[Package]:
-        """The packages this provider imports once it runs that are not installed (looked up, not imported)."""
-        return [package for package in PACKAGES.get(self.module, ()) if not package.installed()]
 
     def load(self) -> type:
         if isinstance(self.target, type):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr
 
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
 from voxpipe.pipeline.usage import (
     CACHE_READ_TOKENS,
@@ -226,6 +227,12 @@ class AnthropicLLM(LLMStage):
 
     Settings: ClassVar[type[BaseModel]] = AnthropicSettings
     supports_tools: ClassVar[bool] = True
+
+    @classmethod
+    def required_packages(cls, settings: AnthropicSettings) -> tuple[Package, ...]:
+        """The SDK, and aiohttp for its aiohttp transport (``http_client``); the extra installs both."""
+        sdk = Package("anthropic", "anthropic", "anthropic")
+        return (sdk, Package("aiohttp", "aiohttp", "anthropic")) if settings.http_client == "aiohttp" else (sdk,)
 
     @classmethod
     def from_settings(cls, settings: AnthropicSettings, context: Any, name: str) -> AnthropicLLM:

@@ -53,6 +53,7 @@ import numpy as np
 from pydantic import BaseModel, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import AudioFormat, WordMark
 from voxpipe.stages import tls
 from voxpipe.stages.cloud import CloudSettings, ProviderError, abort_unless_closed, require_sdk
@@ -349,6 +350,11 @@ class CartesiaTTS(StreamingTTSStage):
     """Cartesia streaming TTS: one WebSocket per call, one context per reply, word timestamps as marks."""
 
     Settings: ClassVar[type[BaseModel]] = CartesiaTTSSettings
+
+    @classmethod
+    def required_packages(cls, settings: CartesiaTTSSettings) -> tuple[Package, ...]:
+        """The SDK, and websockets for its WebSocket API (cartesia[websockets], which the extra asks for)."""
+        return (Package("cartesia", "cartesia", "cartesia"), Package("websockets", "websockets", "cartesia"))
 
     @classmethod
     def from_settings(cls, settings: CartesiaTTSSettings, context: Any, name: str) -> CartesiaTTS:

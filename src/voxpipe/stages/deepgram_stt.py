@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import (
     AudioFormat,
     AudioFormatError,
@@ -307,6 +308,10 @@ class DeepgramSTT(Stage):
     one final transcript per utterance (its text is "" when nothing was recognised)."""
 
     Settings: ClassVar[type[BaseModel]] = DeepgramSTTSettings
+
+    @classmethod
+    def required_packages(cls, settings: DeepgramSTTSettings) -> tuple[Package, ...]:
+        return (Package("deepgram", "deepgram-sdk", "deepgram"),)
 
     @classmethod
     def from_settings(cls, settings: DeepgramSTTSettings, context: Any, name: str) -> DeepgramSTT:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import AudioFormat, WordMark
 from voxpipe.stages import tls
 from voxpipe.stages.cloud import CloudSettings, ProviderError, abort_unless_closed, require_sdk
@@ -289,6 +290,11 @@ class ElevenLabsTTS(StreamingTTSStage):
     """ElevenLabs TTS over the stream-input WebSocket: one socket per reply, word marks from the alignment."""
 
     Settings: ClassVar[type[BaseModel]] = ElevenLabsTTSSettings
+
+    @classmethod
+    def required_packages(cls, settings: ElevenLabsTTSSettings) -> tuple[Package, ...]:
+        """The SDK, and websockets, which it depends on and the stage streams over."""
+        return (Package("elevenlabs", "elevenlabs", "elevenlabs"), Package("websockets", "websockets", "elevenlabs"))
 
     @classmethod
     def from_settings(cls, settings: ElevenLabsTTSSettings, context: Any, name: str) -> ElevenLabsTTS:

