@@ -282,7 +282,8 @@ def test_unknown_keys_name_the_allowed_ones_and_a_bare_provider_says_what_is_exp
     with pytest.raises(ConfigError) as caught:
         parse_config({**SCRIPTED, "turn": {"min_speech": 300}, "vad": "silero", "tool": [], "tools": [{"fn": 1}]})
     message = str(caught.value)
-    assert "turn.min_speech: is not a known key (allowed: min_speech_ms, min_words, backchannels)" in message
+    allowed = "min_speech_ms, min_words, backchannels, resume_prompt"
+    assert f"turn.min_speech: is not a known key (allowed: {allowed})" in message
     assert "vad: should be a mapping of keys, not a string (allowed: {provider: silero}" in message
     assert "stageconfig" not in message.lower()
     assert "  tool: is not a known key (allowed: version, system_prompt, audio, turn, vad" in message
@@ -386,3 +387,14 @@ def test_one_hour_cache_writes_can_be_priced_over_their_list_price():
     table = price_table({"llm": "anthropic"}, config.pricing)  # as voxpipe.call prices a call
     assert table["llm"]["cache_write_1h_tokens"] == 12.0e-6
     assert table["llm"]["cache_write_tokens"] == LIST_PRICES["llm.anthropic"]["cache_write_tokens"]
+
+
+def test_the_resume_prompt_can_be_turned_off_but_not_left_empty():
+    from voxpipe.config.build import turn_policy
+    from voxpipe.pipeline.turns import DEFAULT_RESUME_PROMPT
+
+    assert turn_policy(parse_config(SCRIPTED)[0]).resume_prompt == DEFAULT_RESUME_PROMPT
+    assert turn_policy(parse_config({**SCRIPTED, "turn": {"resume_prompt": None}})[0]).resume_prompt is None
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "turn": {"resume_prompt": ""}})
+    assert "turn.resume_prompt: " in str(caught.value)

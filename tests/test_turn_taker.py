@@ -23,6 +23,7 @@ from voxpipe.pipeline import (
     Conversation,
     EndOfTurn,
     Interrupt,
+    Message,
     Pipeline,
     Transcript,
     TurnPolicy,
@@ -31,6 +32,7 @@ from voxpipe.pipeline import (
     UserSpeechStopped,
     VirtualClock,
 )
+from voxpipe.pipeline.turns import DEFAULT_RESUME_PROMPT
 from voxpipe.stages.turn import TurnTaker
 from voxpipe.testing import Noise, Say, ScriptedVAD
 from voxpipe.testing.signals import word_duration
@@ -271,3 +273,78 @@ def test_the_usage_of_a_final_whose_stop_never_came_is_kept_when_the_call_ends()
     assert harness.turns == []
     assert harness.pipeline.usage.totals == {"stt": {"audio_seconds": 1.25}}
     assert harness.pipeline.usage.unassigned == {"stt": {"audio_seconds": 1.25}}
+
+
+# ------------------------------------------------------------------------------- false interruptions
+
+
+async def _cut_off_then(h: Harness, final: str) -> None:
+    """The caller cuts the bot off ("wait" in a partial), stops, and the final says ``final``."""
+    await h.bot_starts()
+    await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.5))
+    await h.send(Transcript(text="wait", final=False))
+    assert [i.reason for i in h.interrupts] == ["barge-in"]
+    await h.send(UserSpeechStopped(at=2.0, last_voiced_at=1.5), Transcript(text=final, final=True))
+
+
+def test_a_barge_in_that_said_nothing_asks_the_bot_to_carry_on():
+    """The partial heard "wait", the final heard nothing: the bot was cut off for nothing. Instead of leaving the
+    line silent until the caller speaks, the turn-taker asks the reasoner to carry on, in the epoch the barge-in
+    opened, with the policy's resume prompt as the caller's side — given to the reasoner, never to the
+    conversation."""
+    harness = Harness()
+    harness.run(lambda h: _cut_off_then(h, ""))
+    (resumed,) = harness.turns
+    assert resumed.resumed and resumed.text == ""
+    assert resumed.epoch == harness.interrupts[0].epoch == harness.pipeline.epoch
+    assert resumed.context[-1] == Message("user", DEFAULT_RESUME_PROMPT)
+    assert all(m.text != DEFAULT_RESUME_PROMPT for m in harness.turn.conversation.messages)
+
+
+def test_a_barge_in_that_said_nothing_leaves_the_line_silent_without_a_resume_prompt():
+    harness = Harness(TurnPolicy(resume_prompt=None))
+    harness.run(lambda h: _cut_off_then(h, " "))
+    assert harness.turns == []
+
+
+def test_a_barge_in_that_said_something_is_a_turn_not_a_resume():
+    harness = Harness()
+    harness.run(lambda h: _cut_off_then(h, "wait a second"))
+    assert [(t.text, t.resumed) for t in harness.turns] == [("wait a second", False)]
+
+
+def test_no_resume_while_the_caller_has_the_floor_again():
+    """The caller speaks again before the empty final lands: that utterance, not a resume, is what the bot
+    answers next."""
+    harness = Harness()
+
+    async def script(h: Harness) -> None:
+        await h.bot_starts()
+        await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.5))
+        await h.send(Transcript(text="wait", final=False))
+        await h.send(UserSpeechStopped(at=2.0, last_voiced_at=1.5), UserSpeechStarted(at=2.1))
+        await h.send(Transcript(text="", final=True))
+        assert h.turns == []
+        await h.send(UserSpeechStopped(at=3.0, last_voiced_at=2.6), Transcript(text="a table for two", final=True))
+
+    harness.run(script)
+    assert [(t.text, t.resumed) for t in harness.turns] == [("a table for two", False)]
+
+
+def test_a_noise_that_cut_the_bot_off_is_followed_by_the_rest_of_the_reply(tmp_path):
+    """A whole call: with ``min_words: 0`` a 600 ms noise over the reply cuts it off on duration alone, and its
+    utterance holds no words. The bot carries on (the next reply), the caller hears it, and the conversation keeps
+    the cut reply as heard, then the continuation — no resume prompt in it."""
+    rest = "As I was saying, on Sundays we close at ten."
+    script = [Say("Tell me about your opening hours."), Noise(duration=0.6, during_reply=1.0)]
+    result = run_call(script, tmp_path, replies=[OPENING_HOURS, rest], policy=TurnPolicy(min_words=0))
+    cut, resumed = result.turns
+    assert cut.interrupted and 0 < len(cut.heard) < len(OPENING_HOURS.split())
+    assert resumed.data["resumed"] and resumed.data["user_text"] == "" and resumed.data["barge_in"]
+    assert resumed.heard == rest.split() and not resumed.interrupted
+    said = [(m.role, m.text, m.interrupted) for m in result.conversation.messages]
+    assert said == [
+        ("user", "Tell me about your opening hours.", False),
+        ("assistant", " ".join(cut.heard), True),
+        ("assistant", rest, False),
+    ]

@@ -36,10 +36,11 @@ from voxpipe.pipeline import (
     ToolUse,
     Tracer,
 )
+from voxpipe.pipeline.turns import DEFAULT_RESUME_PROMPT
 from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings, _Progress, render_messages
 from voxpipe.stages.cloud import ProviderError
 from voxpipe.stages.tools import Tool
-from voxpipe.testing import Say, ScriptedCaller
+from voxpipe.testing import Noise, Say, ScriptedCaller
 from voxpipe.testing.fakes.anthropic import FakeAnthropic, ToolUseReply
 from voxpipe.testing.fakes.server import Faults
 from voxpipe.transports.playout import PlayoutOutput
@@ -111,6 +112,7 @@ def call(
     on_error: str | None = None,
     tools: dict[str, Any] | None = None,
     reply_timeout: float | None = None,
+    turn: dict[str, Any] | None = None,
     **llm: Any,
 ) -> CallResult:
     """A scripted call (RealClock) with the reasoner at ``fake``: ``run_configured_call``, or — with
@@ -133,6 +135,7 @@ def call(
             "stt": {"provider": "scripted"},
             "llm": settings,
             "tts": {"provider": "scripted"},
+            **({"turn": turn} if turn is not None else {}),
         }
     )
     if reply_timeout is None:
@@ -454,6 +457,31 @@ def test_a_barge_in_closes_the_stream_and_keeps_only_heard_words(serve, tmp_path
     assert amendments, "the cut reply's usage never reached the live trace"
     assert amendments[-1]["data"]["usage"] == written[0]["data"]["usage"]
     assert amendments[-1]["data"]["cost_usd"] == written[0]["data"]["cost_usd"]
+
+
+@pytest.mark.timeout(30)
+def test_after_a_false_interruption_claude_is_asked_to_carry_on(serve, tmp_path):
+    """A noise long enough to cut the reply off (``min_words: 0``), with no words in it: the next request carries
+    the reply as heard, marked interrupted, then the resume prompt as the caller's side; the continuation is
+    spoken, and the conversation keeps it after the cut reply, without the prompt."""
+    long_reply = (
+        "We have a lovely menu tonight, with fresh pasta, grilled fish, a mushroom risotto, three kinds of pizza, "
+        "a seasonal salad, and for dessert a tiramisu that the chef makes every single morning."
+    )
+    rest = "As I was saying, the tiramisu is made every morning."
+    served = serve(FakeAnthropic([long_reply, rest], tokens_per_s=6))
+    script = [Say("What is on the menu?", pause=0.3), Noise(duration=0.6, during_reply=1.0)]
+    result = call(served.fake, script, tmp_path, turn={"min_words": 0})
+    cut, resumed = result.turns
+    assert cut.interrupted and resumed.data["resumed"] and resumed.data["bot_text"] == rest
+    heard = " ".join(cut.heard)
+    assert served.bodies()[1]["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "What is on the menu?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": f"{heard} [interrupted by the caller]"}]},
+        {"role": "user", "content": [{"type": "text", "text": DEFAULT_RESUME_PROMPT}]},
+    ]
+    said = [(m.role, m.text) for m in result.conversation.messages]
+    assert said == [("user", "What is on the menu?"), ("assistant", heard), ("assistant", rest)]
 
 
 @pytest.mark.timeout(30)

@@ -85,6 +85,17 @@ def _pip_install(packages: list[Package]) -> str:
     return "pip install " + " ".join(requirements)
 
 
+def turn_policy(config: PipelineConfig) -> TurnPolicy:
+    """The turn-taker's policy, from the config's ``turn:``."""
+    turn = config.turn
+    return TurnPolicy(
+        min_speech_ms=turn.min_speech_ms,
+        min_words=turn.min_words,
+        backchannels=frozenset(turn.backchannels),
+        resume_prompt=turn.resume_prompt,
+    )
+
+
 def construct(provider: type, settings: Any, context: BuildContext, name: str) -> Stage:
     """Build a stage: ``provider.from_settings(settings, context, name)`` if it has one, else the convention
     ``provider(settings, audio=..., tools=..., name=...)`` with whichever of those keywords it takes."""
@@ -118,11 +129,7 @@ def build_pipeline(
     """input → vad → stt → turn-taker → llm → tts → output, from the config."""
     registry = registry or Registry.discover()
     conversation = Conversation(config.system_prompt)
-    policy = TurnPolicy(
-        min_speech_ms=config.turn.min_speech_ms,
-        min_words=config.turn.min_words,
-        backchannels=frozenset(config.turn.backchannels),
-    )
+    policy = turn_policy(config)
     tools = {**config_tools(config), **tools_by_name(context.tools)}
     context = dataclasses.replace(context, tools=tools, system_prompt=config.system_prompt)
     cascade: dict[str, Stage] = {}

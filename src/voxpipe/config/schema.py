@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from voxpipe.config.env import interpolate
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
-from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS, backchannel_word
+from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS, DEFAULT_RESUME_PROMPT, backchannel_word
 from voxpipe.stages.tools import DEFAULT_MAX_RESULT_CHARS, ToolError
 
 
@@ -40,6 +40,12 @@ class TurnConfig(Strict):
     min_words: int = Field(1, ge=0, le=20, description="non-backchannel words needed before a barge-in")
     backchannels: list[str] = Field(
         default_factory=lambda: sorted(DEFAULT_BACKCHANNELS), description="words that alone never interrupt"
+    )
+    resume_prompt: str | None = Field(
+        DEFAULT_RESUME_PROMPT,
+        min_length=1,
+        description="after a barge-in whose utterance held no words, the bot is asked to carry on with this note "
+        "as the caller's side (not kept in the conversation); null: stay silent until the caller speaks",
     )
 
     @field_validator("backchannels")

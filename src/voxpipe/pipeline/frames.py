@@ -116,7 +116,11 @@ class UserSpeechStopped(Frame):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndOfTurn(Frame):
-    """The caller's turn is over: ``text`` is what they said, ``context`` the conversation including it."""
+    """The caller's turn is over: ``text`` is what they said, ``context`` the conversation including it.
+
+    ``resumed``: the caller cut the bot off but said nothing (a false interruption); ``text`` is empty and
+    ``context`` ends with the policy's resume prompt as the caller's side, so any reasoner carries on unchanged.
+    """
 
     interruptible: ClassVar[bool] = True
 
@@ -124,6 +128,7 @@ class EndOfTurn(Frame):
     at: float
     system: str = ""
     context: tuple[Message, ...] = ()
+    resumed: bool = False
 
 
 # ----------------------------------------------------------------------------------------- transcripts

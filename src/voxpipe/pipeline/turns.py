@@ -31,6 +31,14 @@ def backchannel_word(entry: str) -> str:
     return words[0]
 
 
+# What the reasoner is told when a barge-in cut the bot off but the caller then said nothing (a noise long enough to
+# interrupt, a partial transcript the final took back): without it the bot would stay silent until the caller speaks.
+DEFAULT_RESUME_PROMPT = (
+    "(The caller started to speak, then said nothing. Carry on from where you were cut off, without repeating what "
+    "they already heard.)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class TurnPolicy:
     """Decides whether caller speech while the bot is talking is a barge-in.
@@ -39,18 +47,24 @@ class TurnPolicy:
     * ``min_words`` — and the transcript so far must hold this many words that are not backchannels
       (0 interrupts on duration alone, before any transcript);
     * ``backchannels`` — words that alone never interrupt ("uh-huh", "yeah"): an utterance made only of them,
-      spoken over the bot, is neither an interrupt nor a turn.
+      spoken over the bot, is neither an interrupt nor a turn;
+    * ``resume_prompt`` — after a barge-in whose utterance ends with no words (a false interruption), the bot is
+      asked to carry on with this note as the caller's side of the turn (never kept in the conversation); None
+      leaves the line silent until the caller speaks again.
     """
 
     min_speech_ms: float = 300.0
     min_words: int = 1
     backchannels: frozenset[str] = DEFAULT_BACKCHANNELS
+    resume_prompt: str | None = DEFAULT_RESUME_PROMPT
 
     def __post_init__(self) -> None:
         if self.min_speech_ms < 0:
             raise ValueError(f"TurnPolicy.min_speech_ms must be >= 0, got {self.min_speech_ms}")
         if self.min_words < 0:
             raise ValueError(f"TurnPolicy.min_words must be >= 0, got {self.min_words}")
+        if self.resume_prompt is not None and not self.resume_prompt.strip():
+            raise ValueError("TurnPolicy.resume_prompt must hold some text, or be None to resume nothing")
         # Matched against words_of(transcript): each entry must be one such word ("Yeah" is "yeah").
         object.__setattr__(self, "backchannels", frozenset(backchannel_word(entry) for entry in self.backchannels))
 
@@ -69,3 +83,9 @@ class TurnPolicy:
         if over_bot:
             return len(self.content_words(transcript)) >= max(self.min_words, 1)
         return bool(words_of(transcript))
+
+    def resumes_after(self, transcript: str) -> bool:
+        """True when the bot, cut off by an utterance that ended with ``transcript``, should carry on: the
+        utterance held no words at all (one with words is a turn, or backchannels, which never cut the bot off
+        unless ``min_words`` is 0 — then they are a turn too)."""
+        return self.resume_prompt is not None and not words_of(transcript)

@@ -19,6 +19,7 @@ from voxpipe.pipeline import (
     Direction,
     EndOfTurn,
     Frame,
+    Message,
     Stage,
     ToolResult,
     ToolUse,
@@ -130,6 +131,9 @@ class TurnTaker(Stage):
     async def _end_turn(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
         text = final.text
         if not self.policy.is_turn(text, utterance.over_bot and utterance.barged_epoch is None):
+            if self._cut_off_for_nothing(utterance, text):
+                await self._resume(utterance, final, final_at)
+                return
             self._count(final, None)
             return  # a cough, a click, a backchannel over the bot: not a turn
         epoch = utterance.barged_epoch
@@ -138,6 +142,43 @@ class TurnTaker(Stage):
             # after it, a turn skipped on an error): an EndOfTurn of a closed epoch would be dropped unanswered.
             epoch = (await self.interrupt("new-turn")).epoch
         self._count(final, epoch)
+        self._mark(epoch, utterance, final, final_at)
+        self.pipeline.trace.annotate(epoch, user_text=text, barge_in=utterance.barged_epoch is not None)
+        self.conversation.add_user(text)
+        context = self.conversation.snapshot()
+        now = self.clock.now()
+        await self.push(EndOfTurn(epoch=epoch, text=text, at=now, system=self.conversation.system, context=context))
+
+    def _cut_off_for_nothing(self, utterance: _Utterance, text: str) -> bool:
+        """Whether ``utterance`` cut the bot off and then said nothing (a false interruption), and nothing since has
+        taken the floor: its barge-in's epoch is still the open one, and the caller is not speaking again nor
+        waiting for another final (that utterance, if it is a turn, is what the bot answers next)."""
+        return (
+            utterance.barged_epoch is not None
+            and utterance.barged_epoch == self.epoch
+            and self._started is None
+            and not self._awaiting_final
+            and self.policy.resumes_after(text)
+        )
+
+    async def _resume(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
+        """Ask the reasoner to carry on after a false interruption, in the epoch the barge-in opened. The caller's
+        side of this turn is the policy's resume prompt, given to the reasoner only: the conversation keeps what
+        was said (the cut reply, as heard, then the bot's continuation)."""
+        epoch = self.epoch
+        self._count(final, epoch)
+        self._mark(epoch, utterance, final, final_at)
+        self.pipeline.trace.annotate(epoch, user_text="", barge_in=True, resumed=True)
+        prompt = self.policy.resume_prompt
+        assert prompt is not None  # resumes_after() said so
+        context = (*self.conversation.snapshot(), Message("user", prompt))
+        now = self.clock.now()
+        await self.push(
+            EndOfTurn(epoch=epoch, text="", at=now, system=self.conversation.system, context=context, resumed=True)
+        )
+
+    def _mark(self, epoch: int, utterance: _Utterance, final: Transcript, final_at: float) -> None:
+        """The caller's side of turn ``epoch`` on its trace: the utterance's times, and the final's own marks."""
         trace = self.pipeline.trace
         trace.mark(epoch, "user.speech_start", utterance.started.at)
         trace.mark(epoch, "user.speech_end", utterance.stopped.last_voiced_at)
@@ -145,11 +186,6 @@ class TurnTaker(Stage):
         trace.mark(epoch, "stt.final", final_at)
         for name, at in final.marks:
             trace.mark(epoch, name, at)
-        trace.annotate(epoch, user_text=text, barge_in=utterance.barged_epoch is not None)
-        self.conversation.add_user(text)
-        context = self.conversation.snapshot()
-        now = self.clock.now()
-        await self.push(EndOfTurn(epoch=epoch, text=text, at=now, system=self.conversation.system, context=context))
 
     def _count(self, final: Transcript, epoch: int | None) -> None:
         """Count the usage the STT measured for the utterance ``final`` ends (:attr:`Transcript.usage`) for the turn
