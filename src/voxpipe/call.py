@@ -116,6 +116,7 @@ def transcript_of(turns: list[TurnRecord]) -> list[dict[str, Any]]:
                     "start": marks.get("user.speech_start"),
                     "end": marks.get("user.speech_end"),
                     "barge_in": bool(record.data.get("barge_in", False)),
+                    "resumed": bool(record.data.get("resumed", False)),  # cut the bot off, said nothing
                 }
             )
         if "bot_text" in record.data or "out.first_play" in marks:
