@@ -344,6 +344,7 @@ def test_a_noise_that_cut_the_bot_off_is_followed_by_the_rest_of_the_reply(tmp_p
     assert resumed.heard == rest.split() and not resumed.interrupted
     caller_lines = [(line["text"], line["resumed"]) for line in result.transcript if line["speaker"] == "caller"]
     assert caller_lines == [("Tell me about your opening hours.", False), ("", True)]
+    assert "no words; the bot carried on" in (tmp_path / "report.html").read_text()
     said = [(m.role, m.text, m.interrupted) for m in result.conversation.messages]
     assert said == [
         ("user", "Tell me about your opening hours.", False),

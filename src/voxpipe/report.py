@@ -128,6 +128,9 @@ def _transcript(lines: list[dict[str, Any]]) -> str:
     items = []
     for line in lines:
         if line["speaker"] == "caller":
+            if line.get("resumed"):  # it cut the bot off, then held no words: the bot carried on
+                items.append('<li class="caller"><b>caller (barge-in):</b> <i>no words; the bot carried on</i></li>')
+                continue
             tag = " (barge-in)" if line.get("barge_in") else ""
             items.append(f'<li class="caller"><b>caller{tag}:</b> {html.escape(line["text"])}</li>')
         else:
