@@ -35,6 +35,7 @@ from voxpipe.pipeline import (
     TextDelta,
     VirtualClock,
 )
+from voxpipe.pipeline.turns import DEFAULT_RESUME_PROMPT
 from voxpipe.stages.llama_llm import (
     ChatTemplateDialogue,
     FewShotDialogue,
@@ -450,3 +451,29 @@ def test_a_chat_template_prompt_alternates_roles_and_marks_a_cut_off_reply():
     assert dialogue.render("", messages) == (
         "<s><user>Hi</user><assistant>Hello, how can I—</assistant><user>Wait. Are you open?</user><assistant>"
     )
+
+
+def test_a_few_shot_prompt_ending_with_the_bots_cut_line_leaves_it_open():
+    dialogue = FewShotDialogue("Assistant", "Caller", ())
+    messages = [
+        Message("user", "Hi, are you open tonight?"),
+        Message("assistant", "We are open until", interrupted=True),
+    ]
+    prompt = dialogue.render("", messages)
+    assert prompt.endswith("Caller: Hi, are you open tonight?\nAssistant: We are open until")
+
+
+async def test_after_a_false_interruption_the_model_carries_on_its_line_instead_of_reading_out_the_prompt():
+    """A base model given the resume prompt as the caller's line read it out, word for word. It is given its own
+    cut line to go on with instead."""
+    cut = "We are open every day from noon until"
+    context = (
+        Message("user", "Hi, tell me about tonight?"),
+        Message("assistant", cut, interrupted=True),
+        Message("user", DEFAULT_RESUME_PROMPT),
+    )
+    request = EndOfTurn(epoch=1, text="", at=0.0, system=SYSTEM, context=context, resumed=True)
+    async with LlamaLLM(settings(max_tokens=40)) as llm:
+        text = "".join(await reply_to(llm, request))
+    assert "carry on" not in text.lower() and "caller" not in text.lower(), text
+    assert not text.lower().startswith(cut.lower()), "the heard part is not said again"

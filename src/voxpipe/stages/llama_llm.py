@@ -287,6 +287,12 @@ class FewShotDialogue:
         return ""  # tool messages: this reasoner has no tools
 
     def render(self, system: str, messages: Sequence[Message]) -> str:
+        """The prompt, ending with the bot's cue; or, when ``messages`` end with the bot's own line (a reply cut
+        off for nothing, to carry on), with that line left open, so the model goes on with its sentence."""
+        if messages and messages[-1].role == "assistant":
+            *before, cut = messages
+            lines = "".join(self.line(m) for m in before)
+            return f"{self.header(system)}{lines}{self.bot_name}: {_one_line(cut.text)}"
         return self.header(system) + "".join(self.line(m) for m in messages) + f"{self.bot_name}:"
 
     @property
@@ -744,6 +750,9 @@ class LlamaLLM(LLMStage):
                 generation.stop()
 
         messages = _messages_of(turn)
+        if turn.resumed and isinstance(self._dialogue, FewShotDialogue) and messages[-1].role == "user":
+            # A base model does not follow the resume prompt (it reads it out): it carries on its cut line instead.
+            messages = messages[:-1]
         self.history.append(generation.stats)
         self._current = generation
         generation.job = executor.submit(self._generate_in_thread, generation, turn.system, messages, deliver)
