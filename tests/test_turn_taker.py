@@ -331,6 +331,24 @@ def test_no_resume_while_the_caller_has_the_floor_again():
     assert [(t.text, t.resumed) for t in harness.turns] == [("a table for two", False)]
 
 
+def test_a_resume_held_back_by_another_utterance_comes_when_that_one_is_no_turn_either():
+    """The caller makes a second sound before the empty final lands, and that one holds no words either: the
+    resume the false interruption owes comes with its final, not never."""
+    harness = Harness()
+
+    async def script(h: Harness) -> None:
+        await h.bot_starts()
+        await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.5))
+        await h.send(Transcript(text="wait", final=False))
+        await h.send(UserSpeechStopped(at=2.0, last_voiced_at=1.5), UserSpeechStarted(at=2.1))
+        await h.send(Transcript(text="", final=True))
+        assert h.turns == []
+        await h.send(UserSpeechStopped(at=3.0, last_voiced_at=2.4), Transcript(text="", final=True))
+
+    harness.run(script)
+    assert [(t.text, t.resumed, t.epoch) for t in harness.turns] == [("", True, harness.interrupts[0].epoch)]
+
+
 def test_a_noise_that_cut_the_bot_off_is_followed_by_the_rest_of_the_reply(tmp_path):
     """A whole call: with ``min_words: 0`` a 600 ms noise over the reply cuts it off on duration alone, and its
     utterance holds no words. The bot carries on (the next reply), the caller hears it, and the conversation keeps

@@ -61,6 +61,7 @@ class TurnTaker(Stage):
         self._over_bot = False
         self._barged_epoch: int | None = None
         self._awaiting_final: deque[_Utterance] = deque()
+        self._resume_owed_in: int | None = None  # the epoch a false interruption left silent, until it is resumed
         self._early_finals: deque[tuple[Transcript, float]] = deque()
 
     async def process(self, frame: Frame, direction: Direction) -> None:
@@ -131,7 +132,7 @@ class TurnTaker(Stage):
     async def _end_turn(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
         text = final.text
         if not self.policy.is_turn(text, utterance.over_bot and utterance.barged_epoch is None):
-            if self._cut_off_for_nothing(utterance, text):
+            if self._resume_due(utterance, text):
                 await self._resume(utterance, final, final_at)
                 return
             self._count(final, None)
@@ -149,23 +150,20 @@ class TurnTaker(Stage):
         now = self.clock.now()
         await self.push(EndOfTurn(epoch=epoch, text=text, at=now, system=self.conversation.system, context=context))
 
-    def _cut_off_for_nothing(self, utterance: _Utterance, text: str) -> bool:
-        """Whether ``utterance`` cut the bot off and then said nothing (a false interruption), and nothing since has
-        taken the floor: its barge-in's epoch is still the open one, and the caller is not speaking again nor
-        waiting for another final (that utterance, if it is a turn, is what the bot answers next)."""
-        return (
-            utterance.barged_epoch is not None
-            and utterance.barged_epoch == self.epoch
-            and self._started is None
-            and not self._awaiting_final
-            and self.policy.resumes_after(text)
-        )
+    def _resume_due(self, utterance: _Utterance, text: str) -> bool:
+        """Whether the bot should carry on now that ``utterance`` ended as no turn. A barge-in that then said
+        nothing (a false interruption) owes its epoch a resume while that epoch is the open one; it is paid once no
+        other utterance holds the floor (the caller speaking again, or another final still to come: if that one is a
+        turn, it is what the bot answers, and if it is none either, the resume comes with it)."""
+        if utterance.barged_epoch is not None and self.policy.resumes_after(text):
+            self._resume_owed_in = utterance.barged_epoch
+        return self._resume_owed_in == self.epoch and self._started is None and not self._awaiting_final
 
     async def _resume(self, utterance: _Utterance, final: Transcript, final_at: float) -> None:
         """Ask the reasoner to carry on after a false interruption, in the epoch the barge-in opened. The caller's
         side of this turn is the policy's resume prompt, given to the reasoner only: the conversation keeps what
         was said (the cut reply, as heard, then the bot's continuation)."""
-        epoch = self.epoch
+        epoch, self._resume_owed_in = self.epoch, None
         self._count(final, epoch)
         self._mark(epoch, utterance, final, final_at)
         self.pipeline.trace.annotate(epoch, user_text="", barge_in=True, resumed=True)
