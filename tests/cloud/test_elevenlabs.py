@@ -38,6 +38,7 @@ from voxpipe.stages.elevenlabs_tts import ElevenLabsTTS, ElevenLabsTTSSettings, 
 from voxpipe.testing.caller import Say
 from voxpipe.testing.fakes.elevenlabs import FakeElevenLabs
 from voxpipe.testing.fakes.server import Faults
+from voxpipe.testing.signals import speechlike
 
 pytestmark = [pytest.mark.timeout(30)]  # the tests below that run calls set their own
 
@@ -175,6 +176,48 @@ async def test_barge_in_closes_the_socket_and_nothing_stale_is_played(tmp_path):
     cut_at, next_play = cut.marks["out.interrupted"], following.marks["out.first_play"]
     assert np.any(bot[round((cut_at - 0.1) * RATE) : round(cut_at * RATE)]), "the bot was speaking before"
     assert not np.any(bot[round(cut_at * RATE) : round(next_play * RATE)]), "silent from the interrupt on"
+
+
+@pytest.mark.timeout(30)
+async def test_a_misspelled_word_in_the_alignment_does_not_shift_the_words_heard_after_it(tmp_path, monkeypatch):
+    # Flash v2.5 aligns "hospitalized" as "hospitt alized" (a doubled letter, a space inside the word): the words
+    # after it must still be marked where their own audio is, so a barge-in keeps only the words that played.
+    reply = "Have you ever been hospitalized for it, or has anyone in your family had it before, and when was that?"
+    emitted: list[tuple[int, WordMark]] = []  # the stage's marks, in samples of the audio ElevenLabs sent
+    trimmed: dict[int, int] = {}  # the leading silence the stage dropped, per reply
+    emit_audio = ElevenLabsTTS.emit_audio
+
+    async def recording(self: ElevenLabsTTS, epoch: int, pcm: bytes, marks: Any = (), text: str = "") -> None:
+        emitted.extend((epoch, mark) for mark in marks)
+        await emit_audio(self, epoch, pcm, marks, text)
+        trimmed[epoch] = self._trimmed
+
+    monkeypatch.setattr(ElevenLabsTTS, "emit_audio", recording)
+    script = [Say(QUESTION, pause=0.3), Say("Wait, what about wine?", barge_in=3.0)]
+    glitches = {"hospitalized": "hospitt alized"}
+    async with FakeElevenLabs(rtf=0.9, glitch_words=glitches, leading_space=True) as fake:
+        result = await call(fake, script, tmp_path, replies=[reply, SECOND])
+    assert result.outcome == "ended" and not errors(tmp_path)
+    cut, following = result.turns
+    full = reply.split()
+    assert cut.interrupted and list(cut.heard) == full[: len(cut.heard)], "the heard words are the reply's, in order"
+    assert full.index("hospitalized") + 2 < len(cut.heard) < len(full), "cut two words or more after the glitch"
+    # Where each word is in the audio the fake sent: its generations, one after the other.
+    spoken: list[tuple[str, int, int]] = []
+    sent = 0
+    for generation in (g for g in fake.of("generation") if g.data["connection"] == 1):
+        samples, spans = speechlike(generation.data["text"], RATE, f0=fake.f0, rate=fake.rate)
+        spoken += [(span.word, sent + span.start, sent + span.end) for span in spans]
+        sent += len(samples)
+    first_epoch = min(epoch for epoch, _ in emitted)
+    marks = [mark for epoch, mark in emitted if epoch == first_epoch]
+    assert len(marks) >= len(cut.heard)
+    for mark, (word, start, end) in zip(marks, spoken, strict=False):
+        assert mark.word == word and start < mark.end <= end + RATE // 500, f"{mark} ends in its own word's audio"
+    last_heard, first_unheard = marks[len(cut.heard) - 1], spoken[len(cut.heard)]
+    cut_at = round(cut.played_s * RATE) + trimmed[first_epoch]  # the cut, in samples of the audio sent
+    assert last_heard.end <= cut_at < first_unheard[2], "heard: the words whose audio played, not one more"
+    assert list(following.heard) == SECOND.split()
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -506,6 +549,102 @@ def test_a_mark_never_ends_after_the_audio_that_holds_it():
     aligner.expect("Hello ")
     (mark,) = aligner.add(list("Hello"), [0, 50, 100, 150, 200], [50, 50, 50, 50, 90], offset=0, limit=4000)
     assert mark == WordMark("Hello", 0, 4000)
+
+
+def aligned_as_elevenlabs_sends_it(
+    text: str, misspelled: dict[str, str] | None = None, *, leading_space: bool = False, message_ms: int = 250
+) -> tuple[list[list[WordMark]], WordAligner]:
+    """The marks, message by message (then ``finish()``'s), of ``text`` aligned in ``message_ms`` messages at 1
+    sample per ms: word i is spoken from 100 i to 100 i + 80 ms, then a space; its characters (``misspelled``'s
+    alignment text for it, if any, as Flash v2.5 sends) are spread evenly over it."""
+    chars: list[tuple[str, int, int]] = [(" ", 0, 0)] if leading_space else []
+    for i, word in enumerate(text.split()):
+        spelled = (misspelled or {}).get(word, word)
+        for k, char in enumerate(spelled):
+            chars.append((char, 100 * i + 80 * k // len(spelled), 100 * i + 80 * (k + 1) // len(spelled)))
+        chars.append((" ", 100 * i + 80, 100 * i + 100))
+    aligner = WordAligner(1000)
+    aligner.expect(text)
+    audio_ms = chars[-1][2]
+    messages = []
+    for start in range(0, audio_ms, message_ms):
+        held = [c for c in chars if start <= c[1] < start + message_ms]
+        messages.append(
+            aligner.add(
+                [c[0] for c in held],
+                [c[1] - start for c in held],
+                [c[2] - c[1] for c in held],
+                offset=start,
+                limit=min(start + message_ms, audio_ms),
+            )
+        )
+    return [*messages, aligner.finish()], aligner
+
+
+GLITCHED = "Have you or your family ever been hospitalized for it? Tell me when."
+
+
+@pytest.mark.parametrize(
+    "misspelled",
+    [
+        {"hospitalized": "hospitt alized"},  # Flash v2.5 (pipecat #981): a doubled letter and a space in the word
+        {"family": "ff amily"},  # the same, on the word's first letter
+        {"been": "bean"},  # a letter substituted
+        {"hospitalized": "hospitaized"},  # a letter dropped
+        {"family": "ff amily", "hospitalized": "hospitt alized"},
+    ],
+)
+def test_a_misspelled_alignment_marks_every_word_where_a_clean_one_does(misspelled):
+    clean, _ = aligned_as_elevenlabs_sends_it(GLITCHED)
+    glitched, aligner = aligned_as_elevenlabs_sends_it(GLITCHED, misspelled)
+    assert [m.word for ms in glitched for m in ms] == GLITCHED.split(), "the sent words, each once, in order"
+    assert glitched == clean, "each word marked in the same message, over the same audio, as a clean alignment's"
+    assert aligner.pending_chars == 0
+
+
+def test_a_leading_space_and_a_word_split_across_messages_are_one_word():
+    # normalizedAlignment starts an utterance with a space; Flash may start a message with a space in the middle
+    # of a word, carried over from the previous message (pipecat #4316, #4391): " la t" then " alent".
+    aligner = WordAligner(1000)
+    aligner.expect("Hola, la talent manager. ")
+    first = aligner.add(list(" Hola, la t"), [i * 10 for i in range(11)], [10] * 11, offset=0, limit=110)
+    assert first == [WordMark("Hola,", 10, 60), WordMark("la", 70, 90)]
+    second = aligner.add(list(" alent manager. "), [i * 10 for i in range(16)], [10] * 16, offset=110, limit=270)
+    assert second == [WordMark("talent", 100, 170), WordMark("manager.", 180, 260)]
+    assert aligner.pending_chars == 0 and aligner.finish() == []
+
+
+def test_dropped_letters_cost_only_their_own_word_and_leave_no_audio_due():
+    # "yu" for "you", "wil" for "will" (the next word's first letter passes it), and the text's last word without
+    # its last letter: that word counts as spoken, so the reply does not wait (read deadline) for a letter that
+    # never comes; it is marked at the end of the reply.
+    aligner = WordAligner(1000)
+    aligner.expect("Do you think we will call you ")
+    chars = list("Do yu think we wil call yo ")
+    marks = aligner.add(chars, [i * 10 for i in range(len(chars))], [10] * len(chars), offset=0, limit=270)
+    assert [m.word for m in marks] == ["Do", "you", "think", "we", "will", "call"]
+    assert marks[1] == WordMark("you", 30, 50) and marks[4:] == [WordMark("will", 150, 180), WordMark("call", 190, 230)]
+    assert aligner.pending_chars == 0
+    assert aligner.finish() == [WordMark("you", 240, 260)]
+
+
+def test_doubled_letters_do_not_count_as_the_rest_of_the_text():
+    # "ff aami" has as many letters as "family": audio is still due until the word's last letters are aligned.
+    aligner = WordAligner(1000)
+    aligner.expect("Your family ")
+    chars = list("Your ff aami")
+    assert aligner.add(chars, [i * 10 for i in range(12)], [10] * 12, offset=0, limit=120) == [WordMark("Your", 0, 40)]
+    assert aligner.pending_chars == 2
+    (family,) = aligner.add(["l", "y", " "], [0, 10, 20], [10, 10, 10], offset=120, limit=150)
+    assert family == WordMark("family", 50, 140) and aligner.pending_chars == 0
+
+
+def test_characters_after_the_whole_text_is_aligned_are_ignored():
+    aligner = WordAligner(1000)
+    aligner.expect("Yes. ")
+    chars = list("Yes. Yes. ")  # a second pass over the same text (as with pronunciation dictionaries)
+    marks = aligner.add(chars, [i * 10 for i in range(10)], [10] * 10, offset=0, limit=100)
+    assert marks == [WordMark("Yes.", 0, 40)] and aligner.pending_chars == 0 and aligner.finish() == []
 
 
 def test_an_alignment_with_lists_of_different_lengths_is_an_error():

@@ -16,8 +16,9 @@ How it streams. The receiver (a task the pipeline owns, one per reply) connects,
 (voice settings, generation config; the key goes in the ``xi-api-key`` header), then reads: each ``audio`` message
 is base64 PCM in the call's rate (``pcm_<rate>``), checked (base64, whole samples, not a compressed container) and
 emitted at once; its ``alignment`` (characters with start times and durations in ms, relative to that message's
-audio) is grouped into the words of the text that was sent and placed on the reply's sample timeline. After the
-reply's last text the stage sends EOS (``{"text": ""}``); ElevenLabs answers ``isFinal`` and closes with 1000.
+audio) is matched to the words of the text that was sent, tolerating the misspellings ElevenLabs puts in it
+(:class:`WordAligner`), and placed on the reply's sample timeline. After the reply's last text the stage sends
+EOS (``{"text": ""}``); ElevenLabs answers ``isFinal`` and closes with 1000.
 
 Timeouts (all in the settings): the handshake (``connect_timeout_s``), the first audio after the first text
 (``first_audio_timeout_s``) and each read while audio is due (``read_timeout_s``: text sent whose characters have
@@ -149,26 +150,55 @@ def output_format(audio: AudioFormat) -> str:
 
 
 class WordAligner:
-    """Groups ElevenLabs' per-character alignment into the words of the text that was sent, as word marks in
-    samples from the reply's start.
+    """Places ElevenLabs' per-character alignment on the text that was sent, and turns it into word marks in samples
+    from the reply's start.
 
-    A word is complete when whitespace follows it or its characters spell the next expected word, so a word whose
-    last character arrives in a message is marked in that message's frame. The mark takes the sent word (with its
-    punctuation), so heard words are exactly the reply's words.
+    The alignment is not always the sent text: Flash v2.5 misspells words in it ("hospitt alized" for "hospitalized":
+    a doubled letter and a space inside the word), ``normalizedAlignment`` starts with a space, and a message may
+    start with a space in the middle of a word. So the alignment's whitespace does not end words. A cursor walks the
+    characters of the sent words (whitespace aside), and each alignment character is looked for, in this order:
+
+    * at the cursor: it is aligned, and the cursor moves on;
+    * just after it: the cursor's character was dropped, and the cursor moves past both; past a word's last
+      character only if whitespace came before it in the alignment (it starts the next word);
+    * just before it: a repeat, and the cursor stays;
+    * nowhere near: a substitute for the cursor's character, and the cursor moves on, unless that is the word's
+      last character: then it stays, so a garbled stretch is kept in its word, and the next word's first character
+      finds the cursor.
+
+    A word is closed, and marked, when the cursor passes its last character: it spans the alignment characters placed
+    in it, and it goes in the frame of the message holding the character that passed it. So a glitch costs at most
+    the timing of the word it is in, never a shift of the words after it. A word passed with no character of its own
+    is marked, with no length, where the next character starts. The mark takes the sent word (with its punctuation),
+    so heard words are exactly the reply's words. Characters that come once all the sent text is aligned are ignored
+    (a second pass, as ElevenLabs sends with pronunciation dictionaries, is not followed). A word missing from the
+    alignment altogether leaves the cursor behind: the words after it are then marked late, never early.
     """
 
     def __init__(self, sample_rate: int) -> None:
         self.rate = sample_rate
-        self.expected: deque[str] = deque()
-        self.pending_chars = 0  # characters sent (whitespace aside) not yet aligned: audio still due
-        self._chars: list[str] = []
-        self._start = 0
-        self._end = 0
+        self._sent = ""  # the sent words' characters, whitespace aside
+        self._words: deque[tuple[str, int]] = deque()  # sent words not marked yet, each with the index after its end
+        self._cursor = 0  # index in _sent of the next character to align
+        self._word_start = 0  # index in _sent of the first open word's first character
+        self._span: tuple[int, int] | None = None  # samples of the characters placed in the first open word
+        self._after_space = True  # the last alignment character was whitespace (or none came yet)
+
+    @property
+    def pending_chars(self) -> int:
+        """Characters sent (whitespace aside) the alignment has not reached: while above 0, audio is still due, and
+        the reply's reads have a deadline (``_Reply.deadline``). Wrong either way costs: above 0 with nothing left
+        to say, a reasoner's pause longer than ``read_timeout_s`` reads as a stall; at 0 too early, a stall goes
+        unnoticed until EOS. So a repeat never moves the cursor, and a substitute never past a word's last
+        character; and a word lacking only its last character counts as spoken, so a last letter dropped at the
+        end of a text does not keep audio due. (A dropped character elsewhere is passed by the next one.)"""
+        remaining = len(self._sent) - self._cursor
+        return 0 if remaining == 1 and self._cursor > self._word_start else remaining
 
     def expect(self, text: str) -> None:
-        words = text.split()
-        self.expected.extend(words)
-        self.pending_chars += sum(len(w) for w in words)
+        for word in text.split():
+            self._sent += word
+            self._words.append((word, len(self._sent)))
 
     def add(
         self, chars: Sequence[str], starts_ms: Sequence[int], durations_ms: Sequence[int], offset: int, limit: int
@@ -184,29 +214,50 @@ class WordAligner:
         marks: list[WordMark] = []
         for char, start_ms, duration_ms in zip(chars, starts_ms, durations_ms, strict=True):
             if not char.strip():
-                if self._chars:
-                    marks.append(self._close())
+                self._after_space = True
                 continue
+            if self._cursor >= len(self._sent):
+                continue  # everything sent is aligned: nothing is left for this character to stand for
             start = offset + round(start_ms * self.rate / 1000)
             end = min(limit, offset + round((start_ms + duration_ms) * self.rate / 1000))
-            if not self._chars:
-                self._start = self._end = start
-            self._chars.append(char)
-            self._end = max(self._end, end)
-            self.pending_chars = max(0, self.pending_chars - len(char))
-            if self.expected and "".join(self._chars) == self.expected[0]:
-                marks.append(self._close())
+            index = self._place(char)
+            self._after_space = False
+            marks += self._close_until(index, at=start)  # the word this character passed the end of
+            if index >= self._word_start:  # not a repeat of a word already marked
+                self._span = (start, end) if self._span is None else (self._span[0], max(self._span[1], end))
+            marks += self._close_until(self._cursor, at=start)
         return marks
 
     def finish(self) -> list[WordMark]:
         """The mark of a word the alignment left open at the end of the reply."""
-        return [self._close()] if self._chars else []
+        return [self._close(self._span)] if self._span is not None else []
 
-    def _close(self) -> WordMark:
-        spoken = "".join(self._chars)
-        word = self.expected.popleft() if self.expected else spoken
-        self._chars = []
-        return WordMark(word, self._start, self._end)
+    def _place(self, char: str) -> int:
+        """The index in the sent characters that ``char`` stands for, moving the cursor past it (the rule above)."""
+        word_end = self._words[0][1]
+        for index in (self._cursor, self._cursor + 1, self._cursor - 1):
+            passes_word_end = index >= word_end and not self._after_space
+            if 0 <= index < len(self._sent) and self._sent[index] == char and not passes_word_end:
+                self._cursor = max(self._cursor, index + 1)
+                return index
+        if self._cursor + 1 < word_end:  # a substitute; a word's last character is passed only by what matches
+            self._cursor += 1
+            return self._cursor - 1
+        return self._cursor
+
+    def _close_until(self, index: int, *, at: int) -> list[WordMark]:
+        """Marks of the open words that end at or before ``index`` in the sent characters: each where its characters
+        were, or at ``at`` with no length if none was placed in it."""
+        marks = []
+        while self._words and self._words[0][1] <= index:
+            marks.append(self._close(self._span or (at, at)))
+        return marks
+
+    def _close(self, span: tuple[int, int]) -> WordMark:
+        word, self._word_start = self._words.popleft()
+        self._cursor = max(self._cursor, self._word_start)
+        self._span = None
+        return WordMark(word, *span)
 
 
 # ------------------------------------------------------------------------------------------------ one reply

@@ -29,6 +29,12 @@ closes each socket right after the upgrade, before any message, as ElevenLabs re
 exceeded: 1008). ``deaf`` wedges the server at a connection's first generation: it sends nothing more and stops
 reading its socket (a dead network path), so the client's close frame is never answered.
 
+Alignment as ElevenLabs really sends it (the audio stays that of the sent text): ``glitch_words`` maps a sent word
+(as split on whitespace, punctuation included) to the alignment text sent for it instead, its characters spread
+over the word's audio, as Flash v2.5 misspells words in its alignment (``{"hospitalized": "hospitt alized"}``: a
+doubled letter and a space inside the word); ``leading_space`` starts each generation's alignment with a space of
+no length, as ``normalizedAlignment`` starts an utterance (here both fields do, so a client reading either meets it).
+
 Records: ``connect`` (path, query, headers), ``refused`` (status), ``message`` (connection and the parsed client
 message), ``generation`` (connection, text), ``audio`` (connection, bytes), ``final`` (connection), ``close``
 (the client closed the socket before its reply was complete — the barge-in signal), ``end`` (the socket closed
@@ -101,6 +107,8 @@ class FakeElevenLabs(FakeServer):
         corrupt_after: int = 0,
         close_on_open: tuple[int, str] | None = None,
         deaf: bool = False,
+        glitch_words: dict[str, str] | None = None,
+        leading_space: bool = False,
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
         self.ttfa_s = ttfa_s
@@ -114,6 +122,8 @@ class FakeElevenLabs(FakeServer):
         self.corrupt_after = corrupt_after
         self.close_on_open = close_on_open
         self.deaf = deaf
+        self.glitch_words = dict(glitch_words or {})
+        self.leading_space = leading_space
         self._numbers = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -275,12 +285,13 @@ class FakeElevenLabs(FakeServer):
     def _messages(self, text: str, rate: int) -> list[dict[str, Any]]:
         """One generation as audio messages of ``chunk_s`` each, with the alignment of the characters they hold."""
         samples, spans = speechlike(text, rate, f0=self.f0, rate=self.rate)
-        chars: list[tuple[str, int, int]] = []  # character, start sample, end sample
+        chars: list[tuple[str, int, int]] = [(" ", 0, 0)] if self.leading_space else []  # character, start, end
         for i, span in enumerate(spans):
             if i:
                 chars.append((" ", spans[i - 1].end, span.start))
-            step = (span.end - span.start) / len(span.word)
-            for k, char in enumerate(span.word):
+            aligned = self.glitch_words.get(span.word, span.word)  # what the alignment says, over the word's audio
+            step = (span.end - span.start) / len(aligned)
+            for k, char in enumerate(aligned):
                 chars.append((char, span.start + round(k * step), span.start + round((k + 1) * step)))
         chars.append((" ", len(samples), len(samples)))
         size = max(1, round(self.chunk_s * rate))
