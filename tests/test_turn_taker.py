@@ -313,9 +313,15 @@ def test_a_barge_in_that_said_something_is_a_turn_not_a_resume():
     assert [(t.text, t.resumed) for t in harness.turns] == [("wait a second", False)]
 
 
-def test_no_resume_while_the_caller_has_the_floor_again():
-    """The caller speaks again before the empty final lands: that utterance, not a resume, is what the bot
-    answers next."""
+@pytest.mark.parametrize(
+    ("second", "answered"),
+    [
+        ("a table for two", [("a table for two", False)]),  # a turn: it is what the bot answers, not a resume
+        ("", [("", True)]),  # no turn either: the resume the false interruption owes comes with its final
+    ],
+)
+def test_a_resume_waits_while_the_caller_has_the_floor_again(second: str, answered: list[tuple[str, bool]]):
+    """The caller speaks again before the empty final of the barge-in lands: that utterance decides."""
     harness = Harness()
 
     async def script(h: Harness) -> None:
@@ -325,28 +331,11 @@ def test_no_resume_while_the_caller_has_the_floor_again():
         await h.send(UserSpeechStopped(at=2.0, last_voiced_at=1.5), UserSpeechStarted(at=2.1))
         await h.send(Transcript(text="", final=True))
         assert h.turns == []
-        await h.send(UserSpeechStopped(at=3.0, last_voiced_at=2.6), Transcript(text="a table for two", final=True))
+        await h.send(UserSpeechStopped(at=3.0, last_voiced_at=2.6), Transcript(text=second, final=True))
 
     harness.run(script)
-    assert [(t.text, t.resumed) for t in harness.turns] == [("a table for two", False)]
-
-
-def test_a_resume_held_back_by_another_utterance_comes_when_that_one_is_no_turn_either():
-    """The caller makes a second sound before the empty final lands, and that one holds no words either: the
-    resume the false interruption owes comes with its final, not never."""
-    harness = Harness()
-
-    async def script(h: Harness) -> None:
-        await h.bot_starts()
-        await h.send(UserSpeechStarted(at=1.0), UserSpeechProgress(voiced_until=1.5))
-        await h.send(Transcript(text="wait", final=False))
-        await h.send(UserSpeechStopped(at=2.0, last_voiced_at=1.5), UserSpeechStarted(at=2.1))
-        await h.send(Transcript(text="", final=True))
-        assert h.turns == []
-        await h.send(UserSpeechStopped(at=3.0, last_voiced_at=2.4), Transcript(text="", final=True))
-
-    harness.run(script)
-    assert [(t.text, t.resumed, t.epoch) for t in harness.turns] == [("", True, harness.interrupts[0].epoch)]
+    assert [(t.text, t.resumed) for t in harness.turns] == answered
+    assert harness.turns[0].epoch == harness.pipeline.epoch
 
 
 def test_a_noise_that_cut_the_bot_off_is_followed_by_the_rest_of_the_reply(tmp_path):
