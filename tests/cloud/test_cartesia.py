@@ -44,6 +44,7 @@ from voxpipe.stages.cartesia_tts import (
     looks_like_float32,
 )
 from voxpipe.stages.cloud import ProviderError
+from voxpipe.stages.tts import LEADING_SILENCE_LEVEL
 from voxpipe.testing.caller import Say
 from voxpipe.testing.fakes.cartesia import ErrorEvent, FakeCartesia
 from voxpipe.testing.fakes.server import Faults
@@ -249,6 +250,18 @@ async def test_words_heard_before_a_pause_in_the_reply_are_kept_when_the_caller_
     cut = result.turns[0]
     assert cut.interrupted
     assert list(cut.heard) == preamble.split(), "every word of the preamble was played before the cut"
+
+
+@pytest.mark.timeout(30)
+async def test_a_soft_first_word_is_heard_though_its_timestamps_came_before_any_audible_audio(tmp_path):
+    # The first word is quieter than the leading silence the TTS base trims, and its timestamps arrive before any
+    # audible audio: its mark must wait for the reply's first audible frame, not go out on no frame and be lost.
+    async with FakeCartesia(quiet_words=1) as fake:
+        built = Built()
+        result = await call(fake, [Say("A table for four?")], tmp_path, built)
+    assert result.outcome == "ended" and built.errors == []
+    assert [t.heard for t in result.turns] == [REPLY.split()], "the soft first word was heard too"
+    assert [m.text for m in result.conversation.messages if m.role == "assistant"] == [REPLY]
 
 
 @pytest.mark.timeout(30)
@@ -701,6 +714,28 @@ async def test_the_fake_speaks_f32_when_asked_and_stamps_words_in_seconds():
     ends = [t for e in events if e.type == "timestamps" for t in e.word_timestamps.end]
     assert ends[-1] == pytest.approx(len(audio) / 4 / 24000, abs=1e-3)
     assert events[-1].type == "done"
+
+
+@pytest.mark.timeout(15)
+async def test_the_fake_speaks_quiet_words_whose_timestamps_come_before_any_audible_audio():
+    from cartesia import AsyncCartesia
+
+    async with FakeCartesia(rtf=0.05, quiet_words=1) as fake:
+        client = AsyncCartesia(api_key=fake.api_key, base_url=fake.url, websocket_base_url=fake.ws_url)
+        async with client.tts.websocket_connect() as connection:
+            fmt = {"container": "raw", "encoding": "pcm_s16le", "sample_rate": RATE}
+            context = connection.context(model_id="sonic-3", voice=VOICE, output_format=fmt, add_timestamps=True)
+            await context.push("Hmm, let me see.")
+            await context.no_more_inputs()
+            async with asyncio.timeout(5):
+                events = [event async for event in context.receive()]
+        await client.close()
+    stamped = next(i for i, e in enumerate(events) if e.type == "timestamps")
+    assert events[stamped].word_timestamps.words == ["Hmm,"]
+    before = np.frombuffer(b"".join(e.audio for e in events[:stamped] if e.type == "chunk"), dtype="<i2")
+    assert before.size and np.abs(before).max() < LEADING_SILENCE_LEVEL * 32767, "trimmed as leading silence"
+    after = np.frombuffer(b"".join(e.audio for e in events[stamped:] if e.type == "chunk"), dtype="<i2")
+    assert np.abs(after).max() > 3000, "the other words are spoken aloud"
 
 
 # ----------------------------------------------------------------------------------- the pieces, offline

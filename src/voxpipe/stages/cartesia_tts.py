@@ -15,8 +15,10 @@ base64, whole samples, really ``pcm_s16le``); ``timestamps`` → word marks; ``d
 :class:`ProviderError` with Cartesia's message. Cartesia sends audio and timestamps as separate messages, in either
 order, so a word's mark waits until the audio holding its end has arrived (:class:`PendingMarks`), then travels on that
 audio's frame, or at once on an empty frame if the timestamps came after it: the output counts a word as heard only if
-its mark reached it before the cut, so a mark must not wait for audio that a pause in the reply holds back. At ``done``
-the marks left are clamped to the audio received (timestamps rounded past the last sample must not cost the last word).
+its mark reached it before the cut, so a mark must not wait for audio that a pause in the reply holds back. Before the
+reply's first audible audio nothing has gone out (the base trims leading silence, frame and all), so marks wait for it
+and travel on its frame: a soft first word must not be lost. At ``done`` the marks left are clamped to the audio
+received (timestamps rounded past the last sample must not cost the last word), or dropped if nothing was audible.
 
 Timeouts. Every network wait is bounded: the handshake (``connect_timeout_s``), the first audio after the first
 text was pushed (``first_audio_timeout_s``), and each read while audio is due (``read_timeout_s`` from the first
@@ -609,10 +611,11 @@ class CartesiaTTS(StreamingTTSStage):
             await self._play(reply, decode_audio(getattr(event, "data", None)))
         elif kind == "timestamps":
             reply.marks.add(word_marks(getattr(event, "word_timestamps", None), self.produces_rate))
-            await self._hand_out(reply, reply.marks.take(reply.received))  # marks that trailed their audio
+            if reply.audible:  # until then they stay pending: the first audible frame takes them (_play)
+                await self._hand_out(reply, reply.marks.take(reply.received))  # marks that trailed their audio
         elif kind == "done":
             reply.settled = True
-            await self._hand_out(reply, reply.marks.drain(reply.received))
+            await self._hand_out(reply, reply.marks.drain(reply.received))  # none if never audible: nothing was heard
             return True
         elif kind == "error":
             reply.settled = True

@@ -14,8 +14,10 @@ between pieces); complete words are spoken as they arrive, the rest once ``conti
 :func:`voxpipe.testing.signals.speechlike` at pitch ``f0``: the first chunk goes out ``ttfa_s`` after the context's
 first input, then ``chunk_s`` pieces at real-time factor ``rtf`` (0.5: twice as fast as real time). A word's
 timestamps go out after the chunk that holds its end — timestamps trail the audio, as they do from a synthesiser
-that knows where a word ends only once it has made it. A cancel stops the context at once: nothing more is sent
-for it.
+that knows where a word ends only once it has made it. ``quiet_words`` speaks the first that many words of each
+context's first piece softly (peak about -50 dBFS, below the level voxpipe trims as leading silence), as a breathy
+start: their timestamps go out before any audible audio (while a chunk is shorter than the pause after a word). A
+cancel stops the context at once: nothing more is sent for it.
 
     async with FakeCartesia() as fake:
         client = AsyncCartesia(api_key=fake.api_key, base_url=fake.url, websocket_base_url=fake.ws_url)
@@ -115,6 +117,7 @@ class FakeCartesia(FakeServer):
         chunk_s: float = 0.04,
         f0: float = 200.0,
         rate: float = 1.15,
+        quiet_words: int = 0,
         drop_connections: int = 1,
         corrupt_after: int = 0,
         bad_audio: BadAudio = "base64",
@@ -127,6 +130,7 @@ class FakeCartesia(FakeServer):
         self.chunk_s = chunk_s
         self.f0 = f0
         self.rate = rate
+        self.quiet_words = quiet_words
         self.drop_connections = drop_connections
         self.corrupt_after = corrupt_after
         self.bad_audio = bad_audio
@@ -283,6 +287,8 @@ class FakeCartesia(FakeServer):
                     await context.more.wait()
                     continue
                 samples, spans = speechlike(text, rate, f0=self.f0, rate=self.rate)
+                if not position and self.quiet_words and spans:
+                    samples = self._soften(samples, spans[min(self.quiet_words, len(spans)) - 1].end)
                 if position:
                     samples = np.concatenate([gap, samples])
                     spans = [WordSpan(s.word, s.start + len(gap), s.end + len(gap)) for s in spans]
@@ -331,6 +337,13 @@ class FakeCartesia(FakeServer):
             pass
         except (ConnectionError, RuntimeError):
             pass  # the client went away mid-context
+
+    @staticmethod
+    def _soften(samples: np.ndarray, end: int) -> np.ndarray:
+        """``samples`` with the first ``end`` brought down to a peak of about -50 dBFS (100 of 32767)."""
+        quiet = samples.astype(np.float32)
+        quiet[:end] *= 100 / max(1, int(np.abs(quiet[:end]).max(initial=0)))
+        return quiet.astype(np.int16)
 
     @staticmethod
     def _take_ready(context: _Context) -> str:
