@@ -2,6 +2,7 @@ import asyncio
 import gc
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.helpers import Collect
@@ -23,10 +24,13 @@ from voxpipe.pipeline import (
     SpeakableChunk,
     Stage,
     TextDelta,
+    TTSAudioFrame,
     VirtualClock,
+    WordMark,
 )
 from voxpipe.pipeline.errors import StrayCancellation
 from voxpipe.pipeline.heap import HEAP
+from voxpipe.stages.tts import StreamingTTSStage
 from voxpipe.transports.paced import PacedStage
 
 
@@ -323,6 +327,49 @@ def test_interrupt_overtakes_queued_data_and_cancels_stale_work():
     assert [f.text for f in slow.cancelled] == ["old0"]
 
 
+class ToyStreamingTTS(StreamingTTSStage):
+    """A third-party provider: its receiver hands every piece it gets to emit_audio(), of whatever reply."""
+
+    async def open_reply(self, epoch: int) -> None:
+        pass
+
+    async def send_text(self, epoch: int, text: str) -> bool:
+        return True
+
+    async def finish_reply(self, epoch: int) -> None:
+        pass
+
+    async def cancel_reply(self, epoch: int) -> None:
+        pass
+
+
+def test_audio_of_a_cut_reply_does_not_restart_the_timeline_of_the_reply_under_way():
+    loud = np.full(1600, 3000, np.int16).tobytes()
+    pause = bytes(1600)  # 800 silent samples
+    clock = VirtualClock()
+    tts, sink = ToyStreamingTTS(AudioFormat(16000), name="tts"), Collect()
+    pipeline = Pipeline([Stage(name="head"), tts, sink], clock=clock)
+
+    async def main() -> int:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await tts.emit_audio(0, loud)
+        epoch = (await pipeline.interrupt(tts)).epoch  # a barge-in: the next reply starts
+        await tts.emit_audio(epoch, loud, (WordMark("one", 0, 1600),))
+        await tts.emit_audio(0, loud)  # the cut reply's receiver hands over one last piece
+        await tts.emit_audio(epoch, pause + loud, (WordMark("two", 2400, 4000),))  # a pause, then word two
+        pipeline.cancel()
+        await run
+        return epoch
+
+    epoch = clock.run(main())
+    replies = [(f.pts, f.samples, f.words) for f in sink.frames if isinstance(f, TTSAudioFrame) and f.epoch == epoch]
+    assert replies == [
+        (0, 1600, (WordMark("one", 0, 1600),)),
+        (1600, 2400, (WordMark("two", 2400, 4000),)),  # on from the first, pause kept: no leading-silence trim
+    ]
+
+
 def test_bounded_queue_applies_back_pressure():
     clock = VirtualClock()
     slow = Slow(0.1)
@@ -570,6 +617,43 @@ class FailsToTick(PacedStage):
         self.ticks += 1
         if self.fail_from is not None and now >= self.fail_from:
             raise ConnectionError("the caller's socket is closed")
+
+
+class FailsOneTick(PacedStage):
+    def __init__(self, policy: ErrorPolicy) -> None:
+        super().__init__(name="output")
+        self.error_policy = policy
+        self.ticks = 0
+
+    async def tick(self, now: float) -> None:
+        self.ticks += 1
+        if self.ticks == 10:
+            raise ConnectionError("the device refused a frame")
+
+
+@pytest.mark.parametrize("policy", list(ErrorPolicy))
+def test_a_tick_failure_the_policy_skips_leaves_the_stage_ticking_and_stop_still_ends_the_call(policy):
+    clock = VirtualClock()
+    output = FailsOneTick(policy)
+    pipeline = Pipeline([Stage(name="head"), output], clock=clock, freeze_heap=False)
+
+    async def main() -> str:
+        run = asyncio.create_task(pipeline.run())
+        await clock.sleep(1.0)
+        if not run.done():
+            await asyncio.wait_for(pipeline.end(), 5)
+        return await asyncio.wait_for(run, 5)
+
+    if policy is ErrorPolicy.STOP:
+        with pytest.raises(ConnectionError, match="refused a frame"):
+            clock.run(main())
+        assert output.ticks == 10, "a stage failed under stop ticks no more"
+    else:
+        assert clock.run(main()) == "ended"
+        assert output.ticks >= 50, "it ticked on, every 20 ms, for the rest of the second"
+    [error] = pipeline.errors
+    assert error.stage == "output" and error.fatal == (policy is ErrorPolicy.STOP)
+    assert pipeline.epoch == (1 if policy is ErrorPolicy.SKIP_TURN else 0), "skip-turn skipped the turn"
 
 
 def test_a_tick_failing_while_its_call_is_cancelled_is_recorded_and_the_metronome_ticks_on():

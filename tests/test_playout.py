@@ -19,6 +19,7 @@ from voxpipe.pipeline import (
     BotStoppedSpeaking,
     Conversation,
     End,
+    ErrorPolicy,
     LLMRequest,
     Pipeline,
     Stage,
@@ -29,6 +30,7 @@ from voxpipe.pipeline import (
     UserSpeechStarted,
     UserSpeechStopped,
     VirtualClock,
+    WordMark,
 )
 from voxpipe.stages.turn import TurnTaker
 from voxpipe.testing import ScriptedCaller, ScriptedLLM, ScriptedTTS
@@ -180,21 +182,24 @@ event = st.one_of(
 @settings(max_examples=80, deadline=None)
 @given(st.lists(event, min_size=1, max_size=12))
 def test_frames_never_overlap_and_each_reply_reports_what_was_played(events: list[tuple[float, str, float]]):
-    sink, _origin, _tick0, _marks = run(events)
+    sink, origin, _tick0, _marks = run(events)
 
     assert_no_overlap(sink)
-    # each BotStoppedSpeaking reports the samples handed over since its BotStartedSpeaking, less what its interrupt
-    # cut from the frame playing at that instant
+    # each reply that played reports its start, then its stop, both with its own epoch (not the next turn's)
+    reports = [f for f in origin.upstream if isinstance(f, BotStartedSpeaking | BotStoppedSpeaking)]
+    assert [type(f) for f in reports] == [BotStartedSpeaking, BotStoppedSpeaking] * (len(reports) // 2)
+    assert all(start.epoch == stop.epoch for start, stop in zip(reports[::2], reports[1::2], strict=True))
+    # each BotStoppedSpeaking reports the samples handed over since the reply before it stopped, less what its
+    # interrupt cut from the frame playing at that instant (its BotStartedSpeaking follows its first frame)
     handed, last = 0, (0.0, 0)
     for entry in sink.log:
         if entry[0] == "play":
             handed, last = handed + entry[2], (entry[1], entry[2])
-        elif entry[0] == "upstream" and isinstance(entry[1], BotStartedSpeaking):
-            handed = 0
         elif entry[0] == "upstream" and isinstance(entry[1], BotStoppedSpeaking):
             stopped = entry[1]
             cut = max(0.0, last[0] + last[1] / RATE - stopped.at) if stopped.interrupted else 0.0
             assert abs(stopped.played * RATE - (handed - cut * RATE)) <= 1
+            handed = 0
 
 
 class _DrainsSlowly(Stage):
@@ -230,6 +235,166 @@ def test_a_hang_up_drains_the_call_without_holding_up_the_metronome():
     assert clock.run(main()) >= 0.7, "the drain took its half second"
     assert len(ticks.lateness) >= 30, "the call's other transport kept ticking through the drain"
     assert max(ticks.lateness) < 0.02, "no tick waited for the drain"
+
+
+# ------------------------------------------------------------------------------------ reports upstream
+
+
+class _SlowReports(Stage):
+    """Passes the output's reports on after ``delay`` (forwarding them to a client's socket, say) and logs them as
+    they go on, to the shared log."""
+
+    def __init__(self, log: list[tuple], delay: float) -> None:
+        super().__init__(name="observer")
+        self.log = log
+        self.delay = delay
+
+    async def process(self, frame, direction):
+        if direction is not DOWNSTREAM and isinstance(frame, BotStartedSpeaking | BotStoppedSpeaking):
+            await self.clock.sleep(self.delay)
+            self.log.append(("upstream", frame))
+        await self.push(frame, direction)
+
+
+def test_an_interrupt_while_the_replys_start_travels_upstream_cuts_it_and_reports_its_stop_after_its_start():
+    # The reply's first audio arrives at 0.005 (a lead-in until the tick at 0.02); its BotStartedSpeaking takes 2 ms
+    # to pass the observer, and the caller's next turn interrupts at 0.006, while it does.
+    clock = VirtualClock()
+    log: list[tuple] = []
+    conversation = Conversation()
+    turns = TurnTaker(conversation)
+    pipeline = Pipeline([turns, _SlowReports(log, 0.002), PlayoutOutput(AUDIO, Sink(log))], clock=clock)
+    pcm = np.full(8000, 3000, dtype=np.int16).tobytes()
+    reply = TTSAudioFrame(epoch=0, pcm=pcm, sample_rate=RATE, pts=0, words=(WordMark("oh", 0, 8),))
+
+    async def speak() -> None:  # the TTS's worker
+        await turns.push(LLMRequest(epoch=0))
+        await turns.push(reply)
+        await turns.push(TTSDone(epoch=0))
+
+    async def main() -> list[tuple[str, str]]:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.005)
+        speaking = asyncio.create_task(speak())
+        await clock.sleep(0.001)
+        await turns.interrupt("new-turn")
+        kept = [(m.role, m.text) for m in conversation.messages]  # what the next turn's request would carry
+        await clock.sleep(1.0)
+        await speaking
+        pipeline.cancel()
+        await running
+        return kept
+
+    kept = clock.run(main())
+    assert [entry[:3] for entry in log if entry[0] != "upstream"] == [("play", approx(0.005), 240), ("cut", 0.006)]
+    started, stopped = [entry[1] for entry in log if entry[0] == "upstream"]
+    assert isinstance(started, BotStartedSpeaking) and isinstance(stopped, BotStoppedSpeaking), "in that order"
+    assert stopped.interrupted and round(stopped.played * RATE) == 16 and stopped.heard == ("oh",)
+    assert kept == [("assistant", "oh")], "the reply as heard is in the conversation when the interrupt returns"
+    assert not turns.bot_speaking
+
+
+def test_a_tick_never_waits_for_the_reports_upstream():
+    # Each report takes 50 ms to pass the observer; the reply starts on a tick and ends on one.
+    clock = VirtualClock()
+    log: list[tuple] = []
+    ticks = _TickTimes()
+    pipeline = Pipeline([ticks, _SlowReports(log, 0.05), PlayoutOutput(AUDIO, Sink(log))], clock=clock)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.04)  # a tick is due right then
+        await ticks.push(audio(0, 0.1))
+        await ticks.push(TTSDone(epoch=0))
+        await clock.sleep(0.5)
+        pipeline.cancel()
+        await running
+
+    clock.run(main())
+    assert len(ticks.lateness) >= 25
+    assert max(ticks.lateness) < 0.001, "no tick waited for a report to pass the observer"
+    reports = [entry[1] for entry in log if entry[0] == "upstream"]
+    assert [type(f) for f in reports] == [BotStartedSpeaking, BotStoppedSpeaking]
+    assert reports[0].at == approx(0.04) and reports[1].at == approx(0.14) and not reports[1].interrupted
+
+
+def test_a_report_that_a_stage_fails_on_under_skip_turn_cuts_its_reply_and_the_stop_follows():
+    # The stage's skip-turn interrupt comes back to the output while that very report is on its way: the interrupt
+    # must not wait for it (it never would), and the reply's stop still goes up after it.
+    class RefusesStarts(Stage):
+        error_policy = ErrorPolicy.SKIP_TURN
+
+        async def process(self, frame, direction):
+            if isinstance(frame, BotStartedSpeaking):
+                raise ConnectionError("the client's socket is gone")
+            await self.push(frame, direction)
+
+    clock = VirtualClock()
+    log: list[tuple] = []
+    origin, sink = Origin(log), Sink(log)
+    pipeline = Pipeline([origin, RefusesStarts(name="observer"), PlayoutOutput(AUDIO, sink)], clock=clock)
+
+    async def main() -> None:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.001)
+        await origin.receive(audio(0, 0.2), DOWNSTREAM)
+        await origin.receive(TTSDone(epoch=0), DOWNSTREAM)
+        await clock.sleep(0.5)
+        pipeline.cancel()
+        await asyncio.wait_for(running, 5)
+
+    clock.run(main())
+    assert sink.plays == [(approx(0.001), 304)] and sink.cuts == [approx(0.001)], "cut by the interrupt, at once"
+    error, stopped = origin.upstream
+    assert error.stage == "observer" and isinstance(stopped, BotStoppedSpeaking) and stopped.interrupted
+    assert pipeline.epoch == 1
+
+
+def test_the_reports_of_a_reply_cut_by_the_next_turn_carry_the_replys_epoch():
+    sink, origin, _tick0, _marks = run([(0.0, "audio", 0.2), (0.05, "interrupt", 0)])
+
+    assert sink.cuts == [approx(0.051)]
+    assert [(type(f), f.epoch) for f in origin.upstream] == [(BotStartedSpeaking, 0), (BotStoppedSpeaking, 0)]
+
+
+class _FailsOnce(Sink):
+    """A sink whose device refuses one frame (the first a tick hands over), then recovers."""
+
+    def play(self, at: float, pcm: bytes) -> None:
+        if sum(1 for entry in self.log if entry[0] == "refused") == 0 and at == approx(0.02):
+            self.log.append(("refused", at))
+            raise OSError("device busy")
+        super().play(at, pcm)
+
+
+def test_a_frame_the_sink_refuses_under_skip_frame_is_dropped_and_the_call_plays_on():
+    clock = VirtualClock()
+    log: list[tuple] = []
+    origin = Origin(log)
+    output = PlayoutOutput(AUDIO, _FailsOnce(log))
+    output.error_policy = ErrorPolicy.SKIP_FRAME
+    pipeline = Pipeline([origin, output], clock=clock)
+
+    async def main() -> str:
+        running = asyncio.create_task(pipeline.run())
+        await clock.sleep(0.001)
+        await origin.receive(audio(0, 0.1), DOWNSTREAM)
+        await origin.receive(TTSDone(epoch=0), DOWNSTREAM)
+        await clock.sleep(0.5)
+        epoch = (await origin.interrupt("new-turn")).epoch
+        await origin.receive(audio(epoch, 0.3), DOWNSTREAM)  # the next turn's reply
+        await origin.receive(TTSDone(epoch=epoch), DOWNSTREAM)
+        await clock.sleep(0.5)
+        await asyncio.wait_for(pipeline.end(), 5)
+        return await asyncio.wait_for(running, 5)
+
+    assert clock.run(main()) == "ended", "the output drained"
+    [error] = pipeline.errors
+    assert error.stage == "output" and not error.fatal and "device busy" in error.error
+    first, second = [f for f in origin.upstream if isinstance(f, BotStoppedSpeaking)]
+    assert round(first.played * RATE) == 1600 - 320, "the refused frame is not reported played"
+    assert round(second.played * RATE) == 4800, "the next reply played in full"
+    assert sum(entry[2] for entry in log if entry[0] == "play") == 1600 - 320 + 4800
 
 
 # --------------------------------------------------------------------------- a reply's end, whenever it comes

@@ -88,8 +88,12 @@ class TTSStage(QueuedStage):
         ``marks`` count samples from the start of the reply's audio as the provider produced it; this places the
         frame on the reply's timeline (``pts``), drops the reply's leading silence, marks ``tts.first_audio``, and
         carries an odd byte over to the next piece (network chunks need not end on a sample boundary). The marks of
-        a piece that is all leading silence go out with the reply's first audible frame.
+        a piece that is all leading silence go out with the reply's first audible frame. Audio of a reply an
+        interrupt has cut (a provider's receiver handing over a last piece) is dropped here: it would restart the
+        timeline of the reply under way.
         """
+        if epoch < self.epoch:
+            return
         audio = self.produces
         assert audio is not None
         if epoch != self._reply_epoch:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from voxpipe.pipeline import AudioFormat, Direction, Frame, Stage, Start
+import asyncio
+
+from voxpipe.pipeline import AudioFormat, Direction, ErrorPolicy, Frame, Stage, Start
+from voxpipe.pipeline.errors import as_failure
 
 
 def samples_per_period(audio: AudioFormat, period: float, name: str) -> int:
@@ -23,7 +26,8 @@ class PacedStage(Stage):
     Ticking begins when the :class:`Start` frame arrives — after every stage's ``start()`` has finished (models
     loaded), so no audio flows, and no tick is counted late, while the pipeline is still getting ready. The call's
     stages share one metronome slot (``group=pipeline``), so a call's input and output tick together. A tick that
-    raises is this stage's failure, handled by its error policy like any other.
+    raises is this stage's failure, handled by its error policy like any other: under ``skip-frame`` and
+    ``skip-turn`` the stage ticks on (what the tick was doing is what is skipped), under ``stop`` it ticks no more.
     """
 
     def __init__(self, *, period: float = 0.02, name: str | None = None) -> None:
@@ -35,13 +39,24 @@ class PacedStage(Stage):
         if isinstance(frame, Start) and not self._ticking:
             self._ticking = True
             metronome = self.clock.metronome(self.period)
-            ticking = metronome.ticking(self.tick, self._tick_failed, group=self.pipeline)
+            ticking = metronome.ticking(self._tick, self._tick_failed, group=self.pipeline)
             self.spawn(ticking, name=f"{self.name}-ticks")
         await super().receive(frame, direction)
 
     async def tick(self, now: float) -> None:
         """One period is due at clock time ``now``."""
         raise NotImplementedError
+
+    async def _tick(self, now: float) -> None:
+        try:
+            await self.tick(now)
+        except (Exception, asyncio.CancelledError) as exc:
+            failure = as_failure(exc)  # re-raises the metronome's own cancellation
+            if self.error_policy is ErrorPolicy.STOP or self.pipeline.stopping:
+                raise  # the call is ending: the metronome drops this stage and hands the failure to _tick_failed
+            # Skipped, the call goes on: the metronome must keep ticking this stage (it drops a subscriber whose
+            # tick raises), or the output would be silent for the rest of the call and the drain would never end.
+            self._tick_failed(failure)
 
     def _tick_failed(self, exc: Exception) -> None:
         # Called in the metronome's task, which every call on the clock shares: the error policy (a skip-turn

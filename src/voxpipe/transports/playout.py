@@ -7,11 +7,18 @@ follow it without a gap, up to the tick. Either way the ticks carry on from ther
 flushed, the frame playing at that instant is cut at that instant, and the output reports exactly which samples (and
 so which words) the caller heard. A late frame of the interrupted reply never reaches the buffer: the stage's epoch
 gate drops it.
+
+The reports (:class:`BotStartedSpeaking`, :class:`BotStoppedSpeaking`) go upstream in the order they happened, one
+at a time, from a task of the output's own: a tick or a provider handing over audio never waits on the stages
+upstream, and nothing that happens while a report travels (an interrupt) finds the playout half updated. An
+interrupt returns only once every report made before it has arrived, its own reply's stop included: the turn-taker
+keeps the reply as heard ahead of the caller's next turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Protocol
 
 from voxpipe.pipeline import (
@@ -69,6 +76,12 @@ class PlayoutOutput(PacedStage):
         self._next_tick: float | None = None  # when the next tick is due, once ticking
         self._playing_until = float("-inf")  # when the last frame handed to the sink ends (or was cut)
         self._drained: asyncio.Future[None] | None = None
+        # Reports made and not yet sent upstream. Whoever made one sends it: a tick or arriving audio soon, from
+        # the output's own task (_send_reports_soon); an interrupt or the end of the call at once (_send_reports).
+        self._reports: deque[BotStartedSpeaking | BotStoppedSpeaking] = deque()
+        self._reporting = asyncio.Lock()  # one report on its way at a time: none overtakes another
+        self._reporting_in: asyncio.Task[None] | None = None  # the task sending one now
+        self._reporter: asyncio.Task[None] | None = None  # the output's own task sending them
         self.played_frames = 0
 
     # ----------------------------------------------------------------------------------- frames
@@ -78,7 +91,8 @@ class PlayoutOutput(PacedStage):
             await self.push(frame, direction)
         elif isinstance(frame, TTSAudioFrame):
             self._enqueue(frame)
-            await self._lead_in()
+            self._lead_in()
+            self._send_reports_soon()  # the provider's worker goes back to its stream at once
         elif isinstance(frame, LLMRequest):
             # A reply is owed from now on: cut before any of it plays, it is still reported (interrupted).
             if frame.epoch != self._reply_epoch:
@@ -96,6 +110,7 @@ class PlayoutOutput(PacedStage):
             if self._buffer or self._started:
                 self._drained = asyncio.get_running_loop().create_future()
                 await self._drained
+            await self._send_reports()  # the reply's stop reaches the turn-taker before the call ends
             await self.push(frame)
         else:
             await self.push(frame, direction)
@@ -114,18 +129,22 @@ class PlayoutOutput(PacedStage):
         self._marks.extend(frame.words)
 
     async def tick(self, now: float) -> None:
+        # Nothing here awaits: the metronome every call shares waits for the tick, and an interrupt can only come
+        # between two ticks, never halfway through one.
         self._next_tick = now + self.period
         n = min(len(self._buffer), self._frame_bytes)
         if n == 0:
             if self._tts_done and self._started and self._last is not None:
                 at, samples = self._last
-                await self._finish(at + samples / self._rate, interrupted=False)
+                self._finish(at + samples / self._rate, interrupted=False)
+                self._send_reports_soon()
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
             return
-        await self._play(now, n)
+        self._play(now, n)
+        self._send_reports_soon()
 
-    async def _lead_in(self) -> None:
+    def _lead_in(self) -> None:
         """Play the buffer up to the next tick, unless that tick is due (a late tick must not play on top of it):
         right after the reply's audio playing now, so a short first frame leaves no hole, or at once if nothing
         plays. A frame of another reply still playing holds it back."""
@@ -143,9 +162,9 @@ class PlayoutOutput(PacedStage):
         if samples > 0 and (follows or samples >= round(_MIN_LEAD_IN_S * self._rate)):
             n = min(len(self._buffer), samples * self._sample_bytes)
             if n:
-                await self._play(due - samples / self._rate, n, follows=follows)
+                self._play(due - samples / self._rate, n, follows=follows)
 
-    async def _play(self, at: float, n: int, *, follows: bool = False) -> None:
+    def _play(self, at: float, n: int, *, follows: bool = False) -> None:
         """Hand the buffer's first ``n`` bytes to the sink, to play from ``at``; ``follows``: right after the
         reply's audio playing now, which an interrupt then cuts as one with them."""
         pcm = bytes(self._buffer[:n])
@@ -153,12 +172,8 @@ class PlayoutOutput(PacedStage):
         samples = n // self._sample_bytes
         epoch = self._reply_epoch
         assert epoch is not None
-        if not self._started:
-            self._started = True
-            self.mark("out.first_play", epoch, at=at)
-            await self.push(BotStartedSpeaking(epoch=self.epoch, at=at), Direction.UPSTREAM)
         if self.sink is not None:
-            self.sink.play(at, pcm)
+            self.sink.play(at, pcm)  # first: a sink that fails drops the frame, and nothing counts it as played
         if follows and self._last is not None:
             self._last = (self._last[0], self._last[1] + samples)
         else:
@@ -166,6 +181,10 @@ class PlayoutOutput(PacedStage):
         self._playing_until = at + samples / self._rate
         self._played += samples
         self.played_frames += 1
+        if not self._started:
+            self._started = True
+            self.mark("out.first_play", epoch, at=at)
+            self._reports.append(BotStartedSpeaking(epoch=epoch, at=at))
 
     @property
     def _rate(self) -> int:
@@ -183,29 +202,32 @@ class PlayoutOutput(PacedStage):
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
         epoch = self._reply_epoch
-        if epoch is None or epoch >= interrupt.epoch:
-            return
-        await self._end_reply(self.clock.now())
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        if epoch is not None and epoch < interrupt.epoch:
+            self._end_reply(self.clock.now())
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+        # Whatever was reported before the interrupt arrives before it goes on (a reply that ended at the last
+        # tick too): the turn-taker keeps the reply as heard ahead of the caller's next turn.
+        await self._send_reports()
 
     async def stop(self) -> None:
         # The call ends (hung up, cancelled, failed) while a reply is owed: the end of the call cuts it like a
         # barge-in, so the trace and the conversation keep what the caller heard, not the whole reply as if spoken.
         if self._reply_epoch is not None:
-            await self._end_reply(self.clock.now())
+            self._end_reply(self.clock.now())
+        await self._send_reports()  # the stages upstream stop after this one: they still hear it
         await super().stop()
 
-    async def _end_reply(self, now: float) -> None:
+    def _end_reply(self, now: float) -> None:
         """The reply owed ends at ``now``: played in full, cut while playing, or cut before any of it played."""
         epoch = self._reply_epoch
         assert epoch is not None
         if self._started and self._tts_done and not self._buffer and now >= self._playing_until:
             # Played in full: the tick that reports it is just not due yet. Nothing was cut.
-            await self._finish(self._playing_until, interrupted=False)
+            self._finish(self._playing_until, interrupted=False)
         elif self._started:
             self._cut(now)
-            await self._finish(now, interrupted=True)
+            self._finish(now, interrupted=True)
         else:
             # Cut before its first sample played (still being generated, or waiting for the tick): the turn ends
             # here, with nothing heard, not at the end of the call.
@@ -225,7 +247,7 @@ class PlayoutOutput(PacedStage):
                     self.sink.cut(now)
             self._playing_until = min(self._playing_until, now)
 
-    async def _finish(self, at: float, *, interrupted: bool) -> None:
+    def _finish(self, at: float, *, interrupted: bool) -> None:
         epoch = self._reply_epoch
         assert epoch is not None
         heard = tuple(m.word for m in self._marks if m.end <= self._played)
@@ -233,5 +255,30 @@ class PlayoutOutput(PacedStage):
         self._started, self._tts_done, self._last, self._marks = False, False, None, []
         self._reply_epoch = None
         self.mark("out.interrupted" if interrupted else "out.done", epoch, at=at, heard=list(heard), played_s=played_s)
-        stopped = BotStoppedSpeaking(epoch=self.epoch, at=at, interrupted=interrupted, heard=heard, played=played_s)
-        await self.push(stopped, Direction.UPSTREAM)
+        self._reports.append(
+            BotStoppedSpeaking(epoch=epoch, at=at, interrupted=interrupted, heard=heard, played=played_s)
+        )
+
+    # ------------------------------------------------------------------------------- reports upstream
+
+    def _send_reports_soon(self) -> None:
+        """Send the reports made so far from a task of the output's own: a tick, or a provider's worker handing
+        over audio, does not wait for the stages upstream (and a worker an interrupt cancels cannot lose one)."""
+        if self._reports and (self._reporter is None or self._reporter.done()):
+            self._reporter = self.spawn(self._send_reports(), name=f"{self.name}-reports")
+
+    async def _send_reports(self) -> None:
+        """Send the reports made so far upstream, in order and one at a time; return once all have arrived (or
+        are on their way from this very task)."""
+        me = asyncio.current_task()
+        if self._reporting_in is me:
+            # A report on its way raised this (a stage upstream failed on it, under skip-turn, and interrupted):
+            # waiting for it here would wait forever. The rest follows once it has arrived.
+            return
+        async with self._reporting:
+            self._reporting_in = me
+            try:
+                while self._reports:
+                    await self.push(self._reports.popleft(), Direction.UPSTREAM)
+            finally:
+                self._reporting_in = None
