@@ -370,6 +370,25 @@ def test_audio_of_a_cut_reply_does_not_restart_the_timeline_of_the_reply_under_w
     ]
 
 
+def test_the_words_of_a_piece_trimmed_as_leading_silence_join_the_first_audible_frame_as_words():
+    clock = VirtualClock()
+    tts, sink = ToyStreamingTTS(AudioFormat(16000), name="tts"), Collect()
+    pipeline = Pipeline([Stage(name="head"), tts, sink], clock=clock)
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        await tts.emit_audio(0, bytes(640), (WordMark("Hmm,", 0, 320),), "Hmm,")  # a soft word, trimmed whole
+        await tts.emit_audio(0, np.full(1600, 3000, np.int16).tobytes(), (WordMark("four", 320, 1920),), "four")
+        pipeline.cancel()
+        await run
+
+    clock.run(main())
+    [frame] = [f for f in sink.frames if isinstance(f, TTSAudioFrame)]
+    assert frame.text == "Hmm, four"
+    assert [m.word for m in frame.words] == ["Hmm,", "four"]
+
+
 def test_bounded_queue_applies_back_pressure():
     clock = VirtualClock()
     slow = Slow(0.1)

@@ -109,7 +109,8 @@ class TTSStage(QueuedStage):
             self._trimmed += dropped
             held_marks, held_text = self._held
             marks = held_marks + marks  # marks that came with silence trimmed whole: their words are still to come
-            text = held_text + text if text != held_text else text  # a chunk's pieces share its text
+            if text != held_text:  # a chunk's pieces share its text; a stream's frames carry their own words
+                text = " ".join(part for part in (held_text, text) if part)
             if not pcm:
                 self._held = (marks, text)
                 return
