@@ -12,6 +12,7 @@ import socket as socket_module
 import subprocess
 import sys
 import threading
+import time
 import wave
 from typing import Any
 
@@ -328,7 +329,11 @@ def test_a_missing_api_key_is_a_config_error_before_any_connection(tmp_path, mon
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("corrupt", "problem"),
-    [("malformed-json", "malformed JSON"), ("unknown-event", "unknown type"), ("bad-audio", "binary data")],
+    [
+        ("malformed-json", "malformed JSON"),
+        ("unknown-event", "unknown type 'SpeechPaused'"),
+        ("bad-audio", "binary data"),
+    ],
 )
 async def test_a_broken_message_is_reported_and_the_call_continues(tmp_path, corrupt, problem):
     line = "When do you open?"
@@ -377,7 +382,7 @@ async def test_a_socket_gone_quiet_after_a_finalize_is_reconnected_after_result_
     assert user_texts(result) == [line], "the new socket heard the replayed utterance and answered its Finalize"
     assert stages.stt.stats.reconnects == 1 and stages.stt.stats.finalize_timeouts == 0
     [error] = stages.stt.pipeline.errors
-    assert not error.fatal and "no message within 0.5 s of a Finalize (stalled)" in error.error
+    assert not error.fatal and "no answer to a Finalize within 0.5 s (stalled)" in error.error
 
 
 @pytest.mark.timeout(30)
@@ -871,3 +876,313 @@ async def test_all_audio_sent_is_counted_once_with_or_without_a_turn_taker(turn_
     assert stt.stats.audio_s > 2.0
     handed_over = [t.usage for t in stt.transcripts if t.final and t.usage]
     assert len(handed_over) == (2 if turn_taker else 0), "a final carries its audio only to a turn-taker"
+
+
+# ------------------------------------------------------------- stall evidence, delivery across reconnects (2026-11)
+
+
+@pytest.mark.timeout(40)
+async def test_messages_a_hung_server_had_already_written_do_not_hide_that_it_hung(tmp_path):
+    line = "I would like to book a table for four tonight."
+    # The first connection hangs at the Finalize; the interim results it wrote in the 0.25 s before (latency_s) are
+    # still on their way, and arrive after the Finalize went out.
+    async with FakeDeepgram(utterances=[line], deaf_connections=1, latency_s=0.25) as fake:
+        stages = Stages()
+        result = await call(
+            fake, [Say(line, pause=0.3)], tmp_path, stages, endpointing=None, result_timeout_s=0.5, finalize_timeout_s=5
+        )
+    assert [s.data["type"] for s in fake.of("in-flight")][:1] == ["Results"], "a message came after the Finalize"
+    finalize = next(s for s in fake.of("message") if s.data.get("type") == "Finalize")
+    _, second = fake.of("connect")
+    assert second.at - finalize.at < 1.5, "replaced result_timeout_s after the Finalize, not at the finalize timeout"
+    assert user_texts(result) == [line], "the new socket heard the replayed utterance and answered its Finalize"
+    assert stages.stt.stats.reconnects == 1 and stages.stt.stats.finalize_timeouts == 0
+    [error] = stages.stt.pipeline.errors
+    assert not error.fatal and "no answer to a Finalize within 0.5 s (stalled)" in error.error
+
+
+class DropsAfterAnswering(FakeDeepgram):
+    """The first connection drops abruptly 0.1 s after it writes the answer to its first Finalize."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.first: Any = None
+
+    async def _listen(self, request: Any) -> Any:
+        if self.first is None:
+            self.first = request
+        return await super()._listen(request)
+
+    async def _control(self, socket: Any, stream: Any, text: str) -> bool:
+        if stream.number == 1 and '"Finalize"' in text and not sent(self, "Finalize"):
+
+            def drop() -> None:
+                self.record("dropped")
+                self.first.transport.abort()
+
+            asyncio.get_running_loop().call_later(self.latency_s + 0.1, drop)
+        return await super()._control(socket, stream, text)
+
+
+class SlowOverFinals(Stage):
+    """Takes 0.3 s over each final transcript: a stage downstream that awaits (an interrupt's clean-up, a full
+    inbox) while the final is on its way."""
+
+    def __init__(self) -> None:
+        super().__init__(name="slow")
+        self.finals: list[tuple[str, float, float]] = []  # text, and when (monotonic) it arrived and went on
+
+    async def process(self, frame: Frame, direction: Any) -> None:
+        if isinstance(frame, Transcript) and frame.final:
+            arrived = time.monotonic()
+            await asyncio.sleep(0.3)
+            self.finals.append((frame.text, arrived, time.monotonic()))
+        await self.push(frame, direction)
+
+
+@pytest.mark.timeout(40)
+async def test_a_final_on_its_way_downstream_when_the_socket_drops_still_arrives():
+    lines = ["A table for four tonight.", "At eight, please."]
+    async with DropsAfterAnswering(utterances=lines) as fake:
+        caller = ScriptedCaller([Say(line, pause=0.3) for line in lines], RATE, reply_timeout=0.3)
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, endpointing=None), api_key=fake.api_key)
+        slow, conversation = SlowOverFinals(), Conversation("test")
+        stages = [SimulatedInput(caller, AUDIO), ScriptedVAD(AUDIO), stt, slow, TurnTaker(conversation), Sink()]
+        assert await Pipeline(stages, clock=RealClock()).run() == "ended"
+    [dropped] = fake.of("dropped")
+    assert stt.stats.reconnects == 1
+    (first, arrived, went_on), *_ = slow.finals
+    assert first == lines[0] and arrived < dropped.at < went_on, "the socket dropped while the final was on its way"
+    assert [text for text, *_ in slow.finals] == lines
+    assert [m.text for m in conversation.messages if m.role == "user"] == lines
+
+
+class GateOnFirstFinal(Stage):
+    """Holds the first final transcript until ``release`` is set: the frames after it queue up behind it."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gate")
+        self.release = asyncio.Event()
+        self.finals: list[str] = []
+
+    async def process(self, frame: Frame, direction: Any) -> None:
+        if isinstance(frame, Transcript) and frame.final:
+            if not self.finals:
+                await self.release.wait()
+            self.finals.append(frame.text)
+        await self.push(frame, direction)
+
+
+@pytest.mark.timeout(40)
+async def test_stop_still_delivers_the_finals_already_made():
+    lines = ["A table for four tonight.", "At eight, please."]
+    async with FakeDeepgram(utterances=lines) as fake:
+        caller = ScriptedCaller([Say(line, pause=0.3) for line in lines], RATE, reply_timeout=0.3)
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url), api_key=fake.api_key)
+        gate, conversation = GateOnFirstFinal(), Conversation("test")
+        stages = [SimulatedInput(caller, AUDIO), ScriptedVAD(AUDIO), stt, gate, TurnTaker(conversation), Sink()]
+        pipeline = Pipeline(stages, clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        # The second answer is written while the gate holds the first final: the stage reads it before the close
+        # that stopping asks for, and its final queues up behind the first.
+        await fake.wait_for("answered", lambda s: len(fake.of("answered")) == 2, within_s=20)
+        pipeline.cancel()
+        asyncio.get_running_loop().call_later(0.2, gate.release.set)  # within close_timeout_s
+        assert await run == "cancelled"
+    assert gate.finals == lines, "the queued final went downstream as the stage stopped, in order"
+    assert pipeline.usage.totals["stt"]["audio_seconds"] == pytest.approx(stt.stats.audio_s)
+
+
+@pytest.mark.timeout(40)
+async def test_a_finalize_given_up_at_its_timeout_and_never_answered_still_makes_the_socket_a_stalled_one(tmp_path):
+    """The final goes out on its timeout, and no answer is paired with that Finalize any more; but a server that never
+    shows it processed it has hung, and is replaced (else every later utterance would wait out its timeout)."""
+    line = "A table for four tonight."
+    # The Finalize's answer is held back (late_answers=1) until a next Finalize, which never comes: nothing follows.
+    async with FakeDeepgram(utterances=[line], late_answers=1) as fake:
+        stages = Stages()
+        await call(
+            fake,
+            [Say(line, pause=0.3), Silence(2.5)],
+            tmp_path,
+            stages,
+            endpointing=None,
+            utterance_end_ms=None,
+            interim_results=False,
+            finalize_timeout_s=0.5,
+            result_timeout_s=1.0,
+        )
+    assert fake.of("held") and len(fake.of("connect")) == 2, "replaced: the Finalize was never answered"
+    stt = stages.stt
+    assert stt.stats.finalize_timeouts == 1 and stt.stats.reconnects == 1
+    timed_out, stalled = stages.errors
+    assert "no final result within 0.5 s" in timed_out
+    assert "no answer to a Finalize within 1 s (stalled)" in stalled
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("broken", "shown"), [(None, "None"), (42, "42")], ids=["missing", "not-a-string"])
+async def test_a_word_without_usable_text_is_reported_and_its_results_skipped(tmp_path, broken, shown):
+    line = "When do you open?"
+
+    class BrokenWordDeepgram(FakeDeepgram):
+        def _send(self, stream: Any, message: Any, *, answering: float | None = None) -> None:
+            if isinstance(message, dict) and message.get("type") == "Results" and not self.of("broken-word"):
+                words = message["channel"]["alternatives"][0]["words"]
+                if words:
+                    self.record("broken-word")
+                    if broken is None:
+                        del words[0]["word"], words[0]["punctuated_word"]
+                    else:
+                        words[0]["punctuated_word"] = broken
+            super()._send(stream, message, answering=answering)
+
+    async with BrokenWordDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
+    assert fake.of("broken-word") and result.outcome == "ended"
+    assert user_texts(result) == [line], "the results after it carried the words"
+    [error] = stages.stt.pipeline.errors
+    problem = f"Deepgram sent Results without a usable transcript (a word whose text is {shown}); skipped"
+    assert not error.fatal and problem in error.error
+
+
+class EmptyFrameAmongSilence(Stage):
+    """A head stage sending ``frames`` 20 ms frames of silence in real time, the one at ``empty_at`` empty."""
+
+    def __init__(self, frames: int, empty_at: int) -> None:
+        super().__init__(name="head")
+        self.frames, self.empty_at = frames, empty_at
+
+    async def process(self, frame: Frame, direction: Any) -> None:
+        await self.push(frame, direction)
+        if isinstance(frame, Start):
+            self.spawn(self._audio(), name="head-audio")
+
+    async def _audio(self) -> None:
+        pts = 0
+        for index in range(self.frames):
+            pcm = b"" if index == self.empty_at else bytes(640)
+            await self.push(AudioFrame(pcm=pcm, sample_rate=RATE, pts=pts))
+            pts += len(pcm) // 2
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(30)
+async def test_an_empty_audio_frame_is_not_sent_deepgram_would_take_it_for_the_end_of_the_stream():
+    async with FakeDeepgram(utterances=["Hello."]) as fake:
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url), api_key=fake.api_key)
+        pipeline = Pipeline([EmptyFrameAmongSilence(frames=30, empty_at=10), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await fake.wait_for("audio", lambda s: len(fake.of("audio")) >= 29, within_s=10)
+        finally:
+            pipeline.cancel()
+            await run
+    assert [s.data["bytes"] for s in fake.of("audio")] == [640] * 29, "every frame but the empty one, once"
+    assert len(fake.of("connect")) == 1 and stt.stats.reconnects == 0 and not pipeline.errors
+
+
+@pytest.mark.timeout(30)
+async def test_the_fake_takes_a_zero_byte_message_for_deepgrams_legacy_close_signal():
+    from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
+    from websockets.exceptions import ConnectionClosedOK
+
+    noise = (np.random.default_rng(0).uniform(-0.3, 0.3, RATE // 2) * 32767).astype(np.int16).tobytes()
+    got: list[str | None] = []
+    async with FakeDeepgram(utterances=[""]) as fake:
+        env = DeepgramClientEnvironment(base=fake.url, production=fake.ws_url, agent=fake.ws_url, agent_rest=fake.url)
+        client = AsyncDeepgramClient(api_key=fake.api_key, environment=env)
+        async with client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=RATE) as socket:
+            for i in range(0, len(noise), 640):
+                await socket.send_media(noise[i : i + 640])
+            await socket.send_media(b"")
+            with pytest.raises(ConnectionClosedOK) as closed:
+                while True:
+                    got.append(getattr(await asyncio.wait_for(socket.recv(), 5), "type", None))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000, "a normal close"
+    assert got[-2:] == ["Results", "Metadata"], "what it heard finalized, then Metadata, as on CloseStream"
+    assert fake.of("close") and not fake.of("disconnect")
+
+
+@pytest.mark.timeout(30)
+async def test_a_message_the_sdk_cannot_parse_is_reported_saying_what_it_was(tmp_path):
+    line = "When do you open?"
+
+    class OddDeepgram(FakeDeepgram):
+        """Sends JSON that is no object, then a message type Deepgram may add later, before anything else."""
+
+        async def _write(self, request: Any, socket: Any, stream: Any, dropping: bool) -> None:
+            if stream.number == 1:
+                await socket.send_str("[1, 2, 3]")
+                await socket.send_str(json.dumps({"type": "Warning", "description": "audio arrives slowly"}))
+            await super()._write(request, socket, stream, dropping)
+
+    async with OddDeepgram(utterances=[line]) as fake:
+        stages = Stages()
+        result = await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
+    assert user_texts(result) == [line], "the call went on, nothing lost"
+    assert stages.errors == [
+        "stt: Deepgram sent JSON that is no object ('[1, 2, 3]'); skipped it",
+        "stt: Deepgram sent a message of unknown type 'Warning'; skipped it",
+    ]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("keyterms", "on_the_wire"), [(["Luigi", "tiramisu"], ["Luigi", "tiramisu"]), (["Luigi"], "Luigi")]
+)
+async def test_keyterms_reach_the_wire_each_as_a_keyterm_parameter(keyterms, on_the_wire):
+    async with FakeDeepgram(utterances=["Hello."]) as fake:
+        stt = Observed(DeepgramSTTSettings(base_url=fake.ws_url, keyterms=keyterms), api_key=fake.api_key)
+        pipeline = Pipeline([Silent(), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            connect = await fake.wait_for("connect")
+        finally:
+            pipeline.cancel()
+            await run
+    query = connect.data["query"]
+    assert query["keyterm"] == on_the_wire, "a repeated parameter is recorded with all its values"
+    assert query["model"] == "nova-3" and query["language"] == "en"
+
+
+class HangsUpAtTheFirstFinalize(FakeDeepgram):
+    """The first connection closes as its first Finalize arrives, before answering it (its utterance left open);
+    every later handshake takes 1 s: longer than the client's finalize timeout."""
+
+    async def _listen(self, request: Any) -> Any:
+        if self._connections >= 1:
+            await asyncio.sleep(1.0)
+        return await super()._listen(request)
+
+    async def _control(self, socket: Any, stream: Any, text: str) -> bool:
+        if stream.number == 1 and '"Finalize"' in text:
+            self.record("hung-up", connection=stream.number)
+            return True  # the stream is over: the handler closes the socket
+        return await super()._control(socket, stream, text)
+
+
+@pytest.mark.timeout(40)
+async def test_after_an_utterance_given_up_at_its_timeout_the_replay_is_recognised_as_the_next_line(tmp_path):
+    lines = ["A table for four tonight.", "At eight, please."]
+    # The first utterance ends at its timeout, with the interim words, while the stage reconnects: the new socket is
+    # given none of its audio, and the first speech it hears is the second line.
+    async with HangsUpAtTheFirstFinalize(utterances=lines) as fake:
+        stages = Stages()
+        await call(
+            fake,
+            [Say(line, pause=0.3) for line in lines],
+            tmp_path,
+            stages,
+            replies=["Sure.", "Done."],
+            endpointing=None,
+            finalize_timeout_s=0.5,
+        )
+    stt = stages.stt
+    assert fake.of("hung-up") and stt.stats.finalize_timeouts == 1 and stt.stats.reconnects == 1
+    first, second = [t.text for t in stt.transcripts if t.final]
+    assert first and lines[0].startswith(first), "the first ended with the words heard so far"
+    assert second == lines[1], "the second line's audio was recognised as the second line"
+    assert [s.data for s in fake.of("abandoned")] == [{"connection": 1, "utterance": 0}]
+    assert [(u.data["connection"], u.data["utterance"]) for u in fake.of("utterance")] == [(2, 1)]

@@ -19,10 +19,15 @@ dropped instead of leaking into the next one; a result whose audio span ends by 
 answer to a timed-out ``Finalize``, say) is late as a whole: it answers no ``Finalize`` awaited now, and its words are
 reported as dropped. Each utterance's audio seconds go on its final for the turn-taker to count, or, with no
 turn-taker downstream, the stage counts them itself. The stage keeps the audio since the last finalized segment: if the
-socket drops (or stalls: a ``Finalize`` unanswered for ``result_timeout_s``, or a message the socket cannot take
-for ``send_timeout_s``) it reconnects, replays that audio
-and any unanswered ``Finalize``, then carries on live; a refused handshake (401/429/5xx) is never retried in a loop
-but is a :class:`ProviderError` naming the status. ``KeepAlive`` goes out every ``keepalive_s`` while no audio flows.
+socket drops (or stalls: a ``Finalize`` whose answer is awaited and that Deepgram shows no sign of having processed
+for ``result_timeout_s``, or a message the socket cannot take for ``send_timeout_s``) it reconnects, replays that
+audio and any unanswered ``Finalize``, then carries on live; a refused handshake (401/429/5xx) is never retried in a
+loop but is a :class:`ProviderError` naming the status. ``KeepAlive`` goes out every ``keepalive_s`` while no audio
+flows.
+
+The frames the stage makes itself (transcripts; with ``speech_events``, the speech events) go downstream in order from
+a delivery task of the stage's own, which lives across sockets: a reconnect tears down the socket's tasks, never a
+transcript on its way.
 
 Interrupts do not concern this stage: the caller's speech is what interrupts, and its transcript is the next turn.
 """
@@ -70,6 +75,7 @@ RECONNECT_WINDOW_S = 60.0  # more than max_reconnects drops within this long end
 # ms; an answer ends where its Finalize went into the stream, at its utterance's cut). Any later utterance's cut is
 # its speech and the VAD's hang-over further on, so its answer never ends this close.
 _LATE_MARGIN_S = 0.1
+_TIME_STEP_S = 0.001  # Deepgram's times are whole milliseconds
 
 # ------------------------------------------------------------------------------------------------ settings
 
@@ -113,7 +119,11 @@ class DeepgramSTTSettings(CloudSettings):
         "words heard so far (reported)",
     )
     result_timeout_s: float = Field(
-        default=5.0, gt=0, le=60, description="a Finalize unanswered (no message at all) this long: reconnect"
+        default=5.0,
+        gt=0,
+        le=60,
+        description="a Finalize with no sign this long that Deepgram processed it (its answer, or results of the "
+        "audio after it): reconnect",
     )
     send_timeout_s: float = Field(
         default=5.0,
@@ -234,6 +244,10 @@ class PendingFinal:
     sdk_call_at: float | None = None
     answered_at: float | None = None
     timed_out_at: float | None = None  # when finalize_timeout_s ran out, if it did
+    # Its Finalize's place in the stream of the socket it went out on (samples sent before it), and when (loop time):
+    # the stall deadline runs from then until Deepgram shows it processed it.
+    finalize_pos: int = 0
+    finalize_sent_at: float = 0.0
     settled: bool = False  # its final transcript went out
     audio_s: float = 0.0  # seconds of its audio sent to Deepgram (replays included): billed to its turn
     timer: asyncio.Task[None] | None = None
@@ -266,8 +280,12 @@ class _Socket:
     timeline: StreamTimeline
     cursor: int
     finalizes: deque[PendingFinal] = field(default_factory=deque)  # answers awaited (finals not out yet), in order
-    unheard: bool = False  # such a Finalize went out and no message came since: the stall deadline runs
-    reading: asyncio.Timeout | None = None  # the receiver's wait for the next message
+    # Finalizes whose finals went out on their timeout, unanswered: no answer is paired with them any more, but a
+    # server that never showed it processed them is still a stalled one (their stall deadline keeps running).
+    given_up: deque[PendingFinal] = field(default_factory=deque)
+    heard_to: int = 0  # stream samples Deepgram has shown it processed: the furthest end of its Results
+    reading: asyncio.Timeout | None = None  # the receiver's wait for the next message, under the stall deadline
+    frames: _LastFrame | None = None  # the SDK socket's websocket, keeping the last frame received
 
 
 class _ConnectionLost(Exception):
@@ -289,6 +307,55 @@ class DeepgramStats:
 
 def _sdk() -> Any:
     return require_sdk(PROVIDER, "deepgram", "deepgram")
+
+
+class _LastFrame:
+    """Stands in for the SDK socket's websocket (its private ``_websocket``, which :func:`_abort` reads too) and keeps
+    the last frame received: for a message the SDK cannot parse — a type it does not know, JSON that is no object —
+    its ``recv()`` returns None, and the report should say what came. Everything else is the websocket's own (not
+    ``async for``, which the stage does not use)."""
+
+    def __init__(self, websocket: Any) -> None:
+        self.websocket = websocket
+        self.last: str | bytes | None = None
+
+    async def recv(self, *args: Any, **kwargs: Any) -> str | bytes:
+        self.last = await self.websocket.recv(*args, **kwargs)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.websocket, name)
+
+    @classmethod
+    def around(cls, sdk_socket: Any) -> _LastFrame | None:
+        websocket = getattr(sdk_socket, "_websocket", None)
+        if websocket is None:  # another SDK layout: reports then say less
+            return None
+        sdk_socket._websocket = frames = cls(websocket)
+        return frames
+
+
+def _unparsed(raw: str | bytes | None) -> str:
+    """What a message the SDK could not parse was, from its raw frame (None: not kept)."""
+    unknown = "a message this SDK cannot parse (an unknown type or JSON that is no object)"
+    if raw is None:
+        return unknown
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return unknown
+    if isinstance(value, dict):
+        kind = value.get("type")
+        return f"a message of unknown type {kind!r}" if kind is not None else "a message without a type"
+    return f"JSON that is no object ({raw[:60]!r})"
+
+
+def _word_text(word: Any) -> str:
+    """A Results word's text (punctuated with smart_format); ValueError when it has none that is a string."""
+    text = word.punctuated_word or word.word
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"a word whose text is {text!r}")
+    return text
 
 
 def _abort(sdk_socket: Any) -> None:
@@ -357,7 +424,9 @@ class DeepgramSTT(Stage):
         self._finalized_until = 0  # pts up to which Deepgram's is_final results reach
         self._given_until = 0  # pts before which every word went out in a final transcript: later ones are stale
         self._last_partial = ""
-        self._emit_lock = asyncio.Lock()  # finals leave in order, whichever task settles them
+        # The frames the stage makes itself, in order, for the delivery task (which stop() ends).
+        self._outbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self._deliverer: asyncio.Task[None] | None = None
         self._warned_vad = False
         self._reconnected_at: float | None = None  # a reconnect not marked yet: it goes on the next final's turn
         self._speech_start_pts = 0  # speech_events: where the open utterance started
@@ -375,6 +444,7 @@ class DeepgramSTT(Stage):
         # without one (transcription alone, STT straight into a reasoner) would bill nothing: count it here then.
         stages = self.pipeline.stages
         self._hands_over_usage = any(isinstance(s, TurnTaker) for s in stages[stages.index(self) + 1 :])
+        self._deliverer = self.spawn(self._deliver_loop(), name=f"{self.name}-deliver")
         self._start_session()
 
     def _start_session(self) -> None:
@@ -480,6 +550,7 @@ class DeepgramSTT(Stage):
                     raise _ConnectionLost(f"handshake failed: {exc}") from None
                 self.stats.connects += 1
                 socket = _Socket(sdk_socket, StreamTimeline(self._rate), cursor=self._audio.first_index)
+                socket.frames = _LastFrame.around(sdk_socket)
                 # A Finalize lost with the old socket is sent again after the replay, unless its final is out.
                 self._unanswered = deque(p for p in self._unanswered if not p.settled)
                 self._socket = socket
@@ -518,7 +589,8 @@ class DeepgramSTT(Stage):
             if frame.sample_rate != self._rate or frame.channels != 1 or len(frame.pcm) & 1:
                 self._format.check(frame, self.name)  # raises, naming the problem
             await self.push(frame)
-            self._take_audio(frame)
+            if frame.pcm:  # zero bytes are Deepgram's legacy close signal: it would end the stream
+                self._take_audio(frame)
         elif isinstance(frame, UserSpeechStarted | UserSpeechProgress | UserSpeechStopped):
             if self.settings.speech_events:
                 if not self._warned_vad:
@@ -637,16 +709,15 @@ class DeepgramSTT(Stage):
             pending.finalize_on = socket
             awaited = not pending.settled
             if awaited:
+                pending.finalize_pos = socket.timeline.samples
+                pending.finalize_sent_at = asyncio.get_running_loop().time()
                 socket.finalizes.append(pending)
-                socket.unheard = True
+                self._rearm(socket)  # a read begun with nothing due takes the deadline
             else:  # its final is out already: the Finalize only flushes Deepgram, which may not answer it
                 self._unanswered.remove(pending)
             if pending.sdk_call_at is None:
                 pending.sdk_call_at = self.clock.now()
             await self._send(socket.sdk.send_finalize(), "Finalize")
-            reading = socket.reading
-            if awaited and reading is not None and reading.when() is None:  # a read begun with nothing due
-                reading.reschedule(asyncio.get_running_loop().time() + self.settings.result_timeout_s)
 
     def _handing_over(self, index: int) -> None:
         """Audio chunk ``index`` is about to go to the SDK: an utterance that already ended with it unsent starts
@@ -655,18 +726,41 @@ class DeepgramSTT(Stage):
             if pending.sdk_call_at is None and index < pending.cut_index:
                 pending.sdk_call_at = self.clock.now()
 
+    def _stall_deadline(self, socket: _Socket) -> float | None:
+        """When the socket counts as stalled (loop time): ``result_timeout_s`` after the first Finalize awaited on it
+        that Deepgram has shown no sign of processing, or None. Its answer is such a sign (it leaves
+        ``socket.finalizes``), and so are Results of audio sent after it; a message Deepgram wrote before the
+        Finalize reached it (an interim still on its way) is none."""
+        step = round(_TIME_STEP_S * self._rate)  # a result ending at the Finalize, rounded up, is not past it
+        for pending in (*socket.given_up, *socket.finalizes):
+            if socket.heard_to <= pending.finalize_pos + step:
+                return pending.finalize_sent_at + self.settings.result_timeout_s
+        return None
+
+    def _rearm(self, socket: _Socket) -> None:
+        """The stall deadline changed (a Finalize went out, or its answer is awaited no more): the read under way
+        takes it."""
+        reading = socket.reading
+        if reading is not None and not reading.expired():
+            reading.reschedule(self._stall_deadline(socket))
+
     async def _receive_loop(self, socket: _Socket) -> None:
-        """Read until the socket closes. After a Finalize whose answer is awaited, ``result_timeout_s`` without any
-        message is a stalled socket; a message that cannot be used is reported and skipped."""
+        """Read until the socket closes, handing what it recognises to the delivery task. A Finalize whose answer is
+        awaited and that Deepgram shows no sign of processing for ``result_timeout_s`` is a stalled socket; a
+        message that cannot be used is reported and skipped."""
         from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-        limit = self.settings.result_timeout_s
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                async with asyncio.timeout(limit if socket.unheard else None) as socket.reading:
+                async with asyncio.timeout_at(self._stall_deadline(socket)) as socket.reading:
                     message = await socket.sdk.recv()
             except TimeoutError:
-                raise _ConnectionLost(f"no message within {limit:g} s of a Finalize (stalled)") from None
+                deadline = self._stall_deadline(socket)
+                if deadline is None or deadline > loop.time():
+                    continue  # the answer was given up on as the deadline passed: nothing is awaited that long
+                limit = self.settings.result_timeout_s
+                raise _ConnectionLost(f"no answer to a Finalize within {limit:g} s (stalled)") from None
             except json.JSONDecodeError as exc:
                 await self.report(f"{PROVIDER} sent malformed JSON ({exc}); skipped it")
                 continue
@@ -680,7 +774,6 @@ class DeepgramSTT(Stage):
             finally:
                 socket.reading = None
             received_at = self.clock.now()  # the SDK boundary: it has parsed the message
-            socket.unheard = False
             self.stats.messages += 1
             await self._on_message(socket, message, received_at)
 
@@ -698,7 +791,7 @@ class DeepgramSTT(Stage):
         elif isinstance(message, ListenV1SpeechStarted):
             timestamp = await self._seconds(message, "timestamp")
             if timestamp is not None:
-                await self._on_speech_started(socket.timeline.to_pts(timestamp))
+                self._on_speech_started(socket.timeline.to_pts(timestamp))
         elif isinstance(message, ListenV1UtteranceEnd):
             last_word_end = await self._seconds(message, "last_word_end")
             if last_word_end is not None and self.settings.speech_events and self._speaking:
@@ -710,9 +803,9 @@ class DeepgramSTT(Stage):
             await self.report(f"{PROVIDER} reported an error: {message.variant}: {message.description}")
         elif isinstance(message, bytes):
             await self.report(f"{PROVIDER} sent {len(message)} bytes of binary data (Listen v1 sends JSON); skipped")
-        elif message is None or isinstance(message, dict):
-            kind = message.get("type") if isinstance(message, dict) else None
-            await self.report(f"{PROVIDER} sent a message of unknown type {kind or '(not in this SDK)'}; skipped it")
+        elif message is None:  # the SDK's recv() parses neither a type it does not know nor JSON that is no object
+            raw = socket.frames.last if socket.frames is not None else None
+            await self.report(f"{PROVIDER} sent {_unparsed(raw)}; skipped it")
         # ConfigureSuccess / ConfigureFailure: this stage does not reconfigure a live socket
 
     async def _seconds(self, message: Any, name: str) -> float | None:
@@ -730,7 +823,7 @@ class DeepgramSTT(Stage):
             raw_words = list(alternative.words or [])
             words = [
                 _Word(
-                    w.punctuated_word or w.word,
+                    _word_text(w),
                     socket.timeline.to_pts(float(w.start)),
                     socket.timeline.to_pts(float(w.end)),
                 )
@@ -739,6 +832,7 @@ class DeepgramSTT(Stage):
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
             await self.report(f"{PROVIDER} sent Results without a usable transcript ({exc}); skipped")
             return
+        socket.heard_to = max(socket.heard_to, round(end * self._rate))  # Deepgram processed this far: not stalled
         given = self._given_until
         stale = [w for w in words if w.start < given]  # words of utterances whose finals went out
         words = [w for w in words if w.start >= given]
@@ -747,11 +841,13 @@ class DeepgramSTT(Stage):
             await self._late(results, stale, received_at)
             return
         if self.settings.speech_events and words and not self._speaking:
-            await self._on_speech_started(words[0].start)  # a SpeechStarted may not come: use words
+            self._on_speech_started(words[0].start)  # a SpeechStarted may not come: use words
         if results.is_final:
             self._final_words.extend(words)
             self._interim_words = []
             self._finalized_until = max(self._finalized_until, end_pts)
+            if results.from_finalize:
+                socket.given_up.clear()  # Deepgram answers Finalizes: it has not hung
             if results.from_finalize and socket.finalizes:
                 answered = socket.finalizes.popleft()
                 answered.answered_at = received_at
@@ -769,7 +865,7 @@ class DeepgramSTT(Stage):
         else:
             self._interim_words = words
         await self._settle()
-        await self._partial()
+        self._partial()
 
     async def _late(self, results: Any, stale: list[_Word], received_at: float) -> None:
         """A result whose audio all belongs to utterances whose finals went out: typically the answer to a Finalize
@@ -788,7 +884,7 @@ class DeepgramSTT(Stage):
             f"({text!r})"
         )
 
-    async def _on_speech_started(self, at_pts: int) -> None:
+    def _on_speech_started(self, at_pts: int) -> None:
         at = at_pts / self._rate
         if not self.settings.speech_events:  # the local VAD decides; this goes to the trace of the turn it starts
             self._heard.append(at)
@@ -797,7 +893,7 @@ class DeepgramSTT(Stage):
             return
         self._speaking = True
         self._speech_start_pts = at_pts
-        await self.push(UserSpeechStarted(epoch=self.pipeline.epoch, at=at))
+        self._deliver(UserSpeechStarted(epoch=self.pipeline.epoch, at=at))
 
     async def _speech_stopped(self, socket: _Socket, cut_pts: int, last_voiced_pts: int) -> None:
         """speech_events mode: Deepgram says the caller stopped; emit the stop, then treat it like a VAD's."""
@@ -805,7 +901,7 @@ class DeepgramSTT(Stage):
         stopped = UserSpeechStopped(
             epoch=self.pipeline.epoch, at=self.clock.now(), last_voiced_at=last_voiced_pts / self._rate
         )
-        await self.push(stopped)
+        self._deliver(stopped)
         await self._utterance_ended(socket.cursor, cut_pts, last_voiced_pts)
 
     async def _utterance_ended(self, cut_index: int, cut_pts: int, speech_end_pts: int) -> None:
@@ -833,47 +929,54 @@ class DeepgramSTT(Stage):
         await self._settle()
 
     async def _settle(self) -> None:
-        """Emit the finals that are complete, oldest first: answered, covered by is_final results, or timed out."""
-        async with self._emit_lock:
-            while self._pending:
-                pending = self._pending[0]
-                covered = self._finalized_until >= pending.speech_end_pts
-                if not (pending.answered or covered or pending.timed_out):
-                    return
-                self._pending.popleft()
-                pending.settled = True  # its deadline task, if any, wakes and finds nothing to do
-                if not pending.answered:
-                    self._stop_awaiting(pending)
-                if not self._pending:
-                    self._no_pending.set()
-                words = [w for w in self._final_words if w.start < pending.cut_pts]
-                self._final_words = [w for w in self._final_words if w.start >= pending.cut_pts]
-                if pending.timed_out and not (pending.answered or covered):
-                    heard = [w for w in self._interim_words if w.start < pending.cut_pts]
-                    self._interim_words = [w for w in self._interim_words if w.start >= pending.cut_pts]
-                    words += heard
-                    text = " ".join(w.text for w in words)
-                    await self.report(
-                        f"{PROVIDER}: no final result within {self.settings.finalize_timeout_s:g} s of the end of "
-                        f"speech; the utterance ends with the words heard so far ({text!r})"
-                    )
-                self._given_until = max(self._given_until, pending.cut_pts)
-                self._finalized_until = max(self._finalized_until, pending.cut_pts)
-                self._last_partial = ""
-                marks = pending.trace_marks()
-                if self._reconnected_at is not None:  # the turn whose audio the new socket was given again
-                    marks, self._reconnected_at = (*marks, ("stt.reconnect", self._reconnected_at)), None
-                usage: tuple[tuple[str, str, float], ...] = ()
-                if pending.audio_s and self._hands_over_usage:
-                    usage = ((self.name, AUDIO_SECONDS, pending.audio_s),)
-                elif pending.audio_s:  # counted before the final goes out: a stage it opens a turn in gets it
-                    self.count_for_next_turn(audio_seconds=pending.audio_s)
-                await self._emit(words, final=True, marks=marks, usage=usage)
+        """Give out the finals that are complete, oldest first: answered, covered by is_final results, or timed out.
+        Each is handed to the delivery task as its utterance leaves ``_pending``, with nothing awaited in between
+        (so finals leave in order, whichever task settles them, and a task cancelled here loses none); a timed-out
+        one is reported after."""
+        while self._pending:
+            pending = self._pending[0]
+            covered = self._finalized_until >= pending.speech_end_pts
+            if not (pending.answered or covered or pending.timed_out):
+                return
+            self._pending.popleft()
+            pending.settled = True  # its deadline task, if any, wakes and finds nothing to do
+            if not pending.answered:
+                self._stop_awaiting(pending, gave_up=not covered)
+            if not self._pending:
+                self._no_pending.set()
+            words = [w for w in self._final_words if w.start < pending.cut_pts]
+            self._final_words = [w for w in self._final_words if w.start >= pending.cut_pts]
+            problem = None
+            if pending.timed_out and not (pending.answered or covered):
+                heard = [w for w in self._interim_words if w.start < pending.cut_pts]
+                self._interim_words = [w for w in self._interim_words if w.start >= pending.cut_pts]
+                words += heard
+                text = " ".join(w.text for w in words)
+                problem = (
+                    f"{PROVIDER}: no final result within {self.settings.finalize_timeout_s:g} s of the end of "
+                    f"speech; the utterance ends with the words heard so far ({text!r})"
+                )
+            self._given_until = max(self._given_until, pending.cut_pts)
+            self._finalized_until = max(self._finalized_until, pending.cut_pts)
+            self._last_partial = ""
+            marks = pending.trace_marks()
+            if self._reconnected_at is not None:  # the turn whose audio the new socket was given again
+                marks, self._reconnected_at = (*marks, ("stt.reconnect", self._reconnected_at)), None
+            usage: tuple[tuple[str, str, float], ...] = ()
+            if pending.audio_s and self._hands_over_usage:
+                usage = ((self.name, AUDIO_SECONDS, pending.audio_s),)
+            elif pending.audio_s:  # counted before the final goes out: a stage it opens a turn in gets it
+                self.count_for_next_turn(audio_seconds=pending.audio_s)
+            self._emit(words, final=True, marks=marks, usage=usage)
+            if problem is not None:  # recorded on the turn in progress before the final can end it
+                await self.report(problem)
 
-    def _stop_awaiting(self, pending: PendingFinal) -> None:
-        """``pending`` settled unanswered (is_final results covered it, or its deadline passed): its Finalize's
-        answer is no longer awaited. Deepgram may never send one (it need not answer when little audio is
-        buffered), so the answer to a later Finalize must not be taken for it. A Finalize not sent yet still goes
+    def _stop_awaiting(self, pending: PendingFinal, *, gave_up: bool) -> None:
+        """``pending`` settled unanswered (is_final results covered it, or, ``gave_up``, its deadline passed): its
+        Finalize's answer is no longer awaited, so the answer to a later Finalize must not be taken for it. Covered,
+        its silence is no stall either: Deepgram may never answer (it need not when little audio is buffered). Given
+        up, it still counts towards the stall deadline until Deepgram shows any sign of processing it: a server that
+        has hung must be replaced, not wait out every later utterance's timeout. A Finalize not sent yet still goes
         out, as a flush (:meth:`_send_finalizes`)."""
         socket = pending.finalize_on
         if socket is None:
@@ -882,15 +985,18 @@ class DeepgramSTT(Stage):
             self._unanswered.remove(pending)
         with contextlib.suppress(ValueError):
             socket.finalizes.remove(pending)
+            if gave_up:
+                socket.given_up.append(pending)
+            self._rearm(socket)  # disarmed, or running for the next Finalize awaited
 
-    async def _partial(self) -> None:
+    def _partial(self) -> None:
         words = [w for w in (*self._final_words, *self._interim_words) if w.start >= self._given_until]
         text = " ".join(w.text for w in words)
         if text and text != self._last_partial:
             self._last_partial = text
-            await self._emit(words, final=False)
+            self._emit(words, final=False)
 
-    async def _emit(
+    def _emit(
         self,
         words: list[_Word],
         *,
@@ -908,15 +1014,32 @@ class DeepgramSTT(Stage):
         transcript = Transcript(
             epoch=self.pipeline.epoch, text=text, final=final, words=timed, marks=marks, usage=usage
         )
-        await self.push(transcript)
+        self._deliver(transcript)
+
+    def _deliver(self, frame: Frame) -> None:
+        """Hand a frame the stage made (a transcript; with ``speech_events``, a speech event) to the delivery task."""
+        self._outbox.put_nowait(frame)
+
+    async def _deliver_loop(self) -> None:
+        """Push the stage's own frames downstream, in the order they were made. A task of the stage's own, spawned
+        at start and ended by :meth:`stop`: the receiver hands its frames over and reads on, so a reconnect, which
+        tears down the socket's tasks, never cancels a final on its way downstream (a stage there awaiting)."""
+        while True:
+            frame = await self._outbox.get()
+            try:
+                await self.push(frame)
+            finally:
+                self._outbox.task_done()
 
     async def _wait_for_finals(self) -> None:
         # Each pending final has its own deadline; this bound only guards against a bug leaving one behind.
         limit = self.settings.finalize_timeout_s + 1.0
         try:
-            await asyncio.wait_for(self._no_pending.wait(), limit)
+            async with asyncio.timeout(limit):
+                await self._no_pending.wait()
+                await self._outbox.join()  # and delivered: what follows must not overtake them
         except TimeoutError:
-            log.error("%s: finals still pending %g s into a drain", self.name, limit)
+            log.error("%s: finals still pending or undelivered %g s into a drain", self.name, limit)
 
     # ------------------------------------------------------------------------------------------- cancel
 
@@ -926,7 +1049,8 @@ class DeepgramSTT(Stage):
     # -------------------------------------------------------------------------------------------- close
 
     async def stop(self) -> None:
-        """CloseStream after the last audio, wait briefly for Deepgram's Metadata and close, then let go."""
+        """CloseStream after the last audio, wait briefly for Deepgram's Metadata and close, deliver the transcripts
+        already made (as briefly), then let go."""
         self._closing = True
         self._wake.set()
         session = self._session
@@ -939,11 +1063,30 @@ class DeepgramSTT(Stage):
         for pending in self._pending:
             if pending.timer is not None:
                 pending.timer.cancel()
+        undelivered_s = await self._end_delivery()
         # Audio no final carried to a turn (after the last utterance, or of one whose final never went out).
-        unbilled = self._unbilled_s + sum(p.audio_s for p in self._pending)
+        unbilled = self._unbilled_s + sum(p.audio_s for p in self._pending) + undelivered_s
         self._unbilled_s = 0.0
         for pending in self._pending:
             pending.audio_s = 0.0  # counted here: never again on a final
         if unbilled:
             self.count_for_next_turn(audio_seconds=unbilled)
         await super().stop()
+
+    async def _end_delivery(self) -> float:
+        """Let the delivery task push what is queued (a stage downstream may be stuck: ``close_timeout_s`` at most),
+        end it, and return the audio seconds carried by finals it never pushed, for :meth:`stop` to count."""
+        try:
+            async with asyncio.timeout(self.settings.close_timeout_s):
+                await self._outbox.join()
+        except TimeoutError:
+            log.warning("%s: transcripts still undelivered %g s into stop", self.name, self.settings.close_timeout_s)
+        if self._deliverer is not None:
+            self._deliverer.cancel()
+        carried = 0.0
+        while not self._outbox.empty():
+            frame = self._outbox.get_nowait()
+            self._outbox.task_done()
+            if isinstance(frame, Transcript):
+                carried += sum(amount for _stage, counter, amount in frame.usage if counter == AUDIO_SECONDS)
+        return carried

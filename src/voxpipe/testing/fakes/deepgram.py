@@ -7,16 +7,22 @@ with ``Authorization: Token <key>`` (401 otherwise); binary linear16 audio and t
 ``UtteranceEnd`` ``utterance_end_ms`` after the last finalized word (none after an utterance without words; with
 ``endpointing=false`` the utterance's is_final result comes then too), a ``from_finalize`` result answering each
 ``Finalize`` (with ``answer_empty_finalize=False``, only one arriving while speech is being heard: real Deepgram may
-not answer when little audio is buffered), and ``Metadata`` then a normal close on ``CloseStream``. After
-``idle_timeout_s`` without audio or a message it closes with 1011 and Deepgram's NET-0001 reason.
+not answer when little audio is buffered), and ``Metadata`` then a normal close on ``CloseStream`` — or on a
+zero-byte binary message, which Deepgram still takes for its legacy close signal (deepgram-python-sdk#146): it
+finalizes what it heard, sends ``Metadata`` and closes with 1000 as for ``CloseStream``. After ``idle_timeout_s``
+without audio or a message it closes with 1011 and Deepgram's NET-0001 reason.
 
 What it "recognises", detected by an energy threshold on the PCM it receives (one utterance = speech up to
 ``endpointing`` ms of silence, or up to a ``Finalize`` in silence):
 
 * ``utterances=["Hello there.", …]`` — the n-th utterance's text; its words are revealed ``seconds_per_word``
   apart in interim results and spread over the speech in the final one. The count runs across connections and
-  advances only when an utterance is finalized, so audio replayed after a reconnect is recognised as the same
-  utterance;
+  advances when an utterance is finalized, so audio replayed after a reconnect is recognised as the same
+  utterance. An utterance a connection ended in the middle of (dropped, gone quiet) is told by its audio: the next
+  connection's speech continues it while it is that utterance's audio again, window for window (a replay sends
+  the same bytes in the same order); audio that departs from it means the client gave it up (ended it on its
+  timeout, say): it is recorded ``abandoned``, and the speech is the next utterance (if it had begun as the old
+  one, its ``speech`` record keeps that index, and words of that line may have gone out in its interims);
 * ``words=<object with words_between(start_s, end_s)>`` (the :class:`~voxpipe.testing.ScriptedCaller`) — the words
   spoken in the utterance's time span. A client need not stream the silence before the first speech (voxpipe's,
   with a local VAD, keeps only a short pre-roll until its socket is open), so the fake finds where the stream sits
@@ -32,8 +38,10 @@ Faults (``Faults``): ``refuse`` answers the handshake with that status; ``stall_
 connection until that long after it opened; ``drop_after`` aborts the first ``drop_connections`` connections after
 that many messages sent on each; ``corrupt`` sends one broken message (malformed JSON, an event type Deepgram does
 not have, or a binary frame — Listen v1 never sends binary) in place of the first normal one. The first
-``deaf_connections`` connections send nothing more once a ``Finalize`` arrives (recorded as ``unanswered``; a
-``Finalize`` left unanswered by ``answer_empty_finalize=False`` is recorded as ``unanswered`` with ``buffered=False``).
+``deaf_connections`` connections hang at a ``Finalize`` (recorded as ``unanswered``; a ``Finalize`` left
+unanswered by ``answer_empty_finalize=False`` is recorded as ``unanswered`` with ``buffered=False``): they recognise
+and answer nothing more, but what they had written before, still on its way, arrives — as from a real server that
+hangs — recorded as ``in-flight``.
 The answers to the first ``late_answers`` ``Finalize`` messages are held back (recorded as ``held``) until the next
 ``Finalize`` arrives, and go out just before its answer: an answer later than any client's finalize timeout, arriving
 while the client waits for the next utterance's.
@@ -42,9 +50,11 @@ Records: ``connect`` (path, query, headers), ``refused``, ``audio`` (connection,
 and the parsed client message), ``speech`` (connection, utterance index, stream start), ``result`` (connection,
 transcript, is_final, speech_final, from_finalize), ``held`` (connection, ``arrived``: a late answer held back),
 ``answered`` (connection, ``arrived``: when a Finalize arrived,
-``due``; recorded as the result answering it is written: :meth:`waits`), ``idle-timeout``, ``dropped``,
-``disconnect`` (the client went away without CloseStream), ``close`` (closed after CloseStream), ``utterance``
-(connection, index, start and end of its speech in stream seconds, when it is finalized).
+``due``; recorded as the result answering it is written: :meth:`waits`), ``in-flight`` (connection, type: a
+message written by a connection that had gone quiet), ``idle-timeout``, ``dropped``, ``disconnect`` (the client went
+away without CloseStream), ``close`` (closed after CloseStream or a zero-byte message), ``utterance`` (connection,
+index, start and end of its speech in stream seconds, when it is finalized), ``abandoned`` (connection, index: an
+utterance a connection ended in the middle of, which the next connection did not hear again).
 """
 
 from __future__ import annotations
@@ -91,10 +101,22 @@ class _Word:
 @dataclass
 class _Utterance:
     index: int
+    connection: int
     start: float  # stream seconds of the first voiced window
     last_voiced: float
     script: list[str]  # utterances mode: the words of the line
     last_word_end: float | None = None  # the end of its last word sent in an is_final result
+    voiced: list[int] = field(default_factory=list)  # hashes of its voiced windows' PCM, in order: its audio
+
+
+@dataclass
+class _Replay:
+    """An utterance a connection ended in the middle of, and the speech of the next connection compared with it. A
+    replay sends its audio again, the same bytes in the same order, from wherever the client's log starts."""
+
+    left: _Utterance
+    connection: int  # the connection whose speech is compared
+    next: int | None = None  # the index in ``left.voiced`` of the window a replay sends next, once speech came
 
 
 @dataclass
@@ -118,7 +140,7 @@ class _Stream:
     # (due, payload, for the result answering a Finalize: when that Finalize arrived)
     outbox: asyncio.Queue[tuple[float, str | None, float | None]] = field(default_factory=asyncio.Queue)
     closing: bool = False
-    quiet: bool = False  # deaf_connections: it stopped sending anything at a Finalize
+    quiet: bool = False  # deaf_connections: it hung at a Finalize (what it had written still arrives)
     held: list[tuple[dict[str, Any], float]] = field(default_factory=list)  # late_answers: (answer, Finalize arrival)
     offset: float | None = None  # words mode: caller clock minus stream time, found at the first speech onset
 
@@ -168,6 +190,8 @@ class FakeDeepgram(FakeServer):
         self._connections = 0
         self._completed = 0  # utterances finalized, across connections: the index of the next one
         self._words_done = 0  # words of utterance ``_completed`` already sent in an is_final result
+        self._open: _Utterance | None = None  # the utterance being heard, on whichever connection
+        self._replay: _Replay | None = None  # speech on a new connection while another left ``_open`` open
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/listen", self._listen)
@@ -246,6 +270,9 @@ class FakeDeepgram(FakeServer):
                 return
             if message.type is WSMsgType.BINARY:
                 self.record("audio", connection=stream.number, bytes=len(message.data))
+                if not message.data:  # Deepgram's legacy close signal (deepgram-python-sdk#146)
+                    await self._close_stream(stream)
+                    return
                 self._hear(stream, message.data)
             elif message.type is WSMsgType.TEXT:
                 if await self._control(socket, stream, message.data):
@@ -273,10 +300,7 @@ class FakeDeepgram(FakeServer):
         elif kind == "Finalize":
             self._finalize(stream, answering=seen.at)
         elif kind == "CloseStream":
-            stream.closing = True
-            await self._finish(stream)
-            self._send(stream, self._metadata(stream))
-            self._send(stream, "close")
+            await self._close_stream(stream)
             return True
         elif kind == "Configure":
             self._send(stream, {"type": "ConfigureSuccess", "features": parsed.get("features", {})})
@@ -284,8 +308,15 @@ class FakeDeepgram(FakeServer):
             self._send(stream, self._error("SchemaError", f"unknown message type {kind!r}", text))
         return False
 
+    async def _close_stream(self, stream: _Stream) -> None:
+        """CloseStream (or a zero-byte audio message): the last result, Metadata, then a normal close (1000)."""
+        stream.closing = True
+        await self._finish(stream)
+        self._send(stream, self._metadata(stream))
+        self._send(stream, "close")
+
     async def _finish(self, stream: _Stream) -> None:
-        if stream.utterance is not None:
+        if stream.utterance is not None and not stream.quiet:  # a hung connection finalizes nothing
             self._finalize(stream)
 
     # ---------------------------------------------------------------------------- recognition
@@ -300,7 +331,43 @@ class FakeDeepgram(FakeServer):
             start = stream.now
             stream.samples += len(chunk)
             voiced = bool(chunk.size) and int(np.abs(chunk.astype(np.int32)).max()) > self.threshold
+            heard = hash(chunk.tobytes()) if voiced and not stream.quiet else None
+            if heard is not None:
+                self._compare_with_left_open(stream, heard)
             self._step(stream, start, voiced)
+            if heard is not None and stream.utterance is not None:
+                stream.utterance.voiced.append(heard)
+
+    def _compare_with_left_open(self, stream: _Stream, heard: int) -> None:
+        """A voiced window on ``stream`` while an utterance another connection ended in the middle of is open. While
+        the windows are that utterance's, in order, they are its replay, and once all have come again the speech
+        goes on as it. Other audio (a first word alike is not enough) means the client gave it up, ending it on its
+        timeout, say: the speech is the next utterance, whatever the count says."""
+        replay = self._replay
+        if replay is None or replay.connection != stream.number:
+            left = self._open
+            if left is None or left.connection == stream.number:
+                return
+            replay = self._replay = _Replay(left, stream.number)
+        voiced = replay.left.voiced
+        if replay.next is None and heard in voiced:
+            replay.next = voiced.index(heard)  # where the client's log starts
+        if replay.next is None or voiced[replay.next] != heard:
+            self._abandon(stream, replay.left)
+            return
+        replay.next += 1
+        if replay.next == len(voiced):
+            self._replay = None  # all of it came again: the speech goes on as that utterance
+
+    def _abandon(self, stream: _Stream, left: _Utterance) -> None:
+        self._replay = None
+        self.record("abandoned", connection=left.connection, utterance=left.index)
+        self._completed, self._words_done = max(self._completed, left.index + 1), 0
+        if self._open is left:
+            self._open = None
+        utterance = stream.utterance
+        if utterance is not None and utterance.index == left.index:  # begun as its replay: it is the next one
+            utterance.index, utterance.script = self._completed, self._script(self._completed)
 
     def _step(self, stream: _Stream, start: float, voiced: bool) -> None:
         """One analysis window: speech start, interim results, endpointing, utterance end."""
@@ -342,12 +409,16 @@ class FakeDeepgram(FakeServer):
 
     def _begin(self, stream: _Stream, start: float) -> _Utterance:
         index = self._completed
-        script = self.utterances[index].split() if index < len(self.utterances) else []
+        script = self._script(index)
         self.record("speech", connection=stream.number, utterance=index, start=start)
         if stream.vad_events:
             self._send(stream, {"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(start, 3)})
         stream.last_interim = start
-        return _Utterance(index, start, start, script)
+        self._open = _Utterance(index, stream.number, start, start, script)
+        return self._open
+
+    def _script(self, index: int) -> list[str]:
+        return self.utterances[index].split() if index < len(self.utterances) else []
 
     def _words(self, stream: _Stream, utterance: _Utterance, *, final: bool) -> list[_Word]:
         """The words heard in the current segment so far (all of the utterance's remaining words when final)."""
@@ -394,6 +465,8 @@ class FakeDeepgram(FakeServer):
                     end=utterance.last_voiced,
                 )
                 stream.utterance = None
+                if self._open is utterance:
+                    self._open = self._replay = None
                 # UtteranceEnd follows the last finalized word; an utterance without words (a noise) has none.
                 stream.last_word_end = words[-1].end if words else utterance.last_word_end
                 self._completed, self._words_done = utterance.index + 1, 0
@@ -487,7 +560,9 @@ class FakeDeepgram(FakeServer):
 
     def _send(self, stream: _Stream, message: dict[str, Any] | str, *, answering: float | None = None) -> None:
         """Queue a message for the writer, due ``latency_s`` from now (``"close"`` closes the socket); ``answering``:
-        it is the result answering the Finalize that arrived then."""
+        it is the result answering the Finalize that arrived then. A connection gone quiet queues nothing more."""
+        if stream.quiet:
+            return
         payload = message if isinstance(message, str) else json.dumps(message)
         stream.outbox.put_nowait((time.monotonic() + self.latency_s, payload, answering))
 
@@ -510,8 +585,8 @@ class FakeDeepgram(FakeServer):
                 self.record("close", connection=stream.number)
                 await socket.close()
                 return
-            if stream.quiet:
-                continue  # not even what was already due
+            if stream.quiet:  # hung since it was written: it arrives all the same, as from a real server
+                self.record("in-flight", connection=stream.number, type=json.loads(payload).get("type"))
             if dropping and self.should_drop(sent):
                 stream.closing = True  # not a client disconnect
                 await self.drop(request)

@@ -180,8 +180,9 @@ class FakeServer:
         return {"error": {"status": status, "message": f"fake {self.provider}: HTTP {status}"}}
 
     def refusal(self, request: web.Request) -> web.Response | None:
-        """The response refusing this request — bad credentials (401) or an injected status — or None."""
-        self.record("connect", path=request.path, query=dict(request.query), headers=dict(request.headers))
+        """The response refusing this request — bad credentials (401) or an injected status — or None. Records
+        ``connect`` first: its path, headers and :func:`query`."""
+        self.record("connect", path=request.path, query=query(request), headers=dict(request.headers))
         status = self.faults.refuse
         if status is None and not self.authorized(request):
             status = 401
@@ -235,6 +236,13 @@ class FakeServer:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+
+def query(request: web.Request) -> dict[str, str | list[str]]:
+    """A request's query parameters: each one's value, or the list of its values when it is repeated (Deepgram's
+    ``keyterm=a&keyterm=b``; a plain dict would keep only the first)."""
+    values = {name: request.query.getall(name) for name in request.query}
+    return {name: got[0] if len(got) == 1 else got for name, got in values.items()}
 
 
 def client_left() -> web.Response:
