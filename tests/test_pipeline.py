@@ -675,6 +675,42 @@ def test_a_tick_failure_the_policy_skips_leaves_the_stage_ticking_and_stop_still
     assert pipeline.epoch == (1 if policy is ErrorPolicy.SKIP_TURN else 0), "skip-turn skipped the turn"
 
 
+class FailsForAWhile(PacedStage):
+    """A device that refuses every frame from 0.2 s to 0.6 s of the call, then recovers."""
+
+    def __init__(self) -> None:
+        super().__init__(name="output")
+        self.error_policy = ErrorPolicy.SKIP_FRAME
+        self.ticks = 0
+
+    async def tick(self, now: float) -> None:
+        self.ticks += 1
+        if 0.2 <= now - self.started < 0.6:
+            raise ConnectionError("the device is gone")
+
+    async def start(self) -> None:
+        await super().start()
+        self.started = self.clock.now()
+
+
+def test_a_failure_repeating_on_every_tick_is_reported_once_then_counted_when_it_stops():
+    clock = VirtualClock()
+    output = FailsForAWhile()
+    pipeline = Pipeline([Stage(name="head"), output], clock=clock, freeze_heap=False)
+
+    async def main() -> str:
+        run = asyncio.create_task(pipeline.run())
+        await clock.sleep(1.0)
+        await asyncio.wait_for(pipeline.end(), 5)
+        return await asyncio.wait_for(run, 5)
+
+    assert clock.run(main()) == "ended"
+    assert output.ticks >= 50, "it ticked on through the failures"
+    first, repeats = pipeline.errors
+    assert first.error == "ConnectionError: the device is gone" and not first.fatal
+    assert repeats.error.startswith("output: the same failure on 19 more ticks (0.38 s): ConnectionError")
+
+
 def test_a_tick_failing_while_its_call_is_cancelled_is_recorded_and_the_metronome_ticks_on():
     """The tick fails in the loop iteration that cancels its call: the failure cannot start a task of a run that is
     stopping, and must not take down the metronome the other calls share."""
