@@ -395,6 +395,9 @@ async def test_a_server_that_drops_every_connection_ends_the_session_after_max_r
             await call(fake, [Say(line, pause=0.3)], tmp_path, stages)
     assert len(fake.of("connect")) == 4 and len(fake.of("dropped")) == 4
     assert stages.stt.stats.reconnects == 3 and stages.stt.stats.messages >= 4
+    drops, connects = [s.at for s in fake.of("dropped")], [s.at for s in fake.of("connect")]
+    waits = [connect - drop for drop, connect in zip(drops, connects[1:], strict=False)]
+    assert waits[1] >= 0.125 and waits[2] >= 0.5, f"backed off (at least half of 0.25 s, 1 s): {waits}"
     *reported, fatal = stages.stt.pipeline.errors
     assert [e.fatal for e in reported] == [False] * 3 and all("reconnecting" in e.error for e in reported)
     assert fatal.fatal and "Deepgram: connection lost" in fatal.error

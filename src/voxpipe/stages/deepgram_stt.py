@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ PRODUCTION_URL = "wss://api.deepgram.com"
 _REFUSALS = {401: "API key rejected", 402: "account out of credit", 403: "API key not allowed to use this model"}
 _PRE_ROLL_S = 0.5  # audio kept while nobody speaks: a drop at a speech onset must not cut the first word
 RECONNECT_WINDOW_S = 60.0  # more than max_reconnects drops within this long end the session
+# Waits before the reconnects after a drop, the last repeated: the first at once (a blip costs no more), then room
+# for a server or network in trouble — all in the caller's audio, which is replayed, not lost.
+RECONNECT_BACKOFF_S = (0.0, 0.25, 1.0, 2.0)
 # A result ending within this of the last cut given out is of audio already given out (Deepgram's times are whole
 # ms; an answer ends where its Finalize went into the stream, at its utterance's cut). Any later utterance's cut is
 # its speech and the VAD's hang-over further on, so its answer never ends this close.
@@ -286,6 +290,13 @@ class _Socket:
     heard_to: int = 0  # stream samples Deepgram has shown it processed: the furthest end of its Results
     reading: asyncio.Timeout | None = None  # the receiver's wait for the next message, under the stall deadline
     frames: _LastFrame | None = None  # the SDK socket's websocket, keeping the last frame received
+
+
+def _backoff(drops: int) -> float:
+    """The wait before reconnecting after the ``drops``-th recent drop, jittered (down to half) so that calls a
+    server dropped together do not all come back at the same instant."""
+    wait = RECONNECT_BACKOFF_S[min(drops, len(RECONNECT_BACKOFF_S)) - 1]
+    return wait * random.uniform(0.5, 1.0)
 
 
 class _ConnectionLost(Exception):
@@ -524,7 +535,7 @@ class DeepgramSTT(Stage):
                         f"{PROVIDER}: connection lost ({lost}); reconnecting ({len(drops)} of {limit} within "
                         f"{RECONNECT_WINDOW_S:g} s) and replaying {replay_s:.1f} s of the caller's audio"
                     )
-                    await asyncio.sleep(0.05 * (len(drops) - 1))  # the first at once; then the server is not hammered
+                    await asyncio.sleep(_backoff(len(drops)))
         except BaseException:
             self._session_failed_at = self.clock.now()
             raise
