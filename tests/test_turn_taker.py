@@ -358,3 +358,11 @@ def test_a_noise_that_cut_the_bot_off_is_followed_by_the_rest_of_the_reply(tmp_p
         ("assistant", " ".join(cut.heard), True),
         ("assistant", rest, False),
     ]
+
+
+def test_heard_words_are_joined_as_written_in_every_script():
+    from voxpipe.pipeline.context import join_words
+
+    assert join_words(("Sure,", "four", "at", "eight.")) == "Sure, four at eight."
+    assert join_words(("我们", "今晚", "八点，", "好吗？")) == "我们今晚八点，好吗？"  # noqa: RUF001
+    assert join_words(("今晚", "at", "8", "点。")) == "今晚 at 8 点。", "a space stays where Latin meets CJK"

@@ -20,7 +20,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from tests.helpers import cancel_while_stopping, watching_stop
+from tests.helpers import Collect, cancel_while_stopping, watching_stop
 from voxpipe.call import CallResult, run_configured_call
 from voxpipe.config import BuildContext, ConfigError, parse_config
 from voxpipe.pipeline import (
@@ -29,8 +29,11 @@ from voxpipe.pipeline import (
     LLMRequest,
     Pipeline,
     RealClock,
+    ResponseEnd,
     SpeakableChunk,
     Stage,
+    TTSAudioFrame,
+    TTSDone,
     WordMark,
 )
 from voxpipe.stages.cloud import ProviderError
@@ -94,6 +97,50 @@ def bot_channel(out: Path) -> np.ndarray:
 
 def client_messages(fake: FakeElevenLabs, connection: int = 1) -> list[dict[str, Any]]:
     return [s.data for s in fake.of("message") if s.data["connection"] == connection]
+
+
+def spoken_words(fake: FakeElevenLabs, connection: int = 1) -> list[tuple[str, int, int]]:
+    """Where each word is in the audio the fake sent on ``connection``: its generations, one after the other."""
+    spoken: list[tuple[str, int, int]] = []
+    sent = 0
+    for generation in (g for g in fake.of("generation") if g.data["connection"] == connection):
+        samples, spans = speechlike(generation.data["text"], RATE, f0=fake.f0, rate=fake.rate)
+        spoken += [(span.word, sent + span.start, sent + span.end) for span in spans]
+        sent += len(samples)
+    return spoken
+
+
+def assert_marked_in_own_audio(
+    marks: list[WordMark], spoken: list[tuple[str, int, int]], *, left_out: str = ""
+) -> None:
+    """Each mark (in samples of the audio sent) is its word's, in order, and ends inside that word's audio; a word
+    ``left_out`` of the alignment is marked with no length where the next word starts, or at the reply's end."""
+    assert [mark.word for mark in marks] == [word for word, _, _ in spoken[: len(marks)]]
+    for i, (mark, (word, start, end)) in enumerate(zip(marks, spoken, strict=False)):
+        if word == left_out:
+            after = spoken[i + 1][1] if i + 1 < len(spoken) else end
+            assert mark.start == mark.end and end <= mark.end <= after + RATE // 500, f"{mark}: where the next starts"
+        else:
+            assert start - RATE // 500 <= mark.start and start < mark.end <= end + RATE // 500, f"{mark} in its audio"
+
+
+def recording_emitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[tuple[int, bytes, WordMark | None]], dict[int, int]]:
+    """What the stage hands to ``emit_audio`` (epoch, PCM, each mark: in samples of the audio ElevenLabs sent), and
+    the leading silence the base then dropped, per reply."""
+    emitted: list[tuple[int, bytes, WordMark | None]] = []
+    trimmed: dict[int, int] = {}
+    emit_audio = ElevenLabsTTS.emit_audio
+
+    async def recording(self: ElevenLabsTTS, epoch: int, pcm: bytes, marks: Any = (), text: str = "") -> None:
+        emitted.append((epoch, pcm, None))
+        emitted.extend((epoch, b"", mark) for mark in marks)
+        await emit_audio(self, epoch, pcm, marks, text)
+        trimmed[epoch] = self._trimmed
+
+    monkeypatch.setattr(ElevenLabsTTS, "emit_audio", recording)
+    return emitted, trimmed
 
 
 # ------------------------------------------------------------------------------------------- a normal reply
@@ -183,16 +230,7 @@ async def test_a_misspelled_word_in_the_alignment_does_not_shift_the_words_heard
     # Flash v2.5 aligns "hospitalized" as "hospitt alized" (a doubled letter, a space inside the word): the words
     # after it must still be marked where their own audio is, so a barge-in keeps only the words that played.
     reply = "Have you ever been hospitalized for it, or has anyone in your family had it before, and when was that?"
-    emitted: list[tuple[int, WordMark]] = []  # the stage's marks, in samples of the audio ElevenLabs sent
-    trimmed: dict[int, int] = {}  # the leading silence the stage dropped, per reply
-    emit_audio = ElevenLabsTTS.emit_audio
-
-    async def recording(self: ElevenLabsTTS, epoch: int, pcm: bytes, marks: Any = (), text: str = "") -> None:
-        emitted.extend((epoch, mark) for mark in marks)
-        await emit_audio(self, epoch, pcm, marks, text)
-        trimmed[epoch] = self._trimmed
-
-    monkeypatch.setattr(ElevenLabsTTS, "emit_audio", recording)
+    emitted, trimmed = recording_emitted(monkeypatch)
     script = [Say(QUESTION, pause=0.3), Say("Wait, what about wine?", barge_in=3.0)]
     glitches = {"hospitalized": "hospitt alized"}
     async with FakeElevenLabs(rtf=0.9, glitch_words=glitches, leading_space=True) as fake:
@@ -202,22 +240,126 @@ async def test_a_misspelled_word_in_the_alignment_does_not_shift_the_words_heard
     full = reply.split()
     assert cut.interrupted and list(cut.heard) == full[: len(cut.heard)], "the heard words are the reply's, in order"
     assert full.index("hospitalized") + 2 < len(cut.heard) < len(full), "cut two words or more after the glitch"
-    # Where each word is in the audio the fake sent: its generations, one after the other.
-    spoken: list[tuple[str, int, int]] = []
-    sent = 0
-    for generation in (g for g in fake.of("generation") if g.data["connection"] == 1):
-        samples, spans = speechlike(generation.data["text"], RATE, f0=fake.f0, rate=fake.rate)
-        spoken += [(span.word, sent + span.start, sent + span.end) for span in spans]
-        sent += len(samples)
-    first_epoch = min(epoch for epoch, _ in emitted)
-    marks = [mark for epoch, mark in emitted if epoch == first_epoch]
+    spoken = spoken_words(fake)
+    first_epoch = min(epoch for epoch, _, _ in emitted)
+    marks = [mark for epoch, _, mark in emitted if epoch == first_epoch and mark is not None]
     assert len(marks) >= len(cut.heard)
-    for mark, (word, start, end) in zip(marks, spoken, strict=False):
-        assert mark.word == word and start < mark.end <= end + RATE // 500, f"{mark} ends in its own word's audio"
+    assert_marked_in_own_audio(marks, spoken)
     last_heard, first_unheard = marks[len(cut.heard) - 1], spoken[len(cut.heard)]
     cut_at = round(cut.played_s * RATE) + trimmed[first_epoch]  # the cut, in samples of the audio sent
     assert last_heard.end <= cut_at < first_unheard[2], "heard: the words whose audio played, not one more"
     assert list(following.heard) == SECOND.split()
+
+
+class Head(Stage):
+    """The first stage of a pipeline driven frame by frame; it starts last (consumers before producers)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="head")
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        self.started.set()
+
+
+class Tail(Collect):
+    """Keeps every frame; ``done`` is set by the first reply's TTSDone."""
+
+    def __init__(self) -> None:
+        super().__init__(name="tail")
+        self.done = asyncio.Event()
+
+    async def process(self, frame: Any, direction: Any) -> None:
+        await super().process(frame, direction)
+        if isinstance(frame, TTSDone):
+            self.done.set()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("glitch", "left_out"),
+    [
+        ({"going": "goi"}, ""),  # cut short by two letters or more
+        ({"going": ""}, "going"),  # left out altogether
+        ({"tonight.": "toni"}, ""),  # the text's last word cut short: the text counts as spoken at its end
+        ({"tonight.": ""}, "tonight."),  # the text's last word left out
+    ],
+)
+async def test_a_word_cut_short_or_left_out_of_the_alignment_costs_only_its_own_marks_and_a_pause_is_no_stall(
+    glitch, left_out
+):
+    # All of the first text's audio comes, then the reasoner pauses (a tool call) three times read_timeout_s: no
+    # audio is due, so that is not a stall; every later word is marked where its own audio is.
+    first, second = "I am going to be there at eight tonight.", "See you then."
+    async with FakeElevenLabs(glitch_words=glitch) as fake:
+        head, tail = Head(), Tail()
+        tts = ElevenLabsTTS(ElevenLabsTTSSettings(base_url=fake.url, read_timeout_s=0.5), api_key=fake.api_key)
+        pipeline = Pipeline([head, tts, tail], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        await asyncio.wait_for(head.started.wait(), 10)
+        epoch = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text=first), DOWNSTREAM)
+        messages = -(-len(speechlike(first + " ", RATE, f0=fake.f0, rate=fake.rate)[0]) // round(fake.chunk_s * RATE))
+        await fake.wait_for("audio", lambda _: len(fake.of("audio")) == messages, within_s=10)  # all its audio
+        await asyncio.sleep(1.5)  # the reasoner's pause
+        await tts.receive(SpeakableChunk(epoch=epoch, text=second), DOWNSTREAM)
+        await tts.receive(ResponseEnd(epoch=epoch), DOWNSTREAM)
+        done = asyncio.ensure_future(tail.done.wait())
+        await asyncio.wait([running, done], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        done.cancel()
+        assert tail.done.is_set() and not running.done() and pipeline.errors == [], (
+            "no stall: nothing was due during the pause"
+        )
+        pipeline.cancel("hung up")
+        assert await asyncio.wait_for(running, 10) == "hung up"
+    marks = [m for f in tail.frames if isinstance(f, TTSAudioFrame) for m in f.words]
+    marks = [WordMark(m.word, m.start + tts._trimmed, m.end + tts._trimmed) for m in marks]  # in the audio sent
+    assert [m.word for m in marks] == [*first.split(), *second.split()], "every word marked, once, in order"
+    assert_marked_in_own_audio(marks, spoken_words(fake), left_out=left_out)
+
+
+@pytest.mark.timeout(30)
+async def test_audio_cut_mid_sample_across_messages_plays_in_full(tmp_path, monkeypatch):
+    # ElevenLabs' messages need not end on a sample: the byte left over is the start of the next message's audio.
+    emitted, _ = recording_emitted(monkeypatch)
+    async with FakeElevenLabs(mid_sample_cuts=True) as fake:
+        result = await call(fake, [Say(QUESTION, pause=0.3)], tmp_path)
+    assert result.outcome == "ended" and not errors(tmp_path)
+    sent = [s.data["bytes"] for s in fake.of("audio")]
+    assert any(n % 2 for n in sent), "the fake cut messages mid-sample"
+    assert sum(len(pcm) for _, pcm, _ in emitted) == sum(sent), "every byte the fake sent was emitted"
+    assert all(len(pcm) % 2 == 0 for _, pcm, _ in emitted), "in whole samples"
+    assert list(result.turns[0].heard) == REPLY.split()
+    assert_marked_in_own_audio([mark for _, _, mark in emitted if mark is not None], spoken_words(fake))
+
+
+CHINESE = "我们今晚八点有一张四人桌，靠窗的位置在大厅的最里面非常安静适合聊天您要现在就帮您预订吗？"  # noqa: RUF001
+
+
+@pytest.mark.timeout(30)
+async def test_a_chinese_reply_cut_midway_keeps_the_characters_that_played(tmp_path, monkeypatch):
+    # Chinese has no spaces: each two characters are a word (as the chunker counts them), marked from ElevenLabs'
+    # per-character alignment, so a barge-in in the middle of a clause keeps what played of it, not nothing.
+    _, trimmed = recording_emitted(monkeypatch)
+    script = [Say(QUESTION, pause=0.3), Say("Wait, what about wine?", barge_in=0.75)]
+    async with FakeElevenLabs(rtf=0.9) as fake:
+        result = await call(fake, script, tmp_path, replies=[CHINESE, SECOND], language_code="zh")
+    assert result.outcome == "ended" and not errors(tmp_path)
+    cut = result.turns[0]
+    heard = "".join(cut.heard)
+    assert cut.interrupted and heard and CHINESE.startswith(heard)
+    # The fake spreads a text's characters evenly over its audio: those that had ended when the reply was cut.
+    cut_at = round(cut.played_s * RATE) + trimmed[min(trimmed)]
+    played = 0
+    for word, start, end in spoken_words(fake):
+        step = (end - start) / len(word)
+        played += sum(start + round((k + 1) * step) <= cut_at for k in range(len(word)))
+    texts = [g.data["text"].strip() for g in fake.of("generation") if g.data["connection"] == 1]
+    assert len(texts[0]) + 4 < played < len(CHINESE) - 4, "cut in the middle of a text, not at its ends"
+    assert played - 2 <= len(heard) <= played + 1, f"heard {heard!r}: the played characters, to two"
+    [said] = [m for m in result.conversation.messages if m.role == "assistant" and m.interrupted]
+    assert said.text == heard, "the conversation keeps it as written, with no spaces between its words"
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -437,7 +579,8 @@ async def test_no_reply_connects_once_the_stage_has_stopped():
         ("malformed-json", "base64", "sent a message that is not JSON"),
         ("unknown-event", "base64", "sent an unknown message"),
         ("bad-audio", "base64", "sent audio that is not valid base64"),
-        ("bad-audio", "odd-bytes", "sent \\d+ bytes of audio, not a whole number of 16-bit samples"),
+        # A byte lost: a message's audio may end mid-sample, so that is found at the reply's end (isFinal).
+        ("bad-audio", "odd-bytes", "sent \\d+ bytes of audio in the reply, not a whole number of 16-bit samples"),
         ("bad-audio", "mp3", "sent MP3 audio, not the raw pcm_16000 PCM asked for"),
     ],
 )
@@ -445,7 +588,7 @@ async def test_bad_messages_are_clear_errors(tmp_path, corrupt, bad_audio, probl
     async with FakeElevenLabs(faults=Faults(corrupt=corrupt), bad_audio=bad_audio) as fake:
         with pytest.raises(ProviderError, match=f"^ElevenLabs: {problem}"):
             await call(fake, [Say(QUESTION, pause=0.3)], tmp_path)
-        await fake.wait_for("close")
+        await fake.wait_for("end" if bad_audio == "odd-bytes" else "close")  # the socket was closed, not left hanging
     assert fake.of("corrupted")[0].data["how"] == corrupt
     assert errors(tmp_path)[0]["fatal"]
 
@@ -527,6 +670,40 @@ async def test_the_fake_takes_the_key_in_the_bos_message_when_there_is_no_header
         assert [s.data["status"] for s in fake.of("refused")] == [401]
 
 
+@pytest.mark.timeout(10)
+async def test_the_fake_refuses_a_first_message_that_is_not_a_single_space():
+    async with FakeElevenLabs() as fake:
+        url = f"{fake.ws_url}/v1/text-to-speech/v/stream-input?model_id=m&output_format=pcm_16000"
+        async with connect(url, additional_headers={"xi-api-key": fake.api_key}) as socket:
+            await socket.send(json.dumps({"text": "Hello there. "}))
+            with pytest.raises(websockets.ConnectionClosedError):
+                await socket.recv()
+        assert socket.close_code == 1008 and "single space" in (socket.close_reason or "")
+    assert [s.data["text"] for s in fake.of("bad-first-message")] == ["Hello there. "]
+
+
+@pytest.mark.timeout(30)
+async def test_messages_as_elevenlabs_sends_them_are_spoken_with_every_word_marked(tmp_path, monkeypatch):
+    # Audio messages carry "isFinal": null, and normalizedAlignment is not alignment: it starts with a space and
+    # spells numbers as spoken. The stage marks words from alignment, the sent text.
+    reply = "Yes, for 4 at 8. Shall I book it?"
+    emitted, _ = recording_emitted(monkeypatch)
+    async with FakeElevenLabs(null_is_final=True, normalized_words={"4": "four", "8.": "eight."}) as fake:
+        result = await call(fake, [Say(QUESTION, pause=0.3)], tmp_path, replies=[reply])
+        url = f"{fake.ws_url}/v1/text-to-speech/v/stream-input?model_id=m&output_format=pcm_16000"
+        async with connect(url, additional_headers={"xi-api-key": fake.api_key}) as socket:  # what the fake sends
+            for message in ({"text": " "}, {"text": reply + " ", "flush": True}, {"text": ""}):
+                await socket.send(json.dumps(message))
+            *audio, final = [json.loads(m) async for m in socket]
+    assert all(m["isFinal"] is None for m in audio) and final == {"isFinal": True}
+    assert "".join(c for m in audio for c in m["alignment"]["chars"]) == reply + " "
+    normalized = "".join(c for m in audio for c in m["normalizedAlignment"]["chars"])
+    assert normalized == " Yes, for four at eight. Shall I book it? "
+    assert result.outcome == "ended" and not errors(tmp_path)
+    assert list(result.turns[0].heard) == reply.split()
+    assert_marked_in_own_audio([mark for _, _, mark in emitted if mark is not None], spoken_words(fake, connection=1))
+
+
 # -------------------------------------------------------------------------------------------------- words
 
 
@@ -541,7 +718,7 @@ def test_characters_group_into_the_sent_words_across_messages():
     # Message 2 (audio 100-200, times from its own start): "re, friend." — both complete here.
     second = aligner.add(list("re, friend."), [i * 8 for i in range(11)], [8] * 11, offset=100, limit=200)
     assert second == [WordMark("there,", 30, 124), WordMark("friend.", 132, 188)]
-    assert aligner.pending_chars == 0 and aligner.finish() == []
+    assert aligner.pending_chars == 0 and aligner.finish(at=200) == []
 
 
 def test_a_mark_never_ends_after_the_audio_that_holds_it():
@@ -554,7 +731,7 @@ def test_a_mark_never_ends_after_the_audio_that_holds_it():
 def aligned_as_elevenlabs_sends_it(
     text: str, misspelled: dict[str, str] | None = None, *, leading_space: bool = False, message_ms: int = 250
 ) -> tuple[list[list[WordMark]], WordAligner]:
-    """The marks, message by message (then ``finish()``'s), of ``text`` aligned in ``message_ms`` messages at 1
+    """The marks, message by message (then ``finish``'s), of ``text`` aligned in ``message_ms`` messages at 1
     sample per ms: word i is spoken from 100 i to 100 i + 80 ms, then a space; its characters (``misspelled``'s
     alignment text for it, if any, as Flash v2.5 sends) are spread evenly over it."""
     chars: list[tuple[str, int, int]] = [(" ", 0, 0)] if leading_space else []
@@ -578,7 +755,7 @@ def aligned_as_elevenlabs_sends_it(
                 limit=min(start + message_ms, audio_ms),
             )
         )
-    return [*messages, aligner.finish()], aligner
+    return [*messages, aligner.finish(at=audio_ms)], aligner
 
 
 GLITCHED = "Have you or your family ever been hospitalized for it? Tell me when."
@@ -602,6 +779,92 @@ def test_a_misspelled_alignment_marks_every_word_where_a_clean_one_does(misspell
     assert aligner.pending_chars == 0
 
 
+@pytest.mark.parametrize(
+    "glitches",
+    [
+        {"hospitalized": "hospit"},  # cut short by letters
+        {"family": "fam"},
+        {"family": ""},  # left out of the alignment altogether
+        {"ever": "", "been": ""},  # two words in a row
+        {"family": "ff am", "ever": ""},  # garbled, then one left out
+        {"Tell": ""},  # a sentence's first word
+        {"when.": "wh"},  # the text's last word
+        {"when.": ""},
+    ],
+)
+def test_a_word_cut_short_or_left_out_costs_only_its_own_timing(glitches):
+    clean, _ = aligned_as_elevenlabs_sends_it(GLITCHED)
+    glitched, aligner = aligned_as_elevenlabs_sends_it(GLITCHED, glitches)
+    marks = [m for ms in glitched for m in ms]
+    assert [m.word for m in marks] == GLITCHED.split(), "the sent words, each once, in order"
+    for clean_mark, mark in zip([m for ms in clean for m in ms], marks, strict=True):
+        if mark.word not in glitches:
+            assert mark == clean_mark, "the other words marked over the same audio as in a clean alignment"
+    for word, spelled in glitches.items():
+        i = GLITCHED.split().index(word)
+        mark = marks[i]
+        if spelled:
+            assert 100 * i <= mark.start < mark.end <= 100 * i + 80, f"{mark}: over its own audio"
+        else:  # with no length, where the next character starts: late, so never heard when it was not
+            assert mark.start == mark.end >= 100 * i + 80, f"{mark}: after its own audio"
+    assert aligner.pending_chars == 0
+
+
+def test_a_message_ending_one_letter_after_a_word_cut_short_is_enough_to_go_on():
+    # ElevenLabs' messages hold a tenth of a second or so: often a letter or two of a word. One is enough to find
+    # the next word the alignment goes on with.
+    aligner = WordAligner(1000)
+    aligner.expect("I am going to be there. ")
+    first = aligner.add(list("I am goi t"), [i * 10 for i in range(10)], [10] * 10, offset=0, limit=100)
+    assert first == [WordMark("I", 0, 10), WordMark("am", 20, 40), WordMark("going", 50, 80)]
+    second = aligner.add(list("o be there. "), [i * 10 for i in range(12)], [10] * 12, offset=100, limit=220)
+    assert second == [WordMark("to", 90, 110), WordMark("be", 120, 140), WordMark("there.", 150, 210)]
+    assert aligner.pending_chars == 0
+
+
+def test_the_end_of_a_text_the_alignment_cut_short_leaves_no_audio_due():
+    # No message says a text's audio is complete (isFinal comes after EOS only): whitespace after the alignment reached
+    # the text's last word ends the text, so a reasoner's pause after it is not a stall.
+    aligner = WordAligner(1000)
+    aligner.expect("We will be there tonight. ")
+    chars = list("We will be there toni")
+    aligner.add(chars, [i * 10 for i in range(len(chars))], [10] * len(chars), offset=0, limit=210)
+    assert aligner.pending_chars == 4, "the rest of the word may still come"
+    aligner.add([" "], [0], [0], offset=210, limit=210)
+    assert aligner.pending_chars == 0
+    aligner.expect("Bye. ")
+    assert aligner.pending_chars == len("ght.Bye."), "a new text: its audio is due (and the last one's rest, if any)"
+    aligner.add(list("Bye. "), [0, 10, 20, 30, 40], [10] * 5, offset=210, limit=260)
+    assert aligner.pending_chars == 0
+    marks = aligner.finish(at=260)
+    assert marks == [], "tonight. was marked when the next text's alignment passed it"
+
+
+def test_a_text_whose_last_word_is_left_out_leaves_no_audio_due_but_a_new_text_does():
+    aligner = WordAligner(1000)
+    aligner.expect("See you then. ")
+    marks = aligner.add(list("See you "), [i * 10 for i in range(8)], [10] * 8, offset=0, limit=100)
+    assert [m.word for m in marks] == ["See", "you"] and aligner.pending_chars == 0
+    aligner.expect("Bye. ")
+    aligner.add([" "], [0], [0], offset=100, limit=100)  # whitespace, nothing of the new text yet: it is still due
+    assert aligner.pending_chars == len("then.Bye.")
+    assert aligner.finish(at=100) == [WordMark("then.", 100, 100), WordMark("Bye.", 100, 100)], "at the reply's end"
+
+
+def test_chinese_is_marked_two_characters_at_a_time():
+    # No spaces: the chunker counts two CJK characters as a word, and ElevenLabs aligns each character.
+    aligner = WordAligner(1000)
+    aligner.expect("我们今晚八点有空，您要来吗？ ")  # noqa: RUF001
+    chars = list("我们今晚八点有空，您要来吗？ ")  # noqa: RUF001
+    marks = aligner.add(chars, [i * 10 for i in range(len(chars))], [10] * len(chars), offset=0, limit=150)
+    assert [m.word for m in marks] == ["我们", "今晚", "八点", "有空，", "您要", "来吗？"]  # noqa: RUF001
+    assert marks[1] == WordMark("今晚", 20, 40) and aligner.pending_chars == 0
+    dropped = WordAligner(1000)  # a character dropped at a word's end: the next word's first one passes it
+    dropped.expect("我们今晚八点 ")
+    marks = dropped.add(list("我们今八点"), [0, 10, 20, 30, 40], [10] * 5, offset=0, limit=50)
+    assert [m.word for m in marks] == ["我们", "今晚", "八点"] and marks[1] == WordMark("今晚", 20, 30)
+
+
 def test_a_leading_space_and_a_word_split_across_messages_are_one_word():
     # normalizedAlignment starts an utterance with a space; Flash may start a message with a space in the middle
     # of a word, carried over from the previous message (pipecat #4316, #4391): " la t" then " alent".
@@ -611,7 +874,7 @@ def test_a_leading_space_and_a_word_split_across_messages_are_one_word():
     assert first == [WordMark("Hola,", 10, 60), WordMark("la", 70, 90)]
     second = aligner.add(list(" alent manager. "), [i * 10 for i in range(16)], [10] * 16, offset=110, limit=270)
     assert second == [WordMark("talent", 100, 170), WordMark("manager.", 180, 260)]
-    assert aligner.pending_chars == 0 and aligner.finish() == []
+    assert aligner.pending_chars == 0 and aligner.finish(at=270) == []
 
 
 def test_dropped_letters_cost_only_their_own_word_and_leave_no_audio_due():
@@ -625,7 +888,7 @@ def test_dropped_letters_cost_only_their_own_word_and_leave_no_audio_due():
     assert [m.word for m in marks] == ["Do", "you", "think", "we", "will", "call"]
     assert marks[1] == WordMark("you", 30, 50) and marks[4:] == [WordMark("will", 150, 180), WordMark("call", 190, 230)]
     assert aligner.pending_chars == 0
-    assert aligner.finish() == [WordMark("you", 240, 260)]
+    assert aligner.finish(at=270) == [WordMark("you", 240, 260)]
 
 
 def test_doubled_letters_do_not_count_as_the_rest_of_the_text():
@@ -644,7 +907,7 @@ def test_characters_after_the_whole_text_is_aligned_are_ignored():
     aligner.expect("Yes. ")
     chars = list("Yes. Yes. ")  # a second pass over the same text (as with pronunciation dictionaries)
     marks = aligner.add(chars, [i * 10 for i in range(10)], [10] * 10, offset=0, limit=100)
-    assert marks == [WordMark("Yes.", 0, 40)] and aligner.pending_chars == 0 and aligner.finish() == []
+    assert marks == [WordMark("Yes.", 0, 40)] and aligner.pending_chars == 0 and aligner.finish(at=100) == []
 
 
 def test_an_alignment_with_lists_of_different_lengths_is_an_error():

@@ -7,6 +7,8 @@ ran and their results, which stay true even when the reply that asked for them w
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +24,18 @@ class ToolUse:
     arguments: dict[str, Any]
     result: Any = None
     error: str | None = None
+
+
+# Kana and ideographs: Chinese and Japanese are written without spaces between words.
+CJK_LETTERS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CJK_WRITTEN = rf"[{CJK_LETTERS}\u3000-\u303f\uff01-\uff60]"  # and their punctuation, ideographic and full-width
+_CJK_JUNCTION = re.compile(rf"(?<={_CJK_WRITTEN}) (?={_CJK_WRITTEN})")
+
+
+def join_words(words: Sequence[str]) -> str:
+    """Heard words as text: with spaces between them, except where Chinese or Japanese meets Chinese or Japanese
+    (a TTS marks those in units of a character or two, which were written together)."""
+    return _CJK_JUNCTION.sub("", " ".join(words))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +65,7 @@ class Conversation:
     def add_assistant(self, heard: tuple[str, ...], interrupted: bool) -> None:
         """Record a bot reply as the caller heard it; nothing heard records nothing."""
         if heard:
-            self._messages.append(Message("assistant", " ".join(heard), interrupted))
+            self._messages.append(Message("assistant", join_words(heard), interrupted))
 
     def add_tool(self, use: ToolUse) -> None:
         outcome = f"error: {use.error}" if use.error is not None else f"result: {use.result!r}"

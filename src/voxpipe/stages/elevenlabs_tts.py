@@ -14,9 +14,10 @@ malformed message could not be reported (``docs/providers/elevenlabs.md``).
 
 How it streams. The receiver (a task the pipeline owns, one per reply) connects, sends the BOS message
 (voice settings, generation config; the key goes in the ``xi-api-key`` header), then reads: each ``audio`` message
-is base64 PCM in the call's rate (``pcm_<rate>``), checked (base64, whole samples, not a compressed container) and
-emitted at once; its ``alignment`` (characters with start times and durations in ms, relative to that message's
-audio) is matched to the words of the text that was sent, tolerating the misspellings ElevenLabs puts in it
+is base64 PCM in the call's rate (``pcm_<rate>``), checked (base64, not a compressed container) and emitted at once,
+in whole samples (a message may end in the middle of one: its byte is kept for the next); its ``alignment``
+(characters with start times and durations in ms, relative to that message's audio) is matched to the words of the
+text that was sent, tolerating the misspellings, cut-short and missing words ElevenLabs puts in it
 (:class:`WordAligner`), and placed on the reply's sample timeline. After the reply's last text the stage sends
 EOS (``{"text": ""}``); ElevenLabs answers ``isFinal`` and closes with 1000.
 
@@ -42,8 +43,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -53,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import Package
 from voxpipe.pipeline import AudioFormat, WordMark
+from voxpipe.pipeline.context import CJK_LETTERS
 from voxpipe.stages import tls
 from voxpipe.stages.cloud import CloudSettings, ProviderError, abort_unless_closed, require_sdk
 from voxpipe.stages.tts import StreamingTTSStage
@@ -148,37 +152,47 @@ def output_format(audio: AudioFormat) -> str:
 
 # ------------------------------------------------------------------------------------------------ alignment
 
+RESYNC_WORDS = 3  # how far past the cursor's word a lost alignment looks for the word it goes on with
+# A CJK word as the chunker counts it: two characters (one at a run's end), with what is written around them.
+_CJK_UNIT = re.compile(rf"[^{CJK_LETTERS}]*[{CJK_LETTERS}]{{1,2}}[^{CJK_LETTERS}]*")
+
 
 class WordAligner:
     """Places ElevenLabs' per-character alignment on the text that was sent, and turns it into word marks in samples
     from the reply's start.
 
     The alignment is not always the sent text: Flash v2.5 misspells words in it ("hospitt alized" for "hospitalized":
-    a doubled letter and a space inside the word), ``normalizedAlignment`` starts with a space, and a message may
-    start with a space in the middle of a word. So the alignment's whitespace does not end words. A cursor walks the
-    characters of the sent words (whitespace aside), and each alignment character is looked for, in this order:
+    a doubled letter and a space inside the word), cuts words short or leaves them out, ``normalizedAlignment``
+    starts with a space, and a message may start with a space in the middle of a word. So the alignment's whitespace
+    does not end words. A cursor walks the characters of the sent words (whitespace aside; Chinese and Japanese, which
+    have no spaces, in units of two characters, as the chunker counts their words), and each alignment character is
+    looked for, in this order:
 
     * at the cursor: it is aligned, and the cursor moves on;
     * just after it: the cursor's character was dropped, and the cursor moves past both; past a word's last
-      character only if whitespace came before it in the alignment (it starts the next word);
+      character only if whitespace came before it in the alignment, or the next word follows it with no space in the
+      sent text (two CJK characters after two others): it starts the next word;
     * just before it: a repeat, and the cursor stays;
+    * right after whitespace, at the start of one of the next few sent words, if the alignment from this character
+      to its next whitespace begins that word: the words before it were cut short ("goi" for "going") or left out of
+      the alignment, and the cursor moves on to that word (re-synchronised);
     * nowhere near: a substitute for the cursor's character, and the cursor moves on, unless that is the word's
-      last character: then it stays, so a garbled stretch is kept in its word, and the next word's first character
-      finds the cursor.
+      last character: then it stays, so a garbled stretch is kept in its word, and the next word finds the cursor.
 
     A word is closed, and marked, when the cursor passes its last character: it spans the alignment characters placed
     in it, and it goes in the frame of the message holding the character that passed it. So a glitch costs at most
-    the timing of the word it is in, never a shift of the words after it. A word passed with no character of its own
-    is marked, with no length, where the next character starts. The mark takes the sent word (with its punctuation),
-    so heard words are exactly the reply's words. Characters that come once all the sent text is aligned are ignored
-    (a second pass, as ElevenLabs sends with pronunciation dictionaries, is not followed). A word missing from the
-    alignment altogether leaves the cursor behind: the words after it are then marked late, never early.
+    the timing of the words it is in, never a shift of the words after it. A word passed with no character of its own
+    (left out of the alignment) is marked, with no length, where the next character starts. The mark takes the sent
+    word (with its punctuation), so heard words are exactly the reply's words. Characters that come once all the sent
+    text is aligned are ignored (a second pass, as ElevenLabs sends with pronunciation dictionaries, is not followed).
     """
 
     def __init__(self, sample_rate: int) -> None:
         self.rate = sample_rate
         self._sent = ""  # the sent words' characters, whitespace aside
         self._words: deque[tuple[str, int]] = deque()  # sent words not marked yet, each with the index after its end
+        self._unspaced: set[int] = set()  # indices in _sent of words that follow the one before with no space (CJK)
+        self._text_start = 0  # index in _sent of the latest text's first character
         self._cursor = 0  # index in _sent of the next character to align
         self._word_start = 0  # index in _sent of the first open word's first character
         self._span: tuple[int, int] | None = None  # samples of the characters placed in the first open word
@@ -188,17 +202,29 @@ class WordAligner:
     def pending_chars(self) -> int:
         """Characters sent (whitespace aside) the alignment has not reached: while above 0, audio is still due, and
         the reply's reads have a deadline (``_Reply.deadline``). Wrong either way costs: above 0 with nothing left
-        to say, a reasoner's pause longer than ``read_timeout_s`` reads as a stall; at 0 too early, a stall goes
-        unnoticed until EOS. So a repeat never moves the cursor, and a substitute never past a word's last
-        character; and a word lacking only its last character counts as spoken, so a last letter dropped at the
-        end of a text does not keep audio due. (A dropped character elsewhere is passed by the next one.)"""
+        to say, a reasoner's pause longer than ``read_timeout_s`` reads as a stall (and ends the call under
+        ``on_error: stop``); at 0 too early, a stall goes unnoticed until the next text or EOS. So a repeat never
+        moves the cursor, and a substitute never past a word's last character. But nothing tells when the audio of
+        a text is complete (``isFinal`` comes only after EOS), and the alignment may lack the end of a text: so once
+        the alignment has come into the latest text, whitespace after it reached the text's last word counts as the
+        text spoken (that word cut short or left out; each text's alignment ends with its trailing space), and so
+        does a word lacking only its last character (a letter dropped at the end of a text)."""
         remaining = len(self._sent) - self._cursor
+        if remaining and self._after_space and self._cursor > self._text_start:
+            last_word, end = self._words[-1]
+            if self._cursor >= end - len(last_word):
+                return 0
         return 0 if remaining == 1 and self._cursor > self._word_start else remaining
 
     def expect(self, text: str) -> None:
-        for word in text.split():
-            self._sent += word
-            self._words.append((word, len(self._sent)))
+        self._text_start = len(self._sent)
+        for spaced in text.split():
+            units = () if spaced.isascii() else _CJK_UNIT.findall(spaced)
+            for i, word in enumerate(units or (spaced,)):
+                if i:
+                    self._unspaced.add(len(self._sent))  # the alignment has no whitespace before it either
+                self._sent += word
+                self._words.append((word, len(self._sent)))
 
     def add(
         self, chars: Sequence[str], starts_ms: Sequence[int], durations_ms: Sequence[int], offset: int, limit: int
@@ -212,7 +238,7 @@ class WordAligner:
                 f"times, {len(durations_ms)} durations)",
             )
         marks: list[WordMark] = []
-        for char, start_ms, duration_ms in zip(chars, starts_ms, durations_ms, strict=True):
+        for at, (char, start_ms, duration_ms) in enumerate(zip(chars, starts_ms, durations_ms, strict=True)):
             if not char.strip():
                 self._after_space = True
                 continue
@@ -220,30 +246,53 @@ class WordAligner:
                 continue  # everything sent is aligned: nothing is left for this character to stand for
             start = offset + round(start_ms * self.rate / 1000)
             end = min(limit, offset + round((start_ms + duration_ms) * self.rate / 1000))
-            index = self._place(char)
+            index = self._place(char, chars, at)
             self._after_space = False
-            marks += self._close_until(index, at=start)  # the word this character passed the end of
+            marks += self._close_until(index, at=start)  # the words this character passed the end of
             if index >= self._word_start:  # not a repeat of a word already marked
                 self._span = (start, end) if self._span is None else (self._span[0], max(self._span[1], end))
             marks += self._close_until(self._cursor, at=start)
         return marks
 
-    def finish(self) -> list[WordMark]:
-        """The mark of a word the alignment left open at the end of the reply."""
-        return [self._close(self._span)] if self._span is not None else []
+    def finish(self, at: int) -> list[WordMark]:
+        """At the end of the reply (``isFinal``: all its audio is in), the marks of the words the alignment left open:
+        each where its characters were, or with no length at ``at``, the reply's end, if none was placed in it (the
+        alignment cut the reply short)."""
+        marks = []
+        while self._words:
+            marks.append(self._close(self._span or (at, at)))
+        return marks
 
-    def _place(self, char: str) -> int:
-        """The index in the sent characters that ``char`` stands for, moving the cursor past it (the rule above)."""
+    def _place(self, char: str, chars: Sequence[str], at: int) -> int:
+        """The index in the sent characters that ``char`` (``chars[at]``) stands for, moving the cursor past it (the
+        rules above)."""
         word_end = self._words[0][1]
+        next_word_begins = self._after_space or word_end in self._unspaced
         for index in (self._cursor, self._cursor + 1, self._cursor - 1):
-            passes_word_end = index >= word_end and not self._after_space
+            passes_word_end = index >= word_end and not next_word_begins
             if 0 <= index < len(self._sent) and self._sent[index] == char and not passes_word_end:
                 self._cursor = max(self._cursor, index + 1)
                 return index
+        if self._after_space:
+            resumed = self._word_beginning(chars, at)
+            if resumed is not None:
+                self._cursor = resumed + 1
+                return resumed
         if self._cursor + 1 < word_end:  # a substitute; a word's last character is passed only by what matches
             self._cursor += 1
             return self._cursor - 1
         return self._cursor
+
+    def _word_beginning(self, chars: Sequence[str], at: int) -> int | None:
+        """Where, in the sent characters, the first of the next ``RESYNC_WORDS`` sent words after the cursor's starts
+        that the alignment from ``chars[at]`` to its next whitespace (or the message's end: often a letter or two
+        later) begins, if one does. The nearest is taken: a wrong one nearer than the right one only marks the
+        words skipped late; one past it (early) needs the right one garbled at its start as well."""
+        run = "".join(itertools.takewhile(str.strip, itertools.islice(chars, at, None)))
+        for word, end in itertools.islice(self._words, 1, 1 + RESYNC_WORDS):
+            if word.startswith(run):
+                return end - len(word)
+        return None
 
     def _close_until(self, index: int, *, at: int) -> list[WordMark]:
         """Marks of the open words that end at or before ``index`` in the sent characters: each where its characters
@@ -279,6 +328,7 @@ class _Reply:
         self.eos_sent = False
         self.final = False
         self.samples = 0  # audio received so far, in samples from the reply's start
+        self.carry = b""  # a byte of a sample that the next message completes (PCM may be cut mid-sample)
         self.timer: asyncio.Timeout | None = None  # the receiver's current read deadline
         self.sent_at = 0.0  # loop time of the last message sent: ElevenLabs closes a socket idle for its timeout
         self.heard_at = 0.0  # loop time of the last message received
@@ -552,9 +602,11 @@ class ElevenLabsTTS(StreamingTTSStage):
                     continue
                 raise ProviderError(PROVIDER, reply.timeout_problem()) from None
             except ConnectionClosedOK:
-                if reply.eos_sent or reply.final:
-                    return  # closed normally after the reply's last text (isFinal is optional before it)
-                raise ProviderError(PROVIDER, "closed the connection before the reply was finished") from None
+                if reply.final:
+                    return
+                if not reply.eos_sent:
+                    raise ProviderError(PROVIDER, "closed the connection before the reply was finished") from None
+                break  # closed normally after the reply's last text (isFinal is optional before it)
             except ConnectionClosed as exc:
                 if reply.final:
                     return  # every audio of the reply is in; how the socket ended no longer matters
@@ -565,11 +617,13 @@ class ElevenLabsTTS(StreamingTTSStage):
             reply.heard_at, reply.unanswered_since, reply.flushed_at = asyncio.get_running_loop().time(), None, None
             message = _parse(raw)
             if message.get("isFinal"):
+                self._check_whole_samples(reply)
                 await self._finish_words(reply)
                 reply.final = True
                 reply.ended.set()  # finish_reply may go on; the receiver waits for the server's close
             elif message.get("audio"):
                 await self._on_audio(reply, message, received_at)
+        self._check_whole_samples(reply)  # the reply ended with the server's close, without isFinal
 
     async def _keep_alive(self, reply: _Reply, socket: ClientConnection, *, flush: bool = False) -> None:
         """A single space: ElevenLabs' way to keep a socket open that has no text yet (an empty text would be EOS);
@@ -589,7 +643,9 @@ class ElevenLabsTTS(StreamingTTSStage):
             audio = AudioOutput.model_validate(message)
         except ValueError as exc:
             raise ProviderError(PROVIDER, f"sent an audio message of the wrong shape: {exc}") from None
-        pcm = self._decode(audio.audio, first=not reply.audio_started)
+        pcm = reply.carry + self._decode(audio.audio, first=not reply.audio_started)
+        whole = len(pcm) - len(pcm) % 2  # only whole 16-bit samples go out; a byte left over starts the next one
+        pcm, reply.carry = pcm[:whole], pcm[whole:]
         if not reply.audio_started:
             self.mark("tts.sdk_answer", reply.epoch, received_at)
         reply.audio_started = True
@@ -610,7 +666,7 @@ class ElevenLabsTTS(StreamingTTSStage):
             await self.emit_audio(reply.epoch, pcm, tuple(marks), text)
 
     async def _finish_words(self, reply: _Reply) -> None:
-        marks = reply.words.finish()
+        marks = reply.words.finish(at=reply.samples)
         if marks and reply.epoch >= self.epoch:
             await self.emit_audio(reply.epoch, b"", tuple(marks))
 
@@ -622,12 +678,17 @@ class ElevenLabsTTS(StreamingTTSStage):
         container = _container(pcm) if first else None
         if container is not None:
             raise ProviderError(PROVIDER, f"sent {container} audio, not the raw {self.output_format} PCM asked for")
-        if len(pcm) % 2:
+        return pcm
+
+    def _check_whole_samples(self, reply: _Reply) -> None:
+        """At the reply's end, a byte no message completed: a byte was lost (everything after it was played a byte
+        off), or the audio is not the 16-bit PCM asked for."""
+        if reply.carry:
             raise ProviderError(
                 PROVIDER,
-                f"sent {len(pcm)} bytes of audio, not a whole number of 16-bit samples ({self.output_format} asked)",
+                f"sent {reply.samples * 2 + len(reply.carry)} bytes of audio in the reply, not a whole number of "
+                f"16-bit samples: a stray byte was left at its end ({self.output_format} asked)",
             )
-        return pcm
 
     # -------------------------------------------------------------------------------------------- cancel
 

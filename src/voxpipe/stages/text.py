@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import re
 
+from voxpipe.pipeline.context import CJK_LETTERS
+
 # Closing quotes and brackets may stand between a sentence's mark and the space after it.
 _CLOSING = "\"')]”’»」』）】》"  # noqa: RUF001
 _OPENING = "\"'(“‘«「『（【《"  # noqa: RUF001
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs, written without spaces
+_CJK = CJK_LETTERS  # kana and ideographs, written without spaces
 _CLOSERS = f"[{re.escape(_CLOSING)}]*"
 _NOT_CLOSER = f"(?=[^{re.escape(_CLOSING)}])"  # a CJK mark waits for the next character: "。」" stays together
 

@@ -5,7 +5,8 @@ It speaks the protocol of ``providers-wire.md`` §3.3: ``GET /v1/text-to-speech/
 wrong; without the header, the BOS message must carry it, else a 1008 close). The client sends BOS
 (``{"text": " ", "voice_settings", "generation_config"}``), text messages (``try_trigger_generation`` or ``flush``),
 keepalives (``{"text": " "}``: they only reset the inactivity timer; with ``"flush": true`` the buffered text is
-spoken too) and EOS (``{"text": ""}``). Text is buffered as
+spoken too) and EOS (``{"text": ""}``); a first message whose text is not a single space is refused with a 1008
+close, as ElevenLabs refuses a bad first message (the reason's wording is the fake's). Text is buffered as
 ElevenLabs does: a generation starts on ``flush``, on ``try_trigger_generation`` with at least ``trigger_chars``
 buffered, when the buffer reaches the next step of the BOS's ``chunk_length_schedule`` (default 120, 160, 250,
 290), and at EOS. Each generation is speech-like audio
@@ -32,14 +33,21 @@ reading its socket (a dead network path), so the client's close frame is never a
 Alignment as ElevenLabs really sends it (the audio stays that of the sent text): ``glitch_words`` maps a sent word
 (as split on whitespace, punctuation included) to the alignment text sent for it instead, its characters spread
 over the word's audio, as Flash v2.5 misspells words in its alignment (``{"hospitalized": "hospitt alized"}``: a
-doubled letter and a space inside the word); ``leading_space`` starts each generation's alignment with a space of
-no length, as ``normalizedAlignment`` starts an utterance (here both fields do, so a client reading either meets it).
+doubled letter and a space inside the word; ``"goi"``: cut short; ``""``: left out, no character for it at all);
+``leading_space`` starts each generation's alignment with a space of no length, as ``normalizedAlignment`` starts an
+utterance (here both fields do, so a client reading either meets it). ``normalized_words`` makes
+``normalizedAlignment`` differ from ``alignment`` as ElevenLabs' text normalisation does: it starts with a space, and
+the words it maps are in their spoken form (``{"8": "eight"}``); ``alignment`` stays the sent text.
+``null_is_final`` adds ``"isFinal": null`` to every audio message, as ElevenLabs sends them. ``mid_sample_cuts``
+re-cuts the audio so that every other message ends in the middle of a 16-bit sample, whose other byte starts the
+next message (nothing is lost, unlike ``bad_audio="odd-bytes"``, which drops a byte).
 
 Records: ``connect`` (path, query, headers), ``refused`` (status), ``message`` (connection and the parsed client
 message), ``generation`` (connection, text), ``audio`` (connection, bytes), ``final`` (connection), ``close``
 (the client closed the socket before its reply was complete — the barge-in signal), ``end`` (the socket closed
 after the reply was complete), ``disconnect`` (the client went away without a close frame), ``dropped``,
-``corrupted``, ``stall``, ``idle-timeout``, ``keepalive``, ``closed-on-open`` (connection), ``deaf`` (connection).
+``corrupted``, ``stall``, ``idle-timeout``, ``keepalive``, ``closed-on-open`` (connection), ``deaf`` (connection),
+``bad-first-message`` (connection, text).
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from voxpipe.testing.fakes.server import FakeServer, Faults, Wait, client_left
-from voxpipe.testing.signals import speechlike
+from voxpipe.testing.signals import WordSpan, speechlike
 
 BadAudio = Literal["base64", "odd-bytes", "mp3"]
 DEFAULT_SCHEDULE = (120, 160, 250, 290)  # ElevenLabs' default chunk_length_schedule
@@ -109,6 +117,9 @@ class FakeElevenLabs(FakeServer):
         deaf: bool = False,
         glitch_words: dict[str, str] | None = None,
         leading_space: bool = False,
+        normalized_words: dict[str, str] | None = None,
+        null_is_final: bool = False,
+        mid_sample_cuts: bool = False,
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
         self.ttfa_s = ttfa_s
@@ -124,6 +135,9 @@ class FakeElevenLabs(FakeServer):
         self.deaf = deaf
         self.glitch_words = dict(glitch_words or {})
         self.leading_space = leading_space
+        self.normalized_words = None if normalized_words is None else dict(normalized_words)
+        self.null_is_final = null_is_final
+        self.mid_sample_cuts = mid_sample_cuts
         self._numbers = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -223,6 +237,10 @@ class FakeElevenLabs(FakeServer):
                 self.record("refused", status=401)
                 await conn.ws.close(code=1008, message=b"Invalid API key")
                 return False
+            if text != " ":
+                self.record("bad-first-message", connection=conn.number, text=text)
+                await conn.ws.close(code=1008, message=b"The first message's text must be a single space")
+                return False
             schedule = (message.get("generation_config") or {}).get("chunk_length_schedule")
             if schedule:
                 conn.schedule = [int(n) for n in schedule]
@@ -285,34 +303,23 @@ class FakeElevenLabs(FakeServer):
     def _messages(self, text: str, rate: int) -> list[dict[str, Any]]:
         """One generation as audio messages of ``chunk_s`` each, with the alignment of the characters they hold."""
         samples, spans = speechlike(text, rate, f0=self.f0, rate=self.rate)
-        chars: list[tuple[str, int, int]] = [(" ", 0, 0)] if self.leading_space else []  # character, start, end
-        for i, span in enumerate(spans):
-            if i:
-                chars.append((" ", spans[i - 1].end, span.start))
-            aligned = self.glitch_words.get(span.word, span.word)  # what the alignment says, over the word's audio
-            step = (span.end - span.start) / len(aligned)
-            for k, char in enumerate(aligned):
-                chars.append((char, span.start + round(k * step), span.start + round((k + 1) * step)))
-        chars.append((" ", len(samples), len(samples)))
+        chars = _characters(spans, len(samples), self.glitch_words, leading_space=self.leading_space)
+        normalized = chars
+        if self.normalized_words is not None:  # ElevenLabs' normalised text: a leading space, numbers as words
+            spoken = {**self.glitch_words, **self.normalized_words}
+            normalized = _characters(spans, len(samples), spoken, leading_space=True)
         size = max(1, round(self.chunk_s * rate))
         messages = []
         for start in range(0, len(samples), size):
             end = min(start + size, len(samples))
-            held = [c for c in chars if start <= c[1] < end or (c[1] == len(samples) and end == len(samples))]
-            alignment = {
-                "chars": [c[0] for c in held],
-                "charStartTimesMs": [round((c[1] - start) * 1000 / rate) for c in held],
-                "charDurationsMs": [round((c[2] - c[1]) * 1000 / rate) for c in held],
-            }
             pcm = np.ascontiguousarray(samples[start:end], dtype="<i2").tobytes()
-            messages.append(
-                {
-                    "audio": base64.b64encode(pcm).decode("ascii"),
-                    "alignment": alignment,
-                    "normalizedAlignment": alignment,
-                }
-            )
-        return messages
+            message: dict[str, Any] = {"audio": base64.b64encode(pcm).decode("ascii")}
+            if self.null_is_final:
+                message["isFinal"] = None
+            message["alignment"] = _alignment(chars, start, end, len(samples), rate)
+            message["normalizedAlignment"] = _alignment(normalized, start, end, len(samples), rate)
+            messages.append(message)
+        return _cut_mid_sample(messages) if self.mid_sample_cuts else messages
 
     def _corrupted(self, how: str, message: dict[str, Any]) -> str:
         if how == "malformed-json":
@@ -325,3 +332,44 @@ class FakeElevenLabs(FakeServer):
             "mp3": base64.b64encode(_MP3_FRAME).decode("ascii"),
         }[self.bad_audio]
         return json.dumps({**message, "audio": audio})
+
+
+def _characters(
+    spans: list[WordSpan], length: int, spelled: dict[str, str], *, leading_space: bool
+) -> list[tuple[str, int, int]]:
+    """Each character of a generation's alignment, with its start and end sample: the words as ``spelled`` maps them
+    (the sent word if it does not), each spread over its word's audio, with spaces between them and after the last."""
+    chars: list[tuple[str, int, int]] = [(" ", 0, 0)] if leading_space else []
+    for i, span in enumerate(spans):
+        if i:
+            chars.append((" ", spans[i - 1].end, span.start))
+        aligned = spelled.get(span.word, span.word)  # what the alignment says, over the word's audio
+        step = (span.end - span.start) / max(1, len(aligned))
+        for k, char in enumerate(aligned):
+            chars.append((char, span.start + round(k * step), span.start + round((k + 1) * step)))
+    chars.append((" ", length, length))
+    return chars
+
+
+def _alignment(chars: list[tuple[str, int, int]], start: int, end: int, length: int, rate: int) -> dict[str, Any]:
+    """The alignment of the characters starting in the audio from sample ``start`` to ``end``, times from ``start``."""
+    held = [c for c in chars if start <= c[1] < end or (c[1] == length and end == length)]
+    return {
+        "chars": [c[0] for c in held],
+        "charStartTimesMs": [round((c[1] - start) * 1000 / rate) for c in held],
+        "charDurationsMs": [round((c[2] - c[1]) * 1000 / rate) for c in held],
+    }
+
+
+def _cut_mid_sample(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same audio, re-cut so that every other message ends one byte into a sample, whose other byte starts the
+    next message: every byte is still sent, once, in order."""
+    recut = []
+    carry = b""
+    for i, message in enumerate(messages):
+        pcm = carry + base64.b64decode(message["audio"])
+        carry = b""
+        if i % 2 == 0 and i + 1 < len(messages):
+            pcm, carry = pcm[:-1], pcm[-1:]
+        recut.append({**message, "audio": base64.b64encode(pcm).decode("ascii")})
+    return recut
