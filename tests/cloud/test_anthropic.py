@@ -37,11 +37,17 @@ from voxpipe.pipeline import (
     Tracer,
 )
 from voxpipe.pipeline.turns import DEFAULT_RESUME_PROMPT
-from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings, _Progress, render_messages
+from voxpipe.stages.anthropic_llm import (
+    AnthropicLLM,
+    AnthropicSettings,
+    _Progress,
+    _RefusedExchanges,
+    render_messages,
+)
 from voxpipe.stages.cloud import ProviderError
 from voxpipe.stages.tools import Tool
 from voxpipe.testing import Noise, Say, ScriptedCaller
-from voxpipe.testing.fakes.anthropic import FakeAnthropic, ToolUseReply
+from voxpipe.testing.fakes.anthropic import FakeAnthropic, TextReply, ToolUseReply
 from voxpipe.testing.fakes.server import Faults
 from voxpipe.transports.playout import PlayoutOutput
 from voxpipe.transports.recorder import StereoRecorder
@@ -553,6 +559,34 @@ def test_a_drop_mid_stream_keeps_what_was_streamed_and_heard(serve, tmp_path):
     assert result.outcome == "ended" and result.turns[-1].heard == ["Yes."]
 
 
+@pytest.mark.timeout(30)
+def test_a_refusal_is_reported_and_answered_and_the_exchange_is_left_out_of_later_requests(serve, tmp_path):
+    details = {"type": "refusal", "category": "cyber", "explanation": "This request could enable cyber harm."}
+    replies = [
+        "Luigi's, hello!",
+        TextReply("Well, you start by", stop_reason="refusal", stop_details=details),
+        "We open at noon.",
+    ]
+    served = serve(FakeAnthropic(replies))
+    script = [Say("Hello there.", pause=0.3), Say("How do I pick a lock?", pause=0.3), Say("When do you open?")]
+    result = call(served.fake, script, tmp_path)
+    refused = result.turns[1]
+    assert refused.data["bot_text"] == "Well, you start by Sorry, I can't help with that."
+    assert refused.heard[-3:] == ["help", "with", "that."], "the caller is told, not left mid-sentence"
+    assert refused.data["error"] == (
+        "llm: Anthropic: the API refused the reply (cyber: This request could enable cyber harm.) after 18 "
+        "characters; the exchange is left out of later requests"
+    )
+    # The API's guidance: remove the refused turn, or it refuses again. The conversation itself keeps what was said.
+    assert served.bodies()[2]["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Hello there."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Luigi's, hello!"}]},
+        {"role": "user", "content": [{"type": "text", "text": "When do you open?"}]},
+    ]
+    assert any(m.text == "How do I pick a lock?" for m in result.conversation.messages)
+    assert result.outcome == "ended" and result.turns[-1].heard == ["We", "open", "at", "noon."]
+
+
 def test_the_reasoners_tool_threads_are_set_in_its_config():
     config, validated = parse_config(
         {
@@ -828,18 +862,36 @@ async def test_a_tool_result_over_its_limit_is_sent_back_as_an_error_naming_the_
 @pytest.mark.timeout(10)
 @BOTH_TRANSPORTS
 async def test_an_interrupt_closes_the_stream_at_once_and_counts_the_usage_so_far(http_client):
-    async with FakeAnthropic(["one two three four five six seven eight nine ten"], tokens_per_s=5) as fake:
+    counting = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+    async with FakeAnthropic([counting], tokens_per_s=10) as fake:
         turn = Turn(stage(fake, http_client=http_client))
-        running = await turn.start("Count to ten.")
-        await turn.sink.first_text.wait()  # the reply has started streaming
+        running = await turn.start("Count to fifteen.")
+        await turn.sink.first_text.wait()
+        await asyncio.sleep(0.6)  # the reply is well under way
         await turn.pipeline.interrupt(turn.llm)
         gone = await fake.wait_for("disconnect")
-        assert gone.data["text"] != "one two three four five six seven eight nine ten"
+        assert len(gone.data["text"]) < len(counting)
         await turn.pipeline.end()
         assert await running == "ended"
         usage = turn.pipeline.usage.of_turn(1)["llm"]
-        assert usage["input_tokens"] > 0 and usage["output_tokens"] == 1  # what message_start had reported
+        # message_start reported 1 output token, a placeholder; the output is estimated at 4 characters a token
+        # from what arrived: between what the stage passed on and what the fake wrote.
+        assert usage["input_tokens"] > 0
+        assert -(-len(turn.text()) // 4) <= usage["output_tokens"] <= -(-len(gone.data["text"]) // 4)
+        assert usage["output_tokens"] > 1
         assert not fake.of("reply")
+
+
+@pytest.mark.timeout(10)
+async def test_a_stream_failing_mid_reply_counts_the_output_it_streamed():
+    words = " ".join(f"word{n}" for n in range(60))
+    async with FakeAnthropic([words], stream_error_after=40) as fake:
+        turn = Turn(stage(fake, policy=ErrorPolicy.SKIP_TURN))
+        assert await turn.run() == "ended"
+        assert "stream error" in turn.pipeline.errors[0].error
+        streamed = turn.text()
+        assert len(streamed.split()) == 40
+        assert turn.pipeline.usage.of_turn(1)["llm"]["output_tokens"] == -(-len(streamed) // 4)
 
 
 @pytest.mark.timeout(10)
@@ -881,6 +933,45 @@ async def test_a_text_reply_cut_by_max_tokens_is_kept_and_reported():
         assert turn.text() == "one two three"
         (problem,) = turn.pipeline.errors
         assert not problem.fatal and "the reply reached max_tokens=3 and was cut there" in problem.error
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("stop_reason", "problem"),
+    [
+        ("model_context_window_exceeded", "the reply reached the context window and was cut there"),
+        ("pause_turn", "the API paused the turn (pause_turn, a server tool's long run); not continued"),
+    ],
+)
+async def test_a_reply_stopped_short_by_the_api_is_kept_and_reported(stop_reason, problem):
+    async with FakeAnthropic([TextReply("We open at", stop_reason=stop_reason)]) as fake:
+        turn = Turn(stage(fake))
+        assert await turn.run() == "ended"
+        assert turn.text() == "We open at"
+        (reported,) = turn.pipeline.errors
+        assert not reported.fatal and f"Anthropic: {problem}" in reported.error
+        assert len(fake.of("request")) == 1
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("after_tool", [False, True])
+async def test_a_reply_without_a_word_is_reported_not_silent(after_tool):
+    async def lookup(city: str) -> str:
+        """Look up the weather.
+
+        Args:
+            city: where
+        """
+        return "sunny"
+
+    replies: list[Any] = [ToolUseReply("lookup", {"city": "Paris"}, text="Let me check."), ""] if after_tool else [""]
+    async with FakeAnthropic(replies) as fake:
+        turn = Turn(stage(fake, tools=[lookup]))
+        assert await turn.run() == "ended"
+        assert turn.text() == ("Let me check." if after_tool else "")
+        (reported,) = turn.pipeline.errors
+        after = " after the tool results" if after_tool else ""
+        assert not reported.fatal and f"Anthropic: the model ended its reply{after} without a word" in reported.error
 
 
 @pytest.mark.timeout(10)
@@ -952,6 +1043,28 @@ async def test_an_event_of_the_wrong_shape_is_a_clear_error_and_the_text_before_
 
 
 # ------------------------------------------------------------------------------------ the prompt
+
+
+def test_a_refused_exchange_is_left_out_with_its_tool_uses_and_a_resumed_ones_continuation():
+    use = ToolUse("toolu_1", "lookup", {"q": "locks"}, result="found")
+    hello, hi = Message("user", "Hello."), Message("assistant", "Hi!")
+    asked, again = Message("user", "How do I pick a lock?"), Message("user", "A lock, I said.")
+    refused = _RefusedExchanges()
+    refused.add((hello, hi, asked, again))  # the refused request ended with the caller's two lines
+    later = (hello, hi, asked, again, Message("tool", "lookup", tool=use), Message("assistant", "Well, Sorry."))
+    then = Message("user", "When do you open?")
+    assert refused.leave_out((*later, then, Message("assistant", "At noon."))) == [
+        hello,
+        hi,
+        then,
+        Message("assistant", "At noon."),
+    ]
+    # A resumed turn's context ends with the resume prompt, which is in no conversation: the continuation heard
+    # after it takes its place, and goes too; the reply that was cut before it stays.
+    resumed = _RefusedExchanges()
+    cut = Message("assistant", "We open", interrupted=True)
+    resumed.add((hello, cut, Message("user", DEFAULT_RESUME_PROMPT)))
+    assert resumed.leave_out((hello, cut, Message("assistant", "at, Sorry."), then)) == [hello, cut, then]
 
 
 def test_the_conversation_renders_as_alternating_messages_with_tool_blocks():

@@ -16,7 +16,10 @@ What makes it fit a voice call:
   text streamed before the failure has already been pushed, so it stays in the trace and, once played, in the
   conversation.
 * Usage (input and output tokens, and prompt-cache writes — 5-minute and 1-hour apart — and reads, which are
-  billed at their own rates) is counted per request, also for a request cut off by a barge-in.
+  billed at their own rates) is counted per request, also for a request cut off by a barge-in (its output
+  estimated from what arrived, as the API reports it only at the end).
+* A reply the API's safety classifiers stop (``stop_reason: "refusal"``) is followed by ``refusal_line``, reported,
+  and left out of later requests with the caller's lines that led to it, as Anthropic asks.
 
 The module reads top to bottom: settings, connect, prompt, stream, errors, cancel/close.
 """
@@ -120,6 +123,12 @@ class AnthropicSettings(CloudSettings):
         True,
         description="when the call starts, open the connection (a free GET /v1/models) and stream a canned reply "
         "through the SDK in memory, so the first reply pays neither the handshake nor the SDK building its types",
+    )
+    refusal_line: str = Field(
+        "Sorry, I can't help with that.",
+        max_length=500,
+        description="spoken when the API's safety classifiers stop a reply (stop_reason refusal), which then ends "
+        "mid-sentence with nothing more from the API; empty: nothing is said",
     )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
@@ -264,10 +273,12 @@ class AnthropicLLM(LLMStage):
         self._client: AsyncAnthropic | None = None
         self._open_streams = 0
         self._stopping = False
+        self._refused = _RefusedExchanges()
 
     async def start(self) -> None:
         await super().start()
         self._stopping = False
+        self._refused = _RefusedExchanges()
         self._client = self._connect()
         if self.settings.prewarm:
             self.spawn(self._prewarm(self._client), name=f"{self.name}-prewarm")
@@ -322,7 +333,8 @@ class AnthropicLLM(LLMStage):
     # ---------------------------------------------------------------------------------------------- stream
 
     async def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
-        messages = render_messages(turn.context, self.settings.interrupted_marker, fallback=turn.text)
+        context = self._refused.leave_out(turn.context)
+        messages = render_messages(context, self.settings.interrupted_marker, fallback=turn.text)
         rounds = self.settings.max_tool_rounds
         for round_ in range(rounds + 1):
             reply = _Reply()
@@ -331,8 +343,15 @@ class AnthropicLLM(LLMStage):
             async with contextlib.aclosing(self._stream_reply(turn, request, reply, offer_tools)) as items:
                 async for item in items:
                     yield item
+            if reply.stop_reason == "refusal":
+                self._refused.add(turn.context)
+                return
             if not reply.tool_calls:
-                return  # a text reply, or tool calls not run (the last round, or cut by max_tokens)
+                # A text reply, or tool calls not run (the last round, or cut by max_tokens).
+                if not reply.chars and reply.stop_reason in ("end_turn", "stop_sequence"):
+                    after = " after the tool results" if round_ else ""
+                    await self.report(f"{PROVIDER}: the model ended its reply{after} without a word")
+                return
             # The follow-up request: the model's own content (text and tool_use blocks), then every result.
             messages = [
                 *messages,
@@ -386,8 +405,15 @@ class AnthropicLLM(LLMStage):
                     raise ProviderError(
                         PROVIDER, f"the stream ended before message_stop, after {progress.chars} characters"
                     )
-                if progress.stop_reason == "max_tokens":
-                    await self._report_cut(reply)
+                reply.stop_reason, reply.chars = progress.stop_reason, progress.chars
+                if progress.stop_reason in ("max_tokens", "model_context_window_exceeded"):
+                    await self._report_cut(reply, progress.stop_reason)
+                elif progress.stop_reason == "refusal":
+                    line = await self._report_refusal(reply, progress)
+                    if line:
+                        yield f" {line}" if progress.chars else line
+                elif progress.stop_reason == "pause_turn":
+                    await self._report_paused(reply)
                 elif reply.tool_calls and not offer_tools:
                     await self._report_not_offered(reply)
                 elif reply.tool_calls:
@@ -417,22 +443,48 @@ class AnthropicLLM(LLMStage):
             reply.tool_calls.append(call)
         elif kind == "message_start":
             progress.take_usage(getattr(event.message, "usage", None))  # some compatible gateways leave it out
+        elif kind == "content_block_delta":
+            progress.generated_chars += _generated_chars(event.delta)
         elif kind == "message_delta":
-            progress.take_usage(getattr(event, "usage", None))  # cumulative counts, where the delta has them
+            usage = getattr(event, "usage", None)
+            progress.take_usage(usage)  # cumulative counts, where the delta has them
+            progress.final_usage = progress.final_usage or bool(getattr(usage, "output_tokens", None))
             progress.stop_reason = getattr(event.delta, "stop_reason", None) or progress.stop_reason
+            progress.stop_details = getattr(event.delta, "stop_details", None) or progress.stop_details
         elif kind == "message_stop":
             progress.complete = True
         return ""
 
-    async def _report_cut(self, reply: _Reply) -> None:
-        """The reply reached ``max_tokens``: what was said stands; a tool call it cut is not run."""
-        limit = self.settings.max_tokens
+    async def _report_cut(self, reply: _Reply, stop_reason: str) -> None:
+        """The reply reached ``max_tokens`` or the model's context window: what was said stands; a tool call it cut
+        is not run."""
+        limit = f"max_tokens={self.settings.max_tokens}" if stop_reason == "max_tokens" else "the context window"
         if reply.tool_calls:
             names = ", ".join(repr(call.name) for call in reply.tool_calls)
             reply.tool_calls.clear()
-            await self.report(f"{PROVIDER}: the reply reached max_tokens={limit} inside a call of {names}; not run")
+            await self.report(f"{PROVIDER}: the reply reached {limit} inside a call of {names}; not run")
         else:
-            await self.report(f"{PROVIDER}: the reply reached max_tokens={limit} and was cut there")
+            await self.report(f"{PROVIDER}: the reply reached {limit} and was cut there")
+
+    async def _report_refusal(self, reply: _Reply, progress: _Progress) -> str:
+        """The API's safety classifiers stopped the reply (``stop_reason: "refusal"``): it ends mid-sentence and the
+        API adds nothing, so the caller is told (``refusal_line``, returned to be spoken). Its tool calls are not
+        run, and ``generate`` leaves the exchange out of later requests: the API refuses again while it is there."""
+        names = ", ".join(repr(call.name) for call in reply.tool_calls)
+        reply.tool_calls.clear()
+        details = _stop_details(progress.stop_details)
+        await self.report(
+            f"{PROVIDER}: the API refused the reply{details} after {progress.chars} characters"
+            + (f" (its call of {names} not run)" if names else "")
+            + "; the exchange is left out of later requests"
+        )
+        return self.settings.refusal_line.strip()
+
+    async def _report_paused(self, reply: _Reply) -> None:
+        """``pause_turn`` comes from the API's own server tools, which this stage never declares (one given in
+        ``extra_body`` is the only way): the turn ends where it paused, and says so."""
+        reply.tool_calls.clear()
+        await self.report(f"{PROVIDER}: the API paused the turn (pause_turn, a server tool's long run); not continued")
 
     async def _report_not_offered(self, reply: _Reply) -> None:
         """The model asked for tools the request did not offer (the last round): they are not run."""
@@ -510,6 +562,9 @@ KNOWN_EVENTS = frozenset(
 )
 # Events that show the reply has started: from then on, the per-event deadline applies.
 CONTENT_EVENTS = frozenset({"content_block_delta", "text", "input_json", "thinking"})
+# Output tokens of a stream cut before the API reported them are estimated from the characters that arrived; Claude's
+# tokenizer averages about 3.5 to 4 characters a token in English.
+CHARS_PER_TOKEN = 4
 
 
 # The API's usage fields -> voxpipe's usage counters. Cache writes and reads are input tokens billed apart from
@@ -530,10 +585,13 @@ class _Progress:
 
     deadline: float
     first_content: bool = False
-    chars: int = 0
+    chars: int = 0  # of text
+    generated_chars: int = 0  # of every delta the model generated: text, a tool call's input, thinking
     reported: dict[str, int] = field(default_factory=dict)  # the API's usage field -> its latest count
     cache_writes_1h: int = 0  # the latest usage.cache_creation.ephemeral_1h_input_tokens
     stop_reason: str | None = None
+    stop_details: Any = None  # e.g. a refusal's category and explanation
+    final_usage: bool = False  # a message_delta reported the output tokens
     complete: bool = False  # message_stop arrived
     skipped: set[str] = field(default_factory=set)
 
@@ -556,8 +614,15 @@ class _Progress:
 
     def usage(self) -> dict[str, int]:
         """What to count: each counter the API reported as more than 0, the cache writes split by lifetime (all
-        5-minute ones when the API gave no breakdown)."""
+        5-minute ones when the API gave no breakdown).
+
+        A stream cut before its ``message_delta`` (a barge-in, a failure) has only ``message_start``'s placeholder
+        of 1 output token; the API bills what it generated up to the cut, so the output is estimated from what
+        arrived, at ``CHARS_PER_TOKEN`` (a low estimate: the model may have generated more that never arrived)."""
         counts = {USAGE_COUNTERS[name]: count for name, count in self.reported.items()}
+        if not self.final_usage and self.generated_chars:
+            estimate = -(-self.generated_chars // CHARS_PER_TOKEN)
+            counts[OUTPUT_TOKENS] = max(counts.get(OUTPUT_TOKENS, 0), estimate)
         cache_writes = counts.pop(CACHE_WRITE_TOKENS, 0)
         # The breakdown splits cache_creation_input_tokens, never adds to it: the two add up to what was written.
         cache_writes_1h = min(self.cache_writes_1h, cache_writes)
@@ -579,10 +644,63 @@ def _cache_writes_1h(usage: Any) -> int | None:
 
 @dataclass
 class _Reply:
-    """What a request that asked for tools leaves for the follow-up: the model's content and its tool calls."""
+    """What a request leaves for ``generate``: why it stopped, how much it said and, when it asked for tools, the
+    model's content and its tool calls for the follow-up."""
 
     content: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    stop_reason: str | None = None
+    chars: int = 0  # of text
+
+
+def _generated_chars(delta: Any) -> int:
+    """Characters of one ``content_block_delta`` that the model generated (and the API bills as output)."""
+    for name in ("text", "partial_json", "thinking"):
+        value = getattr(delta, name, None)
+        if isinstance(value, str):
+            return len(value)
+    return 0
+
+
+def _stop_details(details: Any) -> str:
+    """``" (cyber: This request was declined ...)"`` from a refusal's ``stop_details``, a dict or an SDK model."""
+    if details is None:
+        return ""
+    fields = details if isinstance(details, dict) else vars(details)
+    said = ": ".join(str(fields[name]) for name in ("category", "explanation") if fields.get(name))
+    return f" ({said})" if said else ""
+
+
+class _RefusedExchanges:
+    """The exchanges the API refused, left out of later requests: the API's guidance is to remove the refused turn,
+    or it refuses again. The conversation is append-only, so an exchange is a span of its positions: from the
+    caller's lines that the refused request ended with, through the bot's reply to them (as heard, and any tool
+    uses), up to the caller's next line."""
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[int, int]] = []  # (first caller line, end of the refused request's context)
+
+    def add(self, context: Sequence[Message]) -> None:
+        start = len(context)
+        while start and context[start - 1].role == "user":
+            start -= 1
+        self._spans.append((start, len(context)))
+
+    def leave_out(self, context: Sequence[Message]) -> Sequence[Message]:
+        if not self._spans:
+            return context
+        kept: list[Message] = []
+        dropping = False
+        for position, message in enumerate(context):
+            if any(start <= position < end for start, end in self._spans):
+                dropping = True
+            elif message.role == "user":
+                dropping = False
+            elif any(position == end for _start, end in self._spans):
+                dropping = True  # the refused reply, as the caller heard it
+            if not dropping:
+                kept.append(message)
+        return kept
 
 
 def _problem(exc: Exception, progress: _Progress, settings: AnthropicSettings) -> str:

@@ -75,7 +75,19 @@ class ToolUseReply:
     id: str | None = None  # default: toolu_fake_<n>
 
 
-Reply = str | ToolUseReply
+@dataclass(frozen=True)
+class TextReply:
+    """A reply that says ``text`` (may be empty: a reply of no content) and ends with ``stop_reason``, e.g.
+    ``"refusal"`` (the API's safety classifiers stopping it; ``stop_details`` is sent with it, as the API does),
+    ``"pause_turn"``, ``"model_context_window_exceeded"`` or ``"stop_sequence"``. A plain string is a
+    ``TextReply`` ending with ``"end_turn"``."""
+
+    text: str
+    stop_reason: str = "end_turn"
+    stop_details: dict[str, Any] | None = None
+
+
+Reply = str | TextReply | ToolUseReply
 Replies = Sequence[Reply] | Callable[[dict[str, Any]], Reply]
 
 
@@ -86,7 +98,7 @@ class _Disconnected(Exception):
 class FakeAnthropic(FakeServer):
     """A fake Anthropic Messages API on 127.0.0.1 (see the module docstring).
 
-    * ``replies`` — the script (strings, :class:`ToolUseReply`), or a function of the request body;
+    * ``replies`` — the script (strings, :class:`TextReply`, :class:`ToolUseReply`), or a function of the request body;
     * ``ttft_s`` — delay before the first content delta (after ``message_start``, like the real API);
     * ``tokens_per_s`` — delta rate; ``words_per_delta`` words go in each text delta;
     * ``input_tokens`` — the input usage reported (default: a rough estimate from the request's size);
@@ -295,6 +307,7 @@ class FakeAnthropic(FakeServer):
     ) -> None:
         text = reply if isinstance(reply, str) else reply.text
         tool = reply if isinstance(reply, ToolUseReply) else None
+        ending = reply if isinstance(reply, TextReply) else TextReply(text)
         input_tokens = self.input_tokens if self.input_tokens is not None else max(1, len(json.dumps(body)) // 4)
         # One token per word, a tool's input ~4 characters a token; past the request's max_tokens the API stops,
         # mid-word-list or mid-input, with stop_reason "max_tokens".
@@ -365,7 +378,7 @@ class FakeAnthropic(FakeServer):
             if not await send("content_block_stop", {"type": "content_block_stop", "index": 0}):
                 return
             index = 1
-        stop_reason = "end_turn"
+        stop_reason = ending.stop_reason
         if tool is not None:
             tool_id = tool.id or f"toolu_fake_{next(self._ids)}"
             start_block = {"type": "tool_use", "id": tool_id, "name": tool.name, "input": {}}
@@ -390,6 +403,8 @@ class FakeAnthropic(FakeServer):
             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
             "usage": {"output_tokens": output_tokens, **cache},
         }
+        if ending.stop_details is not None and not cut:
+            finish["delta"]["stop_details"] = ending.stop_details
         if not await send("message_delta", finish) or not await send("message_stop", {"type": "message_stop"}):
             return
         try:
