@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket as socket_module
 import subprocess
 import sys
@@ -263,7 +264,9 @@ async def test_barge_in_finalizes_the_new_utterance_and_no_stale_text_follows(tm
 async def test_a_rejected_api_key_stops_the_call_with_an_error_naming_it(tmp_path):
     async with FakeDeepgram(utterances=["Hello there."], api_key="the-right-key") as fake:
         stages = Stages()
-        with pytest.raises(ProviderError, match="Deepgram: API key rejected \\(HTTP 401\\)"):
+        with pytest.raises(
+            ProviderError, match=re.escape("Deepgram: API key rejected (HTTP 401: Invalid credentials.)")
+        ):
             await call(fake, [Say("Hello there.")], tmp_path, stages, api_key="a-wrong-key")
     assert [s.data["status"] for s in fake.of("refused")] == [401]
     assert len(fake.of("connect")) == 1, "a refused handshake is not retried"
@@ -277,11 +280,24 @@ async def test_a_rejected_api_key_stops_the_call_with_an_error_naming_it(tmp_pat
 async def test_rate_limits_and_server_errors_stop_the_call_naming_the_status(tmp_path, status, problem):
     async with FakeDeepgram(utterances=["Hello there."], faults=Faults(refuse=status)) as fake:
         stages = Stages()
-        with pytest.raises(ProviderError, match=f"Deepgram: {problem} \\(HTTP {status}\\)"):
+        with pytest.raises(ProviderError, match=f"Deepgram: {problem} \\(HTTP {status}: "):
             await call(fake, [Say("Hello there.")], tmp_path, stages)
     assert len(fake.of("connect")) == 1
     [error] = stages.stt.pipeline.errors
-    assert error.fatal and f"HTTP {status}" in error.error
+    assert error.fatal and f"HTTP {status}: " in error.error
+
+
+@pytest.mark.timeout(30)
+async def test_a_refused_handshake_is_reported_with_deepgrams_own_message_and_request_id(tmp_path):
+    # The SDK's ApiError says only "Unexpected error when initializing websocket connection."; Deepgram puts its
+    # reason in the dg-error header of the refused handshake.
+    async with FakeDeepgram(utterances=["Hello there."], faults=Faults(refuse=402)) as fake:
+        stages = Stages()
+        with pytest.raises(ProviderError) as raised:
+            await call(fake, [Say("Hello there.")], tmp_path, stages)
+    message = str(raised.value)
+    assert "account out of credit (HTTP 402: Project does not have enough credits for an ASR request.)" in message
+    assert re.search(r"\(request id [0-9a-f-]{36}\)$", message), message
 
 
 @pytest.mark.timeout(30)

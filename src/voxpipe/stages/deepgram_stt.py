@@ -586,8 +586,15 @@ class DeepgramSTT(Stage):
             what = "server error"
         else:
             what = _REFUSALS.get(status or 0, "handshake refused")
+        # The SDK's ApiError carries a canned body; Deepgram's own message and request id are in the refused
+        # handshake's headers, on the websockets exception the SDK raised it from.
+        refused = exc.__context__  # websockets' InvalidStatusCode (.headers) or, from websockets 14, InvalidStatus
+        headers = getattr(refused, "headers", None) or getattr(getattr(refused, "response", None), "headers", None)
+        headers = headers or {}
+        said = f": {headers['dg-error']}" if headers.get("dg-error") else ""
+        request = f" (request id {headers['dg-request-id']})" if headers.get("dg-request-id") else ""
         return ProviderError(
-            PROVIDER, f"{what} (HTTP {status}) when opening the live socket at {self.settings.base_url}"
+            PROVIDER, f"{what} (HTTP {status}{said}) when opening the live socket at {self.settings.base_url}{request}"
         )
 
     # ------------------------------------------------------------------------------------------- stream

@@ -204,9 +204,18 @@ class FakeDeepgram(FakeServer):
         return [Wait(s.data["arrived"], s.at) for s in self.of("answered")]
 
     def error_body(self, status: int) -> dict[str, Any]:
-        codes = {401: ("INVALID_AUTH", "Invalid credentials."), 429: ("TOO_MANY_REQUESTS", "Too many requests.")}
+        codes = {
+            401: ("INVALID_AUTH", "Invalid credentials."),
+            402: ("ASR_PAYMENT_REQUIRED", "Project does not have enough credits for an ASR request."),
+            403: ("INSUFFICIENT_PERMISSIONS", "Project does not have access to the requested model."),
+            429: ("TOO_MANY_REQUESTS", "Too many requests."),
+        }
         code, message = codes.get(status, ("INTERNAL_SERVER_ERROR", f"Internal server error (fake {status})."))
         return {"err_code": code, "err_msg": message, "request_id": str(uuid.uuid4())}
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        response = super().refusal(request)
+        return _with_error_headers(response) if response is not None else None
 
     # ------------------------------------------------------------------------------ connection
 
@@ -216,7 +225,8 @@ class FakeDeepgram(FakeServer):
             return refused
         query = request.query
         if "model" not in query or query.get("encoding", "linear16") != "linear16":
-            return web.json_response(self.error_body(400) | {"err_code": "Bad Request"}, status=400)
+            body = self.error_body(400) | {"err_code": "Bad Request", "err_msg": _bad_query(query)}
+            return _with_error_headers(web.json_response(body, status=400))
         stream = self._open_stream(query)
         socket = self.track(web.WebSocketResponse(autoping=True))
         if not await self.accept(request, socket):
@@ -603,3 +613,18 @@ class FakeDeepgram(FakeServer):
                     self.record("answered", connection=stream.number, arrived=answering, due=due)
                 await socket.send_str(payload)
             sent += 1
+
+
+def _with_error_headers(response: web.Response) -> web.Response:
+    """A refused handshake as Deepgram answers it: the error body's message in ``dg-error`` and its request id in
+    ``dg-request-id``, since WebSocket clients seldom expose a refused handshake's body (the SDK's does not)."""
+    body = json.loads(response.body) if isinstance(response.body, bytes) else {}
+    response.headers["dg-error"] = str(body.get("err_msg", ""))
+    response.headers["dg-request-id"] = str(body.get("request_id", ""))
+    return response
+
+
+def _bad_query(query: Any) -> str:
+    if "model" not in query:
+        return "Bad Request: no model given."
+    return f"Bad Request: unsupported encoding {query.get('encoding')!r}; this fake takes only linear16."
