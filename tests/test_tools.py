@@ -20,7 +20,7 @@ from voxpipe.config import ConfigError, parse_config
 from voxpipe.config.build import config_tools
 from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, ToolResult
 from voxpipe.stages.tools import ResultTooLarge, Tool, ToolAuditLog, ToolError, tools_by_name
-from voxpipe.testing import Say, ScriptedLLM, ScriptedReply
+from voxpipe.testing import Say, ScriptedLLM, ScriptedReply, Silence
 
 
 async def book_table(name: str, people: int, time: str = "19:00") -> dict:
@@ -285,6 +285,34 @@ def test_barge_in_cancels_or_finishes_the_tool_by_policy(tmp_path, policy):
         assert [m.tool.result["booked"] for m in tool_messages] == [True], "the booking made is remembered"
     transcript = json.loads((tmp_path / "transcript.json").read_text())
     assert [m["role"] for m in transcript["conversation"]].count("tool") == (policy == "finish")
+
+
+def test_a_finish_tool_still_running_is_named_to_the_model_until_its_result_is_in_the_conversation(tmp_path):
+    async def book_table(name: str, people: int, time: str = "19:00") -> dict:
+        """Book a table, through a slow booking system."""
+        await asyncio.sleep(12.0)
+        return {"booked": True}
+
+    tool = Tool.of(book_table, timeout_s=30, filler="One moment.", filler_after_s=0.3, on_barge_in="finish")
+    replies = iter([_booking_reply(), "Sure, nine then.", "Bye."])
+    asked: list[EndOfTurn] = []
+
+    def reply(turn: EndOfTurn) -> ScriptedReply | str:
+        asked.append(turn)
+        return next(replies)
+
+    script = [*BARGE_IN[:2], Silence(8.0), BARGE_IN[2]]  # the booking ends in the silence
+    result = run_call(script, tmp_path, replies=reply, tools={"book_table": tool})
+    first, barge_in, thanks = asked
+    assert first.system == barge_in.system.split("\n\n")[0] == thanks.system
+    # The caller cut the booking's reply off 0.9 s in; the 12 s booking runs on through their next turn.
+    assert barge_in.system.endswith(
+        "\n\nStill running, called earlier in this call: book_table(name='Rossi', people=2, time='20:00'). Their "
+        "results will follow; do not call them again for the same request."
+    )
+    assert not any(m.role == "tool" for m in barge_in.context)
+    assert [m.tool.name for m in thanks.context if m.tool is not None] == ["book_table"], "done: in the conversation"
+    assert result.outcome == "ended"
 
 
 def test_a_tool_that_fails_after_the_barge_in_puts_its_error_on_the_turn_that_called_it(tmp_path):

@@ -25,6 +25,11 @@ call's end.
 A result over the tool's ``max_result_chars`` is not sent: the model gets an error naming the tool, the size and the
 limit, and the audit entry records that error and the size (``result_chars``), not the result.
 
+A "finish" tool still running when the caller's next turn goes to the model (the caller cut the reply off while it
+ran) is named in that request's system prompt (:data:`RUNNING_TOOLS_NOTE`): its result is not in the conversation
+yet, and a model that knows nothing of it would book the table a second time. The result reaches the conversation
+when the tool ends, and the next request carries it.
+
 Every invocation is appended to the audit log (``audit``, e.g. :class:`ToolAuditLog`) as it finishes, and every
 result travels upstream to the turn-taker, which records it in the conversation.
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -58,6 +64,13 @@ AuditSink = Callable[[Mapping[str, Any]], None]
 # Sync tools run one at a time in a reply; more threads are busy only with tools that outlive their reply (hung past
 # their timeout, or finishing after a barge-in). Four is room for three such before a fourth is refused.
 DEFAULT_TOOL_THREADS = 4
+
+# Added to the system prompt of a turn while tools called in an earlier turn still run ("finish" tools the caller cut
+# the reply of): the model would otherwise know nothing of them and may call them again.
+RUNNING_TOOLS_NOTE = (
+    "Still running, called earlier in this call: {calls}. Their results will follow; do not call them again for the "
+    "same request."
+)
 
 
 class LLMStage(QueuedStage):
@@ -88,6 +101,7 @@ class LLMStage(QueuedStage):
         self._new_chunker = chunker
         self.results: dict[str, ToolResult] = {}
         self._finishing: set[asyncio.Task[None]] = set()  # "finish" tools (and sync ones), still running
+        self._running_calls: dict[str, ToolCall] = {}  # their calls, by call id
         self._late_threads: set[asyncio.Task[None]] = set()  # sync tools' threads running past their timeout
         self._threads: ToolThreads | None = None  # while the stage runs
 
@@ -103,6 +117,10 @@ class LLMStage(QueuedStage):
 
     async def _respond(self, turn: EndOfTurn) -> None:
         epoch = turn.epoch
+        earlier = [call for call in self._running_calls.values() if call.epoch < epoch]
+        if earlier:
+            note = RUNNING_TOOLS_NOTE.format(calls=", ".join(_call_text(call) for call in earlier))
+            turn = dataclasses.replace(turn, system=f"{turn.system}\n\n{note}".strip())
         self.mark("llm.request", epoch)
         await self.push(LLMRequest(epoch=epoch))
         chunker = self._new_chunker()
@@ -194,7 +212,9 @@ class LLMStage(QueuedStage):
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             running = self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
             self._finishing.add(running)
+            self._running_calls[call.call_id] = call
             running.add_done_callback(self._finishing.discard)
+            running.add_done_callback(lambda _: self._running_calls.pop(call.call_id, None))
             await self._await_tool(call.epoch, tool, asyncio.shield(done))
             return
         invocation = asyncio.create_task(self._invoke(tool, call, None), name=f"{self.name}-tool-{call.name}")
@@ -339,3 +359,9 @@ def _result_chars(error: ToolError) -> int | None:
 def _resolve(done: asyncio.Future[None] | None) -> None:
     if done is not None and not done.done():
         done.set_result(None)
+
+
+def _call_text(call: ToolCall) -> str:
+    """``book_table(name='Rossi', people=2)``: a tool call as the model is reminded of it."""
+    arguments = ", ".join(f"{name}={value!r}" for name, value in call.arguments.items())
+    return f"{call.name}({arguments})"
