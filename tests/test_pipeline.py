@@ -333,8 +333,8 @@ class ToyStreamingTTS(StreamingTTSStage):
     async def open_reply(self, epoch: int) -> None:
         pass
 
-    async def send_text(self, epoch: int, text: str) -> bool:
-        return True
+    async def send_text(self, epoch: int, text: str) -> str | None:
+        return text
 
     async def finish_reply(self, epoch: int) -> None:
         pass

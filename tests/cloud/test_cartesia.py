@@ -191,10 +191,10 @@ async def test_a_reply_streams_through_one_context_and_every_word_is_heard(tmp_p
     assert [w.arrived for w in fake.waits()] == [s.at for s in fake.of("context")]
     assert all(w.served_s >= fake.ttfa_s for w in fake.waits())
 
-    # Characters are counted per reply: the text spoken (the spaces voxpipe adds between pieces are not).
-    spoken = [sum(len(m["transcript"].strip()) for m in inputs(fake, c)) for c in (first, second)]
-    assert [t.data["usage"]["tts"]["characters"] for t in result.turns] == spoken
-    assert spoken[0] >= len(REPLY) - len(inputs(fake, first))
+    # Characters are counted per reply, as sent (Cartesia bills them), the space after each piece included.
+    sent = [sum(len(m["transcript"]) for m in inputs(fake, c)) for c in (first, second)]
+    assert [t.data["usage"]["tts"]["characters"] for t in result.turns] == sent
+    assert sent[0] == len(REPLY) + 1
 
 
 @pytest.mark.timeout(30)
@@ -307,7 +307,7 @@ async def test_only_the_text_that_reached_cartesia_is_counted():
     sent = [s.data["message"]["transcript"] for s in fake.of("message") if s.data["message"].get("transcript")]
     assert sent == [first + " "]
     assert "error event 500" in pipeline.errors[0].error
-    assert pipeline.usage.of_turn(epoch)["tts"] == {"characters": len(first)}
+    assert pipeline.usage.of_turn(epoch)["tts"] == {"characters": len(first) + 1}, "as sent, with its space"
 
 
 @pytest.mark.timeout(30)

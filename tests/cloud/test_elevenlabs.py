@@ -169,7 +169,7 @@ async def test_a_reply_streams_with_word_marks_and_every_word_is_heard(tmp_path)
     assert messages[-1] == {"connection": 1, "text": ""}, "EOS last"
     assert "final" in fake.kinds() and "end" in fake.kinds()
     assert "close" not in fake.kinds() and "disconnect" not in fake.kinds()
-    assert result.usage["tts"]["characters"] == sum(len(m["text"].strip()) for m in texts), "characters sent"
+    assert result.usage["tts"]["characters"] == sum(len(m["text"]) for m in texts), "characters sent, spaces too"
 
 
 @pytest.mark.timeout(30)

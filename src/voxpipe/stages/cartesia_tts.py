@@ -487,10 +487,10 @@ class CartesiaTTS(StreamingTTSStage):
         assert audio is not None
         return audio.sample_rate
 
-    async def send_text(self, epoch: int, text: str) -> bool:
+    async def send_text(self, epoch: int, text: str) -> str | None:
         reply = self._reply
         if reply is None or reply.epoch != epoch or reply.ended.is_set() or not text:
-            return False  # the reply failed or was abandoned: its text has nowhere to go
+            return None  # the reply failed or was abandoned: its text has nowhere to go
         if not text[-1].isspace():
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
         if reply.context is None:
@@ -502,7 +502,7 @@ class CartesiaTTS(StreamingTTSStage):
         if reply.first_input_at is None:
             reply.first_input_at = now
         reply.input_sent(now)
-        return True
+        return text
 
     async def finish_reply(self, epoch: int) -> None:
         reply = self._reply

@@ -534,20 +534,20 @@ class ElevenLabsTTS(StreamingTTSStage):
         reply = self._reply
         return reply if reply is not None and reply.epoch == epoch else None
 
-    async def send_text(self, epoch: int, text: str) -> bool:
+    async def send_text(self, epoch: int, text: str) -> str | None:
         from elevenlabs.types import SendText
         from websockets.exceptions import ConnectionClosed
 
         reply = self._current(epoch)
         words = text.split()
         if reply is None or not words:
-            return False
+            return None
         if reply.first_text_at is None:
             self.mark("tts.sdk_call", epoch)  # the client's boundary: a socket still opening is the network's time
         await reply.opened.wait()  # bounded: the receiver's connect has its own timeout
         socket = reply.socket
         if socket is None:
-            return False  # the receiver failed, and reported it
+            return None  # the receiver failed, and reported it
         text = " ".join(words) + " "  # ElevenLabs wants each text to end with a single space
         if self.settings.flush_each_chunk:
             message = SendText(text=text, flush=True)
@@ -560,8 +560,8 @@ class ElevenLabsTTS(StreamingTTSStage):
         try:
             await self._send(socket, json.dumps(message.model_dump(exclude_none=True)))
         except ConnectionClosed:
-            return False  # the receiver reports a closed socket
-        return True
+            return None  # the receiver reports a closed socket
+        return text
 
     async def finish_reply(self, epoch: int) -> None:
         from elevenlabs.types import CloseConnection

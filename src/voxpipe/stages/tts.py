@@ -140,8 +140,9 @@ class StreamingTTSStage(TTSStage):
 
     * :meth:`open_reply` — open the context/connection for reply ``epoch`` and start receiving (called when the
       reasoner is asked, :class:`LLMRequest`, so the set-up overlaps its first token);
-    * :meth:`send_text` — push one speakable chunk of text; True if it went to the provider (its characters are
-      then counted as usage: text a failed or cut reply never sent is not billed);
+    * :meth:`send_text` — push one speakable chunk of text; returns the text as it went to the provider (with the
+      spacing the provider wants), whose characters are counted as usage, or None if nothing went (text a failed or
+      cut reply never sent is not billed);
     * :meth:`finish_reply` — say no more text is coming, and wait until the reply's last audio was emitted (if it
       fails, the reply's :class:`ResponseEnd` and :class:`TTSDone` still go out, then the failure is raised);
     * :meth:`cancel_reply` — barge-in: stop the provider (its own cancel message or a close) and the receiver.
@@ -154,7 +155,7 @@ class StreamingTTSStage(TTSStage):
     async def open_reply(self, epoch: int) -> None:
         raise NotImplementedError
 
-    async def send_text(self, epoch: int, text: str) -> bool:
+    async def send_text(self, epoch: int, text: str) -> str | None:
         raise NotImplementedError
 
     async def finish_reply(self, epoch: int) -> None:
@@ -169,8 +170,9 @@ class StreamingTTSStage(TTSStage):
             self._open_epoch = frame.epoch
             await self.open_reply(frame.epoch)
         if isinstance(frame, SpeakableChunk):
-            if await self.send_text(frame.epoch, frame.text):
-                self.count(frame.epoch, characters=len(frame.text))
+            sent = await self.send_text(frame.epoch, frame.text)
+            if sent:
+                self.count(frame.epoch, characters=len(sent))
         elif isinstance(frame, ResponseEnd):
             # The reply ends here even when its provider fails at its end (a socket that dropped before it): the
             # output marks the reply done only on these frames. The failure itself still goes to the error policy.
