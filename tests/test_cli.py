@@ -441,3 +441,18 @@ def test_run_configured_call_names_missing_packages_and_keys_at_once_before_the_
     assert "llm.provider: provider 'anthropic' needs the aiohttp package" in str(faked.value)
     assert "--fake-providers: the loopback fakes need the aiohttp package" in str(faked.value)
     assert "pip install 'voxpipe[fakes]'" in str(faked.value)
+
+
+def test_the_usage_table_shows_tiny_costs_and_fractional_amounts_not_zeros():
+    from rich.console import Console
+
+    from voxpipe.cli import usage_table
+
+    usage = {"stt": {"audio_seconds": 0.04}, "tts": {"characters": 292.0}}
+    table = usage_table(usage, {"stt": 0.04 * 0.0077 / 60, "tts": 0.00876, "total": 0.04 * 0.0077 / 60 + 0.00876})
+    assert table is not None
+    console = Console(width=120, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "0.04 audio seconds" in text and "292 characters" in text
+    assert "5.13e-06" in text and "0.0088" in text and "0.00000" not in text

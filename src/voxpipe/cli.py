@@ -80,13 +80,18 @@ def usage_table(usage: dict[str, dict[str, float]], cost_usd: dict[str, float]) 
     table.add_column("USD", justify="right")
     for stage, counts in usage.items():
         amounts = ", ".join(f"{_amount(value)} {counter.replace('_', ' ')}" for counter, value in counts.items())
-        table.add_row(stage, amounts, f"{cost_usd.get(stage, 0.0):.5f}")
-    table.add_row("total", "", f"{cost_usd.get('total', 0.0):.5f}", style="bold")
+        table.add_row(stage, amounts, _usd(cost_usd.get(stage, 0.0)))
+    table.add_row("total", "", _usd(cost_usd.get("total", 0.0)), style="bold")
     return table
 
 
 def _amount(value: float) -> str:
-    return f"{value:.1f}" if value != int(value) else str(int(value))
+    return f"{value:.4g}" if value != int(value) else str(int(value))  # "0.04 audio seconds", not "0.0"
+
+
+def _usd(value: float) -> str:
+    """A cost to 4 decimals, or to 3 significant figures below a tenth of a cent ("5.13e-06", never "0.00000")."""
+    return f"{value:.4f}" if value == 0 or value >= 1e-3 else f"{value:.3g}"
 
 
 def _script_and_voice(args: argparse.Namespace, scripted: bool) -> tuple[list, Any]:

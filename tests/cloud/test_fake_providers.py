@@ -72,8 +72,9 @@ def test_the_cloud_configs_run_against_the_fakes(tmp_path, monkeypatch, capsys, 
 
 
 def test_without_keys_the_call_names_every_missing_one_before_anything_connects(tmp_path, monkeypatch, capsys):
-    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY"):
+    for variable in ("DEEPGRAM_API_KEY", "CARTESIA_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "  \n")  # blank: no key either
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(textwrap.dedent(SCENARIO))
     out = tmp_path / "out"

@@ -37,11 +37,12 @@ class CloudSettings(BaseModel):
 
     def api_key_or_none(self) -> str | None:
         """The key from the config, else from ``$api_key_env``; None if neither has one (or the config's
-        ``api_key: ${VAR}`` names a variable that was not set: no other key is taken in its place)."""
-        given = self.api_key.get_secret_value() if self.api_key is not None else ""
+        ``api_key: ${VAR}`` names a variable that was not set: no other key is taken in its place). Spaces and a
+        newline around a key (one pasted, or read from a file) are not part of it, so a blank key is no key."""
+        given = self.api_key.get_secret_value().strip() if self.api_key is not None else ""
         if unset_reference(given) is not None:
             return None
-        return given or os.environ.get(self.api_key_env) or None
+        return given or os.environ.get(self.api_key_env, "").strip() or None
 
     def key_variable(self) -> str:
         """The environment variable a call takes the key from: the config's ``api_key: ${VAR}``, else the usual one."""
