@@ -4,6 +4,7 @@ and an audit log — tested with the scripted LLM, so no provider is involved.""
 import asyncio
 import functools
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -693,3 +694,24 @@ def test_a_process_whose_call_left_a_sync_tool_hung_still_exits(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "call ended: ended" in done.stdout
     assert [entry["outcome"] for entry in _audit(tmp_path)] == ["timeout", "abandoned"]
+
+
+def test_a_name_the_model_api_refuses_is_an_error_naming_the_tool_and_the_rule():
+    # The Messages API takes only ^[a-zA-Z0-9_-]{1,64}$ and refuses every request declaring another name (HTTP 400).
+    def check(day: str) -> str:
+        """Check a day."""
+        return day
+
+    rule = r"a tool's name must be 1 to 64 letters, digits, '_' or '-'"
+    for bad in ("book table", "a" * 65, "book_table\n", "réserver"):
+        with pytest.raises(ToolError, match=f"tool {re.escape(repr(bad))}: {rule}"):
+            Tool.of(check, name=bad)
+    with pytest.raises(ToolError, match=f"tool '<lambda>': {rule}"):
+        Tool.of(lambda day: day)
+    with pytest.raises(ToolError, match=f"tool 'book table': {rule}"):
+        tools_by_name({"book table": check})  # a mapping's key is the name
+    with pytest.raises(ToolError, match=f"tool 'book table': {rule}"):
+        tools_by_name({"book table": Tool.of(check)})  # a Tool renamed by its key
+    for good in ("a" * 64, "get-weather_2"):
+        assert Tool.of(check, name=good).name == good
+        assert list(tools_by_name({good: check})) == [good]

@@ -1161,3 +1161,137 @@ async def test_a_failing_warm_up_is_not_the_calls_failure(monkeypatch):
         assert await turn.run() == "ended"
         assert turn.text() == "Hello there." and not turn.pipeline.errors
         assert not module._sdk_warm, "tried again by the next call"
+
+
+_HI = {"role": "user", "content": [{"type": "text", "text": "Hi."}]}
+_USE = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+_RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 degrees"}
+_CACHED = {"type": "ephemeral"}
+
+
+def _weather_tool(name: str = "get_weather", **extra: Any) -> dict[str, Any]:
+    return {**Tool.of(get_weather).spec(), "name": name, **extra}
+
+
+def _cached_texts(n: int) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": f"Part {i}.", "cache_control": _CACHED} for i in range(n)]
+
+
+async def _streamed(fake: FakeAnthropic, **request: Any) -> str:
+    """Stream one request from the fake with the official SDK: the reply's text (or the SDK's error)."""
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(api_key=fake.api_key, base_url=fake.url, max_retries=0)
+    try:
+        async with client.messages.stream(model="claude-opus-4-7", max_tokens=20, **request) as stream:
+            message = await stream.get_final_message()
+        return "".join(block.text for block in message.content if block.type == "text")
+    finally:
+        await client.close()
+
+
+_TOOL_NAME_RULE = "String should match pattern '^[a-zA-Z0-9_-]{1,64}$'"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"messages": [_HI], "tools": [_weather_tool("book table")]}, f"tools.0.name: {_TOOL_NAME_RULE}"),
+        (
+            {"messages": [_HI], "tools": [_weather_tool(), _weather_tool("<lambda>")]},
+            f"tools.1.name: {_TOOL_NAME_RULE}",
+        ),
+        ({"messages": [_HI], "tools": [_weather_tool("a" * 65)]}, f"tools.0.name: {_TOOL_NAME_RULE}"),
+        (
+            {
+                "messages": [
+                    _HI,
+                    {"role": "assistant", "content": [_USE]},
+                    {"role": "user", "content": [{"type": "text", "text": "And parking?"}, _RESULT]},
+                ],
+                "tools": [_weather_tool()],
+            },
+            "messages.2: `tool_result` blocks must come before any other content in a user message",
+        ),
+        (
+            {"messages": [_HI, {"role": "assistant", "content": [{"type": "text", "text": "Sure, "}]}]},
+            "messages: final assistant content cannot end with trailing whitespace",
+        ),
+        (
+            {
+                "system": _cached_texts(1),
+                "tools": [_weather_tool(cache_control=_CACHED)],
+                "messages": [{"role": "user", "content": _cached_texts(3)}],
+            },
+            "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+        ),
+        (
+            {
+                "messages": [
+                    _HI,
+                    {"role": "assistant", "content": [_USE, _USE]},
+                    {"role": "user", "content": [_RESULT]},
+                ],
+                "tools": [_weather_tool()],
+            },
+            "messages.1.content.1: `tool_use` ids must be unique",
+        ),
+        (
+            {"messages": [_HI], "tool_choice": {"type": "none"}},
+            "tool_choice may only be specified while providing tools.",
+        ),
+    ],
+    ids=[
+        "tool-name-with-a-space",
+        "tool-name-of-a-lambda",
+        "tool-name-of-65-characters",
+        "text-before-tool-result",
+        "final-assistant-text-ending-in-whitespace",
+        "five-cache-control-blocks",
+        "duplicate-tool-use-ids",
+        "tool-choice-without-tools",
+    ],
+)
+async def test_the_fake_refuses_what_the_api_refuses(request_, message):
+    import anthropic
+
+    async with FakeAnthropic(["Fine."]) as fake:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await _streamed(fake, **request_)
+        assert refused.value.body["error"] == {"type": "invalid_request_error", "message": message}
+        assert fake.of("refused")[-1].data["message"] == message
+
+
+@pytest.mark.timeout(10)
+async def test_the_fake_takes_a_request_just_inside_each_limit_and_refuses_one_just_outside():
+    import anthropic
+
+    tool = _weather_tool("a" * 64, cache_control=_CACHED)
+    tool_turn = [_HI, {"role": "assistant", "content": [{"type": "text", "text": "Let me check. "}, _USE]}]
+    answer = {"role": "user", "content": [_RESULT, {"type": "text", "text": "And parking?", "cache_control": _CACHED}]}
+    valid = {"system": _cached_texts(2), "tools": [tool], "messages": [*tool_turn, answer]}  # 4 cache_control blocks
+    async with FakeAnthropic(["Fine."]) as fake:
+        assert await _streamed(fake, **valid) == "Fine."
+        fifth = {**answer, "content": [*answer["content"], *_cached_texts(1)]}
+        with pytest.raises(anthropic.BadRequestError, match="Found 5"):
+            await _streamed(fake, **{**valid, "messages": [*tool_turn, fifth]})
+        text_first = {**answer, "content": answer["content"][::-1]}
+        with pytest.raises(anthropic.BadRequestError, match="must come before any other content"):
+            await _streamed(fake, **{**valid, "messages": [*tool_turn, text_first]})
+        with pytest.raises(anthropic.BadRequestError, match=r"tools\.0\.name: String should match pattern"):
+            await _streamed(fake, **{**valid, "tools": [_weather_tool("a" * 65)]})
+
+
+@pytest.mark.timeout(10)
+async def test_the_fake_refuses_an_anthropic_version_the_api_does_not_know():
+    import anthropic
+
+    async with FakeAnthropic(["Fine."]) as fake:
+        assert await _streamed(fake, messages=[_HI]) == "Fine."  # the version the installed SDK sends
+        assert fake.of("request")[-1].data["headers"]["anthropic-version"] == anthropic._constants.ANTHROPIC_API_VERSION
+        assert await _streamed(fake, messages=[_HI], extra_headers={"anthropic-version": "2023-06-01"}) == "Fine."
+        with pytest.raises(anthropic.BadRequestError, match="anthropic-version: unknown version '1999-01-01'"):
+            await _streamed(fake, messages=[_HI], extra_headers={"anthropic-version": "1999-01-01"})
+        with pytest.raises(anthropic.BadRequestError, match="anthropic-version: header is required"):
+            await _streamed(fake, messages=[_HI], extra_headers={"anthropic-version": anthropic.Omit()})

@@ -24,7 +24,7 @@ from voxpipe.config.env import interpolate
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import KINDS, Registry
 from voxpipe.pipeline.turns import DEFAULT_BACKCHANNELS, DEFAULT_RESUME_PROMPT, backchannel_word
-from voxpipe.stages.tools import DEFAULT_MAX_RESULT_CHARS, ToolError
+from voxpipe.stages.tools import DEFAULT_MAX_RESULT_CHARS, TOOL_NAME, TOOL_NAME_RULE, ToolError
 
 
 class Strict(BaseModel):
@@ -78,7 +78,12 @@ class ToolConfig(Strict):
     """A tool the reasoner may call: a Python function named by import path, and how it is run."""
 
     function: str = Field(description="import path, 'package.module:function'")
-    name: str | None = Field(None, description="name the model sees (default: the function's name)")
+    name: str | None = Field(
+        None,
+        json_schema_extra={"pattern": TOOL_NAME.pattern},  # checked by _a_name_the_model_can_take, in words
+        description="name the model sees (default: the function's name): 1 to 64 letters, digits, '_' or '-', as "
+        "the model's API refuses any other name on every request",
+    )
     description: str | None = Field(None, description="what the model is told (default: the docstring)")
     timeout_s: float = Field(10.0, gt=0, le=600, description="the model gets an error result after this long")
     on_barge_in: Literal["cancel", "finish"] = Field(
@@ -93,6 +98,14 @@ class ToolConfig(Strict):
         description="longest result sent to the model (characters of its text, or of its JSON); a longer one is an "
         "error result naming the tool, the size and the limit",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_the_model_can_take(cls, name: str | None) -> str | None:
+        # Not Field(pattern=...): its message quotes the regex, which the error report lower-cases into a wrong one.
+        if name is not None and not TOOL_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: a tool's name must be {TOOL_NAME_RULE} (the model's API refuses any other)")
+        return name
 
 
 # The usage counters a price can be set for: voxpipe.pipeline.usage's, spelled out so a misspelled one is an error

@@ -38,6 +38,7 @@ import importlib
 import inspect
 import itertools
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, Future
@@ -54,6 +55,12 @@ BargeInPolicy = Literal["cancel", "finish"]
 # Longest result sent to the model, in characters of result_text(): ~5,000 tokens, far more than a voice reply needs
 # from a tool, far less than the megabytes a tool dumping a whole table or page would send on every later request.
 DEFAULT_MAX_RESULT_CHARS = 20_000
+
+# The names a model can be given for a tool: the Anthropic Messages API refuses any other name with HTTP 400 on
+# every request (OpenAI's rule is the same), so "book table", a lambda's "<lambda>" or a 65-character name is an
+# error when the tool is described, not on the first call.
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+TOOL_NAME_RULE = "1 to 64 letters, digits, '_' or '-'"
 
 
 class ToolError(Exception):
@@ -103,6 +110,7 @@ class Tool:
         argument's description in the docstring wins over one in its ``Annotated[..., Field(...)]``."""
         described, default_name = _described_by(function)
         name = name or default_name
+        _check_name(name)
         doc = docstring_parser.parse(inspect.getdoc(described) or "")
         params = {p.arg_name: (p.description or "").strip() for p in doc.params}
         try:
@@ -291,6 +299,12 @@ def _field(default: Any, description: str | None) -> Any:
     return Field(default, description=description) if description else Field(default)
 
 
+def _check_name(name: str) -> None:
+    """Refuse a name the model's API would refuse on every request (:data:`TOOL_NAME`)."""
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):  # fullmatch: "$" would let "a\n" through
+        raise ToolError(f"tool {name!r}: a tool's name must be {TOOL_NAME_RULE} (the model's API refuses any other)")
+
+
 def _described_by(function: Callable[..., Any]) -> tuple[Callable[..., Any], str]:
     """The function whose type hints and docstring describe ``function``, and the tool's default name: a
     partial's function (and its name), a callable object's ``__call__`` method (and its class's name)."""
@@ -323,6 +337,7 @@ def tools_by_name(tools: ToolsLike | None) -> dict[str, Tool]:
         tool = item if isinstance(item, Tool) else Tool.of(item, name=name)
         if name is not None and tool.name != name:
             tool = dataclasses.replace(tool, name=name)
+        _check_name(tool.name)  # a mapping's key, or a Tool built without Tool.of
         if tool.name in out:
             raise ToolError(f"two tools are named {tool.name!r}")
         out[tool.name] = tool

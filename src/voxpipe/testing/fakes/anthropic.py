@@ -13,9 +13,12 @@ line): ``message_start``, ``content_block_start``, ``ping``, ``content_block_del
 Request ``n`` gets ``replies[n]`` (cycling), or ``replies(body)`` when ``replies`` is a function of the request's
 JSON body. Like the real API, a request is refused with a 400 ``invalid_request_error`` when a ``tool_use`` in its
 messages has no ``tool_result`` in the next message, when a ``tool_result`` answers no ``tool_use`` of the message
-before it, when it carries tool blocks but declares no ``tools``, when a text block is empty, when the first message
-is not the user's, or when ``anthropic-version`` is missing. (The fake does not play the model: ``tool_choice`` is
-recorded, not obeyed.)
+before it, when a user message has other content before a ``tool_result``, when two ``tool_use`` blocks share an id,
+when it carries tool blocks but declares no ``tools``, when it gives a ``tool_choice`` but no ``tools``, when a tool's
+name does not match ``^[a-zA-Z0-9_-]{1,64}$``, when more than 4 blocks (system, tools and messages) carry
+``cache_control``, when a text block is empty, when the first message is not the user's, when the final message is
+the assistant's and its text ends in whitespace, or when ``anthropic-version`` is missing or not a version the API
+knows. (The fake does not play the model: ``tool_choice`` is recorded, not obeyed.)
 
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
@@ -200,15 +203,43 @@ class FakeAnthropic(FakeServer):
         messages = body["messages"]
         if not messages:
             return "messages: at least one message is required"
+        tools = body.get("tools") or []
+        tool_name = r"^[a-zA-Z0-9_-]{1,64}$"
+        for i, tool in enumerate(tools):
+            name = tool.get("name") if isinstance(tool, dict) else None
+            if not isinstance(name, str) or not re.fullmatch(tool_name, name):
+                return f"tools.{i}.name: String should match pattern '{tool_name}'"
+        if "tool_choice" in body and not tools:
+            return "tool_choice may only be specified while providing tools."
+        system = body.get("system")
+        cached = [b for b in (system if isinstance(system, list) else []) + tools if isinstance(b, dict)]
+        for message in messages:
+            for block in _blocks(message):
+                cached.append(block)
+                nested = block.get("content") if block.get("type") == "tool_result" else None
+                cached += [b for b in nested if isinstance(b, dict)] if isinstance(nested, list) else []
+        breakpoints = sum(1 for block in cached if block.get("cache_control"))
+        if breakpoints > 4:
+            return f"A maximum of 4 blocks with cache_control may be provided. Found {breakpoints}."
         if messages[0].get("role") != "user":
             return 'messages: first message must use the "user" role'
         blocks_of = [_blocks(message) for message in messages]
         tool_blocks = any(b.get("type") in ("tool_use", "tool_result") for blocks in blocks_of for b in blocks)
         if tool_blocks and not body.get("tools"):
             return "Requests which include `tool_use` or `tool_result` blocks must define tools."
+        use_ids: set[Any] = set()
         for i, blocks in enumerate(blocks_of):
             if not blocks:
                 return f"messages.{i}: content must be non-empty"
+            other_content = False  # a block before which no tool_result may come
+            for j, block in enumerate(blocks):
+                if block.get("type") == "tool_use":
+                    if block.get("id") in use_ids:
+                        return f"messages.{i}.content.{j}: `tool_use` ids must be unique"
+                    use_ids.add(block.get("id"))
+                if block.get("type") == "tool_result" and other_content:
+                    return f"messages.{i}: `tool_result` blocks must come before any other content in a user message"
+                other_content = other_content or block.get("type") != "tool_result"
             for block in blocks:
                 if block.get("type") == "text" and not block.get("text", "").strip():
                     return f"messages.{i}: text content blocks must contain non-whitespace text"
@@ -230,6 +261,9 @@ class FakeAnthropic(FakeServer):
                         f"{block.get('tool_use_id')}. Each `tool_result` block must have a corresponding `tool_use` "
                         "block in the previous message."
                     )
+        texts = [b.get("text", "") for b in blocks_of[-1] if b.get("type") == "text"]
+        if messages[-1].get("role") == "assistant" and texts and texts[-1] != texts[-1].rstrip():
+            return "messages: final assistant content cannot end with trailing whitespace"
         return None
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -271,8 +305,12 @@ class FakeAnthropic(FakeServer):
         refused = self.refusal(request)
         if refused is not None:
             return refused
-        if not request.headers.get("anthropic-version"):
+        version = request.headers.get("anthropic-version")
+        if not version:
             return self._invalid("anthropic-version: header is required")
+        # The API's versions, and the one the installed SDK sends (anthropic 2.12's ANTHROPIC_API_VERSION).
+        if version not in ("2023-01-01", "2023-06-01", "2026-10-21"):
+            return self._invalid(f"anthropic-version: unknown version {version!r}")
         problem = self._problem(body)
         if problem is not None:
             return self._invalid(problem)
