@@ -384,9 +384,28 @@ def test_one_hour_cache_writes_can_be_priced_over_their_list_price():
     pricing = {"llm": {"cache_write_1h_tokens": 12.0e-6}}
     config, _ = parse_config({**SCRIPTED, "pricing": pricing})
     assert config.pricing == pricing
-    table = price_table({"llm": "anthropic"}, config.pricing)  # as voxpipe.call prices a call
+    table = price_table({"llm": ("anthropic", "claude-opus-4-7")}, config.pricing)  # as voxpipe.call prices a call
     assert table["llm"]["cache_write_1h_tokens"] == 12.0e-6
-    assert table["llm"]["cache_write_tokens"] == LIST_PRICES["llm.anthropic"]["cache_write_tokens"]
+    assert table["llm"]["cache_write_tokens"] == LIST_PRICES["llm.anthropic"]["claude-opus-4-7"]["cache_write_tokens"]
+
+
+def test_list_prices_follow_the_model_and_a_model_without_one_is_named_not_priced_as_another():
+    from voxpipe.config.prices import list_price, price_table, unpriced
+
+    opus, haiku = list_price("llm", "anthropic", "claude-opus-4-7"), list_price("llm", "anthropic", "claude-haiku-4-5")
+    assert opus is not None and haiku is not None and haiku["output_tokens"] == opus["output_tokens"] / 5
+    assert list_price("llm", "anthropic", "claude-haiku-4-5-20251001") == haiku, "a dated snapshot: its model's"
+    older_opus = list_price("llm", "anthropic", "claude-opus-4-1")
+    assert older_opus is not None and older_opus["input_tokens"] == pytest.approx(15e-6)
+    assert list_price("stt", "deepgram", "nova-2") != list_price("stt", "deepgram", "nova-3")
+    assert list_price("tts", "piper", None) == {}, "a local provider is not metered"
+    stages = {"llm": ("anthropic", "no-such-model"), "tts": ("piper", None), "stt": ("deepgram", "nova-3")}
+    assert price_table(stages, {})["llm"] == {}
+    assert unpriced(stages, {}) == {
+        "llm": "llm: no list price for anthropic model 'no-such-model'; its usage is counted at no cost (set "
+        "pricing.llm in the config)"
+    }
+    assert unpriced(stages, {"llm": {"input_tokens": 1e-6}}) == {}, "the config's own prices are enough"
 
 
 def test_the_resume_prompt_can_be_turned_off_but_not_left_empty():

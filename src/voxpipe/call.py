@@ -27,7 +27,7 @@ from typing import Any
 
 from voxpipe.config import KINDS, BuildContext, ConfigError, PipelineConfig, Registry, build_pipeline
 from voxpipe.config.build import config_tools, missing_packages
-from voxpipe.config.prices import price_table
+from voxpipe.config.prices import price_table, unpriced
 from voxpipe.pipeline import (
     AudioFormat,
     Clock,
@@ -71,6 +71,7 @@ class CallResult:
     usage: dict[str, dict[str, float]] = field(default_factory=dict)
     cost_usd: dict[str, float] = field(default_factory=dict)
     unwritten: dict[str, str] = field(default_factory=dict)  # artefact -> why it could not be written
+    unpriced: dict[str, str] = field(default_factory=dict)  # stage kind -> why its usage has no price
 
 
 def scripted_pipeline(
@@ -209,6 +210,8 @@ def run_configured_call(
             raise ConfigError.many(problems)
     audit = ToolAuditLog(out / "tools.jsonl") if config.tools or tools else None
     providers = {kind: config.stage(kind).provider for kind in KINDS}
+    # Priced by the model the config chose (before the fakes take the settings over).
+    priced = {kind: (providers[kind], getattr(settings.get(kind), "model", None)) for kind in KINDS}
     with contextlib.ExitStack() as stack:
         if fake_providers:
             from voxpipe.testing.fakes.launch import fake_providers as faked
@@ -227,11 +230,15 @@ def run_configured_call(
             tracer=tracer,
             registry=registry,
         )
-        prices = price_table(providers, config.pricing)
+        prices = price_table(priced, config.pricing)
+        no_price = unpriced(priced, config.pricing)
+        for problem in no_price.values():
+            log.warning("%s", problem)
         starting = _opening(audit, on_start)
         result = run_pipeline_call(
             pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting, prices=prices
         )
+    result.unpriced = no_price
     return result
 
 

@@ -160,6 +160,8 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
     usage = usage_table(result.usage, result.cost_usd)
     if usage is not None:
         console.print(usage)
+    for problem in result.unpriced.values():
+        console.print(f"  [yellow]{escape(problem)}[/]")
     for name in ARTEFACTS:
         if name in result.unwritten:
             console.print(f"  [red]could not write[/] {escape(str(out / name))}: {escape(result.unwritten[name])}")

@@ -324,10 +324,24 @@ def test_one_hour_cache_writes_are_counted_apart_and_priced_at_twice_the_input_p
         "cache_read_tokens": 3000,
     }
     assert result.usage["llm"] == result.turns[0].data["usage"]["llm"] == usage
-    prices = LIST_PRICES["llm.anthropic"]
+    prices = LIST_PRICES["llm.anthropic"]["claude-opus-4-7"]
     assert prices["cache_write_1h_tokens"] == pytest.approx(2 * prices["input_tokens"])
     assert prices["cache_write_tokens"] == pytest.approx(1.25 * prices["input_tokens"])
     assert result.cost_usd["llm"] == pytest.approx(sum(count * prices[counter] for counter, count in usage.items()))
+
+
+@pytest.mark.timeout(30)
+def test_a_model_without_a_list_price_is_named_and_not_priced_as_another(serve, tmp_path, caplog):
+    served = serve(FakeAnthropic(["Hello!"], input_tokens=40))
+    result = call(served.fake, [Say("Hi.", pause=0.3)], tmp_path, model="claude-haiku-4-5-20251001")
+    haiku = LIST_PRICES["llm.anthropic"]["claude-haiku-4-5"]
+    usage = result.usage["llm"]
+    assert result.cost_usd["llm"] == pytest.approx(sum(count * haiku[counter] for counter, count in usage.items()))
+    assert result.unpriced == {}
+    unknown = call(served.fake, [Say("Hi.", pause=0.3)], tmp_path / "unknown", model="claude-next")
+    assert unknown.usage["llm"]["output_tokens"] > 0 and unknown.cost_usd["llm"] == 0
+    assert unknown.unpriced["llm"].startswith("llm: no list price for anthropic model 'claude-next'")
+    assert unknown.unpriced["llm"] in caplog.text
 
 
 def test_the_cache_writes_split_follows_the_running_totals_of_message_start_and_message_delta():

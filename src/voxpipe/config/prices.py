@@ -8,6 +8,8 @@ can bill by. Local providers cost nothing here (their cost is the machine).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from voxpipe.pipeline.usage import (
     AUDIO_SECONDS,
     CACHE_READ_TOKENS,
@@ -18,25 +20,85 @@ from voxpipe.pipeline.usage import (
     OUTPUT_TOKENS,
 )
 
-LIST_PRICES: dict[str, dict[str, float]] = {
-    "stt.deepgram": {AUDIO_SECONDS: 0.0077 / 60},  # Nova-3 streaming, $0.0077 per minute
-    # Claude Opus, per million tokens: $5 input, $25 output; prompt-cache writes 1.25x input for the 5-minute cache,
-    # $6.25, and 2x input for the 1-hour cache, $10; reads 0.1x input, $0.50.
-    "llm.anthropic": {
-        INPUT_TOKENS: 5.0e-6,
-        OUTPUT_TOKENS: 25.0e-6,
-        CACHE_WRITE_TOKENS: 6.25e-6,
-        CACHE_WRITE_1H_TOKENS: 10.0e-6,
-        CACHE_READ_TOKENS: 0.5e-6,
+
+def _claude(input_per_million: float, output_per_million: float) -> dict[str, float]:
+    """A Claude model's prices: prompt-cache writes cost 1.25x the input price (5-minute cache) and 2x (1-hour
+    cache), reads 0.1x."""
+    per_token = input_per_million * 1e-6
+    return {
+        INPUT_TOKENS: per_token,
+        OUTPUT_TOKENS: output_per_million * 1e-6,
+        CACHE_WRITE_TOKENS: 1.25 * per_token,
+        CACHE_WRITE_1H_TOKENS: 2.0 * per_token,
+        CACHE_READ_TOKENS: 0.1 * per_token,
+    }
+
+
+# By stage kind and provider, then by model. A model id matches its own entry or, with a date or other suffix after
+# a dash ("claude-haiku-4-5-20251001"), the longest entry it starts with. A provider listed here is metered: a model
+# it does not list has no list price, and the call says so rather than pricing it as another model.
+LIST_PRICES: dict[str, dict[str, dict[str, float]]] = {
+    "stt.deepgram": {  # streaming, per minute
+        "nova-3": {AUDIO_SECONDS: 0.0077 / 60},
+        "nova-2": {AUDIO_SECONDS: 0.0058 / 60},
     },
-    "tts.elevenlabs": {CHARACTERS: 0.05e-3},  # Flash v2.5, ~$0.05 per thousand characters
-    "tts.cartesia": {CHARACTERS: 0.03e-3},  # Sonic, ~$0.03 per thousand characters
+    "llm.anthropic": {  # per million tokens, input and output
+        "claude-opus-4-7": _claude(5, 25),
+        "claude-opus-4-6": _claude(5, 25),
+        "claude-opus-4-5": _claude(5, 25),
+        "claude-opus-4-1": _claude(15, 75),
+        "claude-opus-4": _claude(15, 75),
+        "claude-sonnet-4-6": _claude(3, 15),
+        "claude-sonnet-4-5": _claude(3, 15),
+        "claude-sonnet-4": _claude(3, 15),
+        "claude-haiku-4-5": _claude(1, 5),
+    },
+    "tts.elevenlabs": {  # per thousand characters
+        "eleven_flash_v2_5": {CHARACTERS: 0.05e-3},
+        "eleven_turbo_v2_5": {CHARACTERS: 0.05e-3},
+        "eleven_multilingual_v2": {CHARACTERS: 0.10e-3},
+        "eleven_v3": {CHARACTERS: 0.10e-3},
+    },
+    "tts.cartesia": {  # per thousand characters
+        "sonic-3": {CHARACTERS: 0.03e-3},
+        "sonic-2": {CHARACTERS: 0.03e-3},
+        "sonic-turbo": {CHARACTERS: 0.03e-3},
+    },
 }
 
 
-def price_table(providers: dict[str, str], overrides: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Prices by stage kind: the list price of each stage's provider, updated with the config's ``pricing``."""
+def list_price(kind: str, provider: str, model: str | None) -> dict[str, float] | None:
+    """The list prices of ``model`` of the ``kind`` stage's ``provider``: empty for a provider that is not metered
+    (local ones), None for a metered one's model this table does not know."""
+    models = LIST_PRICES.get(f"{kind}.{provider}")
+    if models is None:
+        return {}
+    if model is None:
+        return None
+    matches = [name for name in models if model == name or model.startswith(f"{name}-")]
+    return dict(models[max(matches, key=len)]) if matches else None
+
+
+# A stage kind -> its provider and (for a provider with models) the model the config chose.
+Stages = Mapping[str, tuple[str, str | None]]
+
+
+def price_table(stages: Stages, overrides: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Prices by stage kind: each stage's list prices, updated with the config's ``pricing``."""
     table: dict[str, dict[str, float]] = {}
-    for kind, provider in providers.items():
-        table[kind] = {**LIST_PRICES.get(f"{kind}.{provider}", {}), **overrides.get(kind, {})}
+    for kind, (provider, model) in stages.items():
+        table[kind] = {**(list_price(kind, provider, model) or {}), **overrides.get(kind, {})}
     return table
+
+
+def unpriced(stages: Stages, overrides: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """By stage kind, why a metered stage's usage costs 0 here: its model has no list price and the config's
+    ``pricing`` sets none."""
+    problems: dict[str, str] = {}
+    for kind, (provider, model) in stages.items():
+        if list_price(kind, provider, model) is None and not overrides.get(kind):
+            problems[kind] = (
+                f"{kind}: no list price for {provider} model {model!r}; its usage is counted at no cost (set "
+                f"pricing.{kind} in the config)"
+            )
+    return problems
