@@ -346,9 +346,15 @@ def run_pipeline_call(
         transcript = transcript_of(turns)
         summary = Summary.of(turns)
         report, recording = out / "report.html", out / "recording.wav"
-        attempt("report.html", lambda: write_report(report, turns, summary, transcript, recording=recording))
-    usage = _usage_of(pipeline)
-    return CallResult(out, turns, summary, conversation, transcript, outcome, usage, cost(usage, prices), unwritten)
+        usage = _usage_of(pipeline)
+        cost_usd = cost(usage, prices)
+        attempt(
+            "report.html",
+            lambda: write_report(
+                report, turns, summary, transcript, recording=recording, usage=usage, cost_usd=cost_usd
+            ),
+        )
+    return CallResult(out, turns, summary, conversation, transcript, outcome, usage, cost_usd, unwritten)
 
 
 def _logged(observer: Callable[[TurnRecord], Any], what: str) -> Callable[[TurnRecord], None]:
@@ -391,6 +397,8 @@ def _transcript_document(
         "errors": [{"turn": e.epoch, "stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
         "usage": usage,
         "cost_usd": cost(usage, prices),
+        # Counted for no turn (the audio after the last utterance): the turns' usage adds up to usage less this.
+        "usage_unassigned": {stage: dict(counts) for stage, counts in pipeline.usage.unassigned.items()},
     }
 
 

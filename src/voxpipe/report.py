@@ -184,6 +184,36 @@ def _same_turn(turn: TurnRecord, measured: list[MeasuredTurn]) -> MeasuredTurn |
     return min(close, key=lambda m: abs(m.caller_end - caller_end) + abs(m.bot_start - bot_start), default=None)
 
 
+def _usage(turns: list[TurnRecord], usage: dict[str, dict[str, float]], cost_usd: dict[str, float]) -> str:
+    """The call's usage and cost by stage, then each turn's; the turns add up to the call less what no turn took
+    (the audio after the last utterance)."""
+    if not usage:
+        return ""
+
+    def amounts(counts: dict[str, float]) -> str:
+        return ", ".join(f"{value:.4g} {counter.replace('_', ' ')}" for counter, value in counts.items())
+
+    rows = "".join(
+        f"<tr><td>{html.escape(stage)}</td><td>{html.escape(amounts(counts))}</td>"
+        f"<td>{cost_usd.get(stage, 0.0):.6f}</td></tr>"
+        for stage, counts in usage.items()
+    )
+    rows += f"<tr><th>call</th><td></td><th>{cost_usd.get('total', 0.0):.6f}</th></tr>"
+    per_turn = "".join(
+        f"<tr><td>{turn.turn}</td><td>"
+        + html.escape("; ".join(f"{stage}: {amounts(counts)}" for stage, counts in turn.data["usage"].items()))
+        + f"</td><td>{turn.data.get('cost_usd', {}).get('total', 0.0):.6f}</td></tr>"
+        for turn in turns
+        if turn.data.get("usage")
+    )
+    return (
+        "<h2>Usage and cost</h2><p>Prices: the config's <code>pricing</code>, else the providers' list prices. A "
+        "turn's usage is what its work used; the audio after the last utterance belongs to no turn.</p>"
+        f"<table><tr><th>stage</th><th>usage</th><th>USD</th></tr>{rows}</table>"
+        f"<table><tr><th>turn</th><th>usage</th><th>USD</th></tr>{per_turn}</table>"
+    )
+
+
 def write_report(
     path: str | Path,
     turns: list[TurnRecord],
@@ -191,6 +221,8 @@ def write_report(
     transcript: list[dict[str, Any]],
     *,
     recording: Path | None = None,
+    usage: dict[str, dict[str, float]] | None = None,
+    cost_usd: dict[str, float] | None = None,
     title: str = "voxpipe call report",
 ) -> Path:
     path = Path(path)
@@ -213,6 +245,7 @@ exactly to the total.</p>
 {_percentile_chart(summary)}
 {_percentiles(summary)}
 {_agreement(turns, recording)}
+{_usage(turns, usage or {}, cost_usd or {})}
 <h2>Transcript</h2>
 {_transcript(transcript)}
 </body></html>

@@ -67,6 +67,16 @@ def test_the_cloud_configs_run_against_the_fakes(tmp_path, monkeypatch, capsys, 
         sum(v for k, v in transcript["cost_usd"].items() if k != "total")
     )
     assert transcript["cost_usd"]["llm"] > 0
+    # The turns' usage (in the trace) adds up to the call's, less what no turn took (the audio after the last line).
+    records = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    for stage, counts in usage.items():
+        for counter, total in counts.items():
+            turns = sum(r["data"].get("usage", {}).get(stage, {}).get(counter, 0) for r in records)
+            rest = transcript["usage_unassigned"].get(stage, {}).get(counter, 0)
+            assert turns + rest == pytest.approx(total), (stage, counter)
+    assert transcript["usage_unassigned"]["stt"]["audio_seconds"] > 0
+    report = (out / "report.html").read_text()
+    assert "<h2>Usage and cost</h2>" in report and f"{transcript['cost_usd']['total']:.6f}" in report
     printed = capsys.readouterr().out
     assert "usage and cost" in printed and "cloud providers faked on 127.0.0.1" in printed
 
