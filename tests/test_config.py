@@ -306,6 +306,9 @@ def test_pricing_counters_must_be_real_ones():
     assert "pricing.llmm: is not a known key (allowed: 'vad', 'stt', 'llm' or 'tts')" in message
     config, _ = parse_config({**SCRIPTED, "pricing": {"tts": {"characters": 1.0}}})
     assert config.pricing == {"tts": {"characters": 1.0}}
+    for price in ("inf", "nan"):  # YAML's .inf and .nan; a cost of inf is no JSON number in transcript.json
+        with pytest.raises(ConfigError, match=r"pricing\.tts\.characters: input should be a finite number"):
+            parse_config({**SCRIPTED, "pricing": {"tts": {"characters": float(price)}}})
 
 
 def test_validate_prints_values_that_look_like_markup_as_they_are(tmp_path, capsys):

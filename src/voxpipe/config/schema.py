@@ -108,6 +108,9 @@ class ToolConfig(Strict):
         return name
 
 
+# USD per unit: finite, since a cost of inf is no number in transcript.json.
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
 # The usage counters a price can be set for: voxpipe.pipeline.usage's, spelled out so a misspelled one is an error
 # rather than a price that never applies.
 Counter = Literal[
@@ -137,7 +140,7 @@ class PipelineConfig(Strict):
     tts: StageConfig = Field(default_factory=lambda: StageConfig(provider="piper"))
     transport: TransportConfig = Field(default_factory=TransportConfig)
     tools: list[ToolConfig] = Field(default_factory=list)
-    pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[Counter, Annotated[float, Field(ge=0)]]] = Field(
+    pricing: dict[Literal["vad", "stt", "llm", "tts"], dict[Counter, Price]] = Field(
         default_factory=dict,
         description="USD per unit of each usage counter, by stage (input_tokens, output_tokens, characters, "
         "audio_seconds, cache_write_tokens, cache_read_tokens, cache_write_1h_tokens); overrides the provider's list "
