@@ -689,18 +689,12 @@ class _RefusedExchanges:
     def leave_out(self, context: Sequence[Message]) -> Sequence[Message]:
         if not self._spans:
             return context
-        kept: list[Message] = []
-        dropping = False
-        for position, message in enumerate(context):
-            if any(start <= position < end for start, end in self._spans):
-                dropping = True
-            elif message.role == "user":
-                dropping = False
-            elif any(position == end for _start, end in self._spans):
-                dropping = True  # the refused reply, as the caller heard it
-            if not dropping:
-                kept.append(message)
-        return kept
+        left_out: set[int] = set()
+        for start, end in self._spans:
+            # After the refused request's context: the bot's reply as heard, up to the caller's next line.
+            stop = next((i for i in range(end, len(context)) if context[i].role == "user"), len(context))
+            left_out.update(range(start, stop))
+        return [message for position, message in enumerate(context) if position not in left_out]
 
 
 def _problem(exc: Exception, progress: _Progress, settings: AnthropicSettings) -> str:
