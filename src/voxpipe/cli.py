@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from voxpipe.pipeline import Clock, RealClock, Summary, TurnRecord, VirtualClock
+from voxpipe.pipeline.usage import amounts_text
 
 if TYPE_CHECKING:
     from voxpipe.call import CallResult
@@ -79,14 +80,9 @@ def usage_table(usage: dict[str, dict[str, float]], cost_usd: dict[str, float]) 
     table.add_column("usage")
     table.add_column("USD", justify="right")
     for stage, counts in usage.items():
-        amounts = ", ".join(f"{_amount(value)} {counter.replace('_', ' ')}" for counter, value in counts.items())
-        table.add_row(stage, amounts, _usd(cost_usd.get(stage, 0.0)))
+        table.add_row(stage, amounts_text(counts), _usd(cost_usd.get(stage, 0.0)))
     table.add_row("total", "", _usd(cost_usd.get("total", 0.0)), style="bold")
     return table
-
-
-def _amount(value: float) -> str:
-    return f"{value:.4g}" if value != int(value) else str(int(value))  # "0.04 audio seconds", not "0.0"
 
 
 def _usd(value: float) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from voxpipe.measure import MeasuredTurn, measure_voice_to_voice
 from voxpipe.pipeline.trace import SEGMENTS, Summary, TurnRecord
+from voxpipe.pipeline.usage import amounts_text
 
 COLOURS = {
     "voice_to_voice": "#333333",
@@ -189,19 +190,15 @@ def _usage(turns: list[TurnRecord], usage: dict[str, dict[str, float]], cost_usd
     (the audio after the last utterance)."""
     if not usage:
         return ""
-
-    def amounts(counts: dict[str, float]) -> str:
-        return ", ".join(f"{value:.4g} {counter.replace('_', ' ')}" for counter, value in counts.items())
-
     rows = "".join(
-        f"<tr><td>{html.escape(stage)}</td><td>{html.escape(amounts(counts))}</td>"
+        f"<tr><td>{html.escape(stage)}</td><td>{html.escape(amounts_text(counts))}</td>"
         f"<td>{cost_usd.get(stage, 0.0):.6f}</td></tr>"
         for stage, counts in usage.items()
     )
     rows += f"<tr><th>call</th><td></td><th>{cost_usd.get('total', 0.0):.6f}</th></tr>"
     per_turn = "".join(
         f"<tr><td>{turn.turn}</td><td>"
-        + html.escape("; ".join(f"{stage}: {amounts(counts)}" for stage, counts in turn.data["usage"].items()))
+        + html.escape("; ".join(f"{stage}: {amounts_text(counts)}" for stage, counts in turn.data["usage"].items()))
         + f"</td><td>{turn.data.get('cost_usd', {}).get('total', 0.0):.6f}</td></tr>"
         for turn in turns
         if turn.data.get("usage")

@@ -98,6 +98,15 @@ def _accumulate(usage: dict[str, Counts], stage: str, amounts: Mapping[str, floa
         counts[counter] = counts.get(counter, 0) + amount
 
 
+def amounts_text(counts: Mapping[str, float]) -> str:
+    """``"8.74 audio seconds, 292 characters"``: a stage's counts as a person reads them."""
+    return ", ".join(f"{_amount(value)} {counter.replace('_', ' ')}" for counter, value in counts.items())
+
+
+def _amount(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.4g}"  # "0.04 audio seconds", not "0.0"
+
+
 def cost(usage: Mapping[str, Mapping[str, float]], prices: Prices) -> dict[str, float]:
     """USD per stage (and ``"total"``) for ``usage`` under ``prices``; counters without a price cost nothing."""
     out: dict[str, float] = {}

@@ -100,8 +100,8 @@ class LLMStage(QueuedStage):
         self.thread_grace_s = thread_grace_s
         self._new_chunker = chunker
         self.results: dict[str, ToolResult] = {}
-        self._finishing: set[asyncio.Task[None]] = set()  # "finish" tools (and sync ones), still running
-        self._running_calls: dict[str, ToolCall] = {}  # their calls, by call id
+        # "finish" tools (and sync ones) still running, and the call each is running.
+        self._finishing: dict[asyncio.Task[None], ToolCall] = {}
         self._late_threads: set[asyncio.Task[None]] = set()  # sync tools' threads running past their timeout
         self._threads: ToolThreads | None = None  # while the stage runs
 
@@ -117,7 +117,7 @@ class LLMStage(QueuedStage):
 
     async def _respond(self, turn: EndOfTurn) -> None:
         epoch = turn.epoch
-        earlier = [call for call in self._running_calls.values() if call.epoch < epoch]
+        earlier = [call for call in self._finishing.values() if call.epoch < epoch]
         if earlier:
             note = RUNNING_TOOLS_NOTE.format(calls=", ".join(_call_text(call) for call in earlier))
             turn = dataclasses.replace(turn, system=f"{turn.system}\n\n{note}".strip())
@@ -211,10 +211,8 @@ class LLMStage(QueuedStage):
             # tool always does: its thread cannot be stopped, and "cancel" would only lose the record of what it did.
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             running = self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
-            self._finishing.add(running)
-            self._running_calls[call.call_id] = call
-            running.add_done_callback(self._finishing.discard)
-            running.add_done_callback(lambda _: self._running_calls.pop(call.call_id, None))
+            self._finishing[running] = call
+            running.add_done_callback(self._finishing.pop)
             await self._await_tool(call.epoch, tool, asyncio.shield(done))
             return
         invocation = asyncio.create_task(self._invoke(tool, call, None), name=f"{self.name}-tool-{call.name}")
