@@ -424,11 +424,11 @@ def test_the_resume_prompt_can_be_turned_off_but_not_left_empty():
 
 def test_a_tool_name_the_model_api_refuses_is_named_by_its_key_path():
     tool = {"function": "voxpipe.demo:check_availability"}
-    for bad in ("book table", "a" * 65):
+    for bad in ("Book Table", "a" * 65):  # quoted as given, capitals and all
         with pytest.raises(ConfigError) as caught:
             parse_config({**SCRIPTED, "tools": [{**tool, "name": bad}]})
         message = str(caught.value)
-        assert f"tools[0].name: value error, {bad!r}: a tool's name must be 1 to 64 letters, digits" in message
+        assert f"tools[0].name: {bad!r}: a tool's name must be 1 to 64 letters, digits" in message
     for good in ("a" * 64, "get-weather_2"):
         config, _ = parse_config({**SCRIPTED, "tools": [{**tool, "name": good}]})
         assert config.tools[0].name == good

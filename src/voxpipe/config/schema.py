@@ -102,7 +102,7 @@ class ToolConfig(Strict):
     @field_validator("name")
     @classmethod
     def _a_name_the_model_can_take(cls, name: str | None) -> str | None:
-        # Not Field(pattern=...): its message quotes the regex, which the error report lower-cases into a wrong one.
+        # Not Field(pattern=...): its message quotes the regex, which says less to a user than the rule in words.
         if name is not None and not TOOL_NAME.fullmatch(name):
             raise ValueError(f"{name!r}: a tool's name must be {TOOL_NAME_RULE} (the model's API refuses any other)")
         return name
@@ -181,8 +181,11 @@ def _problems(
             problems.append((path, "is not a known key", ", ".join(fields)))
         elif item["type"] == "model_type":
             problems.append((path, *_not_a_mapping(location, item["input"], model)))
+        elif item["type"] == "value_error":  # a validator's own words, as it wrote them
+            problems.append((path, str(context.get("error", item["msg"])), ""))
         else:
-            message = item["msg"].lower()
+            # Only the first letter: the rest may quote the user's own text ("Book Table") or a pattern.
+            message = item["msg"][:1].lower() + item["msg"][1:]
             allowed = str(context.get("expected", ""))
             problems.append((path, message, "" if allowed.lower() in message else allowed))
     return problems
