@@ -432,3 +432,15 @@ def test_a_tool_name_the_model_api_refuses_is_named_by_its_key_path():
     for good in ("a" * 64, "get-weather_2"):
         config, _ = parse_config({**SCRIPTED, "tools": [{**tool, "name": good}]})
         assert config.tools[0].name == good
+
+
+def test_the_running_tools_note_must_name_the_calls_and_nothing_else():
+    llm = {"provider": "anthropic", "api_key": "sk-test"}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "llm": {**llm, "running_tools_note": "Still booking {tool} for {name}."}})
+    assert (
+        "llm.running_tools_note: must hold {calls} (where the running tools are named) and no "
+        "other {field}; it holds {tool}, {name}"
+    ) in str(caught.value)
+    config, _ = parse_config({**SCRIPTED, "llm": {**llm, "running_tools_note": "Noch in Arbeit: {calls}."}})
+    assert config.llm.settings["running_tools_note"] == "Noch in Arbeit: {calls}."

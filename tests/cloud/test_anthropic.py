@@ -806,6 +806,43 @@ async def test_the_call_ending_while_a_finish_tool_runs_sends_no_follow_up():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("note", ["Noch in Arbeit, nicht erneut aufrufen: {calls}.", ""])
+async def test_the_note_naming_a_finish_tool_still_running_is_the_configured_one(note):
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def book(name: str) -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+        """
+        started.set()
+        await release.wait()
+        return "booked"
+
+    replies = [ToolUseReply("book", {"name": "Rossi"}, text="Let me book that."), "Sure, nine then."]
+    async with FakeAnthropic(replies) as fake:
+        turn = Turn(stage(fake, tools=[Tool.of(book, on_barge_in="finish")], running_tools_note=note))
+        running = await turn.start("Book for Rossi at eight.")
+        await started.wait()
+        await turn.pipeline.interrupt(turn.llm)  # the caller cuts the reply off; the booking runs on
+        later = "Make it nine."
+        await turn.llm.receive(
+            EndOfTurn(
+                epoch=turn.pipeline.next_epoch(), text=later, at=0.0, system=SYSTEM, context=(Message("user", later),)
+            ),
+            DOWNSTREAM,
+        )
+        await fake.wait_for("reply", lambda _: len(fake.of("reply")) == 2)
+        release.set()
+        await turn.pipeline.end()
+        assert await running == "ended"
+        systems = [request.data["body"].get("system") for request in fake.of("request")]
+        expected = SYSTEM + "\n\n" + note.format(calls="book(name='Rossi')") if note else SYSTEM
+        assert systems == [SYSTEM, expected]
+
+
+@pytest.mark.timeout(10)
 async def test_the_fake_refuses_a_tool_result_without_its_tool_use_and_tool_blocks_without_tools():
     import anthropic
 

@@ -34,7 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from voxpipe.config.registry import Package
 from voxpipe.pipeline import EndOfTurn, Message, ToolCall
@@ -46,7 +46,13 @@ from voxpipe.pipeline.usage import (
     OUTPUT_TOKENS,
 )
 from voxpipe.stages.cloud import CloudSettings, ProviderError, require_sdk
-from voxpipe.stages.llm import DEFAULT_TOOL_THREADS, AuditSink, LLMStage
+from voxpipe.stages.llm import (
+    DEFAULT_TOOL_THREADS,
+    RUNNING_TOOLS_NOTE,
+    AuditSink,
+    LLMStage,
+    check_running_tools_note,
+)
 from voxpipe.stages.tools import ToolsLike, result_text
 
 if TYPE_CHECKING:
@@ -130,11 +136,20 @@ class AnthropicSettings(CloudSettings):
         description="spoken when the API's safety classifiers stop a reply (stop_reason refusal), which then ends "
         "mid-sentence with nothing more from the API; empty: nothing is said",
     )
+    running_tools_note: str = Field(
+        RUNNING_TOOLS_NOTE,
+        max_length=1000,
+        description="added to the system prompt while tools called in an earlier turn still run (on_barge_in: "
+        "finish tools whose reply the caller cut off), so the model does not call them again; {calls} is replaced "
+        "by them, e.g. book_table(name='Rossi', people=2); empty: no note",
+    )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
         description="extra request fields sent as they are, e.g. {temperature: 0.5} (the 2.x SDK has no such "
         "parameter) or {metadata: {user_id: ...}}",
     )
+
+    _running_tools_note = field_validator("running_tools_note")(check_running_tools_note)
 
 
 # ------------------------------------------------------------------------------------------------- connect
@@ -265,6 +280,7 @@ class AnthropicLLM(LLMStage):
             audit=audit,
             tool_threads=settings.tool_threads,
             thread_grace_s=settings.thread_grace_s,
+            running_tools_note=settings.running_tools_note,
             name=name,
         )
         self.settings = settings

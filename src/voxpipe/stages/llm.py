@@ -26,7 +26,8 @@ A result over the tool's ``max_result_chars`` is not sent: the model gets an err
 limit, and the audit entry records that error and the size (``result_chars``), not the result.
 
 A "finish" tool still running when the caller's next turn goes to the model (the caller cut the reply off while it
-ran) is named in that request's system prompt (:data:`RUNNING_TOOLS_NOTE`): its result is not in the conversation
+ran) is named in that request's system prompt (``running_tools_note``, by default :data:`RUNNING_TOOLS_NOTE`): its
+result is not in the conversation
 yet, and a model that knows nothing of it would book the table a second time. The result reaches the conversation
 when the tool ends, and the next request carries it.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import string
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -73,11 +75,29 @@ RUNNING_TOOLS_NOTE = (
 )
 
 
+def check_running_tools_note(note: str) -> str:
+    """``note`` if it is a usable :data:`RUNNING_TOOLS_NOTE`: empty (no note), or text with ``{calls}`` and no other
+    field; else a ValueError saying what is wrong."""
+    if not note.strip():
+        return ""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(note) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"is not a format string ({exc}); write a literal brace as {{{{ or }}}}") from None
+    if set(fields) != {"calls"}:
+        raise ValueError(
+            f"must hold {{calls}} (where the running tools are named) and no other "
+            f"{{field}}; it holds {', '.join('{' + f + '}' for f in fields) or 'none'}"
+        )
+    return note
+
+
 class LLMStage(QueuedStage):
     """Base of reasoner stages. ``supports_tools``: whether the provider's model can ask for tools (the stage runs
     them either way; a config that gives tools to a provider without it is refused). ``tool_threads``: how many
     threads sync tools may hold at once; ``thread_grace_s``: how long :meth:`stop` waits for a sync tool's thread
-    that ran past its timeout before it leaves it running."""
+    that ran past its timeout before it leaves it running. ``running_tools_note``: the system prompt's note naming
+    "finish" tools still running from an earlier turn (``{calls}`` is replaced by them; empty: no note)."""
 
     supports_tools: ClassVar[bool] = False
 
@@ -89,11 +109,16 @@ class LLMStage(QueuedStage):
         audit: AuditSink | None = None,
         tool_threads: int = DEFAULT_TOOL_THREADS,
         thread_grace_s: float = 5.0,
+        running_tools_note: str = RUNNING_TOOLS_NOTE,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
         if tool_threads < 1 or thread_grace_s < 0:
             raise ValueError(f"{self.name}: tool_threads must be >= 1 and thread_grace_s >= 0")
+        try:
+            self.running_tools_note = check_running_tools_note(running_tools_note)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: running_tools_note {exc}") from None
         self.tools: dict[str, Tool] = tools_by_name(tools)
         self.audit = audit
         self.tool_threads = tool_threads
@@ -118,8 +143,8 @@ class LLMStage(QueuedStage):
     async def _respond(self, turn: EndOfTurn) -> None:
         epoch = turn.epoch
         earlier = [call for call in self._finishing.values() if call.epoch < epoch]
-        if earlier:
-            note = RUNNING_TOOLS_NOTE.format(calls=", ".join(_call_text(call) for call in earlier))
+        if earlier and self.running_tools_note:
+            note = self.running_tools_note.format(calls=", ".join(_call_text(call) for call in earlier))
             turn = dataclasses.replace(turn, system=f"{turn.system}\n\n{note}".strip())
         self.mark("llm.request", epoch)
         await self.push(LLMRequest(epoch=epoch))
