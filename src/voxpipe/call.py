@@ -72,6 +72,7 @@ class CallResult:
     cost_usd: dict[str, float] = field(default_factory=dict)
     unwritten: dict[str, str] = field(default_factory=dict)  # artefact -> why it could not be written
     unpriced: dict[str, str] = field(default_factory=dict)  # stage kind -> why its usage has no price
+    services: dict[str, str] = field(default_factory=dict)  # stage kind -> "anthropic claude-opus-4-7" (configured)
 
 
 def scripted_pipeline(
@@ -239,6 +240,7 @@ def run_configured_call(
             pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting, prices=prices
         )
     result.unpriced = no_price
+    result.services = {kind: " ".join(filter(None, provider_and_model)) for kind, provider_and_model in priced.items()}
     return result
 
 

@@ -71,8 +71,11 @@ def latency_table(turns: list[TurnRecord], summary: Summary) -> Table:
     return table
 
 
-def usage_table(usage: dict[str, dict[str, float]], cost_usd: dict[str, float]) -> Table | None:
-    """What the call used of metered services, by stage, and what that cost under the config's prices."""
+def usage_table(
+    usage: dict[str, dict[str, float]], cost_usd: dict[str, float], services: dict[str, str] | None = None
+) -> Table | None:
+    """What the call used of metered services, by stage (with the service it called, from ``services``), and what
+    that cost under the config's prices."""
     if not usage:
         return None
     table = Table(title="usage and cost (prices: the config's pricing, else list prices)")
@@ -80,7 +83,9 @@ def usage_table(usage: dict[str, dict[str, float]], cost_usd: dict[str, float]) 
     table.add_column("usage")
     table.add_column("USD", justify="right")
     for stage, counts in usage.items():
-        table.add_row(stage, amounts_text(counts), _usd(cost_usd.get(stage, 0.0)))
+        service = (services or {}).get(stage)
+        label = f"{stage} ({escape(service)})" if service else stage
+        table.add_row(label, amounts_text(counts), _usd(cost_usd.get(stage, 0.0)))
     table.add_row("total", "", _usd(cost_usd.get("total", 0.0)), style="bold")
     return table
 
@@ -153,7 +158,7 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/] the call never started: {problem}")
         return 1
     console.print(latency_table(result.turns, result.summary))
-    usage = usage_table(result.usage, result.cost_usd)
+    usage = usage_table(result.usage, result.cost_usd, result.services)
     if usage is not None:
         console.print(usage)
     for problem in result.unpriced.values():

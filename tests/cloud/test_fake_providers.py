@@ -79,6 +79,7 @@ def test_the_cloud_configs_run_against_the_fakes(tmp_path, monkeypatch, capsys, 
     assert "<h2>Usage and cost</h2>" in report and f"{transcript['cost_usd']['total']:.6f}" in report
     printed = capsys.readouterr().out
     assert "usage and cost" in printed and "cloud providers faked on 127.0.0.1" in printed
+    assert "stt (deepgram nova-3)" in printed and "llm (anthropic claude-opus-4-7)" in printed, "who billed what"
 
 
 def test_without_keys_the_call_names_every_missing_one_before_anything_connects(tmp_path, monkeypatch, capsys):
