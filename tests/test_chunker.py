@@ -214,6 +214,23 @@ def test_the_first_chinese_or_japanese_clause_is_cut_as_soon_as_its_mark_arrives
     ]
 
 
+def test_half_width_marks_between_cjk_characters_cut_it_too():
+    # Models often write Chinese and Japanese with ASCII punctuation, and no space after it.
+    text = "好的,我可以帮你预订.你想要几点的桌子?我们今晚七点有空位!请告诉我你的名字,我马上为你确认."
+    chunker = SpeakableChunker()
+    streamed = [chunk for character in text for chunk in chunker.feed(character)]
+    assert streamed == ["好的,我可以帮你预订.", "你想要几点的桌子?", "我们今晚七点有空位!"]
+    assert chunker.flush() == "请告诉我你的名字,我马上为你确认."
+    # Only between CJK characters: a version number or a domain in CJK text stays whole.
+    chunks = chunk_by_tokens(
+        list("我的版本是3.5.请访问example.com的网站吧。谢谢"), SpeakableChunker(first_max_words=20)
+    )
+    assert chunks == [
+        "我的版本是3.5.请访问example.com的网站吧。",
+        "谢谢",
+    ]
+
+
 def test_two_cjk_characters_count_as_a_word_for_the_limits():
     text = "我可以帮你预订一张今晚七点的四人桌子然后我们再看看菜单上有什么好吃的东西吧"
     chunks = chunk_by_tokens(list(text), SpeakableChunker(first_max_words=4, max_words=6))
@@ -279,7 +296,25 @@ def test_streamed_word_by_word_no_chunk_outgrows_its_limit(tokens):
 
 CJK_TOKENS = st.lists(
     st.sampled_from(
-        ["好的", "我", "可以", "预订", "かしこまり", "iPhone", "7.30", "，", "、", "。", "？", "「", "」", " "]
+        [
+            "好的",
+            "我",
+            "可以",
+            "预订",
+            "かしこまり",
+            "iPhone",
+            "7.30",
+            "，",
+            "、",
+            "。",
+            "？",
+            "「",
+            "」",
+            " ",
+            ",",
+            ".",
+            "!",
+        ]
     ),
     min_size=1,
     max_size=80,

@@ -20,7 +20,8 @@ with a capital (or a digit). "I." always ends one.
 
 Chinese and Japanese have no spaces: their full stop "。" and full-width exclamation and question marks end a
 sentence, and their commas ("、" too), semicolons and colons a clause, with no space after them, as soon as the next
-character shows that no closing quote follows (the first chunk's at once). Two of their characters count as one
+character shows that no closing quote follows (the first chunk's at once). The half-width marks do the same between
+two CJK characters ("太好了!我们…"), as models often write them. Two of their characters count as one
 word: about the length of a Chinese word, and of an English word in time to speak (a character is one syllable).
 """
 
@@ -39,12 +40,14 @@ _NOT_CLOSER = f"(?=[^{re.escape(_CLOSING)}])"  # a CJK mark waits for the next c
 
 
 def _boundary(marks: str, cjk_marks: str) -> re.Pattern[str]:
-    """A run of ``marks`` and the space after it, or of ``cjk_marks`` (which need none), closing quotes between."""
+    """A run of ``marks`` and the space after it, or of ``cjk_marks`` (which need none), closing quotes between; or
+    of ``marks`` between CJK characters, which need none either ("太好了!我们明天见": half-width marks in CJK text)."""
     # One mark first, as a plain character class, lets the regex engine skip to the marks: half the time of "[.!?]+"
     # on a sentence (this runs over the whole buffer on every token).
     spaced = rf"(?<=[{marks}])[{marks}]*{_CLOSERS}\s"
     unspaced = rf"(?<=[{cjk_marks}])[{cjk_marks}]*{_CLOSERS}{_NOT_CLOSER}"
-    return re.compile(rf"[{marks}{cjk_marks}](?:{spaced}|{unspaced})")
+    between_cjk = rf"(?<=[{_CJK}][{marks}])[{marks}]*{_CLOSERS}(?=[{_CJK}{re.escape(_OPENING)}])"
+    return re.compile(rf"[{marks}{cjk_marks}](?:{spaced}|{unspaced}|{between_cjk})")
 
 
 _SENTENCE_END = _boundary(".!?…", "。！？")  # noqa: RUF001
