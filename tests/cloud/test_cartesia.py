@@ -326,11 +326,16 @@ async def test_no_context_outlives_its_reply(tmp_path):
 
 
 @pytest.mark.timeout(30)
-async def test_a_wrong_api_key_is_rejected_at_the_handshake_and_stops_the_call(tmp_path):
+@pytest.mark.parametrize("given_by", ["config", "environment"])
+async def test_a_wrong_api_key_is_rejected_at_the_handshake_and_stops_the_call(tmp_path, monkeypatch, given_by):
+    monkeypatch.setenv("CARTESIA_API_KEY", "a-wrong-key")
     async with FakeCartesia(api_key="the-real-key") as fake:
         built = Built()
-        error = await failing_call(fake, [Say("Hello?")], tmp_path, built, api_key="a-wrong-key")
-    assert error.startswith("Cartesia: API key rejected (HTTP 401)") and "CARTESIA_API_KEY" in error
+        key = {"api_key": "a-wrong-key"} if given_by == "config" else {"api_key": None}
+        error = await failing_call(fake, [Say("Hello?")], tmp_path, built, **key)
+    assert error.startswith("Cartesia: API key rejected (HTTP 401)")
+    # Where the key came from: the config's (given there, or through a ${VAR} of its own), else the environment.
+    assert error.endswith("; check tts.api_key" if given_by == "config" else "; check CARTESIA_API_KEY")
     assert fake.kinds()[:2] == ["connect", "refused"]
     assert "message" not in fake.kinds()
 

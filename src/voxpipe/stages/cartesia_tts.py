@@ -70,7 +70,7 @@ SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 """The raw output rates Cartesia supports; the call's rate must be one of them (no resampling here)."""
 ENCODING = "pcm_s16le"
 _REFUSALS = {  # status: (what happened, what to do)
-    401: ("API key rejected", "check CARTESIA_API_KEY (or tts.api_key)"),
+    401: ("API key rejected", ""),  # the hint names where the key came from (_refusal)
     402: ("account out of credits", "top up the Cartesia account"),
     403: ("API key not allowed to use this API", "check the key's permissions"),
     429: ("rate limited", "too many concurrent connections or requests for the plan"),
@@ -422,7 +422,7 @@ class CartesiaTTS(StreamingTTSStage):
         except TimeoutError:
             raise ProviderError(PROVIDER, f"no WebSocket handshake within {limit:g} s at {url}") from None
         except InvalidStatus as exc:
-            raise _refusal(exc, url) from None
+            raise _refusal(exc, url, self.settings) from None
         except (OSError, WebSocketException) as exc:
             raise ProviderError(PROVIDER, f"cannot connect to {url}: {exc}") from None
         if self._closed:  # stop() ran during the handshake: Cartesia must not keep a socket of an ended call
@@ -716,11 +716,13 @@ class CartesiaTTS(StreamingTTSStage):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _refusal(error: Any, url: str) -> ProviderError:
+def _refusal(error: Any, url: str, settings: CartesiaTTSSettings) -> ProviderError:
     """The error for a refused handshake (``websockets.exceptions.InvalidStatus``), naming the status."""
     response = error.response
     status = int(response.status_code)
     what, hint = _REFUSALS.get(status) or ("server error" if status >= 500 else "handshake refused", "")
+    if status == 401:  # the key the call used: the config's (its own, or a ${VAR} it named), else the environment's
+        hint = "check tts.api_key" if settings.api_key is not None else f"check {settings.api_key_env}"
     problem = f"{what} (HTTP {status}) when opening the WebSocket at {url}"
     detail = _body_message(getattr(response, "body", b""))
     if detail:
