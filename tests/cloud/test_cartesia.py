@@ -64,6 +64,7 @@ class Built:
         self.stages: list[CartesiaTTS] = []
         self.receivers: list[asyncio.Task[None]] = []
         self.context_queues_at_stop: list[int] = []  # the SDK's per-context queues left when the stage stopped
+        self.marks: list[WordMark] = []  # every word mark the stage put on its audio, in order
         built = self
 
         class KeptCartesia(CartesiaTTS):
@@ -78,6 +79,10 @@ class Built:
                 if "-receive-" in name:
                     built.receivers.append(task)
                 return task
+
+            async def emit_audio(self, epoch: int, pcm: bytes, marks: Any = (), text: str = "") -> None:
+                built.marks.extend(marks)
+                await super().emit_audio(epoch, pcm, marks, text)
 
             async def stop(self) -> None:
                 if self._socket is not None:
@@ -250,6 +255,54 @@ async def test_words_heard_before_a_pause_in_the_reply_are_kept_when_the_caller_
     cut = result.turns[0]
     assert cut.interrupted
     assert list(cut.heard) == preamble.split(), "every word of the preamble was played before the cut"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("expiry_s", "how"),
+    [
+        (0.3, "Cartesia ended the context in the pause (its done came)"),
+        (None, "the stage left the idle context before Cartesia could end it"),
+    ],
+)
+async def test_text_after_a_pause_longer_than_a_contexts_life_is_spoken_on_a_new_context(tmp_path, expiry_s, how):
+    # Cartesia expires a context 1 s after its last audio: text pushed to it after a tool's pause would not be
+    # spoken. The reply goes on on a new context, its timestamps placed after the first's audio.
+    preamble = "Let me check that for you."
+
+    async def lookup() -> str:
+        """Look up a free table."""
+        await asyncio.sleep(1.5)
+        return "eight"
+
+    async with FakeCartesia(context_expiry_s=expiry_s) as fake:
+        built = Built()
+        reply = {"text": "We have a table at {result}.", "tool": "lookup", "preamble": preamble}
+        parsed, settings = config(fake, [reply, "Fine."])
+        result = await asyncio.to_thread(
+            run_configured_call,
+            parsed,
+            settings,
+            [Say("A table tonight?"), Say("Thanks.")],
+            tmp_path,
+            clock=RealClock(),
+            registry=built.registry,
+            tools={"lookup": lookup},
+        )
+    assert result.outcome == "ended" and built.errors == []
+    first, second = result.turns[:2]
+    assert list(first.heard) == f"{preamble} We have a table at eight.".split(), how
+    assert not first.interrupted and list(second.heard) == ["Fine."]
+    before, after, _ = contexts(fake)  # and the second reply's
+    assert "".join(m["transcript"] for m in inputs(fake, before)).split() == preamble.split()
+    assert [m["continue"] for m in inputs(fake, before)] == [True], "nothing more was sent to the first context"
+    assert [s.data["context_id"] for s in fake.of("expired")] == ([before] if expiry_s else [])
+    assert [s.data["context_id"] for s in fake.of("cancel")] == ([] if expiry_s else [before])
+    assert inputs(fake, after)[-1]["continue"] is False, "the reply's end closed the context that spoke last"
+    # The second context's words are marked after the first's audio (Cartesia counts from each context's start),
+    # which is where the recording has them.
+    marks = {m.word: m for m in built.marks}
+    assert marks["We"].start >= marks["you."].end
 
 
 @pytest.mark.timeout(30)
@@ -436,6 +489,36 @@ async def test_a_drop_mid_reply_is_an_error_and_the_next_reply_reconnects(tmp_pa
     assert failed.interrupted and 0 < len(failed.heard) < len(REPLY.split())
     assert failed.heard == REPLY.split()[: len(failed.heard)], "what was said before the drop stays said"
     assert answer.heard == SECOND.split()
+
+
+@pytest.mark.timeout(30)
+async def test_a_socket_closed_as_idle_while_a_tool_runs_before_the_first_word_is_replaced(tmp_path):
+    # Cartesia closes idle sockets (after 5 minutes). A close after the reply began but before its first text (the
+    # reasoner went straight to a tool) loses nothing: the reply opens its context on a new socket.
+    async def lookup() -> str:
+        """Look up a free table."""
+        await asyncio.sleep(1.0)
+        return "eight"
+
+    async with FakeCartesia(idle_close_s=0.4) as fake:
+        built = Built()
+        reply = {"text": "We have a table at {result}.", "tool": "lookup"}
+        parsed, settings = config(fake, [reply])
+        result = await asyncio.to_thread(
+            run_configured_call,
+            parsed,
+            settings,
+            [Say("A table tonight?")],
+            tmp_path,
+            clock=RealClock(),
+            registry=built.registry,
+            tools={"lookup": lookup},
+        )
+    assert result.outcome == "ended" and built.errors == []
+    assert list(result.turns[0].heard) == ["We", "have", "a", "table", "at", "eight."]
+    (context,) = fake.of("context")
+    closed = [s.data["connection"] for s in fake.of("idle-close") if s.at < context.at]
+    assert closed and context.data["connection"] not in closed, "spoken on a socket opened after the idle close"
 
 
 @pytest.mark.timeout(30)

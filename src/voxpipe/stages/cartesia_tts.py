@@ -3,15 +3,19 @@
 Connect. One WebSocket per call, opened when the stage starts — in a task the pipeline owns, so a refused handshake
 (401, 429, 5xx) is an error frame and an outcome like any other failure — within ``connect_timeout_s``, and kept
 for the whole call. If it is gone by the next reply (dropped, or the SDK's reader died on a message it could not
-parse), that reply opens a new one. voxpipe reconnects itself: the SDK's own reconnect (4.2) asks its connection
-manager again, which hands back the same dead socket.
+parse), that reply opens a new one; so does text after a pause in which it went (Cartesia closes idle sockets).
+voxpipe reconnects itself: the SDK's own reconnect (4.2) asks its connection manager again, which hands back the same
+dead socket.
 
 Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: the socket is made ready when
 the reasoner is asked, the context is created at the reply's first text (no network; a reply cut before it says anything
 leaves no context, whose queue the SDK would keep for the rest of the call), each speakable chunk is pushed as it comes
 (``continue: true``; Cartesia joins the pieces as they are, so each chunk goes with a trailing space), and ``continue:
-false`` follows the last. A receiver task per reply reads the context's events: ``chunk`` → audio, checked (valid
-base64, whole samples, really ``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` →
+false`` follows the last. A pause in a reply longer than a context lives (Cartesia ends one 1 s after its last audio
+when no input came) goes on on a new context: text that comes 0.5 s or more after the context's last audio, with
+everything pushed spoken, opens another, and a ``done`` before ``continue: false`` ends the context, not the reply.
+A receiver task per context reads its events: ``chunk`` → audio, checked (valid base64, whole samples, really
+``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` →
 :class:`ProviderError` with Cartesia's message. Cartesia sends audio and timestamps as separate messages, in either
 order, so a word's mark waits until the audio holding its end has arrived (:class:`PendingMarks`), then travels on that
 audio's frame, or at once on an empty frame if the timestamps came after it: the output counts a word as heard only if
@@ -76,6 +80,9 @@ _REFUSALS = {  # status: (what happened, what to do)
     429: ("rate limited", "too many concurrent connections or requests for the plan"),
 }
 _IGNORED_EVENTS = frozenset({"flush_done", "phoneme_timestamps"})  # known, and of no use to voxpipe
+CONTEXT_EXPIRY_S = 1.0
+"""Cartesia ends a context this long after its last audio went out if no input came meanwhile (its ``done`` comes
+then, though ``continue: false`` never did), and input to it after that is not spoken."""
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -189,8 +196,9 @@ def _audible(pcm: bytes) -> bool:
     return bool(samples.size and np.abs(samples).max() > int(LEADING_SILENCE_LEVEL * 32767))
 
 
-def word_marks(timestamps: Any, sample_rate: int) -> list[WordMark]:
-    """A ``timestamps`` message's words as marks in samples (Cartesia counts seconds from the context's start)."""
+def word_marks(timestamps: Any, sample_rate: int, offset: int = 0) -> list[WordMark]:
+    """A ``timestamps`` message's words as marks in samples from the reply's start: Cartesia counts seconds from the
+    context's start, which is ``offset`` samples into the reply."""
     if timestamps is None:
         return []
     words = list(getattr(timestamps, "words", None) or [])
@@ -202,7 +210,7 @@ def word_marks(timestamps: Any, sample_rate: int) -> list[WordMark]:
         )
     try:
         return [
-            WordMark(str(word), round(float(start) * sample_rate), round(float(end) * sample_rate))
+            WordMark(str(word), offset + round(float(start) * sample_rate), offset + round(float(end) * sample_rate))
             for word, start, end in zip(words, starts, ends, strict=True)
         ]
     except (TypeError, ValueError) as exc:
@@ -309,7 +317,8 @@ class _Reply:
 
     epoch: int
     socket: _Socket
-    context: Any  # the SDK's AsyncWebSocketContext, from the reply's first text on
+    context: Any  # the SDK's AsyncWebSocketContext taking the reply's text now; None before it, or between two
+    offset: int = 0  # samples of the reply before the context's audio (its timestamps count from there)
     marks: PendingMarks = field(default_factory=PendingMarks)
     receiver: asyncio.Task[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # the receiver is finished, one way or another
@@ -321,6 +330,8 @@ class _Reply:
     audio: bool = False  # a chunk arrived
     audible: bool = False  # a chunk louder than leading silence arrived (so the base has emitted a frame)
     received: int = 0  # samples received
+    last_audio_at: float | None = None  # loop time of the context's last chunk
+    pushed_since_audio: bool = False  # text went to the context after its last chunk
     wakeup: asyncio.Future[None] | None = None  # the receiver's: text was pushed, the deadline moved
 
     def poke(self) -> None:
@@ -343,6 +354,17 @@ class _Reply:
         if self.unanswered_since is None:
             self.unanswered_since = at
         self.poke()  # audio is due now: the receiver's deadline moved
+
+    def expiring(self, now: float) -> bool:
+        """Whether the context has spoken all it was given and its last audio came half :data:`CONTEXT_EXPIRY_S` ago
+        or more: Cartesia may end it before more text reaches it. (Its last audio went out of Cartesia before it
+        came here, so this errs early.)"""
+        return (
+            self.context is not None
+            and not self.pushed_since_audio
+            and self.last_audio_at is not None
+            and now - self.last_audio_at >= CONTEXT_EXPIRY_S / 2
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -467,10 +489,12 @@ class CartesiaTTS(StreamingTTSStage):
             self._reply = _Reply(epoch, socket, context=None)
 
     def _start_context(self, reply: _Reply) -> None:
-        """The reply's Cartesia context (no network) and its receiver, at its first text: a reply cut before it
-        says anything leaves no context behind (the SDK keeps a queue per context until its ``done``)."""
+        """A Cartesia context for the reply (no network) and its receiver, at its first text: a reply cut before it
+        says anything leaves no context behind (the SDK keeps a queue per context until its ``done``). A reply's
+        text after a pause that outlasted its context goes to a new one, its audio after the last one's."""
         settings = self.settings
-        reply.context = reply.socket.sdk.context(
+        reply.offset, reply.last_audio_at, reply.pushed_since_audio = reply.received, None, False
+        context = reply.context = reply.socket.sdk.context(
             model_id=settings.model,
             voice=settings.voice,
             output_format={"container": "raw", "encoding": ENCODING, "sample_rate": self.produces_rate},
@@ -479,7 +503,21 @@ class CartesiaTTS(StreamingTTSStage):
             generation_config={"speed": settings.speed} if settings.speed is not None else None,
             max_buffer_delay_ms=settings.max_buffer_delay_ms,
         )
-        reply.receiver = self.spawn(self._receive(reply), name=f"{self.name}-receive-{reply.epoch}", epoch=reply.epoch)
+        reply.receiver = self.spawn(
+            self._receive(reply, context), name=f"{self.name}-receive-{reply.epoch}", epoch=reply.epoch
+        )
+
+    async def _end_context(self, reply: _Reply) -> None:
+        """Stop using the reply's context, which has spoken everything and may expire at any moment: its marks go
+        out (clamped to the audio received), its receiver is cancelled and Cartesia is told to drop it (from a task:
+        which also frees its queue in the SDK)."""
+        context, receiver = reply.context, reply.receiver
+        reply.context = reply.receiver = None
+        await self._hand_out(reply, reply.marks.drain(reply.received))
+        if receiver is not None and not receiver.done():
+            receiver.cancel()
+        if reply.socket.alive:
+            self._send_cancel(reply, context)
 
     @property
     def produces_rate(self) -> int:
@@ -493,14 +531,23 @@ class CartesiaTTS(StreamingTTSStage):
             return None  # the reply failed or was abandoned: its text has nowhere to go
         if not text[-1].isspace():
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
+        loop = asyncio.get_running_loop()
+        if reply.expiring(loop.time()):  # a pause in the reply (a tool, a slow reasoner): the context may be gone
+            await self._end_context(reply)
         if reply.context is None:
+            if not reply.socket.alive:  # closed while the reply had no context (Cartesia closes idle sockets)
+                socket = await self._open_socket()
+                if socket is None:
+                    return None  # the stage is stopped
+                reply.socket = socket
             self._start_context(reply)
         if reply.first_input_at is None:
             self.mark("tts.sdk_call", epoch)  # the SDK boundary: the context's first text goes to the SDK
         await self._send(reply, reply.context.push(text), "text")
-        now = asyncio.get_running_loop().time()
+        now = loop.time()
         if reply.first_input_at is None:
             reply.first_input_at = now
+        reply.pushed_since_audio = True
         reply.input_sent(now)
         return text
 
@@ -511,6 +558,14 @@ class CartesiaTTS(StreamingTTSStage):
         try:
             if reply.first_input_at is None:
                 self._abandon(reply)  # nothing was said: Cartesia has no context to close
+            elif not reply.ended.is_set() and (
+                reply.context is None or reply.expiring(asyncio.get_running_loop().time())
+            ):
+                # All spoken, and the context gone or about to go (a pause before the end): its done might never come.
+                if reply.context is not None:
+                    await self._end_context(reply)
+                reply.settled = True
+                reply.ended.set()
             elif not reply.ended.is_set():
                 await self._send(reply, reply.context.no_more_inputs(), "the end of the text")
                 reply.inputs_closed = True
@@ -543,21 +598,23 @@ class CartesiaTTS(StreamingTTSStage):
         self._abandon(reply, in_flight=False)
         raise ProviderError(PROVIDER, problem)
 
-    async def _receive(self, reply: _Reply) -> None:
-        """The reply's receiver task: Cartesia's events for its context → audio and word marks, until ``done``."""
+    async def _receive(self, reply: _Reply, context: Any) -> None:
+        """A receiver task: Cartesia's events for one context of the reply → audio and word marks, until ``done``.
+        The reply ends with it, unless the reply went on to another context (this one expired in a pause)."""
         try:
-            await self._read_events(reply)
+            await self._read_events(reply, context)
         except Exception:
             self._abandon(reply)  # stop Cartesia's work on the context, if any is left
             raise
         finally:
-            reply.ended.set()
+            if reply.context is context:
+                reply.ended.set()
 
-    async def _read_events(self, reply: _Reply) -> None:
+    async def _read_events(self, reply: _Reply, context: Any) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
         socket = reply.socket
-        events = reply.context.receive()
+        events = context.receive()
         pending: asyncio.Task[Any] | None = None
         ending = False  # the last event was the context's last (done or error)
         try:
@@ -610,12 +667,22 @@ class CartesiaTTS(StreamingTTSStage):
                 self.mark("tts.sdk_answer", reply.epoch)  # the SDK boundary: its first audio, as the SDK gave it
             await self._play(reply, decode_audio(getattr(event, "data", None)))
         elif kind == "timestamps":
-            reply.marks.add(word_marks(getattr(event, "word_timestamps", None), self.produces_rate))
+            reply.marks.add(word_marks(getattr(event, "word_timestamps", None), self.produces_rate, reply.offset))
             if reply.audible:  # until then they stay pending: the first audible frame takes them (_play)
                 await self._hand_out(reply, reply.marks.take(reply.received))  # marks that trailed their audio
         elif kind == "done":
-            reply.settled = True
             await self._hand_out(reply, reply.marks.drain(reply.received))  # none if never audible: nothing was heard
+            if not reply.inputs_closed:  # Cartesia ended the context itself: it expired in a pause of the reply
+                if reply.pushed_since_audio:
+                    reply.settled = True  # nothing to cancel: Cartesia is done with the context
+                    raise ProviderError(
+                        PROVIDER,
+                        f"ended the reply's context (it expires {CONTEXT_EXPIRY_S:g} s after its last audio) before "
+                        "speaking the text sent to it since",
+                    )
+                reply.context = reply.receiver = None  # the reply's next text goes to a new context
+                return True
+            reply.settled = True
             return True
         elif kind == "error":
             reply.settled = True
@@ -627,7 +694,8 @@ class CartesiaTTS(StreamingTTSStage):
     async def _play(self, reply: _Reply, pcm: bytes) -> None:
         if not pcm:
             return
-        reply.audio = True
+        reply.audio, reply.pushed_since_audio = True, False
+        reply.last_audio_at = asyncio.get_running_loop().time()
         reply.received += len(pcm) // 2
         reply.audible = reply.audible or _audible(pcm)
         # Until a frame is emitted (leading silence is trimmed, frame and all), marks stay pending.
@@ -658,22 +726,30 @@ class CartesiaTTS(StreamingTTSStage):
         # A receiver that failed is the task running this (through the error policy's interrupt): not cancelled.
         if receiver is not None and receiver is not asyncio.current_task() and not receiver.done():
             receiver.cancel()
-        if in_flight and reply.first_input_at is not None and not reply.settled and reply.socket.alive:
-            self.spawn(self._cancel_context(reply), name=f"{self.name}-cancel-{reply.epoch}", epoch=reply.epoch)
+        context = reply.context
+        if in_flight and context is not None and not reply.settled and reply.socket.alive:
+            self._send_cancel(reply, context)
         reply.settled = True
         reply.ended.set()
 
-    async def _cancel_context(self, reply: _Reply) -> None:
+    def _send_cancel(self, reply: _Reply, context: Any) -> None:
+        """Send ``context``'s cancel from a task: an interrupt never waits on the network."""
+        self.spawn(
+            self._cancel_context(reply.epoch, context, reply.socket),
+            name=f"{self.name}-cancel-{reply.epoch}",
+            epoch=reply.epoch,
+        )
+
+    async def _cancel_context(self, epoch: int, context: Any, socket: _Socket) -> None:
+        # The context's socket, passed in: by the time a send fails, the reply may have gone on to another.
         try:
             async with asyncio.timeout(self.settings.read_timeout_s):
-                await reply.context.cancel()
+                await context.cancel()
         except Exception as exc:
-            # Best effort, nothing to report: the reply is abandoned either way. A socket that cannot take a cancel
+            # Best effort, nothing to report: the context is left either way. A socket that cannot take a cancel
             # (stuck, gone, or the SDK re-raising its dead reader's failure) is not reused.
-            log.info(
-                "%s: could not cancel the context of reply %d (%s: %s)", self.name, reply.epoch, type(exc).__name__, exc
-            )
-            self._retire(reply.socket)
+            log.info("%s: could not cancel the context of reply %d (%s: %s)", self.name, epoch, type(exc).__name__, exc)
+            self._retire(socket)
 
     # --------------------------------------------------------------------------------------------- close
 

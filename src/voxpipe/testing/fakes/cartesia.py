@@ -17,7 +17,12 @@ timestamps go out after the chunk that holds its end — timestamps trail the au
 that knows where a word ends only once it has made it. ``quiet_words`` speaks the first that many words of each
 context's first piece softly (peak about -50 dBFS, below the level voxpipe trims as leading silence), as a breathy
 start: their timestamps go out before any audible audio (while a chunk is shorter than the pause after a word). A
-cancel stops the context at once: nothing more is sent for it.
+cancel stops the context at once: nothing more is sent for it. ``idle_close_s`` closes a connection that long
+without a message from the client while no context speaks, with code 1000 "connection idle timeout", as Cartesia
+does after 5 minutes (None, the default: never). As Cartesia's do, a context expires
+``context_expiry_s`` (1 s) after its last audio went out if no input came meanwhile: it is sent ``done`` though its
+``continue: false`` never came, and later input to it is refused with an ``error`` (which the SDK, having seen
+the context's ``done``, drops).
 
     async with FakeCartesia() as fake:
         client = AsyncCartesia(api_key=fake.api_key, base_url=fake.url, websocket_base_url=fake.ws_url)
@@ -35,8 +40,9 @@ nothing more and stops reading its socket (a dead network path), so the client's
 
 Records: ``connect`` (path, query, headers), ``refused``, ``message`` (connection, the parsed client message),
 ``context`` (connection, context id, output format), ``cancel`` (connection, context id), ``chunk`` (context id,
-bytes; as it is written), ``done`` and ``error`` (context id), ``corrupted``, ``stall``, ``dropped``,
-``disconnect`` (connection; the client went away or closed), ``deaf`` (connection).
+bytes; as it is written), ``done`` and ``error`` (context id), ``expired`` (context id; its ``done`` follows),
+``idle-close`` (connection), ``corrupted``, ``stall``, ``dropped``, ``disconnect`` (connection; the client went away
+or closed), ``deaf`` (connection).
 """
 
 from __future__ import annotations
@@ -123,8 +129,12 @@ class FakeCartesia(FakeServer):
         bad_audio: BadAudio = "base64",
         error_event: ErrorEvent | None = None,
         deaf: bool = False,
+        context_expiry_s: float | None = 1.0,
+        idle_close_s: float | None = None,
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
+        self.idle_close_s = idle_close_s
+        self.context_expiry_s = context_expiry_s  # None: contexts wait for input for ever
         self.ttfa_s = ttfa_s
         self.rtf = rtf
         self.chunk_s = chunk_s
@@ -171,7 +181,17 @@ class FakeCartesia(FakeServer):
             return client_left()
         connection = _Connection(next(self._connections), socket, request)
         try:
-            async for message in socket:
+            while True:
+                try:
+                    message = await socket.receive(timeout=self.idle_close_s)
+                except TimeoutError:
+                    if any(c.task is not None and not c.task.done() for c in connection.contexts.values()):
+                        continue  # speaking: not idle
+                    self.record("idle-close", connection=connection.index)
+                    await socket.close(code=1000, message=b"connection idle timeout")
+                    break
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
                 if message.type is WSMsgType.TEXT:
                     await self._on_text(connection, message.data)
                 elif message.type is WSMsgType.BINARY:
@@ -284,6 +304,9 @@ class FakeCartesia(FakeServer):
                     if context.closed:
                         break
                     context.more.clear()
+                    if position and not await self._more_in_time(context):
+                        self.record("expired", context_id=context.id)
+                        break
                     await context.more.wait()
                     continue
                 samples, spans = speechlike(text, rate, f0=self.f0, rate=self.rate)
@@ -330,13 +353,22 @@ class FakeCartesia(FakeServer):
                         )
                     await asyncio.sleep(len(piece) / rate * self.rtf)
                 position += len(samples)
+            connection.finished.add(context.id)  # first: input arriving while done is written is refused too
             await self._send(connection, {"type": "done", "context_id": context.id, "done": True, "status_code": 206})
-            connection.finished.add(context.id)
             self.record("done", context_id=context.id)
         except _Dropped:
             pass
         except (ConnectionError, RuntimeError):
             pass  # the client went away mid-context
+
+    async def _more_in_time(self, context: _Context) -> bool:
+        """Whether more input comes for ``context`` before it expires (its audio is all out)."""
+        if self.context_expiry_s is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.context_expiry_s):
+                await context.more.wait()
+        return context.more.is_set()
 
     @staticmethod
     def _soften(samples: np.ndarray, end: int) -> np.ndarray:
