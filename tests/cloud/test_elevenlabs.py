@@ -810,6 +810,19 @@ def test_a_word_cut_short_or_left_out_costs_only_its_own_timing(glitches):
     assert aligner.pending_chars == 0
 
 
+def test_after_words_left_out_a_letter_that_also_ends_the_last_word_starts_the_next_one():
+    # "table" ends in the "e" that "eight" begins with: after the whitespace, the alignment going on with "eight"
+    # is not "table"'s last letter again (a repeat), which left "eight" and every word after it marked late.
+    text = "We have a table for two at eight tonight by the window."
+    glitched, aligner = aligned_as_elevenlabs_sends_it(text, {"for": "", "two": "", "at": ""})
+    marks = [m for ms in glitched for m in ms]
+    assert [m.word for m in marks] == text.split()
+    for i, mark in enumerate(marks):
+        if mark.word not in ("for", "two", "at"):
+            assert 100 * i <= mark.start < mark.end <= 100 * i + 80, f"{mark}: over its own audio"
+    assert aligner.pending_chars == 0
+
+
 def test_a_message_ending_one_letter_after_a_word_cut_short_is_enough_to_go_on():
     # ElevenLabs' messages hold a tenth of a second or so: often a letter or two of a word. One is enough to find
     # the next word the alignment goes on with.

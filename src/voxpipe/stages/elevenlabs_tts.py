@@ -172,10 +172,11 @@ class WordAligner:
     * just after it: the cursor's character was dropped, and the cursor moves past both; past a word's last
       character only if whitespace came before it in the alignment, or the next word follows it with no space in the
       sent text (two CJK characters after two others): it starts the next word;
-    * just before it: a repeat, and the cursor stays;
     * right after whitespace, at the start of one of the next few sent words, if the alignment from this character
       to its next whitespace begins that word: the words before it were cut short ("goi" for "going") or left out of
       the alignment, and the cursor moves on to that word (re-synchronised);
+    * just before it: a repeat, and the cursor stays (tried after the above: after whitespace, "table [for two at]
+      eight" goes on with a word, not with the "e" of "table" again);
     * nowhere near: a substitute for the cursor's character, and the cursor moves on, unless that is the word's
       last character: then it stays, so a garbled stretch is kept in its word, and the next word finds the cursor.
 
@@ -268,16 +269,18 @@ class WordAligner:
         rules above)."""
         word_end = self._words[0][1]
         next_word_begins = self._after_space or word_end in self._unspaced
-        for index in (self._cursor, self._cursor + 1, self._cursor - 1):
+        for index in (self._cursor, self._cursor + 1):
             passes_word_end = index >= word_end and not next_word_begins
-            if 0 <= index < len(self._sent) and self._sent[index] == char and not passes_word_end:
-                self._cursor = max(self._cursor, index + 1)
+            if index < len(self._sent) and self._sent[index] == char and not passes_word_end:
+                self._cursor = index + 1
                 return index
-        if self._after_space:
-            resumed = self._word_beginning(chars, at)
+        if self._after_space:  # before a repeat: after whitespace, the last word's last letter again is less likely
+            resumed = self._word_beginning(chars, at)  # than a word beginning ("table [for two at] eight")
             if resumed is not None:
                 self._cursor = resumed + 1
                 return resumed
+        if self._cursor > 0 and self._sent[self._cursor - 1] == char:  # a repeat: the cursor stays
+            return self._cursor - 1
         if self._cursor + 1 < word_end:  # a substitute; a word's last character is passed only by what matches
             self._cursor += 1
             return self._cursor - 1
