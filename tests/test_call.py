@@ -34,6 +34,7 @@ def test_artefacts_are_written(demo_call):
     page = (demo_call.out_dir / "report.html").read_text()
     assert "<svg" in page and "Percentiles" in page and "interrupted" in page
     assert 'aria-label="latency percentiles"' in page and "1000 ms" in page
+    assert "<p>The call ended.</p>" in page and "Errors reported" not in page
 
 
 def test_trace_agrees_with_the_recording_within_20_ms(demo_call):

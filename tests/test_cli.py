@@ -209,6 +209,8 @@ def test_a_value_error_during_the_call_is_a_failed_call_not_a_usage_error(tmp_pa
     assert "the call failed: ValueError: the reply template is broken: pip install 'voxpipe[replies]'" in said
     assert f"{out} holds the call up to the failure" in said
     assert json.loads((out / "transcript.json").read_text())["status"] == "failed"
+    report = (out / "report.html").read_text()  # says so too: a failed call is not just one with no answers
+    assert '<p class="failed">The call failed: ValueError: the reply template is broken' in report
 
 
 @pytest.mark.timeout(60)
@@ -441,6 +443,46 @@ def test_run_configured_call_names_missing_packages_and_keys_at_once_before_the_
     assert "llm.provider: provider 'anthropic' needs the aiohttp package" in str(faked.value)
     assert "--fake-providers: the loopback fakes need the aiohttp package" in str(faked.value)
     assert "pip install 'voxpipe[fakes]'" in str(faked.value)
+
+
+class MyCloudLLM(ScriptedLLM):
+    """A third party's cloud reasoner: its settings are CloudSettings (it has a key, and would call its service)."""
+
+    from voxpipe.stages.cloud import CloudSettings as _Cloud
+
+    class Settings(_Cloud):
+        service_name = "MyCloud"
+        api_key_env = "MYCLOUD_API_KEY"
+
+    @classmethod
+    def from_settings(cls, settings, context, name):
+        raise AssertionError("built: the call would have gone to MyCloud's real service")
+
+
+@pytest.mark.timeout(30)
+def test_fake_providers_refuses_a_cloud_provider_it_has_no_fake_for(tmp_path, capsys, monkeypatch):
+    from voxpipe.call import run_configured_call
+    from voxpipe.config import ConfigError, load_config
+    from voxpipe.testing import Say
+
+    monkeypatch.setenv("MYCLOUD_API_KEY", "a-real-secret")  # --fake-providers promises the key is never used
+    registry = Registry.discover()
+    registry.register("llm", "mycloud", MyCloudLLM)
+    monkeypatch.setattr(Registry, "discover", staticmethod(lambda: registry))
+    stages = {kind: "scripted" for kind in KINDS} | {"llm": "mycloud"}
+    config = write(tmp_path, "mycloud.yaml", "".join(f"{kind}: {{provider: {p}}}\n" for kind, p in stages.items()))
+    out = tmp_path / "out"
+    assert main(["call", "--config", str(config), "--fake-providers", "--out", str(out)]) == 2
+    refused = "llm.provider: mycloud is a cloud service with no loopback fake: under --fake-providers it would call"
+    assert refused in printed(capsys)
+    assert not (out / "transcript.json").exists()
+    with pytest.raises(ConfigError, match=refused):  # the library's way in too
+        run_configured_call(*load_config(config), [Say("Hello.")], out, fake_providers=True, registry=registry)
+
+
+def test_scripted_providers_have_nothing_to_fake(tmp_path, capsys):
+    assert main(["call", "--scripted", "--fake-providers", "--out", str(tmp_path / "out")]) == 2
+    assert "--scripted and --fake-providers: scripted providers have nothing to fake" in printed(capsys)
 
 
 def test_the_usage_table_shows_tiny_costs_and_fractional_amounts_not_zeros():

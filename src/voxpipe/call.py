@@ -203,14 +203,16 @@ def run_configured_call(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     registry = registry or Registry.discover()
+    providers = {kind: config.stage(kind).provider for kind in KINDS}
     if fake_providers:
         # Before the fakes start: they need their server's package, and the faked providers their real SDKs. Without
         # fakes, building the pipeline names the missing packages, with the missing keys.
-        problems = missing_packages(config, registry, fake_providers=True)
+        from voxpipe.testing.fakes.launch import unfaked_cloud_stages
+
+        problems = missing_packages(config, registry, fake_providers=True) + unfaked_cloud_stages(providers, settings)
         if problems:
             raise ConfigError.many(problems)
     audit = ToolAuditLog(out / "tools.jsonl") if config.tools or tools else None
-    providers = {kind: config.stage(kind).provider for kind in KINDS}
     # Priced by the model the config chose (before the fakes take the settings over).
     priced = {kind: (providers[kind], getattr(settings.get(kind), "model", None)) for kind in KINDS}
     with contextlib.ExitStack() as stack:
@@ -353,10 +355,23 @@ def run_pipeline_call(
         attempt(
             "report.html",
             lambda: write_report(
-                report, turns, summary, transcript, recording=recording, usage=usage, cost_usd=cost_usd
+                report,
+                turns,
+                summary,
+                transcript,
+                recording=recording,
+                usage=usage,
+                cost_usd=cost_usd,
+                status=status,
+                errors=_errors_of(pipeline),
             ),
         )
     return CallResult(out, turns, summary, conversation, transcript, outcome, usage, cost_usd, unwritten)
+
+
+def _errors_of(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """The errors the call reported, as transcript.json and the report list them."""
+    return [{"turn": e.epoch, "stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors]
 
 
 def _logged(observer: Callable[[TurnRecord], Any], what: str) -> Callable[[TurnRecord], None]:
@@ -396,7 +411,7 @@ def _transcript_document(
         "system": conversation.system,
         "turns": transcript_of(turns),
         "conversation": [_message_json(m) for m in conversation.messages],
-        "errors": [{"turn": e.epoch, "stage": e.stage, "error": e.error, "fatal": e.fatal} for e in pipeline.errors],
+        "errors": _errors_of(pipeline),
         "usage": usage,
         "cost_usd": cost(usage, prices),
         # Counted for no turn (the audio after the last utterance): the turns' usage adds up to usage less this.

@@ -210,7 +210,12 @@ def _run_call(
     virtual = (scripted and not args.realtime) or args.virtual_time
     clock = VirtualClock(thread_hold_s=VIRTUAL_THREAD_HOLD_S) if virtual else RealClock()
     stack = escape(", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts")))
-    where = "; cloud providers faked on 127.0.0.1" if args.fake_providers else ""
+    where = ""
+    if args.fake_providers:
+        from voxpipe.testing.fakes.launch import faked_kinds
+
+        faked = faked_kinds({kind: config.stage(kind).provider for kind in ("vad", "stt", "llm", "tts")})
+        where = f"; faked on 127.0.0.1: {', '.join(faked)}" if faked else "; no cloud provider to fake"
     console.print(f"[bold]voxpipe call[/] — {stack}; {_time_of(clock)}{where}")
     with console.status("calling… (models load on the first turn)", spinner="dots"):
         return run_configured_call(
@@ -238,6 +243,10 @@ def _check_keys_and_packages(config: PipelineConfig, settings: dict[str, Any], f
     from voxpipe.stages.cloud import CloudSettings
 
     problems = missing_packages(config, Registry.discover(), fake_providers=fake_providers)
+    if fake_providers:  # faked stages need no keys; a cloud stage with no fake is refused, never sent out
+        from voxpipe.testing.fakes.launch import unfaked_cloud_stages
+
+        problems += unfaked_cloud_stages({kind: config.stage(kind).provider for kind in settings}, settings)
     for kind, validated in settings.items():
         if isinstance(validated, CloudSettings) and not fake_providers:
             try:
@@ -328,6 +337,8 @@ def _clashing_flags(args: argparse.Namespace) -> str | None:
         return "--caller and --scenario: give one (--caller plays one recorded caller, --scenario a scripted one)"
     if args.realtime and args.virtual_time:
         return "--realtime and --virtual-time: give one"
+    if args.scripted and args.fake_providers:
+        return "--scripted and --fake-providers: scripted providers have nothing to fake (give a --config instead)"
     if args.virtual_time and args.fake_providers:
         return "--virtual-time and --fake-providers: cloud providers, faked or not, run on the real clock"
     return None

@@ -211,6 +211,23 @@ def _usage(turns: list[TurnRecord], usage: dict[str, dict[str, float]], cost_usd
     )
 
 
+def _status(status: dict[str, Any] | None, errors: list[dict[str, Any]]) -> str:
+    """How the call ended, and every error reported during it (a turn cut by a failure looks like a barge-in in the
+    waterfall: this says which it was)."""
+    if status is None:
+        return ""
+    if status.get("status") == "failed":
+        head = f'<p class="failed">The call failed: {html.escape(str(status.get("error", "")))}</p>'
+    else:
+        head = f"<p>The call {html.escape(str(status.get('status', '')))}.</p>"
+    items = "".join(
+        f"<li>turn {e['turn']}, {html.escape(str(e['stage']))}{' (fatal)' if e['fatal'] else ''}: "
+        f"{html.escape(str(e['error']))}</li>"
+        for e in errors
+    )
+    return head + (f"<p>Errors reported during the call:</p><ul>{items}</ul>" if items else "")
+
+
 def write_report(
     path: str | Path,
     turns: list[TurnRecord],
@@ -220,8 +237,12 @@ def write_report(
     recording: Path | None = None,
     usage: dict[str, dict[str, float]] | None = None,
     cost_usd: dict[str, float] | None = None,
+    status: dict[str, Any] | None = None,
+    errors: list[dict[str, Any]] | None = None,
     title: str = "voxpipe call report",
 ) -> Path:
+    """``status`` and ``errors`` as ``transcript.json`` has them (``{"status": "failed", "error": …}``, and one
+    ``{"turn", "stage", "error", "fatal"}`` per error)."""
     path = Path(path)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -230,9 +251,10 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color:
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }} li.caller {{ color: #1f4e79; }} li.bot {{ color: #5a3d00; }}
-.cut {{ color: #999; text-decoration: line-through; }}
+.cut {{ color: #999; text-decoration: line-through; }} .failed {{ color: #b00020; font-weight: bold; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
+{_status(status, errors or [])}
 <h2>Voice-to-voice per turn</h2>
 <p>From the caller's last voiced sample to the first bot sample played; segments are the critical path and add up
 exactly to the total.</p>

@@ -4,7 +4,8 @@ wiring — settings, SDKs, protocols, barge-in, tools, usage — can be tried wi
 Each cloud stage of the config gets its fake, served from a thread of its own (:func:`serving`), and its settings
 get the fake's URL and key. Deepgram's fake "recognises" the scripted caller's own words; Claude's fake plays a
 booking conversation (calling a tool of the config's when it has one); the TTS fakes speak speech-like audio with
-word timings. Providers without a fake (local ones) are left as they are.
+word timings. Local providers are left as they are; a cloud provider with no fake (a plugin's) is refused
+(:func:`unfaked_cloud_stages`), since it would call its real service.
 """
 
 from __future__ import annotations
@@ -62,16 +63,41 @@ FAKES: dict[str, FakeFor] = {
 }
 
 
+def faked_kinds(providers: Mapping[str, str]) -> list[str]:
+    """The stage kinds (of ``providers``, kind → provider name) that ``--fake-providers`` points at a fake."""
+    return [kind for kind, name in providers.items() if f"{kind}.{name}" in FAKES]
+
+
+def unfaked_cloud_stages(providers: Mapping[str, str], settings: Mapping[str, BaseModel]) -> list[tuple[str, str, str]]:
+    """Config problems (key path, problem, what is allowed) for cloud stages with no fake: ``--fake-providers``
+    promises no keys and no network, and such a stage (a plugin's) would call its real service with a real key."""
+    from voxpipe.stages.cloud import CloudSettings
+
+    faked = faked_kinds(providers)
+    return [
+        (
+            f"{kind}.provider",
+            f"{name} is a cloud service with no loopback fake: under --fake-providers it would call the real one "
+            "(run without --fake-providers, or choose a provider that has a fake)",
+            ", ".join(sorted(FAKES)),
+        )
+        for kind, name in providers.items()
+        if isinstance(settings.get(kind), CloudSettings) and kind not in faked
+    ]
+
+
 def booking_replies(tools: list[str]) -> Callable[[dict[str, Any]], Any]:
-    """A restaurant's side of a booking call, one line per caller turn; with a ``check_availability`` or
-    ``book_table`` tool it calls that tool on the second turn and answers with its result."""
+    """A restaurant's side of a booking call, answering what the caller just said — the lines of the built-in call
+    and of ``examples/scenarios/booking.yaml``; anything else gets the conversation's next line. Given a time it calls
+    the config's ``check_availability``, given a name its ``book_table`` (when it has them), and answers with their
+    result."""
     from voxpipe.testing.fakes.anthropic import ToolUseReply
 
     lines = [
         "Of course. What time would you like to come in tonight?",
         "Seven thirty works. Shall I put the booking under your name?",
         "No problem at all, eight o'clock works too. What name should I put the booking under?",
-        "Thank you, you're booked for two at eight tonight. Anything else I can do for you?",
+        "Thank you, you're booked for two tonight. Anything else I can do for you?",
         "You're welcome. See you tonight, goodbye!",
     ]
 
@@ -79,22 +105,48 @@ def booking_replies(tools: list[str]) -> Callable[[dict[str, Any]], Any]:
         messages = body.get("messages", [])
         last = messages[-1]["content"] if messages else ""
         if isinstance(last, list) and any(block.get("type") == "tool_result" for block in last):
+            if _last_tool(messages) == "book_table":
+                return "Thank you, you're booked for two tonight. Anything else I can do for you?"
             return "Good news, we have a table then. Shall I put it under your name?"
-        turn = sum(1 for m in messages if m["role"] == "user" and _has_caller_text(m["content"])) - 1
-        if turn == 1 and "check_availability" in tools:
-            return ToolUseReply("check_availability", {"time": "7:30 pm", "people": 2}, text="Let me check.")
-        if turn == 1 and "book_table" in tools:
-            arguments = {"name": "the caller", "people": 2, "time": "7:30 pm"}
-            return ToolUseReply("book_table", arguments, text="Let me book that.")
-        return lines[min(max(turn, 0), len(lines) - 1)]
+        caller = [_caller_text(m["content"]) for m in messages if m["role"] == "user" and _caller_text(m["content"])]
+        said = caller[-1].lower() if caller else ""
+        time = "8 pm" if any("eight" in line.lower() for line in caller) else "7:30 pm"
+        if "bye" in said or "that's all" in said:
+            return lines[4]
+        if "name is" in said:
+            name = caller[-1][said.index("name is") + len("name is") :].strip(" .!")
+            if "book_table" in tools:
+                arguments = {"name": name, "people": 2, "time": time}
+                return ToolUseReply("book_table", arguments, text="Let me book that.")
+            return lines[3]
+        if "eight" in said:
+            return lines[2]
+        if "seven thirty" in said:
+            if "check_availability" in tools:
+                return ToolUseReply("check_availability", {"time": time, "people": 2}, text="Let me check.")
+            return lines[1]
+        if "book" in said or "table" in said:
+            return lines[0]
+        return lines[min(max(len(caller) - 1, 0), len(lines) - 1)]
 
     return reply
 
 
-def _has_caller_text(content: Any) -> bool:
+def _caller_text(content: Any) -> str:
+    """The caller's words in a user message (none in one that only carries tool results)."""
     if isinstance(content, str):
-        return bool(content.strip())
-    return any(block.get("type") == "text" for block in content)
+        return content.strip()
+    return " ".join(block.get("text", "") for block in content if block.get("type") == "text").strip()
+
+
+def _last_tool(messages: list[dict[str, Any]]) -> str | None:
+    """The name of the tool the model called last."""
+    for message in reversed(messages):
+        if message["role"] == "assistant" and isinstance(message["content"], list):
+            for block in reversed(message["content"]):
+                if block.get("type") == "tool_use":
+                    return str(block.get("name"))
+    return None
 
 
 @contextlib.contextmanager
@@ -103,7 +155,7 @@ def fake_providers(
 ) -> Iterator[dict[str, BaseModel]]:
     """Serve a fake for every faked provider in ``providers`` (kind → provider name) while the block runs; yields
     the settings with those stages pointed at their fakes."""
-    chosen = {kind: FAKES[f"{kind}.{name}"] for kind, name in providers.items() if f"{kind}.{name}" in FAKES}
+    chosen = {kind: FAKES[f"{kind}.{providers[kind]}"] for kind in faked_kinds(providers)}
     fakes = {kind: spec.make(settings[kind], caller, tools) for kind, spec in chosen.items()}
     with serving(*fakes.values()):
         pointed = dict(settings)
