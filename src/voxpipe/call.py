@@ -128,7 +128,8 @@ def transcript_of(turns: list[TurnRecord]) -> list[dict[str, Any]]:
                     "speaker": "bot",
                     "text": record.data.get("bot_text", ""),
                     "heard": " ".join(record.heard),
-                    "interrupted": record.interrupted,
+                    "interrupted": record.interrupted,  # cut off: by the caller, or by the error below
+                    **({"error": record.data["error"]} if "error" in record.data else {}),
                     "start": marks.get("out.first_play"),
                     "end": marks.get("out.interrupted", marks.get("out.done")),
                     "played_s": record.played_s,

@@ -60,7 +60,7 @@ def latency_table(turns: list[TurnRecord], summary: Summary) -> Table:
         if record.voice_to_voice_us is None:
             continue
         cells = [f"{record.segments_ms[name]:.1f}" for name in SEGMENTS]
-        state = "cut" if record.interrupted else "done"
+        state = "error" if "error" in record.data else "cut" if record.interrupted else "done"
         table.add_row(str(record.turn), *cells, f"{record.voice_to_voice_ms:.1f}", state)
     for label in ("p50", "p95", "max"):
         row = []

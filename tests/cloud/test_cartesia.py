@@ -489,6 +489,8 @@ async def test_a_drop_mid_reply_is_an_error_and_the_next_reply_reconnects(tmp_pa
     assert failed.interrupted and 0 < len(failed.heard) < len(REPLY.split())
     assert failed.heard == REPLY.split()[: len(failed.heard)], "what was said before the drop stays said"
     assert answer.heard == SECOND.split()
+    bot = [line for line in json.loads((tmp_path / "transcript.json").read_text())["turns"] if line["speaker"] == "bot"]
+    assert bot[0]["interrupted"] and bot[0]["error"] == error.error and "error" not in bot[1]
     report = (tmp_path / "report.html").read_text()  # the cut turn was a failure, not a barge-in: the report says so
     assert "Errors reported during the call:</p><ul><li>turn 1, tts: ProviderError: Cartesia: the connection" in report
 
