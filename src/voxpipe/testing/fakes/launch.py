@@ -106,7 +106,7 @@ def booking_replies(tools: list[str]) -> Callable[[dict[str, Any]], Any]:
         last = messages[-1]["content"] if messages else ""
         if isinstance(last, list) and any(block.get("type") == "tool_result" for block in last):
             if _last_tool(messages) == "book_table":
-                return "Thank you, you're booked for two tonight. Anything else I can do for you?"
+                return lines[3]
             return "Good news, we have a table then. Shall I put it under your name?"
         caller = [_caller_text(m["content"]) for m in messages if m["role"] == "user" and _caller_text(m["content"])]
         said = caller[-1].lower() if caller else ""
