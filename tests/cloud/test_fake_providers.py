@@ -3,20 +3,25 @@ usage and cost — with no keys and no network."""
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
 import socket
 import struct
 import textwrap
+import time
 
+import httpx
 import pytest
+from aiohttp import web
 
 from voxpipe.cli import main
 from voxpipe.testing.fakes.anthropic import FakeAnthropic
 from voxpipe.testing.fakes.cartesia import FakeCartesia
 from voxpipe.testing.fakes.deepgram import FakeDeepgram
 from voxpipe.testing.fakes.elevenlabs import FakeElevenLabs
+from voxpipe.testing.fakes.server import FakeServer, Faults, serving
 
 SCENARIO = """
 caller:
@@ -78,7 +83,7 @@ def test_the_cloud_configs_run_against_the_fakes(tmp_path, monkeypatch, capsys, 
     report = (out / "report.html").read_text()
     assert "<h2>Usage and cost</h2>" in report and f"{transcript['cost_usd']['total']:.6f}" in report
     printed = capsys.readouterr().out
-    assert "usage and cost" in printed and "cloud providers faked on 127.0.0.1" in printed
+    assert "usage and cost" in printed and "faked on 127.0.0.1: stt, llm, tts" in printed
     assert "stt (deepgram nova-3)" in printed and "llm (anthropic claude-opus-4-7)" in printed, "who billed what"
 
 
@@ -156,3 +161,98 @@ async def test_a_client_leaving_during_the_websocket_handshake_is_recorded_as_go
             await fake.wait_for("gone", lambda _, left=left: len(fake.of("gone")) == left)
     assert [seen.data for seen in fake.of("gone")] == [{"during": "handshake"}] * 3
     assert not [r for r in caplog.records if r.name.startswith("aiohttp")], "the server logged an error"
+
+
+_MESSAGES_BODY = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _anthropic_headers(fake: FakeAnthropic) -> dict[str, str]:
+    return {"Authorization": f"Bearer {fake.api_key}", "anthropic-version": "2023-06-01"}
+
+
+@pytest.mark.timeout(30)
+async def test_a_client_leaving_during_an_anthropic_stall_is_recorded_as_disconnect_at_once():
+    async with FakeAnthropic(["Hi."], faults=Faults(stall_s=20)) as fake:
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.TimeoutException):  # gives up 0.5 s into the stall: a barge-in
+                await client.post(
+                    fake.url + "/v1/messages", json=_MESSAGES_BODY, headers=_anthropic_headers(fake), timeout=0.5
+                )
+        left = time.monotonic()
+        seen = await fake.wait_for("disconnect", within_s=3)  # the stall has 19.5 s to go
+        assert seen.at - left < 1.0
+        assert seen.data == {"events": 0, "text": ""}
+        assert fake.kinds() == ["request", "connect", "stall", "disconnect"]
+
+
+class _Hanging(FakeServer):
+    """A server whose handler waits, ignoring its client: one aiohttp stops tracking once the client has left."""
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/hang", self._hang)
+
+    def authorized(self, request: web.Request) -> bool:
+        return True
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        self.record("hang")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.record("cancelled")
+            raise
+        return web.Response()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("server", ["anthropic-stall", "handler-ignoring-its-client"])
+def test_leaving_serving_with_a_stalled_request_leaves_no_task_pending(server, caplog):
+    caplog.set_level(logging.ERROR)
+    if server == "anthropic-stall":
+        fake: FakeServer = FakeAnthropic(["Hi."], faults=Faults(stall_s=20))
+        path, kwargs = "/v1/messages", {"json": _MESSAGES_BODY, "headers": _anthropic_headers(fake)}
+    else:
+        fake = _Hanging()
+        path, kwargs = "/hang", {}
+    with serving(fake):
+        with pytest.raises(httpx.TimeoutException):  # the client gives up; its request is still being handled
+            httpx.request("POST" if kwargs else "GET", fake.url + path, timeout=0.5, **kwargs)
+        time.sleep(0.2)
+    gc.collect()  # a task destroyed pending says so when it is collected
+    destroyed = [r.getMessage() for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+    assert not destroyed, destroyed
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")], "the server logged an error"
+    if server != "anthropic-stall":
+        assert "cancelled" in fake.kinds(), "the pending handler was cancelled, not dropped with the loop"
+
+
+def test_claudes_fake_answers_the_booking_scenarios_lines_and_calls_the_configs_tools():
+    import yaml
+
+    from voxpipe.testing.fakes.anthropic import ToolUseReply
+    from voxpipe.testing.fakes.launch import booking_replies
+
+    with open("examples/scenarios/booking.yaml", encoding="utf-8") as file:
+        lines = [step["say"] for step in yaml.safe_load(file)["steps"]]
+    reply = booking_replies(["check_availability", "book_table"])
+    messages: list[dict] = []
+    said: list[str] = []
+    for line in lines:
+        messages.append({"role": "user", "content": line})
+        answer = reply({"messages": messages})
+        if isinstance(answer, ToolUseReply):  # the stage runs the tool and asks again with its result
+            said.append(f"{answer.name}({answer.input})")
+            call = {"type": "tool_use", "id": "toolu_1", "name": answer.name, "input": answer.input}
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer.text}, call]})
+            messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]})
+            answer = reply({"messages": messages})
+        messages.append({"role": "assistant", "content": answer})
+        said.append(answer)
+    assert said == [
+        "Of course. What time would you like to come in tonight?",
+        "check_availability({'time': '7:30 pm', 'people': 2})",
+        "Good news, we have a table then. Shall I put it under your name?",
+        "book_table({'name': 'Rossi', 'people': 2, 'time': '7:30 pm'})",
+        "Thank you, you're booked for two tonight. Anything else I can do for you?",
+        "You're welcome. See you tonight, goodbye!",
+    ]

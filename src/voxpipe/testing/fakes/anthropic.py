@@ -25,10 +25,10 @@ Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, th
 (``arrived``, ``due``; recorded as the reply's first text delta is written: :meth:`waits`), ``reply`` (what was sent in
 full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``, ``cache_creation_input_tokens``,
 ``ephemeral_1h_input_tokens``, ``cache_read_input_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
-``disconnect`` (``events`` and ``text`` sent) when the client goes away mid-stream — which is what a barge-in looks like
-from the provider's side. Like the API, a reply longer than the request's ``max_tokens`` (a token per word, four
-characters of a tool's input per token) stops there with ``stop_reason: "max_tokens"``, inside the tool's input if
-that is where the limit falls.
+``disconnect`` (``events`` and ``text`` sent) when the client goes away mid-stream, or during a stall (at once: the
+stall watches the connection) — which is what a barge-in looks like from the provider's side. Like the API, a reply
+longer than the request's ``max_tokens`` (a token per word, four characters of a tool's input per token) stops there
+with ``stop_reason: "max_tokens"``, inside the tool's input if that is where the limit falls.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 
 from aiohttp import web
 
-from voxpipe.testing.fakes.server import FakeServer, Faults, Wait
+from voxpipe.testing.fakes.server import FakeServer, Faults, Wait, client_left
 
 # The error ``type`` Anthropic's API puts in the body for each HTTP status.
 ERROR_TYPES = {
@@ -118,7 +118,8 @@ class FakeAnthropic(FakeServer):
     * ``corrupt_after`` — how many text deltas go before an injected corruption (``faults.corrupt``): a data line
       that is not JSON, or an event type the API does not have (sent in addition to the reply's own events);
     * ``faults`` — from the base: ``refuse`` (status, with Anthropic's error body), ``stall_s`` (before the first
-      byte of each response), ``drop_after`` (abort the connection after that many events of a response);
+      byte of each response; cut short, recorded ``disconnect``, when the client leaves), ``drop_after`` (abort
+      the connection after that many events of a response);
     * ``faulty_requests`` — the faults and ``stream_error_after`` apply to this many requests, then the fake is
       healthy again (None: to every request), so a test can show a call recovering on the next turn.
     """
@@ -315,7 +316,9 @@ class FakeAnthropic(FakeServer):
         if problem is not None:
             return self._invalid(problem)
         reply = self._reply_for(body)
-        await self.stall()
+        if not await self.stall(request):  # the client left during the stall (a barge-in before the first byte)
+            self.record("disconnect", events=0, text="")
+            return client_left()
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         )

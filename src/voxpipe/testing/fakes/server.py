@@ -24,6 +24,8 @@ from aiohttp import web
 
 Corruption = Literal["malformed-json", "unknown-event", "bad-audio"]
 
+_CONNECTION_POLL_S = 0.02  # how often a stall looks whether its client is still there
+
 
 @dataclass
 class Faults:
@@ -191,10 +193,25 @@ class FakeServer:
         self.record("refused", status=status)
         return web.json_response(self.error_body(status), status=status)
 
-    async def stall(self) -> None:
-        if self.faults.stall_s > 0:
-            self.record("stall", seconds=self.faults.stall_s)
+    async def stall(self, request: web.Request | None = None) -> bool:
+        """Wait the injected ``stall_s`` (recorded ``stall``). Given the HTTP ``request`` being answered, watch its
+        connection meanwhile and end the stall as soon as the client has gone: False then, True otherwise."""
+        if self.faults.stall_s <= 0:
+            return True
+        self.record("stall", seconds=self.faults.stall_s)
+        if request is None:
             await asyncio.sleep(self.faults.stall_s)
+            return True
+        # aiohttp does not cancel a handler whose client left (handler_cancellation is off by default), and its
+        # protocol has no hook for a handler to await: the transport it drops on connection_lost is what tells.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.faults.stall_s
+        while connected(request):
+            left = until - loop.time()
+            if left <= 0:
+                return True
+            await asyncio.sleep(min(left, _CONNECTION_POLL_S))
+        return False
 
     def should_drop(self, sent: int) -> bool:
         """Whether to disconnect now, having sent ``sent`` messages or chunks of the current response."""
@@ -245,6 +262,13 @@ def query(request: web.Request) -> dict[str, str | list[str]]:
     return {name: got[0] if len(got) == 1 else got for name, got in values.items()}
 
 
+def connected(request: web.Request) -> bool:
+    """Whether the client of ``request`` is still connected (aiohttp drops the transport once the connection is
+    lost)."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
 def client_left() -> web.Response:
     """What a handler returns for a client that has gone: aiohttp finds the connection closed and writes nothing."""
     return web.Response(status=499, reason="Client Closed Request")
@@ -268,8 +292,29 @@ def serving(*fakes: FakeServer, within_s: float = 10.0) -> Iterator[tuple[FakeSe
             started.append(fake)
         yield fakes
     finally:
-        for fake in started:
-            call(fake.stop())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=within_s)
-        loop.close()
+        try:
+            for fake in started:
+                call(fake.stop())
+        finally:
+            # Handlers aiohttp no longer tracks (their client left; e.g. one in a stall) are still pending: end them
+            # as asyncio.run() would, or closing the loop destroys them ("Task was destroyed but it is pending!").
+            call(_cancel_remaining(within_s / 2))
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=within_s)
+            loop.close()
+
+
+async def _cancel_remaining(within_s: float) -> None:
+    """Cancel every other task of the running loop and wait for them (up to ``within_s`` seconds); then close its
+    async generators. Like asyncio.run()'s teardown, an exception a task ended with goes to the loop's handler."""
+    loop = asyncio.get_running_loop()
+    tasks = asyncio.all_tasks(loop) - {asyncio.current_task(loop)}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=within_s)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            context = {"message": "unhandled exception during serving() shutdown", "task": task}
+            loop.call_exception_handler(context | {"exception": task.exception()})
+    await loop.shutdown_asyncgens()
