@@ -258,6 +258,20 @@ async def test_words_heard_before_a_pause_in_the_reply_are_kept_when_the_caller_
 
 
 @pytest.mark.timeout(30)
+async def test_chinese_and_japanese_chunks_go_without_the_space_english_ones_need(tmp_path):
+    # Cartesia joins a context's transcripts as sent: a space after "。" would be a space in Japanese text.
+    reply = "はい、かしこまりました。お店は山田です。Thank you."
+    async with FakeCartesia() as fake:
+        built = Built()
+        result = await call(fake, [Say("Hello?")], tmp_path, built, replies=[reply], language="ja")
+    assert result.outcome == "ended" and built.errors == []
+    (context,) = contexts(fake)
+    pushed = [m["transcript"] for m in inputs(fake, context)]
+    assert pushed == ["はい、かしこまりました。", "お店は山田です。", "Thank you. ", ""]
+    assert result.turns[0].data["usage"]["tts"] == {"characters": len(reply) + 1}, "counted as sent"
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("expiry_s", "how"),
     [

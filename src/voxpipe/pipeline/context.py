@@ -32,6 +32,14 @@ _CJK_WRITTEN = rf"[{CJK_LETTERS}\u3000-\u303f\uff01-\uff60]"  # and their punctu
 _CJK_JUNCTION = re.compile(rf"(?<={_CJK_WRITTEN}) (?={_CJK_WRITTEN})")
 
 
+def written_unspaced(char: str) -> bool:
+    """Whether ``char`` is Chinese or Japanese, a letter or a mark: no space goes after it in running text."""
+    return _CJK_CHAR.fullmatch(char) is not None
+
+
+_CJK_CHAR = re.compile(_CJK_WRITTEN)
+
+
 def join_words(words: Sequence[str]) -> str:
     """Heard words as text: with spaces between them, except where Chinese or Japanese meets Chinese or Japanese
     (a TTS marks those in units of a character or two, which were written together)."""

@@ -10,10 +10,11 @@ dead socket.
 Stream. One Cartesia *context* per reply, so prosody carries across the reply's chunks: the socket is made ready when
 the reasoner is asked, the context is created at the reply's first text (no network; a reply cut before it says anything
 leaves no context, whose queue the SDK would keep for the rest of the call), each speakable chunk is pushed as it comes
-(``continue: true``; Cartesia joins the pieces as they are, so each chunk goes with a trailing space), and ``continue:
-false`` follows the last. A pause in a reply longer than a context lives (Cartesia ends one 1 s after its last audio
-when no input came) goes on on a new context: text that comes 0.5 s or more after the context's last audio, with
-everything pushed spoken, opens another, and a ``done`` before ``continue: false`` ends the context, not the reply.
+(``continue: true``; Cartesia joins the pieces as they are, so each chunk goes with a trailing space, unless it ends
+in Chinese or Japanese, which have none), and ``continue: false`` follows the last. A pause in a reply longer than
+a context lives (Cartesia ends one 1 s after its last audio when no input came) goes on on a new context: text that
+comes 0.5 s or more after the context's last audio, with everything pushed spoken, opens another, and a ``done``
+before ``continue: false`` ends the context, not the reply.
 A receiver task per context reads its events: ``chunk`` → audio, checked (valid base64, whole samples, really
 ``pcm_s16le``); ``timestamps`` → word marks; ``done`` ends the reply; ``error`` →
 :class:`ProviderError` with Cartesia's message. Cartesia sends audio and timestamps as separate messages, in either
@@ -61,6 +62,7 @@ from pydantic import BaseModel, Field, SecretStr
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import Package
 from voxpipe.pipeline import AudioFormat, WordMark
+from voxpipe.pipeline.context import written_unspaced
 from voxpipe.stages import tls
 from voxpipe.stages.cloud import CloudSettings, ProviderError, abort_unless_closed, require_sdk
 from voxpipe.stages.tts import LEADING_SILENCE_LEVEL, StreamingTTSStage
@@ -529,7 +531,7 @@ class CartesiaTTS(StreamingTTSStage):
         reply = self._reply
         if reply is None or reply.epoch != epoch or reply.ended.is_set() or not text:
             return None  # the reply failed or was abandoned: its text has nowhere to go
-        if not text[-1].isspace():
+        if not text[-1].isspace() and not written_unspaced(text[-1]):
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
         loop = asyncio.get_running_loop()
         if reply.expiring(loop.time()):  # a pause in the reply (a tool, a slow reasoner): the context may be gone
