@@ -765,6 +765,14 @@ def test_the_voice_is_required():
         parse_config({"tts": {"provider": "cartesia", "api_key": "k"}, "vad": {"provider": "scripted"}})
 
 
+def test_the_timeouts_must_outlast_cartesias_text_buffer():
+    tts = {"provider": "cartesia", "api_key": "k", "voice": VOICE, "max_buffer_delay_ms": 3000}
+    with pytest.raises(ConfigError, match=r"tts: max_buffer_delay_ms \(3000\) must be under first_audio_timeout_s"):
+        parse_config({"tts": {**tts, "read_timeout_s": 2.5}, "vad": {"provider": "scripted"}})
+    _, settings = parse_config({"tts": tts, "vad": {"provider": "scripted"}})  # the 5 s defaults outlast it
+    assert settings["tts"].max_buffer_delay_ms == 3000
+
+
 def test_the_module_imports_without_the_sdk_and_names_the_extra():
     program = (
         "import sys; sys.modules['cartesia'] = None\n"

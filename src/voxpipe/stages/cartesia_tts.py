@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import Package
@@ -136,6 +136,19 @@ class CartesiaTTSSettings(CloudSettings):
         "max_buffer_delay_ms",
     )
     close_timeout_s: float = Field(default=2.0, gt=0, le=30, description="longest wait for the socket to close")
+
+    @model_validator(mode="after")
+    def _timeouts_outlast_the_buffer(self) -> CartesiaTTSSettings:
+        # Cartesia may hold text that long before it speaks: a shorter timeout would take its wait for a stall.
+        delay_s = (self.max_buffer_delay_ms or 0) / 1000
+        shortest = min(self.first_audio_timeout_s, self.read_timeout_s)
+        if delay_s >= shortest:
+            raise ValueError(
+                f"max_buffer_delay_ms ({self.max_buffer_delay_ms}) must be under first_audio_timeout_s and "
+                f"read_timeout_s ({shortest:g} s): Cartesia may wait that long for more text before it speaks, which "
+                "would read as a stall"
+            )
+        return self
 
 
 def check_audio(audio: AudioFormat) -> None:
