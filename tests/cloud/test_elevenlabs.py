@@ -810,15 +810,24 @@ def test_a_word_cut_short_or_left_out_costs_only_its_own_timing(glitches):
     assert aligner.pending_chars == 0
 
 
-def test_after_words_left_out_a_letter_that_also_ends_the_last_word_starts_the_next_one():
-    # "table" ends in the "e" that "eight" begins with: after the whitespace, the alignment going on with "eight"
-    # is not "table"'s last letter again (a repeat), which left "eight" and every word after it marked late.
+@pytest.mark.parametrize(
+    "left_out",
+    [
+        # "table" ends in the "e" that "eight" begins with: after the whitespace, the alignment going on with "eight"
+        # is not "table"'s last letter again (a repeat), which left "eight" and every word after it marked late.
+        ("for", "two", "at"),
+        # Four words: "tonight" is past the three words any run is looked for in, but a run that long is looked for
+        # further; before, every word after the gap was marked at the reply's end.
+        ("for", "two", "at", "eight"),
+    ],
+)
+def test_after_words_left_out_the_alignment_goes_on_with_the_right_word(left_out):
     text = "We have a table for two at eight tonight by the window."
-    glitched, aligner = aligned_as_elevenlabs_sends_it(text, {"for": "", "two": "", "at": ""})
+    glitched, aligner = aligned_as_elevenlabs_sends_it(text, dict.fromkeys(left_out, ""))
     marks = [m for ms in glitched for m in ms]
     assert [m.word for m in marks] == text.split()
     for i, mark in enumerate(marks):
-        if mark.word not in ("for", "two", "at"):
+        if mark.word not in left_out:
             assert 100 * i <= mark.start < mark.end <= 100 * i + 80, f"{mark}: over its own audio"
     assert aligner.pending_chars == 0
 

@@ -153,6 +153,9 @@ def output_format(audio: AudioFormat) -> str:
 # ------------------------------------------------------------------------------------------------ alignment
 
 RESYNC_WORDS = 3  # how far past the cursor's word a lost alignment looks for the word it goes on with
+# ... and for a run of this many characters or more, which few words begin with alike, this far ("we have a table
+# [for two at eight] tonight"): a longer stretch left out of the alignment does not leave the rest of it unplaced.
+RESYNC_FAR_RUN, RESYNC_FAR_WORDS = 4, 8
 # A CJK word as the chunker counts it: two characters (one at a run's end), with what is written around them.
 _CJK_UNIT = re.compile(rf"[^{CJK_LETTERS}]*[{CJK_LETTERS}]{{1,2}}[^{CJK_LETTERS}]*")
 
@@ -172,9 +175,10 @@ class WordAligner:
     * just after it: the cursor's character was dropped, and the cursor moves past both; past a word's last
       character only if whitespace came before it in the alignment, or the next word follows it with no space in the
       sent text (two CJK characters after two others): it starts the next word;
-    * right after whitespace, at the start of one of the next few sent words, if the alignment from this character
-      to its next whitespace begins that word: the words before it were cut short ("goi" for "going") or left out of
-      the alignment, and the cursor moves on to that word (re-synchronised);
+    * right after whitespace, at the start of one of the next few sent words (three; eight for a run of four
+      characters or more), if the alignment from this character to its next whitespace begins that word: the words
+      before it were cut short ("goi" for "going") or left out of the alignment, and the cursor moves on to that word
+      (re-synchronised);
     * just before it: a repeat, and the cursor stays (tried after the above: after whitespace, "table [for two at]
       eight" goes on with a word, not with the "e" of "table" again);
     * nowhere near: a substitute for the cursor's character, and the cursor moves on, unless that is the word's
@@ -292,7 +296,8 @@ class WordAligner:
         later) begins, if one does. The nearest is taken: a wrong one nearer than the right one only marks the
         words skipped late; one past it (early) needs the right one garbled at its start as well."""
         run = "".join(itertools.takewhile(str.strip, itertools.islice(chars, at, None)))
-        for word, end in itertools.islice(self._words, 1, 1 + RESYNC_WORDS):
+        reach = RESYNC_WORDS if len(run) < RESYNC_FAR_RUN else RESYNC_FAR_WORDS
+        for word, end in itertools.islice(self._words, 1, 1 + reach):
             if word.startswith(run):
                 return end - len(word)
         return None
