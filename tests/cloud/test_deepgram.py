@@ -1205,3 +1205,86 @@ async def test_after_an_utterance_given_up_at_its_timeout_the_replay_is_recognis
     assert second == lines[1], "the second line's audio was recognised as the second line"
     assert [s.data for s in fake.of("abandoned")] == [{"connection": 1, "utterance": 0}]
     assert [(u.data["connection"], u.data["utterance"]) for u in fake.of("utterance")] == [(2, 1)]
+
+
+# ------------------------------------------------------------------------ a server that says nothing at all
+
+
+LINES = ["A table for two tonight.", "Around seven thirty, please.", "The name is Rossi."]
+
+
+@pytest.mark.timeout(40)
+async def test_with_speech_events_a_server_that_stalls_is_a_deepgram_error_that_stops_the_call(tmp_path):
+    # With speech_events no Finalize goes out before Deepgram's own end of speech: a server that says nothing was
+    # never found out, and the call "ended" with no turn and no error.
+    async with FakeDeepgram(utterances=LINES, faults=Faults(stall_s=60)) as fake:
+        stages = Stages()
+        with pytest.raises(ProviderError, match=re.escape("no message from Deepgram for 2 s of audio sent (stalled)")):
+            await call(
+                fake,
+                [Say(line, pause=0.3) for line in LINES],
+                tmp_path,
+                stages,
+                vad="none",
+                speech_events=True,
+                message_timeout_s=2,
+                max_reconnects=0,
+            )
+    assert len(fake.of("connect")) == 1 and stages.stt.stats.messages == 0, "Deepgram said nothing at all"
+    [error] = stages.stt.pipeline.errors
+    assert error.fatal and error.stage == "stt" and "Deepgram: connection lost (no message" in error.error
+    assert json.loads((tmp_path / "transcript.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("policy", "stt"),
+    [
+        (ErrorPolicy.STOP, {"max_reconnects": 3}),  # reconnected, the audio Deepgram never answered replayed
+        (ErrorPolicy.SKIP_TURN, {"max_reconnects": 0, "retry_after_s": 0.5}),  # failed, then a new session
+    ],
+    ids=["reconnect", "skip-turn"],
+)
+async def test_with_speech_events_a_server_that_hangs_is_reported_and_the_callers_later_lines_are_heard(
+    tmp_path, policy, stt
+):
+    # The first connection hangs at the Finalize after the first line (with speech_events only a flush, never
+    # awaited): it reads on and says nothing more.
+    async with FakeDeepgram(utterances=LINES, deaf_connections=1) as fake:
+        stages = Stages(policy)
+        result = await call(
+            fake,
+            [Say(line, pause=0.3) for line in LINES],
+            tmp_path,
+            stages,
+            replies=["Sure.", "Fine.", "Done."],
+            vad="none",
+            speech_events=True,
+            message_timeout_s=3,
+            **stt,
+        )
+    assert fake.of("unanswered") and len(fake.of("connect")) == 2, "the silent socket was replaced"
+    assert result.outcome == "ended", "the call went on"
+    assert user_texts(result) == LINES, "every line was heard: what the silent socket got was given again"
+    assert stages.errors, "never silent"
+    assert not any(e.fatal for e in stages.stt.pipeline.errors)
+    assert "Deepgram: connection lost (no message from Deepgram for 3 s of audio sent (stalled))" in stages.errors[0]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "stt", [{"vad": "none", "speech_events": True}, {"vad": "scripted"}], ids=["speech-events", "local-vad"]
+)
+async def test_a_long_silence_in_a_call_is_no_stall(tmp_path, stt):
+    # Deepgram sends Results as it processes audio, silence included (the fake too): a caller who says nothing for
+    # longer than message_timeout_s is no stalled socket.
+    script = [Say(LINES[0], pause=0.3), Silence(10.0), Say(LINES[1], pause=0.3)]
+    async with FakeDeepgram(utterances=LINES) as fake:
+        stages = Stages()
+        result = await call(fake, script, tmp_path, stages, replies=["Sure.", "Fine."], message_timeout_s=4, **stt)
+    assert result.outcome == "ended"
+    assert user_texts(result) == LINES[:2]
+    assert len(fake.of("connect")) == 1 and stages.stt.stats.reconnects == 0, "no reconnect"
+    assert not stages.errors
+    empty = [s for s in fake.of("result") if not s.data["transcript"] and not s.data["from_finalize"]]
+    assert len(empty) >= 8, "the silence was answered with empty Results"

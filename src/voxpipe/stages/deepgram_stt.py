@@ -20,10 +20,11 @@ answer to a timed-out ``Finalize``, say) is late as a whole: it answers no ``Fin
 reported as dropped. Each utterance's audio seconds go on its final for the turn-taker to count, or, with no
 turn-taker downstream, the stage counts them itself. The stage keeps the audio since the last finalized segment: if the
 socket drops (or stalls: a ``Finalize`` whose answer is awaited and that Deepgram shows no sign of having processed
-for ``result_timeout_s``, or a message the socket cannot take for ``send_timeout_s``) it reconnects, replays that
-audio and any unanswered ``Finalize``, then carries on live; a refused handshake (401/429/5xx) is never retried in a
-loop but is a :class:`ProviderError` naming the status. ``KeepAlive`` goes out every ``keepalive_s`` while no audio
-flows.
+for ``result_timeout_s``, ``message_timeout_s`` of audio sent with no message at all from Deepgram since — it sends
+Results as it processes audio, silence included — or a message the socket cannot take for ``send_timeout_s``) it
+reconnects, replays that audio and any unanswered ``Finalize``, then carries on live; a refused handshake
+(401/429/5xx) is never retried in a loop but is a :class:`ProviderError` naming the status. ``KeepAlive`` goes out
+every ``keepalive_s`` while no audio flows.
 
 The frames the stage makes itself (transcripts; with ``speech_events``, the speech events) go downstream in order from
 a delivery task of the stage's own, which lives across sockets: a reconnect tears down the socket's tasks, never a
@@ -134,6 +135,13 @@ class DeepgramSTTSettings(CloudSettings):
         gt=0,
         le=60,
         description="a message the socket cannot take this long (a server that stopped reading): reconnect",
+    )
+    message_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        description="this many seconds of audio sent, and as long, with no message at all from Deepgram since (it "
+        "sends Results as it processes audio, silence included; a server that stalled sends nothing): reconnect",
     )
     keepalive_s: float = Field(default=4.0, gt=0, le=9, description="KeepAlive period while no audio flows")
     max_reconnects: int = Field(
@@ -288,6 +296,10 @@ class _Socket:
     # server that never showed it processed them is still a stalled one (their stall deadline keeps running).
     given_up: deque[PendingFinal] = field(default_factory=deque)
     heard_to: int = 0  # stream samples Deepgram has shown it processed: the furthest end of its Results
+    # Since Deepgram last said anything: the stream samples sent by then, and when (loop time) the first audio after
+    # it went out (None: none yet). Audio that long unanswered is a stalled socket (message_timeout_s).
+    said_at: int = 0
+    quiet_since: float | None = None
     reading: asyncio.Timeout | None = None  # the receiver's wait for the next message, under the stall deadline
     frames: _LastFrame | None = None  # the SDK socket's websocket, keeping the last frame received
 
@@ -635,12 +647,16 @@ class DeepgramSTT(Stage):
         keep_from = self._finalized_until
         if not self._speaking and not self._pending:
             # Only a pre-roll while nobody speaks — but never audio the open socket has not been sent yet, nor, with
-            # speech_events, while no socket is open: then nothing can tell that the caller started speaking.
+            # speech_events, audio Deepgram has not shown it processed, or any while no socket is open: only
+            # Deepgram can tell that the caller started speaking (a socket that stalled must have it replayed).
             pre_roll = self._audio.end_pts - round(_PRE_ROLL_S * self._rate)
             socket = self._socket
             if socket is not None:
                 unsent = self._audio.get(socket.cursor)
-                keep_from = max(keep_from, min(pre_roll, unsent.pts) if unsent is not None else pre_roll)
+                keep = min(pre_roll, unsent.pts) if unsent is not None else pre_roll
+                if self.settings.speech_events:
+                    keep = min(keep, socket.timeline.to_pts(socket.heard_to / self._rate))
+                keep_from = max(keep_from, keep)
             elif not self.settings.speech_events:
                 keep_from = max(keep_from, pre_roll)
         self._audio.forget_before(max(keep_from, self._audio.end_pts - round(self.settings.replay_max_s * self._rate)))
@@ -678,6 +694,7 @@ class DeepgramSTT(Stage):
                     self._handing_over(socket.cursor)
                     await self._send(socket.sdk.send_media(chunk.pcm), "audio")
                     socket.timeline.add(chunk.pts, chunk.samples)
+                    self._unanswered_audio(socket, chunk.samples)
                     socket.cursor += 1
                     seconds = chunk.samples / self._rate
                     self.stats.audio_s += seconds
@@ -744,28 +761,59 @@ class DeepgramSTT(Stage):
             if pending.sdk_call_at is None and index < pending.cut_index:
                 pending.sdk_call_at = self.clock.now()
 
-    def _stall_deadline(self, socket: _Socket) -> float | None:
-        """When the socket counts as stalled (loop time): ``result_timeout_s`` after the first Finalize awaited on it
-        that Deepgram has shown no sign of processing, or None. Its answer is such a sign (it leaves
-        ``socket.finalizes``), and so are Results of audio sent after it; a message Deepgram wrote before the
-        Finalize reached it (an interim still on its way) is none."""
+    def _unanswered_audio(self, socket: _Socket, samples: int) -> None:
+        """``samples`` of audio went out on ``socket``: the first since Deepgram last said anything starts the
+        silence clock, and once ``message_timeout_s`` of audio has gone unanswered the read under way takes the
+        deadline (audio alone, not time: with no audio flowing, Deepgram has nothing to answer)."""
+        if socket.quiet_since is None:
+            socket.quiet_since = asyncio.get_running_loop().time()
+        limit = round(self.settings.message_timeout_s * self._rate)
+        unanswered = socket.timeline.samples - socket.said_at
+        if unanswered - samples < limit <= unanswered:
+            self._rearm(socket)
+
+    def _stalls(self, socket: _Socket) -> list[tuple[float, str]]:
+        """The stall deadlines running on the socket (loop time), each with what passing it means:
+
+        * ``result_timeout_s`` after the first Finalize awaited on it that Deepgram has shown no sign of processing.
+          Its answer is such a sign (it leaves ``socket.finalizes``), and so are Results of audio sent after it; a
+          message Deepgram wrote before the Finalize reached it (an interim still on its way) is none.
+        * ``message_timeout_s`` after the first audio sent since Deepgram last said anything, once that much audio
+          has gone out: Deepgram sends Results as it processes audio, silence included, so a socket silent that
+          long has stalled. With ``speech_events`` no Finalize goes out before Deepgram's own end of speech, so
+          this is the only rule that catches a server gone silent there."""
+        stalls = []
         step = round(_TIME_STEP_S * self._rate)  # a result ending at the Finalize, rounded up, is not past it
         for pending in (*socket.given_up, *socket.finalizes):
             if socket.heard_to <= pending.finalize_pos + step:
-                return pending.finalize_sent_at + self.settings.result_timeout_s
-        return None
+                limit = self.settings.result_timeout_s
+                stalls.append((pending.finalize_sent_at + limit, f"no answer to a Finalize within {limit:g} s"))
+                break
+        quiet = self.settings.message_timeout_s
+        unanswered = socket.timeline.samples - socket.said_at
+        if socket.quiet_since is not None and unanswered >= round(quiet * self._rate):
+            stalls.append((socket.quiet_since + quiet, f"no message from {PROVIDER} for {quiet:g} s of audio sent"))
+        return stalls
+
+    def _stall_deadline(self, socket: _Socket) -> float | None:
+        """When the socket counts as stalled (loop time), or None (:meth:`_stalls`)."""
+        return min((deadline for deadline, _ in self._stalls(socket)), default=None)
+
+    def _heard_from(self, socket: _Socket) -> None:
+        """Deepgram said something (whatever it was): the silence clock starts again with the next audio."""
+        socket.said_at = socket.timeline.samples
+        socket.quiet_since = None
 
     def _rearm(self, socket: _Socket) -> None:
-        """The stall deadline changed (a Finalize went out, or its answer is awaited no more): the read under way
-        takes it."""
+        """The stall deadline changed (a Finalize went out, or its answer is awaited no more, or ``message_timeout_s``
+        of audio went unanswered): the read under way takes it."""
         reading = socket.reading
         if reading is not None and not reading.expired():
             reading.reschedule(self._stall_deadline(socket))
 
     async def _receive_loop(self, socket: _Socket) -> None:
-        """Read until the socket closes, handing what it recognises to the delivery task. A Finalize whose answer is
-        awaited and that Deepgram shows no sign of processing for ``result_timeout_s`` is a stalled socket; a
-        message that cannot be used is reported and skipped."""
+        """Read until the socket closes, handing what it recognises to the delivery task. A socket past a stall
+        deadline (:meth:`_stalls`) is a stalled one; a message that cannot be used is reported and skipped."""
         from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
         loop = asyncio.get_running_loop()
@@ -774,12 +822,12 @@ class DeepgramSTT(Stage):
                 async with asyncio.timeout_at(self._stall_deadline(socket)) as socket.reading:
                     message = await socket.sdk.recv()
             except TimeoutError:
-                deadline = self._stall_deadline(socket)
-                if deadline is None or deadline > loop.time():
+                passed = [what for deadline, what in self._stalls(socket) if deadline <= loop.time()]
+                if not passed:
                     continue  # the answer was given up on as the deadline passed: nothing is awaited that long
-                limit = self.settings.result_timeout_s
-                raise _ConnectionLost(f"no answer to a Finalize within {limit:g} s (stalled)") from None
+                raise _ConnectionLost(f"{passed[0]} (stalled)") from None
             except json.JSONDecodeError as exc:
+                self._heard_from(socket)  # a broken message is still a sign of life
                 await self.report(f"{PROVIDER} sent malformed JSON ({exc}); skipped it")
                 continue
             except ConnectionClosedOK:
@@ -793,6 +841,7 @@ class DeepgramSTT(Stage):
                 socket.reading = None
             received_at = self.clock.now()  # the SDK boundary: it has parsed the message
             self.stats.messages += 1
+            self._heard_from(socket)
             await self._on_message(socket, message, received_at)
 
     async def _on_message(self, socket: _Socket, message: Any, received_at: float) -> None:

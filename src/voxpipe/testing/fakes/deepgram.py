@@ -7,7 +7,10 @@ with ``Authorization: Token <key>`` (401 otherwise); binary linear16 audio and t
 ``UtteranceEnd`` ``utterance_end_ms`` after the last finalized word (none after an utterance without words; with
 ``endpointing=false`` the utterance's is_final result comes then too), a ``from_finalize`` result answering each
 ``Finalize`` (with ``answer_empty_finalize=False``, only one arriving while speech is being heard: real Deepgram may
-not answer when little audio is buffered), and ``Metadata`` then a normal close on ``CloseStream`` — or on a
+not answer when little audio is buffered), an empty ``Results`` for each ``silence_results_s`` of audio with nothing
+else to say — interim, or with ``interim_results=false`` an ``is_final`` one closing the silent segment — since real
+Deepgram keeps sending Results as it processes audio, silence included (a client may take a socket silent through a
+long stretch of audio for a stalled one), and ``Metadata`` then a normal close on ``CloseStream`` — or on a
 zero-byte binary message, which Deepgram still takes for its legacy close signal (deepgram-python-sdk#146): it
 finalizes what it heard, sends ``Metadata`` and closes with 1000 as for ``CloseStream``. After ``idle_timeout_s``
 without audio or a message it closes with 1011 and Deepgram's NET-0001 reason.
@@ -137,6 +140,7 @@ class _Stream:
     utterance: _Utterance | None = None
     last_word_end: float | None = None  # for UtteranceEnd: the end of the last word of a finished utterance
     last_interim: float = 0.0
+    last_result: float = 0.0  # where the last Results it sent ended: silence_results_s runs from there
     # (due, payload, for the result answering a Finalize: when that Finalize arrived)
     outbox: asyncio.Queue[tuple[float, str | None, float | None]] = field(default_factory=asyncio.Queue)
     closing: bool = False
@@ -169,6 +173,7 @@ class FakeDeepgram(FakeServer):
         deaf_connections: int = 0,
         answer_empty_finalize: bool = True,
         late_answers: int = 0,
+        silence_results_s: float | None = 1.0,
         faults: Faults | None = None,
         api_key: str = "test-key",
     ) -> None:
@@ -187,6 +192,7 @@ class FakeDeepgram(FakeServer):
         self.deaf_connections = deaf_connections
         self.answer_empty_finalize = answer_empty_finalize
         self._late_answers_left = late_answers
+        self.silence_results_s = silence_results_s
         self._connections = 0
         self._completed = 0  # utterances finalized, across connections: the index of the next one
         self._words_done = 0  # words of utterance ``_completed`` already sent in an is_final result
@@ -400,6 +406,14 @@ class FakeDeepgram(FakeServer):
             ):
                 self._send(stream, {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": stream.last_word_end})
                 stream.last_word_end = None
+            every = self.silence_results_s
+            if every is not None and now - stream.last_result >= every:
+                # Deepgram transcribes silence too: an empty result (interims leave the segment open, so the next
+                # speech's words are looked up as before; without interims the silent segment is finalized).
+                final = not stream.interim_results
+                self._send(stream, self._results(stream, [], stream.segment_start, now, is_final=final))
+                if final:
+                    stream.segment_start = now
             return
         if stream.endpointing_s is not None and now - utterance.last_voiced >= stream.endpointing_s:
             self._finalize(stream, speech_final=True)
@@ -521,6 +535,7 @@ class FakeDeepgram(FakeServer):
     ) -> dict[str, Any]:
         texts = [w.text if stream.smart_format else w.text.strip(_PUNCTUATION).lower() for w in words]
         transcript = " ".join(texts)
+        stream.last_result = end
         self.record(
             "result",
             connection=stream.number,
