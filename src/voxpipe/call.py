@@ -204,7 +204,7 @@ def run_configured_call(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     registry = registry or Registry.discover()
-    providers = {kind: config.stage(kind).provider for kind in KINDS}
+    providers = config.providers()
     if fake_providers:
         # Before the fakes start: they need their server's package, and the faked providers their real SDKs. Without
         # fakes, building the pipeline names the missing packages, with the missing keys.

@@ -198,7 +198,7 @@ def _run_call(
         config, settings = load_config(args.config)
     else:
         config, settings = parse_config(SCRIPTED_CONFIG if args.scripted else {})
-    scripted = all(config.stage(kind).provider == "scripted" for kind in ("vad", "stt", "llm", "tts"))
+    scripted = all(provider == "scripted" for provider in config.providers().values())
     if args.virtual_time:
         _check_no_network(settings)
     if args.caller:
@@ -209,12 +209,12 @@ def _run_call(
     script, voice = _script_and_voice(args, tones)
     virtual = (scripted and not args.realtime) or args.virtual_time
     clock = VirtualClock(thread_hold_s=VIRTUAL_THREAD_HOLD_S) if virtual else RealClock()
-    stack = escape(", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts")))
+    stack = escape(", ".join(f"{kind}: {provider}" for kind, provider in config.providers().items()))
     where = ""
     if args.fake_providers:
         from voxpipe.testing.fakes.launch import faked_kinds
 
-        faked = faked_kinds({kind: config.stage(kind).provider for kind in ("vad", "stt", "llm", "tts")})
+        faked = faked_kinds(config.providers())
         where = f"; faked on 127.0.0.1: {', '.join(faked)}" if faked else "; no cloud provider to fake"
     console.print(f"[bold]voxpipe call[/] — {stack}; {_time_of(clock)}{where}")
     with console.status("calling… (models load on the first turn)", spinner="dots"):
@@ -246,7 +246,7 @@ def _check_keys_and_packages(config: PipelineConfig, settings: dict[str, Any], f
     if fake_providers:  # faked stages need no keys; a cloud stage with no fake is refused, never sent out
         from voxpipe.testing.fakes.launch import unfaked_cloud_stages
 
-        problems += unfaked_cloud_stages({kind: config.stage(kind).provider for kind in settings}, settings)
+        problems += unfaked_cloud_stages(config.providers(), settings)
     for kind, validated in settings.items():
         if isinstance(validated, CloudSettings) and not fake_providers:
             try:
@@ -309,7 +309,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     if uninstalled:
         console.print(f"[red]{escape(str(ConfigError.many(uninstalled, file=args.file)))}[/]")
     else:
-        stack = ", ".join(f"{kind}: {config.stage(kind).provider}" for kind in ("vad", "stt", "llm", "tts"))
+        stack = ", ".join(f"{kind}: {provider}" for kind, provider in config.providers().items())
         console.print(f"[green]ok[/] {escape(args.file)} — {escape(stack)}")
     # Keys are read when a call builds its pipeline; a config checked where the keys are not (CI) is still valid.
     keyless = {k: s for k, s in settings.items() if isinstance(s, CloudSettings) and s.api_key_or_none() is None}

@@ -151,6 +151,10 @@ class PipelineConfig(Strict):
         config: StageConfig = getattr(self, kind)
         return config
 
+    def providers(self) -> dict[str, str]:
+        """Each stage kind's provider name: ``{"vad": "silero", "stt": "deepgram", …}``."""
+        return {kind: self.stage(kind).provider for kind in KINDS}
+
 
 def _path(location: tuple[int | str, ...]) -> str:
     out = ""
