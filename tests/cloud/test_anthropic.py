@@ -687,6 +687,11 @@ async def test_a_stream_that_stops_mid_reply_is_a_stall_error_and_keeps_the_text
         await fake.wait_for("disconnect")
 
 
+def test_the_fake_refuses_a_corruption_it_cannot_inject():
+    with pytest.raises(ValueError, match=r"corrupt='bad-audio'\) does not apply: the API sends no audio"):
+        FakeAnthropic(["Hello."], faults=Faults(corrupt="bad-audio"))
+
+
 @pytest.mark.timeout(10)
 @BOTH_TRANSPORTS
 async def test_malformed_json_is_a_clear_error_and_the_text_before_it_is_kept(http_client):

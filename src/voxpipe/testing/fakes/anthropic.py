@@ -116,7 +116,8 @@ class FakeAnthropic(FakeServer):
     * ``eof_after`` — after this many text deltas, end the response body cleanly with no ``message_delta`` or
       ``message_stop`` (a proxy or gateway cutting the stream);
     * ``corrupt_after`` — how many text deltas go before an injected corruption (``faults.corrupt``): a data line
-      that is not JSON, or an event type the API does not have (sent in addition to the reply's own events);
+      that is not JSON, or an event type the API does not have (sent in addition to the reply's own events). A reply
+      with fewer text deltas (a tool call with no text) goes uncorrupted; ``bad-audio`` is refused (no audio here);
     * ``faults`` — from the base: ``refuse`` (status, with Anthropic's error body), ``stall_s`` (before the first
       byte of each response; cut short, recorded ``disconnect``, when the client leaves), ``drop_after`` (abort
       the connection after that many events of a response);
@@ -147,6 +148,8 @@ class FakeAnthropic(FakeServer):
         super().__init__(faults=faults, api_key=api_key)
         if tokens_per_s <= 0 or words_per_delta < 1:
             raise ValueError("FakeAnthropic: tokens_per_s must be > 0 and words_per_delta >= 1")
+        if self.faults.corrupt == "bad-audio":  # else a test asking for it would pass on a fake that did nothing
+            raise ValueError("FakeAnthropic: Faults(corrupt='bad-audio') does not apply: the API sends no audio")
         cache_writes = cache_creation_input_tokens or 0
         if ephemeral_1h_input_tokens is not None and not 0 <= ephemeral_1h_input_tokens <= cache_writes:
             raise ValueError("FakeAnthropic: ephemeral_1h_input_tokens must be part of cache_creation_input_tokens")
