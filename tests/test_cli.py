@@ -498,3 +498,35 @@ def test_the_usage_table_shows_tiny_costs_and_fractional_amounts_not_zeros():
     text = console.export_text()
     assert "0.04 audio seconds" in text and "292 characters" in text
     assert "5.13e-06" in text and "0.0088" in text and "0.00000" not in text
+
+
+def test_the_latency_table_tells_a_reply_a_failure_cut_from_one_the_caller_cut():
+    from rich.console import Console
+
+    from voxpipe.cli import latency_table
+    from voxpipe.pipeline import Summary, TurnRecord
+    from voxpipe.pipeline.trace import SEGMENTS
+
+    def turn(number: int, **kwargs) -> TurnRecord:
+        return TurnRecord(number, {}, {name: 100_000 for name in SEGMENTS}, 100_000 * len(SEGMENTS), [], **kwargs)
+
+    turns = [
+        turn(1),
+        turn(2, interrupted=True),
+        turn(3, interrupted=True, data={"error": "tts: ProviderError: Cartesia: the connection dropped"}),
+    ]
+    console = Console(width=160, record=True)
+    console.print(latency_table(turns, Summary.of(turns)))
+    cells = [line.split() for line in console.export_text().splitlines() if line[:3] == "│  "]
+    assert [(row[1], row[-2]) for row in cells if row[1].isdigit()] == [("1", "done"), ("2", "cut"), ("3", "error")]
+
+
+@pytest.mark.timeout(60)
+def test_the_tool_log_is_named_among_the_calls_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["call", "--scripted", "--out", str(out)]) == 0
+    said = printed(capsys)
+    assert f"wrote {out / 'tools.jsonl'}" in said
+    assert [json.loads(line)["tool"] for line in (out / "tools.jsonl").read_text().splitlines()]
+    assert main(["call", "--config", SCRIPTED, "--out", str(tmp_path / "no-tools")]) == 0
+    assert "tools.jsonl" not in printed(capsys)

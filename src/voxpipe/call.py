@@ -73,6 +73,7 @@ class CallResult:
     unwritten: dict[str, str] = field(default_factory=dict)  # artefact -> why it could not be written
     unpriced: dict[str, str] = field(default_factory=dict)  # stage kind -> why its usage has no price
     services: dict[str, str] = field(default_factory=dict)  # stage kind -> "anthropic claude-opus-4-7" (configured)
+    tool_log: Path | None = None  # tools.jsonl, when the reasoner had tools
 
 
 def scripted_pipeline(
@@ -172,7 +173,9 @@ def run_call(
             audio=AudioFormat(sample_rate),
         )
         starting = _opening(audit, on_start)
-        return run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting)
+        result = run_pipeline_call(pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting)
+        result.tool_log = audit.path if audit is not None else None
+        return result
     finally:
         if audit is not None:
             audit.close()
@@ -243,6 +246,7 @@ def run_configured_call(
             pipeline, conversation, tracer, recorder, out, on_turn=on_turn, on_start=starting, prices=prices
         )
     result.unpriced = no_price
+    result.tool_log = audit.path if audit is not None else None
     result.services = {kind: " ".join(filter(None, provider_and_model)) for kind, provider_and_model in priced.items()}
     return result
 

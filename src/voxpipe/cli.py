@@ -168,6 +168,8 @@ def cmd_call(args: argparse.Namespace, console: Console) -> int:
             console.print(f"  [red]could not write[/] {escape(str(out / name))}: {escape(result.unwritten[name])}")
         else:
             console.print(f"  wrote {escape(str(out / name))}")
+    if result.tool_log is not None:
+        console.print(f"  wrote {escape(str(result.tool_log))}")
     if result.unwritten:
         console.print(f"[yellow]the call {escape(result.outcome)}, but not every artefact could be written[/]")
         return 1
