@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from tests.helpers import Collect, Tap
 from voxpipe.call import run_call, run_configured_call
 from voxpipe.config import ConfigError, parse_config
 from voxpipe.config.build import config_tools
-from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, ToolResult
+from voxpipe.pipeline import DOWNSTREAM, EndOfTurn, Message, Pipeline, RealClock, SpeakableChunk, ToolResult
 from voxpipe.stages.tools import ResultTooLarge, Tool, ToolAuditLog, ToolError, tools_by_name
 from voxpipe.testing import Say, ScriptedLLM, ScriptedReply, Silence
 
@@ -715,3 +716,147 @@ def test_a_name_the_model_api_refuses_is_an_error_naming_the_tool_and_the_rule()
     for good in ("a" * 64, "get-weather_2"):
         assert Tool.of(check, name=good).name == good
         assert list(tools_by_name({good: check})) == [good]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_tool_that_calls_sys_exit_fails_as_a_tool_and_the_call_goes_on(tmp_path, kind):
+    """argparse and click exit on input they refuse: SystemExit out of a task would stop the event loop."""
+
+    def lookup(code: str) -> str:
+        """Look a booking up.
+
+        Args:
+            code: the booking code
+        """
+        raise SystemExit(2)
+
+    async def lookup_async(code: str) -> str:
+        """Look a booking up.
+
+        Args:
+            code: the booking code
+        """
+        raise SystemExit(2)
+
+    tool = Tool.of(lookup if kind == "sync" else lookup_async, name="lookup")
+    reply = ScriptedReply("Hmm, {result}.", tool="lookup", arguments={"code": "A12"})
+    result = run_call(BOOKING, tmp_path, replies=[reply, "Bye."], tools=[tool])
+    error = "tool 'lookup' raised SystemExit(2) (it called sys.exit)"
+    assert result.outcome == "ended" and len(result.turns) == 2
+    assert result.turns[0].data["bot_text"] == f"Hmm, an error ({error})."
+    [entry] = _audit(tmp_path)
+    assert entry["outcome"] == "error" and entry["error"] == error
+
+
+@pytest.mark.asyncio
+async def test_results_json_cannot_carry_exactly_are_named_not_reported_as_the_tool_raising():
+    def photo() -> bytes:
+        return b"\x89PNG\r\n"
+
+    def ratio() -> float:
+        return float("nan")
+
+    def looped() -> list:
+        again: list = []
+        again.append(again)
+        return again
+
+    for function, kind in ((photo, "bytes"), (ratio, "float"), (looped, "list")):
+        with pytest.raises(ToolError) as caught:
+            await Tool.of(function).invoke({})
+        message = str(caught.value)
+        assert message.startswith(f"tool {function.__name__!r} returned a {kind}, which cannot be sent to the model")
+        assert "raised" not in message
+
+
+@pytest.mark.asyncio
+async def test_arguments_pydantic_reserves_and_positional_only_ones_reach_the_function():
+    def query(model_config: str, _table: str, /, model_dump: int = 1) -> list:
+        """Run a query.
+
+        Args:
+            model_config: which model's configuration
+            _table: the table
+            model_dump: how many
+        """
+        return [model_config, _table, model_dump]
+
+    tool = Tool.of(query)
+    schema = tool.input_schema()
+    assert list(schema["properties"]) == ["model_config", "_table", "model_dump"]
+    assert schema["required"] == ["model_config", "_table"]
+    assert schema["properties"]["_table"]["description"] == "the table"
+    assert await tool.invoke({"model_config": "a", "_table": "b"}) == ["a", "b", 1]
+    with pytest.raises(ToolError, match="bad arguments: model_dump: Input should be a valid integer"):
+        await tool.invoke({"model_config": "a", "_table": "b", "model_dump": "many"})
+
+
+def test_a_tool_whose_arguments_cannot_be_described_or_whose_policy_is_mistyped_is_refused_at_once():
+    def later(then: Callable[[], None]) -> None:
+        """Call back later."""
+
+    with pytest.raises(ToolError, match=r"tool 'later': its arguments cannot be described to a model \(Cannot gen"):
+        Tool.of(later)
+    with pytest.raises(ToolError, match="tool 'book_table': on_barge_in must be 'cancel' or 'finish', got 'finsh'"):
+        Tool.of(book_table, on_barge_in="finsh")  # type: ignore[arg-type]
+
+
+def test_a_tool_module_that_fails_at_import_or_a_relative_path_is_a_config_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_tools.py").write_text("raise RuntimeError('DB_URL is not set')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for path, problem in (
+        ("broken_tools:book", "(RuntimeError: DB_URL is not set)"),
+        (".relative:book", "(TypeError: the 'package' argument is required"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            tools = [{"function": path}]
+            parse_config({**{k: {"provider": "scripted"} for k in ("vad", "stt", "llm", "tts")}, "tools": tools})
+        assert f"tools[0].function: tool path {path!r}: cannot import module" in str(caught.value)
+        assert problem in str(caught.value)
+
+
+def test_a_tool_given_both_in_config_and_in_code_is_an_error_not_a_silent_replacement(tmp_path):
+    raw = {
+        **{kind: {"provider": "scripted"} for kind in ("vad", "stt", "llm", "tts")},
+        "tools": [{"function": "voxpipe.demo:check_availability", "timeout_s": 2, "filler": "One moment."}],
+    }
+    config, settings = parse_config(raw)
+
+    def check_availability(time: str) -> str:
+        """Whether a table is free."""
+        return "yes"
+
+    with pytest.raises(ConfigError, match=r"tools\[0\]: a tool named 'check_availability' is also given in code"):
+        run_configured_call(config, settings, BOOKING, tmp_path, tools={"check_availability": check_availability})
+
+
+@pytest.mark.timeout(20)
+async def test_an_audit_log_that_cannot_be_written_is_reported_and_the_tools_result_still_reaches_the_model():
+    booked: list[str] = []
+
+    async def book(name: str) -> str:
+        """Book a table.
+
+        Args:
+            name: who for
+        """
+        booked.append(name)
+        return "booked"
+
+    def full_disk(entry: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    reply = ScriptedReply("Done: {result}.", tool="book", arguments={"name": "Rossi"})
+    llm = ScriptedLLM([reply], ttft_s=0.0, tools=[Tool.of(book)], audit=full_disk)
+    sink = Collect()
+    pipeline = Pipeline([Tap("head"), llm, sink], clock=RealClock())
+    running = asyncio.create_task(pipeline.run())
+    await asyncio.sleep(0)
+    turn = EndOfTurn(epoch=pipeline.next_epoch(), text="Rossi.", at=0.0, context=(Message("user", "Rossi."),))
+    await llm.receive(turn, DOWNSTREAM)
+    await pipeline.end()  # after the reply: the end waits in the reasoner's queue behind the turn
+    assert await running == "ended"
+    assert [frame.text for frame in sink.frames if isinstance(frame, SpeakableChunk)] == ["Done: booked."]
+    assert booked == ["Rossi"] and llm.results["call_1"].result == "booked"
+    problem = "llm: tool audit log: could not record the call of 'book' (OSError: [Errno 28] No space left on device)"
+    assert [error.error for error in pipeline.errors] == [problem]

@@ -395,6 +395,63 @@ def test_the_cache_writes_split_follows_the_running_totals_of_message_start_and_
 
 
 @pytest.mark.timeout(30)
+def test_tools_asked_for_in_one_message_run_at_once_with_one_filler_and_both_results_go_back(serve, tmp_path):
+    """Claude's parallel tool use: each tool here waits for the other to have started, so run one after the other
+    the first would time out."""
+    started: list[str] = []
+    barrier = asyncio.Barrier(2)
+
+    async def both_started() -> None:
+        await barrier.wait()
+
+    async def check_table(time: str) -> str:
+        """Whether a table is free.
+
+        Args:
+            time: when, HH:MM
+        """
+        started.append(time)
+        await both_started()
+        return f"free at {time}"
+
+    async def check_weather(city: str) -> str:
+        """The weather now.
+
+        Args:
+            city: where
+        """
+        started.append(city)
+        await both_started()
+        return "sunny"
+
+    asked = ToolUseReply(
+        "check_table",
+        {"time": "20:00"},
+        text="Let me look.",
+        id="toolu_a",
+        also=(ToolUseReply("check_weather", {"city": "Rome"}, id="toolu_b"),),
+    )
+    served = serve(FakeAnthropic([asked, "Free at eight, and sunny."]))
+    tools = {
+        name: Tool.of(function, timeout_s=1.0, filler="One moment.", filler_after_s=0.0)
+        for name, function in (("check_table", check_table), ("check_weather", check_weather))
+    }
+    result = call(served.fake, [Say("A table at eight? And the weather?", pause=0.3)], tmp_path, tools=tools)
+    assert sorted(started) == ["20:00", "Rome"]
+    _, follow_up = served.bodies()
+    [tool_results] = [m for m in follow_up["messages"][-1:] if m["role"] == "user"]
+    assert [(b["tool_use_id"], b["content"], b.get("is_error")) for b in tool_results["content"]] == [
+        ("toolu_a", "free at 20:00", None),
+        ("toolu_b", "sunny", None),
+    ], "each result answers its own call, in the order asked"
+    assert result.turns[0].data["bot_text"] == "Let me look. Free at eight, and sunny."
+    spoken = [line["heard"] for line in result.transcript if line["speaker"] == "bot"]
+    assert spoken == ["Let me look. One moment. Free at eight, and sunny."], "one filler for the two tools"
+    audit = [json.loads(line) for line in (tmp_path / "tools.jsonl").read_text().splitlines()]
+    assert sorted((a["tool"], a["outcome"]) for a in audit) == [("check_table", "ok"), ("check_weather", "ok")]
+
+
+@pytest.mark.timeout(30)
 def test_the_tool_loop_runs_the_tool_and_sends_its_result_back(serve, tmp_path):
     WEATHER_CALLS.clear()
     replies = [

@@ -130,7 +130,12 @@ def build_pipeline(
     registry = registry or Registry.discover()
     conversation = Conversation(config.system_prompt)
     policy = turn_policy(config)
-    tools = {**config_tools(config), **tools_by_name(context.tools)}
+    tools = config_tools(config)
+    in_code = tools_by_name(context.tools)
+    for index, name in enumerate(tools):
+        if name in in_code:  # neither silently wins: each may carry its own timeout, policy and filler
+            raise ConfigError(f"tools[{index}]", f"a tool named {name!r} is also given in code; rename one")
+    tools.update(in_code)
     context = dataclasses.replace(context, tools=tools, system_prompt=config.system_prompt)
     cascade: dict[str, Stage] = {}
     problems = missing_packages(config, registry)

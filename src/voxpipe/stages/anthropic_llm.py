@@ -348,7 +348,7 @@ class AnthropicLLM(LLMStage):
 
     # ---------------------------------------------------------------------------------------------- stream
 
-    async def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
+    async def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall | tuple[ToolCall, ...]]:
         context = self._refused.leave_out(turn.context)
         messages = render_messages(context, self.settings.interrupted_marker, fallback=turn.text)
         rounds = self.settings.max_tool_rounds
@@ -377,7 +377,7 @@ class AnthropicLLM(LLMStage):
 
     async def _stream_reply(
         self, turn: EndOfTurn, request: dict[str, Any], reply: _Reply, offer_tools: bool
-    ) -> AsyncGenerator[str | ToolCall, None]:
+    ) -> AsyncGenerator[str | tuple[ToolCall, ...], None]:
         """One request: yields its text deltas as they come and, once the response is complete, its tool calls;
         fills ``reply`` with what the follow-up needs.
 
@@ -435,8 +435,8 @@ class AnthropicLLM(LLMStage):
                 elif reply.tool_calls:
                     final = await self._read(stream.get_final_message(), progress)
                     reply.content = [_content_block(block) for block in final.content if _worth_sending(block)]
-            for call in reply.tool_calls:
-                yield call
+            if reply.tool_calls:
+                yield tuple(reply.tool_calls)  # asked for together: they run at once
         finally:
             self._open_streams -= 1
             # Counted also when a barge-in cut the stream: whatever the API had reported by then.

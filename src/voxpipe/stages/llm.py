@@ -6,7 +6,8 @@ being a :class:`QueuedStage` — cancellation of the whole generation when the c
 
 The tool loop. When ``generate`` yields a :class:`ToolCall`, the stage runs the tool (see ``tools.py``) before it
 asks the generator for more; the provider then finds the result in ``self.results[call_id]`` and continues (for a
-cloud model: a follow-up request carrying the result). Per tool:
+cloud model: a follow-up request carrying the result). A tuple of calls (what the model asked for in one message)
+runs all at once, with one filler at most. Per tool:
 
 * a timeout — the model gets an error result saying so, and the call goes on;
 * a barge-in policy — ``"cancel"``: the invocation is cancelled with the reply; ``"finish"``: it runs on in a task
@@ -32,7 +33,8 @@ yet, and a model that knows nothing of it would book the table a second time. Th
 when the tool ends, and the next request carries it.
 
 Every invocation is appended to the audit log (``audit``, e.g. :class:`ToolAuditLog`) as it finishes, and every
-result travels upstream to the turn-taker, which records it in the conversation.
+result travels upstream to the turn-taker, which records it in the conversation. A log that cannot take an entry
+(a full disk) is reported; the tool's outcome still reaches the model and the conversation.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar
@@ -63,9 +66,12 @@ from voxpipe.stages.tools import ResultTooLarge, Tool, ToolError, ToolsLike, Too
 
 AuditSink = Callable[[Mapping[str, Any]], None]
 
-# Sync tools run one at a time in a reply; more threads are busy only with tools that outlive their reply (hung past
-# their timeout, or finishing after a barge-in). Four is room for three such before a fourth is refused.
-DEFAULT_TOOL_THREADS = 4
+log = logging.getLogger("voxpipe.llm")
+
+# A reply's sync tools take a thread each while they run (several when the model asks for them together); more are
+# busy only with tools that outlive their reply (hung past their timeout, or finishing after a barge-in). A thread
+# is made per call, so the bound costs nothing until used.
+DEFAULT_TOOL_THREADS = 8
 
 # Added to the system prompt of a turn while tools called in an earlier turn still run ("finish" tools the caller cut
 # the reply of): the model would otherwise know nothing of them and may call them again.
@@ -130,8 +136,9 @@ class LLMStage(QueuedStage):
         self._late_threads: set[asyncio.Task[None]] = set()  # sync tools' threads running past their timeout
         self._threads: ToolThreads | None = None  # while the stage runs
 
-    def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall]:
-        """Stream the reply to ``turn``: text deltas, and tool calls whose results appear in ``self.results``."""
+    def generate(self, turn: EndOfTurn) -> AsyncIterator[str | ToolCall | tuple[ToolCall, ...]]:
+        """Stream the reply to ``turn``: text deltas, and tool calls whose results appear in ``self.results`` — one
+        at a time, or a tuple of the calls the model asked for together, which run at once."""
         raise NotImplementedError
 
     async def process(self, frame: Frame, direction: Direction) -> None:
@@ -156,12 +163,12 @@ class LLMStage(QueuedStage):
             async with contextlib.aclosing(self.generate(turn)) as stream:
                 after_tool = False
                 async for item in stream:
-                    if isinstance(item, ToolCall):
+                    if not isinstance(item, str):
                         # What the model said before the call is spoken now, while the tool runs, not after it.
                         rest = chunker.flush()
                         if rest:
                             await self._speak(epoch, rest)
-                        await self._run_tool(item)
+                        await self._run_tools((item,) if isinstance(item, ToolCall) else item)
                         after_tool = True
                         continue
                     if after_tool and text and not text[-1][-1:].isspace() and not item[:1].isspace():
@@ -224,37 +231,53 @@ class LLMStage(QueuedStage):
 
     # ------------------------------------------------------------------------------------ tools
 
-    async def _run_tool(self, call: ToolCall) -> None:
-        await self.push(call)
-        tool = self.tools.get(call.name)
-        if tool is None:
-            known = ", ".join(sorted(self.tools)) or "none"
-            await self._finish_tool(call, self.clock.now(), error=f"unknown tool {call.name!r} (known: {known})")
-            return
-        if tool.on_barge_in == "finish" or tool.runs_in_thread:
-            # Owned by the pipeline, not by this reply: a barge-in cancels the reply, and the tool runs on. A sync
-            # tool always does: its thread cannot be stopped, and "cancel" would only lose the record of what it did.
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            running = self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
-            self._finishing[running] = call
-            running.add_done_callback(self._finishing.pop)
-            await self._await_tool(call.epoch, tool, asyncio.shield(done))
-            return
-        invocation = asyncio.create_task(self._invoke(tool, call, None), name=f"{self.name}-tool-{call.name}")
+    async def _run_tools(self, calls: tuple[ToolCall, ...]) -> None:
+        """Run the tools the model asked for in one message, all at once (the model asked for them together: none
+        waits for another's result), with at most one filler line for them."""
+        waits: list[tuple[Tool, Awaitable[None]]] = []
+        with_the_reply: list[asyncio.Task[None]] = []  # "cancel" tools: a barge-in cancels them with the reply
         try:
-            await self._await_tool(call.epoch, tool, invocation)
+            for call in calls:
+                await self.push(call)
+                tool = self.tools.get(call.name)
+                if tool is None:
+                    known = ", ".join(sorted(self.tools)) or "none"
+                    unknown = f"unknown tool {call.name!r} (known: {known})"
+                    await self._finish_tool(call, self.clock.now(), error=unknown)
+                elif tool.on_barge_in == "finish" or tool.runs_in_thread:
+                    # Owned by the pipeline, not by this reply: a barge-in cancels the reply, and the tool runs on. A
+                    # sync tool always does: its thread cannot be stopped, and "cancel" would only lose the record of
+                    # what it did.
+                    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    running = self.spawn(self._invoke(tool, call, done), name=f"{self.name}-tool-{call.name}")
+                    self._finishing[running] = call
+                    running.add_done_callback(self._finishing.pop)
+                    waits.append((tool, asyncio.shield(done)))
+                else:
+                    invocation = asyncio.create_task(
+                        self._invoke(tool, call, None), name=f"{self.name}-tool-{call.name}"
+                    )
+                    with_the_reply.append(invocation)
+                    waits.append((tool, invocation))
+            if waits:
+                await self._await_tools(calls[0].epoch, waits)
         finally:
-            invocation.cancel()  # a barge-in landed in the wait: the tool goes with the reply,
-            await asyncio.wait({invocation})  # and has ended (its audit entry written) before the reply has
+            for invocation in with_the_reply:
+                invocation.cancel()  # a barge-in landed in the wait: the tool goes with the reply,
+            if with_the_reply:
+                await asyncio.wait(with_the_reply)  # and has ended (its audit entry written) before the reply has
 
-    async def _await_tool(self, epoch: int, tool: Tool, outcome: Awaitable[None]) -> None:
-        if tool.filler:
-            waiting = asyncio.ensure_future(outcome)
-            finished, _ = await asyncio.wait({waiting}, timeout=tool.filler_after_s)
-            if not finished:
-                await self._speak(epoch, tool.filler)
-            await waiting
-        else:
+    async def _await_tools(self, epoch: int, waits: list[tuple[Tool, Awaitable[None]]]) -> None:
+        """Wait for every tool; if they are still running at the first ``filler_after_s`` of those that have a
+        filler, speak that filler."""
+        outcomes = [asyncio.ensure_future(outcome) for _, outcome in waits]
+        fillers = sorted((tool.filler_after_s, i, tool.filler) for i, (tool, _) in enumerate(waits) if tool.filler)
+        if fillers:
+            after, _, filler = fillers[0]
+            _, running = await asyncio.wait(outcomes, timeout=after)
+            if running:
+                await self._speak(epoch, filler)
+        for outcome in outcomes:
             await outcome
 
     async def _invoke(self, tool: Tool, call: ToolCall, done: asyncio.Future[None] | None) -> None:
@@ -276,7 +299,7 @@ class LLMStage(QueuedStage):
             why = "cancelled by a barge-in" if call.epoch < self.epoch else "cancelled: the call ended"
             if tool.runs_in_thread:  # only when the run itself is cancelled: stop() waits for a sync tool's thread
                 why += " (its thread could not be stopped: what it did is not known)"
-            self._audit(call, started, outcome="cancelled", error=why)
+            _log_unrecorded(self.name, self._audit(call, started, outcome="cancelled", error=why))
             raise
         except TimeoutError as exc:
             if deadline.expired():
@@ -307,19 +330,24 @@ class LLMStage(QueuedStage):
         except asyncio.CancelledError:
             if not being_cancelled():  # the tool awaited something someone else cancelled: its error
                 stray = f"tool {call.name!r} raised CancelledError (it awaited something that was cancelled)"
-                self._audit(call, started, outcome="finished-after-timeout", error=stray)
+                unlogged = self._audit(call, started, outcome="finished-after-timeout", error=stray)
+                if unlogged is not None:
+                    await self.report(unlogged, epoch=call.epoch)
                 return
             left = f"tool {call.name!r} was still running when the call ended: its thread is left to run"
-            self._audit(call, started, outcome="abandoned", error=f"{left} (what it did is not known)")
+            unlogged = self._audit(call, started, outcome="abandoned", error=f"{left} (what it did is not known)")
+            _log_unrecorded(self.name, unlogged)
             raise
         except ToolError as exc:
             outcome = "finished-after-timeout"
-            self._audit(call, started, outcome=outcome, error=str(exc), result_chars=_result_chars(exc))
+            unlogged = self._audit(call, started, outcome=outcome, error=str(exc), result_chars=_result_chars(exc))
         except Exception as exc:
             error = f"tool {call.name!r} raised {type(exc).__name__}: {exc}"
-            self._audit(call, started, outcome="finished-after-timeout", error=error)
+            unlogged = self._audit(call, started, outcome="finished-after-timeout", error=error)
         else:
-            self._audit(call, started, outcome="finished-after-timeout", result=result)
+            unlogged = self._audit(call, started, outcome="finished-after-timeout", result=result)
+        if unlogged is not None:
+            await self.report(unlogged, epoch=call.epoch)
 
     async def _finish_tool(
         self,
@@ -334,12 +362,14 @@ class LLMStage(QueuedStage):
         if outcome is None:
             late = call.epoch < self.epoch  # the reply was cut off while the tool ran (policy "finish")
             outcome = "error" if error is not None else ("finished-after-barge-in" if late else "ok")
-        self._audit(call, started, outcome=outcome, result=result, error=error, result_chars=result_chars)
+        unlogged = self._audit(call, started, outcome=outcome, result=result, error=error, result_chars=result_chars)
         self.mark(f"tool.end:{call.call_id}", call.epoch, duration_s=self.clock.now() - started)
         frame = ToolResult(
             epoch=call.epoch, call_id=call.call_id, name=call.name, arguments=call.arguments, result=result, error=error
         )
         self.results[call.call_id] = frame
+        if unlogged is not None:
+            await self.report(unlogged, epoch=call.epoch)
         if error is not None:
             await self.report(error, epoch=call.epoch)  # its own turn, which a barge-in may have ended
         await self.push(frame, UPSTREAM)  # to the turn-taker, which keeps it in the conversation
@@ -354,9 +384,12 @@ class LLMStage(QueuedStage):
         result: Any = None,
         error: str | None = None,
         result_chars: int | None = None,
-    ) -> None:
+    ) -> str | None:
+        """Append the invocation's entry to the audit log; if the log cannot take it, the problem, returned for the
+        caller to report (or log, when cancelled): the tool's outcome stands (a booking made is made) and still
+        reaches the model and the conversation."""
         if self.audit is None:
-            return
+            return None
         entry: dict[str, Any] = {
             "at": started,
             "epoch": call.epoch,
@@ -372,7 +405,17 @@ class LLMStage(QueuedStage):
             entry["error"] = error
         if result_chars is not None:
             entry["result_chars"] = result_chars  # the size of a result too large to send (or to keep here)
-        self.audit(entry)
+        try:
+            self.audit(entry)
+        except Exception as exc:
+            return f"tool audit log: could not record the call of {call.name!r} ({type(exc).__name__}: {exc})"
+        return None
+
+
+def _log_unrecorded(stage: str, problem: str | None) -> None:
+    """An audit entry lost while its tool is being cancelled: logged, as there is no turn left to report it on."""
+    if problem is not None:
+        log.error("%s: %s", stage, problem)
 
 
 def _result_chars(error: ToolError) -> int | None:

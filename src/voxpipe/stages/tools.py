@@ -40,7 +40,7 @@ import itertools
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,11 +128,21 @@ class Tool:
             if parameter.name not in hints:
                 raise ToolError(f"tool {name!r}: argument {parameter.name!r} needs a type hint (the model is told it)")
             default = ... if parameter.default is parameter.empty else parameter.default
-            fields[parameter.name] = (hints[parameter.name], _field(default, params.get(parameter.name)))
-        model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
-        summary = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+            # Fields named p0, p1… with the argument's name as alias: pydantic reserves some names (model_config,
+            # model_dump, _private) that are fine argument names.
+            field_info = _field(default, parameter.name, params.get(parameter.name))
+            fields[f"p{len(fields)}"] = (hints[parameter.name], field_info)
+        if on_barge_in not in ("cancel", "finish"):
+            raise ToolError(f"tool {name!r}: on_barge_in must be 'cancel' or 'finish', got {on_barge_in!r}")
         if timeout_s <= 0 or filler_after_s < 0 or max_result_chars < 1:
             raise ToolError(f"tool {name!r}: timeout_s must be > 0, filler_after_s >= 0 and max_result_chars >= 1")
+        try:
+            model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+            model.model_json_schema()  # now, not at the first request: a type JSON Schema cannot describe is named here
+        except Exception as exc:  # pydantic's PydanticUserError, PydanticSchemaGenerationError, …
+            problem = str(exc).splitlines()[0]
+            raise ToolError(f"tool {name!r}: its arguments cannot be described to a model ({problem})") from None
+        summary = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
         description = description or summary or name
         return cls(function, name, description, model, timeout_s, on_barge_in, filler, filler_after_s, max_result_chars)
 
@@ -171,31 +181,54 @@ class Tool:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}" for e in exc.errors())
             raise ToolError(f"tool {self.name!r} was called with bad arguments: {problems}") from None
-        kwargs = {key: getattr(parsed, key) for key in type(parsed).model_fields}
+        values = {str(field.alias): getattr(parsed, key) for key, field in type(parsed).model_fields.items()}
+        args = [values.pop(name) for name in self._positional_only]
         if not self.runs_in_thread:
-            return self._checked(await self.function(**kwargs))
-        job = functools.partial(self._call_in_thread, kwargs)
+            return self._checked(await self._exiting_as_error(self.function(*args, **values)))
+        job = functools.partial(self._call_in_thread, args, values)
         outcome = await (threads.run(self.name, job) if threads is not None else asyncio.to_thread(job))
         if inspect.isawaitable(outcome):  # a sync callable that returned a coroutine
-            return self._checked(await outcome)
+            return self._checked(await self._exiting_as_error(outcome))
         return outcome
 
-    def _call_in_thread(self, kwargs: dict[str, Any]) -> Any:
+    @functools.cached_property
+    def _positional_only(self) -> list[str]:
+        """The arguments the function takes by position only (``def f(people: int, /)``), in order."""
+        parameters = inspect.signature(self.function).parameters.values()
+        return [p.name for p in parameters if p.kind is p.POSITIONAL_ONLY]
+
+    def _call_in_thread(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """The sync function and, in the same thread, the check of its result: serialising a large one to measure
         it would hold the event loop."""
-        outcome = self.function(**kwargs)
+        try:
+            outcome = self.function(*args, **kwargs)
+        except SystemExit as exc:
+            raise self._exited(exc) from None
         return outcome if inspect.isawaitable(outcome) else self._checked(outcome)
+
+    async def _exiting_as_error(self, outcome: Awaitable[Any]) -> Any:
+        try:
+            return await outcome
+        except SystemExit as exc:  # a BaseException: out of a task, it would stop the event loop and the call
+            raise self._exited(exc) from None
+
+    def _exited(self, exc: SystemExit) -> ToolError:
+        """A tool that called ``sys.exit`` (argparse or click refusing its input, say): its error, not the call's
+        end."""
+        return ToolError(f"tool {self.name!r} raised SystemExit({exc.code!r}) (it called sys.exit)")
 
     def _checked(self, outcome: Any) -> Any:
         """``outcome`` as JSON-ready data, if JSON can carry it and it fits ``max_result_chars``."""
         try:
             result = to_jsonable_python(outcome)
-        except PydanticSerializationError:
+            text = result_text(result)
+        except (PydanticSerializationError, ValueError, TypeError) as exc:  # bytes not UTF-8, NaN, a cycle, …
             raise ToolError(
                 f"tool {self.name!r} returned a {type(outcome).__name__}, which cannot be sent to the model as "
-                "JSON; return str, numbers, lists, dicts, dataclasses or pydantic models"
+                f"JSON ({str(exc).splitlines()[0]}); return str, numbers, lists, dicts, dataclasses or pydantic "
+                "models"
             ) from None
-        chars = len(result_text(result))
+        chars = len(text)
         if chars > self.max_result_chars:
             raise ResultTooLarge(self.name, chars, self.max_result_chars)
         return result
@@ -203,7 +236,7 @@ class Tool:
 
 def result_text(result: Any) -> str:
     """A tool's JSON-ready result as the model gets it: a string as it is, anything else as JSON text."""
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, allow_nan=False)
 
 
 class _DaemonThreadPerJob(Executor):
@@ -294,9 +327,11 @@ class ToolThreads:
             self._shut_down = True
 
 
-def _field(default: Any, description: str | None) -> Any:
+def _field(default: Any, alias: str, description: str | None) -> Any:
     # No description=None: it would erase the one an Annotated[..., Field(description=...)] gives.
-    return Field(default, description=description) if description else Field(default)
+    if description:
+        return Field(default, alias=alias, description=description)
+    return Field(default, alias=alias)
 
 
 def _check_name(name: str) -> None:
@@ -351,8 +386,9 @@ def import_function(path: str) -> Callable[..., Any]:
         raise ToolError(f"tool path {path!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ToolError(f"tool path {path!r}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # not found, or the module itself fails (SyntaxError, its own errors at import)
+        problem = f"{type(exc).__name__}: {exc}"
+        raise ToolError(f"tool path {path!r}: cannot import module {module_name!r} ({problem})") from None
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ToolError(f"tool path {path!r}: module {module_name!r} has no function {attribute!r}")

@@ -23,8 +23,9 @@ knows. (The fake does not play the model: ``tool_choice`` is recorded, not obeye
 Records (``fake.seen``): ``request`` (``body``, ``headers``, and ``arrived``, the time before the body was parsed),
 ``connect`` and ``refused`` (from the base), ``stall``, ``corrupted``, ``stream-error``, ``dropped``, ``first-text``
 (``arrived``, ``due``; recorded as the reply's first text delta is written: :meth:`waits`), ``reply`` (what was sent in
-full: ``text``, ``tool``, ``input_tokens``, ``output_tokens``, ``cache_creation_input_tokens``,
-``ephemeral_1h_input_tokens``, ``cache_read_input_tokens``, ``stop_reason``), ``eof`` (``eof_after``), and
+full: ``text``, ``tool`` (the first call's name), ``tools`` (every call's), ``input_tokens``, ``output_tokens``,
+``cache_creation_input_tokens``, ``ephemeral_1h_input_tokens``, ``cache_read_input_tokens``, ``stop_reason``),
+``eof`` (``eof_after``), and
 ``disconnect`` (``events`` and ``text`` sent) when the client goes away mid-stream, or during a stall (at once: the
 stall watches the connection) — which is what a barge-in looks like from the provider's side. Like the API, a reply
 longer than the request's ``max_tokens`` (a token per word, four characters of a tool's input per token) stops there
@@ -68,14 +69,16 @@ _WORD = re.compile(r"\s*\S+")
 
 @dataclass(frozen=True)
 class ToolUseReply:
-    """A reply that says ``text`` (may be empty) and then asks for the tool ``name`` with ``input``.
+    """A reply that says ``text`` (may be empty) and then asks for the tool ``name`` with ``input``, and for the
+    tools in ``also`` in the same message (Claude's parallel tool use; their own ``text`` and ``also`` are unused).
 
-    The client's follow-up request (carrying the tool's result) gets the next reply of the script."""
+    The client's follow-up request (carrying the tools' results) gets the next reply of the script."""
 
     name: str
     input: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     id: str | None = None  # default: toolu_fake_<n>
+    also: tuple[ToolUseReply, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -350,20 +353,29 @@ class FakeAnthropic(FakeServer):
         arrived: float,
     ) -> None:
         text = reply if isinstance(reply, str) else reply.text
-        tool = reply if isinstance(reply, ToolUseReply) else None
+        asked = [reply, *reply.also] if isinstance(reply, ToolUseReply) else []
         ending = reply if isinstance(reply, TextReply) else TextReply(text)
         input_tokens = self.input_tokens if self.input_tokens is not None else max(1, len(json.dumps(body)) // 4)
-        # One token per word, a tool's input ~4 characters a token; past the request's max_tokens the API stops,
-        # mid-word-list or mid-input, with stop_reason "max_tokens".
+        # One token per word, a tool's input ~4 characters a token (+1 a call); past the request's max_tokens the
+        # API stops, mid-word-list or mid-input, with stop_reason "max_tokens".
         limit = int(body["max_tokens"])
         words = _WORD.findall(text)
-        arguments = json.dumps(tool.input) if tool else ""
-        cut = len(words) > limit or (tool is not None and len(words) + len(arguments) // 4 + 1 > limit)
+        cut = len(words) > limit
         words = words[:limit]
-        if tool is not None and cut:
-            arguments = arguments[: max(0, limit - len(words)) * 4]
-            tool = tool if arguments else None  # no room for any of it: the call never starts
-        output_tokens = min(limit, len(words) + (len(arguments) // 4 + 1 if tool else 0))
+        budget = limit - len(words)
+        calls: list[tuple[ToolUseReply, str]] = []  # each call sent, and its input (JSON text) as sent
+        for tool in asked:
+            arguments = json.dumps(tool.input)
+            cost = len(arguments) // 4 + 1
+            if cost > budget:
+                cut = True
+                if budget > 0:  # what room there is: the input starts and stops there
+                    calls.append((tool, arguments[: budget * 4]))
+                    budget = 0
+                break
+            calls.append((tool, arguments))
+            budget -= cost
+        output_tokens = limit - budget
         cache = self._cache_usage()
 
         async def send(event: str, data: dict[str, Any] | str) -> bool:
@@ -423,7 +435,7 @@ class FakeAnthropic(FakeServer):
                 return
             index = 1
         stop_reason = ending.stop_reason
-        if tool is not None:
+        for tool, arguments in calls:
             tool_id = tool.id or f"toolu_fake_{next(self._ids)}"
             start_block = {"type": "tool_use", "id": tool_id, "name": tool.name, "input": {}}
             if not await send(
@@ -439,6 +451,7 @@ class FakeAnthropic(FakeServer):
                     return
             if not await send("content_block_stop", {"type": "content_block_stop", "index": index}):
                 return
+            index += 1
             stop_reason = "tool_use"
         if cut:
             stop_reason = "max_tokens"
@@ -458,7 +471,8 @@ class FakeAnthropic(FakeServer):
         self.record(
             "reply",
             text="".join(words),
-            tool=tool.name if tool else None,
+            tool=calls[0][0].name if calls else None,
+            tools=[tool.name for tool, _ in calls],
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cache_creation_input_tokens=cache.get("cache_creation_input_tokens", 0),
