@@ -3,6 +3,7 @@
 import textwrap
 
 import pytest
+import yaml
 
 from voxpipe.cli import main
 from voxpipe.config import ConfigError, Package, Registry, load_config, parse_config
@@ -408,7 +409,40 @@ def test_list_prices_follow_the_model_and_a_model_without_one_is_named_not_price
         "llm": "llm: no list price for anthropic model 'no-such-model'; its usage is counted at no cost (set "
         "pricing.llm in the config)"
     }
-    assert unpriced(stages, {"llm": {"input_tokens": 1e-6}}) == {}, "the config's own prices are enough"
+    partial = unpriced(stages, {"llm": {"input_tokens": 1e-6, "output_tokens": 5e-6}})
+    assert partial == {
+        "llm": "llm: no list price for anthropic model 'no-such-model', and pricing.llm sets no price for "
+        "cache_read_tokens, cache_write_1h_tokens, cache_write_tokens: counted at no cost"
+    }, "a price for some counters leaves the others free: said, not hidden"
+    every = {counter: 1e-6 for counter in opus}
+    assert unpriced(stages, {"llm": every}) == {}, "the config's own prices are enough"
+
+
+def test_only_a_snapshot_or_alias_of_a_listed_model_takes_its_price():
+    from voxpipe.config.prices import list_price
+
+    assert list_price("llm", "anthropic", "claude-opus-4-7-20261101") == list_price(
+        "llm", "anthropic", "claude-opus-4-7"
+    )
+    assert list_price("tts", "cartesia", "sonic-2-2025-03-07") == list_price("tts", "cartesia", "sonic-2")
+    assert list_price("stt", "deepgram", "nova-3-general") == list_price("stt", "deepgram", "nova-3")
+    for kind, provider, other_model in (
+        ("llm", "anthropic", "claude-opus-4-8"),  # not claude-opus-4 at three times the price
+        ("llm", "anthropic", "claude-sonnet-4-7"),
+        ("llm", "anthropic", "claude-opus-4-9-20270101"),
+        ("stt", "deepgram", "nova-3-medical"),
+        ("tts", "elevenlabs", "eleven_v3_preview"),
+    ):
+        assert list_price(kind, provider, other_model) is None, other_model
+
+
+@pytest.mark.parametrize("word", ["yes", "on", "true", "no"])
+def test_a_yaml_boolean_is_not_taken_as_a_price(tmp_path, word):
+    path = tmp_path / "priced.yaml"
+    path.write_text(yaml.safe_dump(SCRIPTED) + f"pricing:\n  tts:\n    characters: {word}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "pricing.tts.characters: a price is a number of USD per unit, not a boolean" in str(caught.value)
 
 
 def test_the_resume_prompt_can_be_turned_off_but_not_left_empty():

@@ -8,6 +8,7 @@ can bill by. Local providers cost nothing here (their cost is the machine).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from voxpipe.pipeline.usage import (
@@ -34,9 +35,9 @@ def _claude(input_per_million: float, output_per_million: float) -> dict[str, fl
     }
 
 
-# By stage kind and provider, then by model. A model id matches its own entry or, with a date or other suffix after
-# a dash ("claude-haiku-4-5-20251001"), the longest entry it starts with. A provider listed here is metered: a model
-# it does not list has no list price, and the call says so rather than pricing it as another model.
+# By stage kind and provider, then by model. A model id matches its own entry or the entry with one of its
+# provider's SAME_MODEL suffixes (a dated snapshot: "claude-haiku-4-5-20251001"). A provider listed here is metered: a
+# model it does not list has no list price, and the call says so rather than pricing it as another model.
 LIST_PRICES: dict[str, dict[str, dict[str, float]]] = {
     "stt.deepgram": {  # streaming, per minute
         "nova-3": {AUDIO_SECONDS: 0.0077 / 60},
@@ -67,6 +68,16 @@ LIST_PRICES: dict[str, dict[str, dict[str, float]]] = {
 }
 
 
+# What a provider's model id may add to a listed model and still be that model: a dated snapshot or an alias. Any
+# other suffix is another model ("claude-opus-4-8" is not "claude-opus-4"; "nova-3-medical" is not "nova-3").
+SAME_MODEL: dict[str, str] = {
+    "stt.deepgram": r"-general",  # nova-3-general is nova-3
+    "llm.anthropic": r"-\d{8}|-latest",  # claude-haiku-4-5-20251001
+    "tts.elevenlabs": r"(?!)",  # none
+    "tts.cartesia": r"-\d{4}-\d{2}-\d{2}|-latest",  # sonic-2-2025-03-07
+}
+
+
 def list_price(kind: str, provider: str, model: str | None) -> dict[str, float] | None:
     """The list prices of ``model`` of the ``kind`` stage's ``provider``: empty for a provider that is not metered
     (local ones), None for a metered one's model this table does not know."""
@@ -75,8 +86,11 @@ def list_price(kind: str, provider: str, model: str | None) -> dict[str, float] 
         return {}
     if model is None:
         return None
-    matches = [name for name in models if model == name or model.startswith(f"{name}-")]
-    return dict(models[max(matches, key=len)]) if matches else None
+    suffix = SAME_MODEL.get(f"{kind}.{provider}", r"(?!)")
+    for name, prices in models.items():
+        if re.fullmatch(rf"{re.escape(name)}(?:{suffix})?", model):
+            return dict(prices)
+    return None
 
 
 # A stage kind -> its provider and (for a provider with models) the model the config chose.
@@ -92,13 +106,23 @@ def price_table(stages: Stages, overrides: Mapping[str, Mapping[str, float]]) ->
 
 
 def unpriced(stages: Stages, overrides: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
-    """By stage kind, why a metered stage's usage costs 0 here: its model has no list price and the config's
-    ``pricing`` sets none."""
+    """By stage kind, why some of a metered stage's usage costs 0 here: its model has no list price, and the
+    config's ``pricing`` sets none, or not for every counter the provider's models are priced by."""
     problems: dict[str, str] = {}
     for kind, (provider, model) in stages.items():
-        if list_price(kind, provider, model) is None and not overrides.get(kind):
+        if list_price(kind, provider, model) is not None:
+            continue
+        given = overrides.get(kind, {})
+        counters = {counter for prices in LIST_PRICES[f"{kind}.{provider}"].values() for counter in prices}
+        free = sorted(counters - set(given))
+        if not given:
             problems[kind] = (
                 f"{kind}: no list price for {provider} model {model!r}; its usage is counted at no cost (set "
                 f"pricing.{kind} in the config)"
+            )
+        elif free:
+            problems[kind] = (
+                f"{kind}: no list price for {provider} model {model!r}, and pricing.{kind} sets no price for "
+                f"{', '.join(free)}: counted at no cost"
             )
     return problems

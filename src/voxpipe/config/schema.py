@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from voxpipe.config.env import interpolate
 from voxpipe.config.errors import ConfigError
@@ -108,8 +108,15 @@ class ToolConfig(Strict):
         return name
 
 
+def _not_a_boolean(value: Any) -> Any:
+    # YAML reads yes/no/on/off/true as booleans, which a float field would take as $1 and $0 a unit.
+    if isinstance(value, bool):
+        raise ValueError("a price is a number of USD per unit, not a boolean (YAML reads yes, no, on and off as ones)")
+    return value
+
+
 # USD per unit: finite, since a cost of inf is no number in transcript.json.
-Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_not_a_boolean)]
 
 # The usage counters a price can be set for: voxpipe.pipeline.usage's, spelled out so a misspelled one is an error
 # rather than a price that never applies.
