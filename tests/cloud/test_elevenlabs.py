@@ -37,7 +37,7 @@ from voxpipe.pipeline import (
     WordMark,
 )
 from voxpipe.stages.cloud import ProviderError
-from voxpipe.stages.elevenlabs_tts import ElevenLabsTTS, ElevenLabsTTSSettings, WordAligner
+from voxpipe.stages.elevenlabs_tts import ElevenLabsTTS, ElevenLabsTTSSettings, WordAligner, _container
 from voxpipe.testing.caller import Say
 from voxpipe.testing.fakes.elevenlabs import FakeElevenLabs
 from voxpipe.testing.fakes.server import Faults
@@ -334,6 +334,17 @@ async def test_audio_cut_mid_sample_across_messages_plays_in_full(tmp_path, monk
     assert_marked_in_own_audio([mark for _, _, mark in emitted if mark is not None], spoken_words(fake))
 
 
+@pytest.mark.timeout(30)
+async def test_a_reply_closed_after_eos_without_isfinal_still_marks_its_last_word(tmp_path):
+    # isFinal is optional before the 1000 close after EOS. The alignment cut the last word short ("i" for "it?", as
+    # Flash v2.5 does), so only the reply's end marks it: the close must, as isFinal would, or it is never heard.
+    async with FakeElevenLabs(close_without_final=True, glitch_words={"it?": "i"}) as fake:
+        result = await call(fake, [Say(QUESTION, pause=0.3)], tmp_path)
+    assert result.outcome == "ended" and not errors(tmp_path)
+    assert not fake.of("final") and [s.data["connection"] for s in fake.of("end")] == [1], "closed with no isFinal"
+    assert list(result.turns[0].heard) == REPLY.split(), "every word heard, the last one too"
+
+
 CHINESE = "我们今晚八点有一张四人桌，靠窗的位置在大厅的最里面非常安静适合聊天您要现在就帮您预订吗？"  # noqa: RUF001
 
 
@@ -378,7 +389,20 @@ async def test_a_refused_handshake_stops_the_call_with_a_clear_error(tmp_path, s
     (error,) = errors(tmp_path)
     assert error["fatal"] and error["stage"] == "tts" and f"HTTP {status}" in error["error"]
     if status == 401:
-        assert "API key" in error["error"] and "ELEVENLABS_API_KEY" in error["error"]
+        assert "API key" in error["error"] and "tts.api_key" in error["error"], "the config gave the key"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("key_in_config", [True, False])
+async def test_a_rejected_key_names_where_the_call_took_it_from(tmp_path, monkeypatch, key_in_config):
+    # The hint points at the key that was used: tts.api_key when the config gives one, else ELEVENLABS_API_KEY.
+    monkeypatch.setenv("ELEVENLABS_API_KEY", "a-key-from-the-environment")
+    async with FakeElevenLabs(faults=Faults(refuse=401)) as fake:
+        with pytest.raises(ProviderError, match=r"^ElevenLabs: API key rejected \(HTTP 401") as caught:
+            api_key = "a-key-from-the-config" if key_in_config else None
+            await call(fake, [Say(QUESTION, pause=0.3)], tmp_path, api_key=api_key)
+    used, unused = ("tts.api_key", "ELEVENLABS_API_KEY") if key_in_config else ("ELEVENLABS_API_KEY", "tts.api_key")
+    assert str(caught.value).endswith(f"; check {used}") and unused not in str(caught.value)
 
 
 @pytest.mark.timeout(30)
@@ -467,6 +491,45 @@ async def test_with_buffering_on_a_pause_in_the_reply_asks_for_the_held_text_ins
     assert [s.data["flush"] for s in fake.of("keepalive")] == [True]
     assert [s.data["text"] for s in fake.of("generation")][:2] == ["Let me check. ", "We have a table at eight. "]
     assert result.turns[0].heard == ["Let", "me", "check.", "We", "have", "a", "table", "at", "eight."]
+
+
+@pytest.mark.timeout(30)
+async def test_with_buffering_on_keepalives_hold_the_socket_while_held_text_waits_past_the_inactivity_timeout():
+    # ElevenLabs holds "Let me check." (below trigger_chars) while a tool runs 6 s. The stage would ask for it only
+    # after first_audio_timeout_s (8 s), but ElevenLabs closes a socket that gets no text for 5 s: keepalives must
+    # go out while that audio is due too, so the held text and the text after the tool are both spoken.
+    first, second = "Let me check.", "We have a table at eight."
+    async with FakeElevenLabs() as fake:
+        head, tail = Head(), Tail()
+        settings = ElevenLabsTTSSettings(
+            base_url=fake.url,
+            flush_each_chunk=False,
+            inactivity_timeout_s=5,
+            first_audio_timeout_s=8.0,
+            read_timeout_s=8.0,
+        )
+        tts = ElevenLabsTTS(settings, api_key=fake.api_key)
+        pipeline = Pipeline([head, tts, tail], clock=RealClock())
+        running = asyncio.create_task(pipeline.run())
+        await asyncio.wait_for(head.started.wait(), 10)
+        epoch = pipeline.next_epoch()
+        await tts.receive(LLMRequest(epoch=epoch), DOWNSTREAM)
+        await tts.receive(SpeakableChunk(epoch=epoch, text=first), DOWNSTREAM)
+        await asyncio.sleep(6.0)  # the tool call
+        assert not fake.of("generation"), "ElevenLabs still holds the text"
+        await tts.receive(SpeakableChunk(epoch=epoch, text=second), DOWNSTREAM)
+        await tts.receive(ResponseEnd(epoch=epoch), DOWNSTREAM)
+        done = asyncio.ensure_future(tail.done.wait())
+        await asyncio.wait([running, done], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        done.cancel()
+        assert tail.done.is_set() and pipeline.errors == [], "the socket stayed open through the tool call"
+        pipeline.cancel("hung up")
+        assert await asyncio.wait_for(running, 10) == "hung up"
+    assert not fake.of("idle-timeout") and len(fake.of("connect")) == 1
+    assert [s.data["flush"] for s in fake.of("keepalive")] == [False, False], "plain keepalives, at 2.5 s and 5 s"
+    assert [s.data["text"] for s in fake.of("generation")] == [f"{first} {second} "], "spaces add no words"
+    marks = [m.word for f in tail.frames if isinstance(f, TTSAudioFrame) for m in f.words]
+    assert marks == [*first.split(), *second.split()], "every word spoken and marked"
 
 
 @pytest.mark.timeout(30)
@@ -593,6 +656,24 @@ async def test_bad_messages_are_clear_errors(tmp_path, corrupt, bad_audio, probl
     assert errors(tmp_path)[0]["fatal"]
 
 
+@pytest.mark.timeout(30)
+async def test_pcm_that_starts_like_an_mp3_frame_header_is_played_as_pcm(tmp_path):
+    # Samples -1025 then 144 are the bytes FF FB 90 00, which an MPEG layer III frame header starts with too: PCM
+    # that starts so is still PCM, as no second frame header follows where that "frame" would end.
+    async with FakeElevenLabs(first_samples=(-1025, 144)) as fake:
+        result = await call(fake, [Say(QUESTION, pause=0.3)], tmp_path)
+    assert result.outcome == "ended" and not errors(tmp_path)
+    assert list(result.turns[0].heard) == REPLY.split() and np.any(bot_channel(tmp_path))
+
+
+def test_mp3_is_told_from_pcm_by_the_frame_that_follows_its_first():
+    frame = bytes([0xFF, 0xFB, 0x90, 0x64]) + bytes(413)  # MPEG-1 layer III, 128 kb/s, 44.1 kHz: 417 bytes
+    assert _container(frame * 3) == "MP3", "frames back to back"
+    assert _container(frame) == "MP3", "a message of exactly one frame"
+    assert _container(frame + bytes(8)) is None, "a header with no frame after it: PCM that starts like one"
+    assert _container(b"ID3\x04" + bytes(100)) == "MP3"
+
+
 # ------------------------------------------------------------------------------------------------- config
 
 
@@ -603,6 +684,17 @@ async def test_a_missing_api_key_is_a_config_error_before_any_connection(tmp_pat
         parsed, settings = config(fake, [REPLY], api_key=None)
         with pytest.raises(ConfigError, match=r"tts\.api_key: no API key for ElevenLabs: .*ELEVENLABS_API_KEY"):
             await asyncio.to_thread(run_configured_call, parsed, settings, [Say(QUESTION)], tmp_path, clock=RealClock())
+    assert fake.seen == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "base_url", ["https://api.elevenlabs.io:443x", "https://api.elevenlabs.io:99999", "wss://[::1", "https://:443"]
+)
+async def test_a_base_url_with_a_bad_port_or_no_host_is_a_config_error_before_any_connection(tmp_path, base_url):
+    async with FakeElevenLabs() as fake:
+        with pytest.raises(ConfigError, match=r"tts\.base_url: not a URL ElevenLabs can be reached at: \S"):
+            await call(fake, [Say(QUESTION)], tmp_path, base_url=base_url)
     assert fake.seen == []
 
 

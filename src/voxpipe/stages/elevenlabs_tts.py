@@ -47,11 +47,12 @@ import itertools
 import json
 import logging
 import re
+import urllib.parse
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import Package
@@ -71,8 +72,7 @@ DEFAULT_VOICE = "JBFqnCBsd6RMkjVDRZzb"  # "George", a default voice every accoun
 PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # the pcm_<rate> output formats ElevenLabs offers
 CLOSE_TIMEOUT_S = 1.0  # websockets' wait for the server's answer to a close, before it aborts the connection
 _REFUSALS = {401: "API key rejected", 403: "API key not allowed to use this voice or model", 429: "rate limited"}
-_HINTS = {
-    401: "; check ELEVENLABS_API_KEY (or tts.api_key)",
+_HINTS = {  # 401's names where the key came from (_refusal)
     403: "; check the key's permissions and the voice_id and model",
     429: "; too many requests or concurrent streams for the plan",
 }
@@ -132,6 +132,22 @@ class ElevenLabsTTSSettings(CloudSettings):
         default=5.0, gt=0, le=60, description="from the reply's first text to its audio"
     )
     read_timeout_s: float = Field(default=5.0, gt=0, le=60, description="longest wait for a message while audio is due")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_has_a_host_and_port(cls, base_url: str | None) -> str | None:
+        # The pattern checks only the scheme: a bad host or port ("…:443x", "wss://[::1") would otherwise fail only
+        # when the first reply connects, as a bare ValueError from the URL parser.
+        if base_url is None:
+            return None
+        try:
+            parsed = urllib.parse.urlsplit(base_url)
+            parsed.port  # noqa: B018 -- parsing the port is the check: it raises for a non-number or one past 65535
+        except ValueError as exc:
+            raise ValueError(f"not a URL ElevenLabs can be reached at: {exc}") from None
+        if not parsed.hostname:
+            raise ValueError("not a URL ElevenLabs can be reached at: it has no host")
+        return base_url
 
 
 def _require_sdk() -> None:
@@ -359,10 +375,19 @@ class _Reply:
             return since + self.settings.read_timeout_s
         return None
 
+    def keepalive_at(self) -> float | None:
+        """When a keepalive is due: half ElevenLabs' inactivity timeout after the last message sent, whether audio is
+        due or not (it may hold text for longer than that: a buffered "Let me check." waits for a flush up to
+        ``first_audio_timeout_s``, which may exceed the inactivity timeout). None once EOS is sent: no text may
+        follow it."""
+        if self.eos_sent or self.final:
+            return None
+        return self.sent_at + self.settings.inactivity_timeout_s / 2
+
     def wake_at(self) -> float:
-        """When the receiver's read gives up: its deadline, or while nothing is due, when a keepalive is due."""
-        deadline = self.deadline()
-        return deadline if deadline is not None else self.sent_at + self.settings.inactivity_timeout_s / 2
+        """When the receiver's read gives up: the earlier of its deadline and when a keepalive is due (one of them
+        always is: until EOS a keepalive, after it a deadline)."""
+        return min(at for at in (self.deadline(), self.keepalive_at()) if at is not None)
 
     def may_flush(self) -> bool:
         """Whether a deadline that ran out may be ElevenLabs holding text by design: with ``flush_each_chunk`` off
@@ -477,7 +502,8 @@ class ElevenLabsTTS(StreamingTTSStage):
                 **options,
             )
         except InvalidStatus as exc:
-            raise ProviderError(PROVIDER, _refusal(exc.response.status_code, exc.response.body)) from None
+            problem = _refusal(exc.response.status_code, exc.response.body, self.settings)
+            raise ProviderError(PROVIDER, problem) from None
         except TimeoutError:
             raise ProviderError(
                 PROVIDER, f"no connection within {self.settings.connect_timeout_s:g} s (connect_timeout_s)"
@@ -601,7 +627,11 @@ class ElevenLabsTTS(StreamingTTSStage):
             except TimeoutError:
                 if reply.final:
                     return  # the reply is complete; the server was slow to close, so we close
-                if reply.deadline() is None:  # nothing is due: the reasoner (or its tool) is slow, not ElevenLabs
+                deadline = reply.deadline()
+                if deadline is None or asyncio.get_running_loop().time() < deadline:
+                    # Woken for a keepalive, not a stall. Sent while audio is due too, rather than rejecting settings
+                    # whose inactivity timeout is below the read timeouts: a single space is ElevenLabs' documented
+                    # keepalive and adds no word to what it speaks, and a config valid alone stays valid.
                     await self._keep_alive(reply, socket)
                     continue
                 if reply.may_flush():
@@ -631,10 +661,13 @@ class ElevenLabsTTS(StreamingTTSStage):
                 reply.ended.set()  # finish_reply may go on; the receiver waits for the server's close
             elif message.get("audio"):
                 await self._on_audio(reply, message, received_at)
-        self._check_whole_samples(reply)  # the reply ended with the server's close, without isFinal
+        # The reply ended with the server's close after EOS, without isFinal: all its audio is in, as at isFinal, so
+        # the words the alignment left open are marked too (they were heard).
+        await self._finish_words(reply)
+        self._check_whole_samples(reply)
 
     async def _keep_alive(self, reply: _Reply, socket: ClientConnection, *, flush: bool = False) -> None:
-        """A single space: ElevenLabs' way to keep a socket open that has no text yet (an empty text would be EOS);
+        """A single space: ElevenLabs' way to keep a socket open that gets no new text (an empty text would be EOS);
         with ``flush``, it also asks for the audio of the text ElevenLabs holds."""
         from elevenlabs.types import SendText
         from websockets.exceptions import ConnectionClosed
@@ -754,7 +787,7 @@ def _parse(raw: str | bytes) -> dict[str, Any]:
     raise ProviderError(PROVIDER, f"sent an unknown message (keys: {', '.join(sorted(message)) or 'none'})")
 
 
-def _refusal(status: int, body: bytes | None) -> str:
+def _refusal(status: int, body: bytes | None, settings: ElevenLabsTTSSettings) -> str:
     """What a refused handshake means, with ElevenLabs' own message (``{"detail": {"status", "message"}}``)."""
     meaning = _REFUSALS.get(status) or ("server error" if status >= 500 else "refused the connection")
     text = (body or b"").decode("utf-8", "replace")
@@ -764,7 +797,16 @@ def _refusal(status: int, body: bytes | None) -> str:
         parsed = text[:120]
     found = parsed.get("detail", parsed) if isinstance(parsed, dict) else parsed
     detail = str(found.get("message") or found.get("status") or "") if isinstance(found, dict) else str(found)
-    return f"{meaning} (HTTP {status}{': ' + detail if detail else ''}){_HINTS.get(status, '')}"
+    hint = _HINTS.get(status, "")
+    if status == 401:  # the key the call used: the config's (its own, or a ${VAR} it named), else the environment's
+        hint = "; check tts.api_key" if _key_from_config(settings) else f"; check {settings.api_key_env}"
+    return f"{meaning} (HTTP {status}{': ' + detail if detail else ''}){hint}"
+
+
+def _key_from_config(settings: ElevenLabsTTSSettings) -> bool:
+    """Whether the call's key is ``tts.api_key``: a blank one is no key, and the environment's is taken instead
+    (:meth:`~voxpipe.stages.cloud.CloudSettings.api_key_or_none`)."""
+    return settings.api_key is not None and bool(settings.api_key.get_secret_value().strip())
 
 
 def _close_reason(exc: Exception) -> str:
@@ -774,7 +816,10 @@ def _close_reason(exc: Exception) -> str:
     return f"closed with code {received.code}{': ' + received.reason if received.reason else ''}"
 
 
-_MPEG_BITRATE_BAD = (0x0, 0xF)
+# MPEG audio layer III, by the header's version bits: 3 is MPEG-1, 2 MPEG-2, 0 MPEG-2.5 (1 is reserved).
+_MPEG_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MPEG1_LAYER3_KBPS = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)  # by bitrate index
+_MPEG2_LAYER3_KBPS = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
 
 
 def _container(head: bytes) -> str | None:
@@ -782,8 +827,23 @@ def _container(head: bytes) -> str | None:
     for magic, name in ((b"ID3", "MP3"), (b"RIFF", "WAV"), (b"OggS", "Ogg/Opus"), (b"fLaC", "FLAC")):
         if head.startswith(magic):
             return name
-    if len(head) >= 3 and head[0] == 0xFF and head[1] & 0xE6 == 0xE2:  # MPEG frame sync, layer III
-        bitrate, rate = head[2] >> 4, (head[2] >> 2) & 0x3
-        if bitrate not in _MPEG_BITRATE_BAD and rate != 0x3:
-            return "MP3"
+    # A frame header alone is no proof: raw PCM whose first sample is -1025 (bytes FF FB) starts like one. So MP3
+    # only if the next frame's header is where this frame ends, or the audio ends there (one frame in the message).
+    length = _mpeg_frame_length(head, 0)
+    if length is not None and (len(head) == length or _mpeg_frame_length(head, length) is not None):
+        return "MP3"
     return None
+
+
+def _mpeg_frame_length(data: bytes, at: int) -> int | None:
+    """The length in bytes of the MPEG layer III frame whose header starts at ``data[at]``, or None if no valid
+    header is there (no frame sync, a reserved version or sample rate, a free-format or bad bitrate)."""
+    if len(data) < at + 4 or data[at] != 0xFF or data[at + 1] & 0xE6 != 0xE2:  # frame sync, layer III
+        return None
+    version, bitrate, rate = (data[at + 1] >> 3) & 0x3, data[at + 2] >> 4, (data[at + 2] >> 2) & 0x3
+    if version not in _MPEG_SAMPLE_RATES or bitrate in (0x0, 0xF) or rate == 0x3:
+        return None
+    padding = (data[at + 2] >> 1) & 0x1
+    if version == 3:  # MPEG-1 frames hold 1152 samples, MPEG-2 and 2.5 frames 576
+        return 144_000 * _MPEG1_LAYER3_KBPS[bitrate] // _MPEG_SAMPLE_RATES[version][rate] + padding
+    return 72_000 * _MPEG2_LAYER3_KBPS[bitrate] // _MPEG_SAMPLE_RATES[version][rate] + padding

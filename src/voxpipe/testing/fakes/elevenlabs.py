@@ -40,7 +40,10 @@ utterance (here both fields do, so a client reading either meets it). ``normaliz
 the words it maps are in their spoken form (``{"8": "eight"}``); ``alignment`` stays the sent text.
 ``null_is_final`` adds ``"isFinal": null`` to every audio message, as ElevenLabs sends them. ``mid_sample_cuts``
 re-cuts the audio so that every other message ends in the middle of a 16-bit sample, whose other byte starts the
-next message (nothing is lost, unlike ``bad_audio="odd-bytes"``, which drops a byte).
+next message (nothing is lost, unlike ``bad_audio="odd-bytes"``, which drops a byte). ``close_without_final`` ends a
+reply with the 1000 close alone, no ``isFinal`` before it (the client must take the close after EOS as the end).
+``first_samples`` puts these sample values at the start of each generation's audio, in place of the speech-like
+ones there (``(-1025, 144)``: bytes ``FF FB 90 00``, which an MPEG layer III frame header starts with too).
 
 Records: ``connect`` (path, query, headers), ``refused`` (status), ``message`` (connection and the parsed client
 message), ``generation`` (connection, text), ``audio`` (connection, bytes), ``final`` (connection), ``close``
@@ -120,6 +123,8 @@ class FakeElevenLabs(FakeServer):
         normalized_words: dict[str, str] | None = None,
         null_is_final: bool = False,
         mid_sample_cuts: bool = False,
+        close_without_final: bool = False,
+        first_samples: tuple[int, ...] = (),
     ) -> None:
         super().__init__(faults=faults, api_key=api_key)
         self.ttfa_s = ttfa_s
@@ -138,6 +143,8 @@ class FakeElevenLabs(FakeServer):
         self.normalized_words = None if normalized_words is None else dict(normalized_words)
         self.null_is_final = null_is_final
         self.mid_sample_cuts = mid_sample_cuts
+        self.close_without_final = close_without_final
+        self.first_samples = tuple(first_samples)
         self._numbers = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -296,13 +303,17 @@ class FakeElevenLabs(FakeServer):
                 sent += 1
                 await asyncio.sleep(self.chunk_s * self.rtf)
         conn.complete = True
-        await conn.ws.send_str(json.dumps({"isFinal": True}))
-        self.record("final", connection=conn.number)
+        if not self.close_without_final:
+            await conn.ws.send_str(json.dumps({"isFinal": True}))
+            self.record("final", connection=conn.number)
         await conn.ws.close(code=1000)
 
     def _messages(self, text: str, rate: int) -> list[dict[str, Any]]:
         """One generation as audio messages of ``chunk_s`` each, with the alignment of the characters they hold."""
         samples, spans = speechlike(text, rate, f0=self.f0, rate=self.rate)
+        if self.first_samples:
+            samples = samples.copy()
+            samples[: len(self.first_samples)] = self.first_samples
         chars = _characters(spans, len(samples), self.glitch_words, leading_space=self.leading_space)
         normalized = chars
         if self.normalized_words is not None:  # ElevenLabs' normalised text: a leading space, numbers as words
