@@ -478,3 +478,26 @@ def test_the_running_tools_note_must_name_the_calls_and_nothing_else():
     ) in str(caught.value)
     config, _ = parse_config({**SCRIPTED, "llm": {**llm, "running_tools_note": "Noch in Arbeit: {calls}."}})
     assert config.llm.settings["running_tools_note"] == "Noch in Arbeit: {calls}."
+
+
+@pytest.mark.parametrize(
+    ("kind", "provider", "key", "scheme"),
+    [
+        ("stt", "deepgram", "base_url", "wss"),
+        ("llm", "anthropic", "base_url", "https"),
+        ("tts", "cartesia", "base_url", "https"),
+        ("tts", "cartesia", "websocket_url", "wss"),
+        ("tts", "elevenlabs", "base_url", "https"),
+    ],
+)
+def test_a_cloud_url_with_a_bad_port_or_no_host_is_a_config_error_naming_the_key(kind, provider, key, scheme):
+    service = {"deepgram": "Deepgram", "anthropic": "Anthropic", "cartesia": "Cartesia", "elevenlabs": "ElevenLabs"}
+    for url, problem in (
+        (f"{scheme}://api.example.com:443x", "Port could not be cast to integer value as '443x'"),
+        (f"{scheme}://api.example.com:99999", "Port out of range 0-65535"),
+        (f"{scheme}://:443", "it has no host"),
+    ):
+        stage = {"provider": provider, key: url, **({"voice": "a-voice"} if provider == "cartesia" else {})}
+        with pytest.raises(ConfigError) as caught:
+            parse_config({**SCRIPTED, kind: stage})
+        assert f"{kind}.{key}: not a URL {service[provider]} can be reached at: {problem}" in str(caught.value)

@@ -1,14 +1,16 @@
 """What the cloud providers share: their SDK imported at first use, an API key taken from the settings or the
-environment and named before anything connects, and an error that names the provider and the problem."""
+environment and named before anything connects, URLs checked when the config is read, and an error that names the
+provider and the problem."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import urllib.parse
 from types import ModuleType
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr, field_validator
 
 from voxpipe.config.env import unset_reference
 from voxpipe.config.errors import ConfigError
@@ -34,6 +36,22 @@ class CloudSettings(BaseModel):
     api_key_env: ClassVar[str]  # the environment variable read when the config gives no key
 
     api_key: SecretStr | None = None
+
+    @field_validator("base_url", "websocket_url", check_fields=False)  # the providers' fields that have them
+    @classmethod
+    def _a_url_with_a_host_and_port(cls, url: str | None) -> str | None:
+        # A provider's pattern checks only the scheme: a bad host or port ("…:443x", "wss://[::1") would otherwise
+        # fail only when the call connects, as a bare ValueError from a URL parser naming neither key nor provider.
+        if url is None:
+            return None
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            parsed.port  # noqa: B018 -- reading the port is the check: it raises for a non-number or one past 65535
+        except ValueError as exc:
+            raise ValueError(f"not a URL {cls.service_name} can be reached at: {exc}") from None
+        if not parsed.hostname:
+            raise ValueError(f"not a URL {cls.service_name} can be reached at: it has no host")
+        return url
 
     def api_key_or_none(self) -> str | None:
         """The key from the config, else from ``$api_key_env``; None if neither has one (or the config's

@@ -47,12 +47,11 @@ import itertools
 import json
 import logging
 import re
-import urllib.parse
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from voxpipe.config.errors import ConfigError
 from voxpipe.config.registry import Package
@@ -132,22 +131,6 @@ class ElevenLabsTTSSettings(CloudSettings):
         default=5.0, gt=0, le=60, description="from the reply's first text to its audio"
     )
     read_timeout_s: float = Field(default=5.0, gt=0, le=60, description="longest wait for a message while audio is due")
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url_has_a_host_and_port(cls, base_url: str | None) -> str | None:
-        # The pattern checks only the scheme: a bad host or port ("…:443x", "wss://[::1") would otherwise fail only
-        # when the first reply connects, as a bare ValueError from the URL parser.
-        if base_url is None:
-            return None
-        try:
-            parsed = urllib.parse.urlsplit(base_url)
-            parsed.port  # noqa: B018 -- parsing the port is the check: it raises for a non-number or one past 65535
-        except ValueError as exc:
-            raise ValueError(f"not a URL ElevenLabs can be reached at: {exc}") from None
-        if not parsed.hostname:
-            raise ValueError("not a URL ElevenLabs can be reached at: it has no host")
-        return base_url
 
 
 def _require_sdk() -> None:
