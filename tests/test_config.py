@@ -501,3 +501,16 @@ def test_a_cloud_url_with_a_bad_port_or_no_host_is_a_config_error_naming_the_key
         with pytest.raises(ConfigError) as caught:
             parse_config({**SCRIPTED, kind: stage})
         assert f"{kind}.{key}: not a URL {service[provider]} can be reached at: {problem}" in str(caught.value)
+
+
+def test_no_vad_with_an_stt_that_does_not_report_speech_is_an_error_not_a_call_with_no_turns():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**SCRIPTED, "vad": {"provider": "none"}, "stt": {"provider": "deepgram"}})
+    assert (
+        "vad.provider: 'none' leaves nothing to start and end the caller's turns: stt provider 'deepgram' does not "
+        "report speech itself as configured (allowed: a VAD such as silero; or an STT that reports speech, e.g. "
+        "deepgram with speech_events: true)"
+    ) in str(caught.value)
+    with pytest.raises(ConfigError, match=r"vad\.provider: 'none' leaves nothing"):
+        parse_config({**SCRIPTED, "vad": {"provider": "none"}})
+    parse_config({**SCRIPTED, "vad": {"provider": "none"}, "stt": {"provider": "deepgram", "speech_events": True}})

@@ -274,6 +274,15 @@ def parse_config(data: Any, registry: Registry | None = None) -> tuple[PipelineC
                     "a reasoner that can, such as anthropic or scripted; or no tools",
                 )
             )
+    if config.stage("vad").provider == "none" and "stt" in settings and not _stt_reports_speech(settings["stt"]):
+        problems.append(
+            (
+                "vad.provider",
+                f"'none' leaves nothing to start and end the caller's turns: stt provider "
+                f"{config.stage('stt').provider!r} does not report speech itself as configured",
+                "a VAD such as silero; or an STT that reports speech, e.g. deepgram with speech_events: true",
+            )
+        )
     for kind, validated in settings.items():
         problems += _missing_model_files(kind, validated)
     problems += _tool_problems(config)
@@ -292,6 +301,12 @@ def _without_failed_keys(
         return PipelineConfig.model_validate({key: value for key, value in data.items() if key not in failed})
     except ValidationError:  # not expected: top-level keys are checked independently
         raise ConfigError.many(problems) from None
+
+
+def _stt_reports_speech(settings: BaseModel) -> bool:
+    """Whether an STT so configured sends the caller's speech start and end itself (Deepgram's ``speech_events``),
+    the events a pipeline without a VAD needs."""
+    return bool(getattr(settings, "speech_events", False))
 
 
 def _supports_tools(provider: type) -> bool:
