@@ -514,3 +514,14 @@ def test_no_vad_with_an_stt_that_does_not_report_speech_is_an_error_not_a_call_w
     with pytest.raises(ConfigError, match=r"vad\.provider: 'none' leaves nothing"):
         parse_config({**SCRIPTED, "vad": {"provider": "none"}})
     parse_config({**SCRIPTED, "vad": {"provider": "none"}, "stt": {"provider": "deepgram", "speech_events": True}})
+
+
+def test_a_rejected_keys_hint_names_where_the_call_took_it(monkeypatch):
+    from voxpipe.stages.deepgram_stt import DeepgramSTTSettings
+
+    monkeypatch.setenv("MY_DG_KEY", "from-a-variable")
+    assert DeepgramSTTSettings(api_key="k").key_source("stt") == "stt.api_key"
+    assert DeepgramSTTSettings().key_source("stt") == "DEEPGRAM_API_KEY"
+    assert DeepgramSTTSettings(api_key="  ").key_source("stt") == "DEEPGRAM_API_KEY", "a blank key is no key"
+    _, settings = parse_config({**SCRIPTED, "stt": {"provider": "deepgram", "api_key": "${MY_DG_KEY}"}})
+    assert settings["stt"].key_source("stt") == "stt.api_key", "a ${VAR} the config names is the config's key"

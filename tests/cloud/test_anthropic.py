@@ -569,6 +569,7 @@ def test_a_rejected_api_key_stops_the_call_with_a_clear_error(serve, tmp_path):
     assert served.fake.of("refused")[0].data["status"] == 401
     transcript = json.loads((tmp_path / "transcript.json").read_text())
     assert transcript["status"] == "failed" and "API key" in transcript["error"]
+    assert transcript["error"].endswith("; check llm.api_key"), "the key came from the config: where to look"
     assert len(served.fake.of("request")) == 1, "the call stopped at the first failure"
 
 

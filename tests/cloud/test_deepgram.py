@@ -272,6 +272,7 @@ async def test_a_rejected_api_key_stops_the_call_with_an_error_naming_it(tmp_pat
     assert len(fake.of("connect")) == 1, "a refused handshake is not retried"
     [error] = stages.stt.pipeline.errors
     assert error.fatal and error.stage == "stt" and "Deepgram" in error.error and "API key" in error.error
+    assert error.error.endswith("; check stt.api_key"), "the key came from the config: where to look"
     assert json.loads((tmp_path / "transcript.json").read_text())["status"] == "failed"
 
 
@@ -1288,3 +1289,146 @@ async def test_a_long_silence_in_a_call_is_no_stall(tmp_path, stt):
     assert not stages.errors
     empty = [s for s in fake.of("result") if not s.data["transcript"] and not s.data["from_finalize"]]
     assert len(empty) >= 8, "the silence was answered with empty Results"
+
+
+# ------------------------------------------------------------------ messages the fake does not send: a scripted server
+
+
+def _results(start: float, end: float, words: list[tuple[str, float, float]], **flags: bool) -> dict[str, Any]:
+    """A Listen v1 Results message as Deepgram writes it."""
+    return {
+        "type": "Results",
+        "channel_index": [0, 1],
+        "start": start,
+        "duration": round(end - start, 3),
+        "is_final": flags.get("is_final", False),
+        "speech_final": flags.get("speech_final", False),
+        "from_finalize": False,
+        "channel": {
+            "alternatives": [
+                {
+                    "transcript": " ".join(w[0] for w in words),
+                    "confidence": 0.9,
+                    "words": [
+                        {"word": w.lower(), "punctuated_word": w, "start": s, "end": e, "confidence": 0.9}
+                        for w, s, e in words
+                    ],
+                }
+            ]
+        },
+        "metadata": {"request_id": "r", "model_info": {"name": "n", "version": "v", "arch": "a"}, "model_uuid": "u"},
+    }
+
+
+class ScriptedListen:
+    """A Listen v1 server on 127.0.0.1 that sends each scripted message (a dict, or raw JSON text) once it has
+    received that many seconds of audio, answers CloseStream with Metadata and a close, and nothing else: for
+    messages a real server may send that ``FakeDeepgram`` does not script."""
+
+    def __init__(self, script: list[tuple[float, dict[str, Any] | str]]) -> None:
+        self.script = script
+
+    async def __aenter__(self) -> ScriptedListen:
+        import websockets
+
+        self.server = await websockets.serve(self._serve, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, ws: Any) -> None:
+        script, received = list(self.script), 0
+        async for message in ws:
+            if isinstance(message, bytes):
+                received += len(message)
+                while script and script[0][0] <= received / 2 / 16000:
+                    due = script.pop(0)[1]
+                    await ws.send(due if isinstance(due, str) else json.dumps(due))
+            elif json.loads(message)["type"] == "CloseStream":
+                await ws.send(json.dumps({"type": "Metadata", "request_id": "r", "duration": 1.0, "channels": 1}))
+                await ws.close()
+                return
+
+
+class SilentCaller(Stage):
+    """``seconds`` of silent 20 ms frames in real time, then the end of the call."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(name="caller")
+        self.seconds = seconds
+
+    async def process(self, frame: Frame, direction: Any) -> None:
+        await self.push(frame, direction)
+        if isinstance(frame, Start):
+            self.spawn(self._speak(), name="caller-audio")
+
+    async def _speak(self) -> None:
+        for i in range(round(self.seconds / 0.02)):
+            await self.push(AudioFrame(pcm=bytes(640), sample_rate=16000, pts=i * 320))
+            await asyncio.sleep(0.02)
+        await self.pipeline.end()
+
+
+async def _listen(script: list[tuple[float, dict[str, Any] | str]], seconds: float) -> tuple[list[Frame], Pipeline]:
+    """The real stage and SDK against ``script``, with speech_events; the speech and transcript frames it made."""
+    async with ScriptedListen(script) as server:
+        stt = DeepgramSTT(DeepgramSTTSettings(base_url=server.url, speech_events=True), api_key="key")
+        kept: list[Frame] = []
+
+        class Keep(Stage):
+            async def process(self, frame: Frame, direction: Any) -> None:
+                if isinstance(frame, Transcript | UserSpeechStarted | UserSpeechStopped):
+                    kept.append(frame)
+                await self.push(frame, direction)
+
+        pipeline = Pipeline([SilentCaller(seconds), stt, Keep(name="keep")], clock=RealClock())
+        assert await pipeline.run() == "ended"
+    return kept, pipeline
+
+
+@pytest.mark.timeout(20)
+async def test_an_utterance_end_for_the_last_utterance_does_not_end_the_one_the_caller_just_began():
+    """SpeechStarted comes before any word, so Deepgram's UtteranceEnd for the previous words can follow it."""
+    table = [("Table", 1.3, 1.5), ("for", 1.55, 1.7), ("four.", 1.75, 2.0)]
+    script: list[tuple[float, dict[str, Any] | str]] = [
+        (0.25, {"type": "SpeechStarted", "channel": [0, 1], "timestamp": 0.2}),
+        (0.8, _results(0.0, 0.8, [("Hello.", 0.2, 0.5)], is_final=True, speech_final=True)),
+        (1.25, {"type": "SpeechStarted", "channel": [0, 1], "timestamp": 1.2}),
+        (1.55, {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 0.5}),
+        (2.3, _results(0.8, 2.3, table, is_final=True, speech_final=True)),
+    ]
+    frames, pipeline = await _listen(script, 3.0)
+    stops = [f for f in frames if isinstance(f, UserSpeechStopped)]
+    assert [round(stop.last_voiced_at, 2) for stop in stops] == [0.5, 2.0], "one stop per utterance, at its end"
+    assert [f.text for f in frames if isinstance(f, Transcript) and f.final] == ["Hello.", "Table for four."]
+    assert pipeline.errors == []
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        (
+            json.dumps(_results(1.0, 1.2, [])).replace('"duration": 0.2', '"duration": NaN'),
+            "stt: Deepgram sent Results without a usable transcript (start + duration is nan); skipped",
+        ),
+        (
+            '{"type": "SpeechStarted", "channel": [0, 1], "timestamp": 1e400}',
+            "stt: Deepgram sent SpeechStarted without a usable timestamp (inf); skipped it",
+        ),
+    ],
+    ids=["nan-duration", "infinite-timestamp"],
+)
+async def test_a_time_that_is_no_finite_number_is_reported_and_the_call_goes_on(bad, problem):
+    script: list[tuple[float, dict[str, Any] | str]] = [
+        (0.25, {"type": "SpeechStarted", "channel": [0, 1], "timestamp": 0.2}),
+        (1.0, _results(0.0, 1.0, [("Hello.", 0.2, 0.5)], is_final=True, speech_final=True)),
+        (1.2, bad),
+        (2.0, _results(1.2, 2.0, [], is_final=True)),
+    ]
+    frames, pipeline = await _listen(script, 2.5)
+    assert [f.text for f in frames if isinstance(f, Transcript) and f.final] == ["Hello."], "what was said stays"
+    assert [(e.error, e.fatal) for e in pipeline.errors] == [(problem, False)]

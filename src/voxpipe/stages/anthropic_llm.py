@@ -722,7 +722,7 @@ def _problem(exc: Exception, progress: _Progress, settings: AnthropicSettings) -
         if status == 200:  # an ``event: error`` inside a stream that had started fine
             return f"stream error: {detail} (after {progress.chars} characters)"
         if isinstance(exc, anthropic.AuthenticationError):
-            return f"API key rejected (401): {detail}; check {ENV_VAR} or llm.api_key"
+            return f"API key rejected (401): {detail}; check {settings.key_source('llm')}"
         if isinstance(exc, anthropic.PermissionDeniedError):
             return f"permission denied (403): {detail}"
         if isinstance(exc, anthropic.RateLimitError):

@@ -813,7 +813,7 @@ def _refusal(error: Any, url: str, settings: CartesiaTTSSettings) -> ProviderErr
     status = int(response.status_code)
     what, hint = _REFUSALS.get(status) or ("server error" if status >= 500 else "handshake refused", "")
     if status == 401:  # the key the call used: the config's (its own, or a ${VAR} it named), else the environment's
-        hint = "check tts.api_key" if settings.api_key is not None else f"check {settings.api_key_env}"
+        hint = f"check {settings.key_source('tts')}"
     problem = f"{what} (HTTP {status}) when opening the WebSocket at {url}"
     detail = _body_message(getattr(response, "body", b""))
     if detail:

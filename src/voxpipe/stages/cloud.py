@@ -62,6 +62,12 @@ class CloudSettings(BaseModel):
             return None
         return given or os.environ.get(self.api_key_env, "").strip() or None
 
+    def key_source(self, kind: str) -> str:
+        """Where a call took its key, for the error about a rejected one: ``kind.api_key`` when the config gives one
+        (its own, or a ${VAR} it names), else the usual environment variable."""
+        given = self.api_key.get_secret_value().strip() if self.api_key is not None else ""
+        return f"{kind}.api_key" if given else self.api_key_env
+
     def key_variable(self) -> str:
         """The environment variable a call takes the key from: the config's ``api_key: ${VAR}``, else the usual one."""
         given = self.api_key.get_secret_value() if self.api_key is not None else ""

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Awaitable
@@ -605,8 +606,10 @@ class DeepgramSTT(Stage):
         headers = headers or {}
         said = f": {headers['dg-error']}" if headers.get("dg-error") else ""
         request = f" (request id {headers['dg-request-id']})" if headers.get("dg-request-id") else ""
+        hint = f"; check {self.settings.key_source('stt')}" if status == 401 else ""
         return ProviderError(
-            PROVIDER, f"{what} (HTTP {status}{said}) when opening the live socket at {self.settings.base_url}{request}"
+            PROVIDER,
+            f"{what} (HTTP {status}{said}) when opening the live socket at {self.settings.base_url}{request}{hint}",
         )
 
     # ------------------------------------------------------------------------------------------- stream
@@ -863,7 +866,12 @@ class DeepgramSTT(Stage):
             last_word_end = await self._seconds(message, "last_word_end")
             if last_word_end is not None and self.settings.speech_events and self._speaking:
                 end = socket.timeline.to_pts(last_word_end)
-                await self._speech_stopped(socket, end + 1, end)
+                if end < self._speech_start_pts:
+                    # The previous utterance's, arriving after the caller started again (SpeechStarted comes
+                    # before any word): it must not end the new one.
+                    log.debug("%s: an UtteranceEnd from before the open utterance; ignored", self.name)
+                else:
+                    await self._speech_stopped(socket, end + 1, end)
         elif isinstance(message, ListenV1Metadata):
             log.debug("%s: Deepgram metadata: %s", self.name, message)
         elif isinstance(message, ListenV1Error):
@@ -878,7 +886,7 @@ class DeepgramSTT(Stage):
     async def _seconds(self, message: Any, name: str) -> float | None:
         """An event's time field, or None — reported, the event skipped — when it is missing or not a number."""
         value = getattr(message, name, None)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:  # not NaN
             return float(value)
         await self.report(f"{PROVIDER} sent {message.type} without a usable {name} ({value!r}); skipped it")
         return None
@@ -886,20 +894,21 @@ class DeepgramSTT(Stage):
     async def _on_results(self, socket: _Socket, results: Any, received_at: float) -> None:
         try:
             alternative = results.channel.alternatives[0]
-            end = float(results.start) + float(results.duration)
+            end = _finite(float(results.start) + float(results.duration), "start + duration")
             raw_words = list(alternative.words or [])
             words = [
                 _Word(
                     _word_text(w),
-                    socket.timeline.to_pts(float(w.start)),
-                    socket.timeline.to_pts(float(w.end)),
+                    socket.timeline.to_pts(_finite(float(w.start), "a word's start")),
+                    socket.timeline.to_pts(_finite(float(w.end), "a word's end")),
                 )
                 for w in raw_words
             ]
-        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            heard_to = round(end * self._rate)
+        except (AttributeError, IndexError, TypeError, ValueError, OverflowError) as exc:
             await self.report(f"{PROVIDER} sent Results without a usable transcript ({exc}); skipped")
             return
-        socket.heard_to = max(socket.heard_to, round(end * self._rate))  # Deepgram processed this far: not stalled
+        socket.heard_to = max(socket.heard_to, heard_to)  # Deepgram processed this far: not stalled
         given = self._given_until
         stale = [w for w in words if w.start < given]  # words of utterances whose finals went out
         words = [w for w in words if w.start >= given]
@@ -1157,3 +1166,10 @@ class DeepgramSTT(Stage):
             if isinstance(frame, Transcript):
                 carried += sum(amount for _stage, counter, amount in frame.usage if counter == AUDIO_SECONDS)
         return carried
+
+
+def _finite(seconds: float, what: str) -> float:
+    """``seconds`` if it is a finite time (JSON allows 1e400, which Python reads as inf, and NaN in some parsers)."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} is {seconds}")
+    return seconds

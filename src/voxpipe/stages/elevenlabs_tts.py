@@ -782,14 +782,8 @@ def _refusal(status: int, body: bytes | None, settings: ElevenLabsTTSSettings) -
     detail = str(found.get("message") or found.get("status") or "") if isinstance(found, dict) else str(found)
     hint = _HINTS.get(status, "")
     if status == 401:  # the key the call used: the config's (its own, or a ${VAR} it named), else the environment's
-        hint = "; check tts.api_key" if _key_from_config(settings) else f"; check {settings.api_key_env}"
+        hint = f"; check {settings.key_source('tts')}"
     return f"{meaning} (HTTP {status}{': ' + detail if detail else ''}){hint}"
-
-
-def _key_from_config(settings: ElevenLabsTTSSettings) -> bool:
-    """Whether the call's key is ``tts.api_key``: a blank one is no key, and the environment's is taken instead
-    (:meth:`~voxpipe.stages.cloud.CloudSettings.api_key_or_none`)."""
-    return settings.api_key is not None and bool(settings.api_key.get_secret_value().strip())
 
 
 def _close_reason(exc: Exception) -> str:
