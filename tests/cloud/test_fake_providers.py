@@ -256,3 +256,28 @@ def test_claudes_fake_answers_the_booking_scenarios_lines_and_calls_the_configs_
         "Thank you, you're booked for two tonight. Anything else I can do for you?",
         "You're welcome. See you tonight, goodbye!",
     ]
+
+
+@pytest.mark.parametrize("key", [None, "", "  \n"])
+def test_a_stage_composed_in_code_with_no_key_names_it_before_anything_connects(monkeypatch, key):
+    """``DeepgramSTT(api_key=os.environ.get("DEEPGRAM_API_KEY"))`` with the variable unset or blank."""
+    from voxpipe.config import ConfigError
+    from voxpipe.stages.anthropic_llm import AnthropicLLM, AnthropicSettings
+    from voxpipe.stages.cartesia_tts import CartesiaTTS, CartesiaTTSSettings
+    from voxpipe.stages.deepgram_stt import DeepgramSTT, DeepgramSTTSettings
+    from voxpipe.stages.elevenlabs_tts import ElevenLabsTTS, ElevenLabsTTSSettings
+
+    for variable in ("DEEPGRAM_API_KEY", "ANTHROPIC_API_KEY", "CARTESIA_API_KEY", "ELEVENLABS_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    stages = [
+        (lambda: DeepgramSTT(DeepgramSTTSettings(), api_key=key), "stt.api_key: no API key for Deepgram"),
+        (lambda: AnthropicLLM(AnthropicSettings(), api_key=key), "llm.api_key: no API key for Anthropic"),
+        (lambda: CartesiaTTS(CartesiaTTSSettings(voice="v"), api_key=key), "tts.api_key: no API key for Cartesia"),
+        (lambda: ElevenLabsTTS(ElevenLabsTTSSettings(), api_key=key), "tts.api_key: no API key for ElevenLabs"),
+    ]
+    for make, problem in stages:
+        with pytest.raises(ConfigError) as caught:
+            make()
+        assert problem in str(caught.value)
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "from-the-environment")
+    assert DeepgramSTT(DeepgramSTTSettings(), api_key=key)._api_key == "from-the-environment"

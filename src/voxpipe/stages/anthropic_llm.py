@@ -284,7 +284,7 @@ class AnthropicLLM(LLMStage):
             name=name,
         )
         self.settings = settings
-        self._api_key = api_key or self.settings.require_api_key("llm")
+        self._api_key = (api_key or "").strip() or self.settings.require_api_key("llm")
         _sdk()  # a missing SDK is a clear error when the pipeline is built, not on the first turn
         self._client: AsyncAnthropic | None = None
         self._open_streams = 0

@@ -404,7 +404,7 @@ class CartesiaTTS(StreamingTTSStage):
         self,
         settings: CartesiaTTSSettings,
         *,
-        api_key: str,
+        api_key: str | None = None,
         audio: AudioFormat = AudioFormat(16000),
         name: str = "tts",
     ) -> None:
@@ -412,7 +412,8 @@ class CartesiaTTS(StreamingTTSStage):
         _sdk()  # a missing SDK is a build-time error, not a failure in the middle of a call
         super().__init__(audio, name=name)
         self.settings = settings
-        self._api_key = api_key
+        # A missing or blank key given in code (an unset variable read there) is named now, not refused later.
+        self._api_key = (api_key or "").strip() or settings.require_api_key("tts")
         self._client: Any = None
         self._socket: _Socket | None = None
         self._connecting: asyncio.Task[None] | None = None

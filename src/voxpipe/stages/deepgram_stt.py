@@ -413,7 +413,7 @@ class DeepgramSTT(Stage):
         self,
         settings: DeepgramSTTSettings | None = None,
         *,
-        api_key: str,
+        api_key: str | None = None,
         audio: AudioFormat = AudioFormat(16000),
         name: str | None = None,
     ) -> None:
@@ -427,7 +427,8 @@ class DeepgramSTT(Stage):
         self.settings = settings or DeepgramSTTSettings()
         self.consumes = self._format = audio
         self._rate = audio.sample_rate
-        self._api_key = api_key
+        # A missing or blank key given in code (an unset variable read there) is named now, not refused later.
+        self._api_key = (api_key or "").strip() or self.settings.require_api_key("stt")
         self._audio = AudioLog()
         self._socket: _Socket | None = None
         self._session: asyncio.Task[None] | None = None

@@ -422,7 +422,7 @@ class ElevenLabsTTS(StreamingTTSStage):
         self,
         settings: ElevenLabsTTSSettings | None = None,
         *,
-        api_key: str,
+        api_key: str | None = None,
         audio: AudioFormat = AudioFormat(16000),
         name: str | None = None,
     ) -> None:
@@ -430,7 +430,8 @@ class ElevenLabsTTS(StreamingTTSStage):
         _require_sdk()
         super().__init__(audio, name=name or "tts")
         self.settings = settings or ElevenLabsTTSSettings()
-        self._api_key = api_key
+        # A missing or blank key given in code (an unset variable read there) is named now, not refused later.
+        self._api_key = (api_key or "").strip() or self.settings.require_api_key("tts")
         self._reply: _Reply | None = None
         self._receivers: set[asyncio.Task[None]] = set()  # every reply's, until it has closed its socket
         self._closed = False  # stop() has begun: no reply connects any more
