@@ -501,6 +501,11 @@ def test_a_cloud_url_with_a_bad_port_or_no_host_is_a_config_error_naming_the_key
         with pytest.raises(ConfigError) as caught:
             parse_config({**SCRIPTED, kind: stage})
         assert f"{kind}.{key}: not a URL {service[provider]} can be reached at: {problem}" in str(caught.value)
+    extra = {"voice": "a-voice"} if provider == "cartesia" else {}
+    with pytest.raises(ConfigError, match=rf"{kind}\.{key}: a base URL for {service[provider]} takes no query"):
+        parse_config({**SCRIPTED, kind: {"provider": provider, key: f"{scheme}://api.example.com?x=1", **extra}})
+    _, settings = parse_config({**SCRIPTED, kind: {"provider": provider, key: f"{scheme}://h.example/", **extra}})
+    assert getattr(settings[kind], key) == f"{scheme}://h.example", "no '//v1/…' once the SDK appends its path"
 
 
 def test_no_vad_with_an_stt_that_does_not_report_speech_is_an_error_not_a_call_with_no_turns():

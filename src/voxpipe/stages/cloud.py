@@ -51,7 +51,9 @@ class CloudSettings(BaseModel):
             raise ValueError(f"not a URL {cls.service_name} can be reached at: {exc}") from None
         if not parsed.hostname:
             raise ValueError(f"not a URL {cls.service_name} can be reached at: it has no host")
-        return url
+        if parsed.query or parsed.fragment:  # the SDKs append their paths after it: "…?x=1/v1/listen"
+            raise ValueError(f"a base URL for {cls.service_name} takes no query or fragment ('?…', '#…')")
+        return url.rstrip("/")  # the SDKs append "/v1/…": a trailing slash made "//v1/listen"
 
     def api_key_or_none(self) -> str | None:
         """The key from the config, else from ``$api_key_env``; None if neither has one (or the config's
