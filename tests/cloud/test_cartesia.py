@@ -268,6 +268,18 @@ async def test_chinese_and_japanese_chunks_go_without_the_space_english_ones_nee
     (context,) = contexts(fake)
     pushed = [m["transcript"] for m in inputs(fake, context)]
     assert pushed == ["はい、かしこまりました。", "お店は山田です。", "Thank you. ", ""]
+
+
+@pytest.mark.timeout(30)
+async def test_a_chunk_closing_with_an_ellipsis_or_a_quote_mark_is_spaced_by_the_word_before_it(tmp_path):
+    reply = "はい、そうですね…少々お待ちください。She said “yes…” Then we booked."
+    async with FakeCartesia() as fake:
+        built = Built()
+        result = await call(fake, [Say("Hello?")], tmp_path, built, replies=[reply], language="ja")
+    assert result.outcome == "ended" and built.errors == []
+    (context,) = contexts(fake)
+    pushed = [m["transcript"] for m in inputs(fake, context)]
+    assert "".join(pushed) == "はい、そうですね…少々お待ちください。She said “yes…” Then we booked. ", pushed
     assert result.turns[0].data["usage"]["tts"] == {"characters": len(reply) + 1}, "counted as sent"
 
 

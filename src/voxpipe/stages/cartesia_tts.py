@@ -151,6 +151,10 @@ class CartesiaTTSSettings(CloudSettings):
         return self
 
 
+# Marks that may close a chunk after its last word; whether a space follows is the word's script's to say.
+_CLOSING_MARKS = "…\"'”\u2019)]」』\uff09】》"  # \u2019: right single quote, \uff09: full-width ")"
+
+
 def check_audio(audio: AudioFormat) -> None:
     """The call's audio must be a format Cartesia can produce directly: mono at one of :data:`SAMPLE_RATES`."""
     if audio.sample_rate not in SAMPLE_RATES:
@@ -545,7 +549,8 @@ class CartesiaTTS(StreamingTTSStage):
         reply = self._reply
         if reply is None or reply.epoch != epoch or reply.ended.is_set() or not text:
             return None  # the reply failed or was abandoned: its text has nowhere to go
-        if not text[-1].isspace() and not written_unspaced(text[-1]):
+        word_end = text.rstrip(_CLOSING_MARKS)[-1:] or text[-1]  # "はい…", "“好的”": the character before the marks
+        if not text[-1].isspace() and not written_unspaced(word_end):
             text += " "  # Cartesia joins the pieces as they are; chunks come stripped, and end on a word
         loop = asyncio.get_running_loop()
         if reply.expiring(loop.time()):  # a pause in the reply (a tool, a slow reasoner): the context may be gone
