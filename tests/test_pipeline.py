@@ -957,3 +957,27 @@ def test_a_stage_names_the_turn_of_work_that_fails_or_reports_after_that_turn_en
     records = {record.turn: record for record in pipeline.trace.turns}
     assert "error" not in records[current].data
     assert records[earlier].data["error"] == "ConnectionError: the tick's sink is gone", "the last of the three"
+
+
+def test_a_task_cancelled_before_its_first_step_leaves_no_coroutine_never_awaited(recwarn):
+    """A barge-in right after a provider spawned its receiver: the task's guard never got to await the coroutine."""
+    clock = VirtualClock()
+    ran: list[str] = []
+
+    async def receive() -> None:
+        ran.append("receive")
+
+    head = Stage(name="head")
+    pipeline = Pipeline([head, Collect()], clock=clock, freeze_heap=False)
+
+    async def main() -> str:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(0)
+        pipeline.spawn(head, receive(), name="receiver").cancel()  # before it ever ran
+        await pipeline.end()
+        return await asyncio.wait_for(run, 3600)
+
+    assert clock.run(main()) == "ended"
+    gc.collect()
+    assert ran == []
+    assert not [w for w in recwarn if "was never awaited" in str(w.message)]

@@ -207,6 +207,9 @@ class Pipeline:
             task.cancel()
         else:
             task = self._group.create_task(self._guard(stage, coro, epoch), name=name)
+            # Cancelled before its first step, the guard never awaits ``coro``: closed here, it is not left for
+            # the garbage collector to warn "never awaited" about (closing one that ran does nothing).
+            task.add_done_callback(lambda _: coro.close())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
