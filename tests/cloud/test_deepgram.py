@@ -298,7 +298,24 @@ async def test_a_refused_handshake_is_reported_with_deepgrams_own_message_and_re
             await call(fake, [Say("Hello there.")], tmp_path, stages)
     message = str(raised.value)
     assert "account out of credit (HTTP 402: Project does not have enough credits for an ASR request.)" in message
-    assert re.search(r"\(request id [0-9a-f-]{36}\)$", message), message
+    assert re.search(r"\(request id [0-9a-f-]{36}\); check stt\.api_key$", message), message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status", [401, 402, 403])
+@pytest.mark.parametrize("source", ["config", "environment"])
+async def test_a_refusal_about_the_key_says_where_the_call_took_it(tmp_path, monkeypatch, status, source):
+    # 401 (the key), 402 (its project's credit), 403 (its permissions): the operator must know which key to look at.
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "a-key-from-the-environment")
+    api_key = "a-key-from-the-config" if source == "config" else None  # None: the config gives none
+    async with FakeDeepgram(utterances=["Hello there."], faults=Faults(refuse=status)) as fake:
+        stages = Stages()
+        with pytest.raises(ProviderError) as raised:
+            await call(fake, [Say("Hello there.")], tmp_path, stages, api_key=api_key)
+    expected = "a-key-from-the-config" if source == "config" else "a-key-from-the-environment"
+    assert fake.of("connect")[0].data["headers"]["Authorization"] == f"Token {expected}"
+    where = "stt.api_key" if source == "config" else "DEEPGRAM_API_KEY"
+    assert str(raised.value).endswith(f"; check {where}"), str(raised.value)
 
 
 @pytest.mark.timeout(30)
@@ -1432,3 +1449,79 @@ async def test_a_time_that_is_no_finite_number_is_reported_and_the_call_goes_on(
     frames, pipeline = await _listen(script, 2.5)
     assert [f.text for f in frames if isinstance(f, Transcript) and f.final] == ["Hello."], "what was said stays"
     assert [(e.error, e.fatal) for e in pipeline.errors] == [(problem, False)]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        (
+            '{"type": "SpeechStarted", "channel": [0, 1], "timestamp": 1e305}',
+            "stt: Deepgram sent SpeechStarted without a usable timestamp (1e+305); skipped it",
+        ),
+        (
+            '{"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 1e305}',
+            "stt: Deepgram sent UtteranceEnd without a usable last_word_end (1e+305); skipped it",
+        ),
+        (
+            json.dumps(_results(1.0, 1.2, [])).replace('"start": 1.0', '"start": 1e305'),
+            "stt: Deepgram sent Results without a usable transcript (start + duration is 1e+305); skipped",
+        ),
+    ],
+    ids=["huge-timestamp", "huge-last-word-end", "huge-start"],
+)
+async def test_a_finite_time_too_large_to_count_in_samples_is_reported_and_the_call_goes_on(bad, problem):
+    # 1e305 s is a finite float, but 1e305 * 16000 samples is not: it crashed the stage as a bare OverflowError.
+    script: list[tuple[float, dict[str, Any] | str]] = [
+        (0.25, {"type": "SpeechStarted", "channel": [0, 1], "timestamp": 0.2}),
+        (1.0, _results(0.0, 1.0, [("Hello.", 0.2, 0.5)], is_final=True, speech_final=True)),
+        (1.2, bad),
+        (2.0, _results(1.2, 2.0, [], is_final=True)),
+    ]
+    frames, pipeline = await _listen(script, 2.5)
+    assert [f.text for f in frames if isinstance(f, Transcript) and f.final] == ["Hello."], "what was said stays"
+    assert [(e.error, e.fatal) for e in pipeline.errors] == [(problem, False)]
+
+
+@pytest.mark.timeout(30)
+async def test_a_stage_composed_in_code_without_a_key_names_it_or_takes_the_environments(monkeypatch):
+    # DeepgramSTT(api_key=os.environ.get(...)) with the variable unset or blank: the SDK raised a bare ApiError at
+    # the first connect (None), or the stage connected with "" and got a 401.
+    async with FakeDeepgram(utterances=["Hello."]) as fake:
+        settings = DeepgramSTTSettings(base_url=fake.ws_url, keepalive_s=0.2)
+        monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+        for missing in (None, "", "  \n"):
+            with pytest.raises(ConfigError, match=r"stt\.api_key: no API key for Deepgram: set .*DEEPGRAM_API_KEY"):
+                DeepgramSTT(settings, api_key=missing)
+        assert fake.of("connect") == [], "named before anything connects"
+        monkeypatch.setenv("DEEPGRAM_API_KEY", fake.api_key)
+        stt = DeepgramSTT(settings, api_key=" ")
+        pipeline = Pipeline([Silent(), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            connect = await fake.wait_for("connect")
+            await fake.wait_for("message", lambda s: s.data.get("type") == "KeepAlive", within_s=5)
+        finally:
+            pipeline.cancel()
+            await run
+    assert connect.data["headers"]["Authorization"] == f"Token {fake.api_key}", "the environment's key"
+    assert not fake.of("refused") and not pipeline.errors
+
+
+@pytest.mark.timeout(30)
+async def test_a_base_url_with_a_trailing_slash_still_reaches_v1_listen_and_one_with_a_query_is_refused():
+    async with FakeDeepgram(utterances=["Hello."]) as fake:
+        settings = DeepgramSTTSettings(base_url=fake.ws_url + "/", keepalive_s=0.2)
+        stt = DeepgramSTT(settings, api_key=fake.api_key)
+        pipeline = Pipeline([Silent(), stt, Sink()], clock=RealClock())
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await fake.wait_for("message", lambda s: s.data.get("type") == "KeepAlive", within_s=5)
+        finally:
+            pipeline.cancel()
+            await run
+        for url in (fake.ws_url + "?x=1", fake.ws_url + "/#part"):
+            with pytest.raises(ConfigError, match=r"stt\.base_url: a base URL for Deepgram takes no query or fragment"):
+                parse_config({"stt": {"provider": "deepgram", "base_url": url}})
+    assert [s.data["path"] for s in fake.of("connect")] == ["/v1/listen"], "not '//v1/listen'"
+    assert not pipeline.errors

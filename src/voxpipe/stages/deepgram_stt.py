@@ -82,6 +82,9 @@ RECONNECT_BACKOFF_S = (0.0, 0.25, 1.0, 2.0)
 # its speech and the VAD's hang-over further on, so its answer never ends this close.
 _LATE_MARGIN_S = 0.1
 _TIME_STEP_S = 0.001  # Deepgram's times are whole milliseconds
+# No stream is this long (11 days): a time past it in a message is garbage, and one past ~1e304 s, though finite,
+# is infinite once counted in samples.
+_LONGEST_STREAM_S = 1e6
 
 # ------------------------------------------------------------------------------------------------ settings
 
@@ -607,7 +610,8 @@ class DeepgramSTT(Stage):
         headers = headers or {}
         said = f": {headers['dg-error']}" if headers.get("dg-error") else ""
         request = f" (request id {headers['dg-request-id']})" if headers.get("dg-request-id") else ""
-        hint = f"; check {self.settings.key_source('stt')}" if status == 401 else ""
+        # 401, 402 and 403 are about the key (its project's credit, its permissions): say which key the call used.
+        hint = f"; check {self.settings.key_source('stt')}" if status in _REFUSALS else ""
         return ProviderError(
             PROVIDER,
             f"{what} (HTTP {status}{said}) when opening the live socket at {self.settings.base_url}{request}{hint}",
@@ -885,10 +889,11 @@ class DeepgramSTT(Stage):
         # ConfigureSuccess / ConfigureFailure: this stage does not reconfigure a live socket
 
     async def _seconds(self, message: Any, name: str) -> float | None:
-        """An event's time field, or None — reported, the event skipped — when it is missing or not a number."""
+        """An event's time field, or None — reported, the event skipped — when it is missing, not a number, or no
+        time within a stream (negative, NaN, infinite, past :data:`_LONGEST_STREAM_S`)."""
         value = getattr(message, name, None)
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:  # not NaN
-            return float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= _LONGEST_STREAM_S:
+            return float(value)  # not NaN, which fails every comparison
         await self.report(f"{PROVIDER} sent {message.type} without a usable {name} ({value!r}); skipped it")
         return None
 
@@ -1170,7 +1175,8 @@ class DeepgramSTT(Stage):
 
 
 def _finite(seconds: float, what: str) -> float:
-    """``seconds`` if it is a finite time (JSON allows 1e400, which Python reads as inf, and NaN in some parsers)."""
-    if not math.isfinite(seconds):
+    """``seconds`` if it is a finite time (JSON allows 1e400, which Python reads as inf, and NaN in some parsers)
+    within any stream's length (:data:`_LONGEST_STREAM_S`)."""
+    if not (math.isfinite(seconds) and abs(seconds) <= _LONGEST_STREAM_S):
         raise ValueError(f"{what} is {seconds}")
     return seconds
