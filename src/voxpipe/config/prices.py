@@ -73,7 +73,6 @@ LIST_PRICES: dict[str, dict[str, dict[str, float]]] = {
 SAME_MODEL: dict[str, str] = {
     "stt.deepgram": r"-general",  # nova-3-general is nova-3
     "llm.anthropic": r"-\d{8}|-latest",  # claude-haiku-4-5-20251001
-    "tts.elevenlabs": r"(?!)",  # none
     "tts.cartesia": r"-\d{4}-\d{2}-\d{2}|-latest",  # sonic-2-2025-03-07
 }
 
@@ -86,7 +85,7 @@ def list_price(kind: str, provider: str, model: str | None) -> dict[str, float] 
         return {}
     if model is None:
         return None
-    suffix = SAME_MODEL.get(f"{kind}.{provider}", r"(?!)")
+    suffix = SAME_MODEL.get(f"{kind}.{provider}", r"(?!)")  # (?!) matches nothing: a provider with none (ElevenLabs)
     for name, prices in models.items():
         if re.fullmatch(rf"{re.escape(name)}(?:{suffix})?", model):
             return dict(prices)
